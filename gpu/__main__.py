@@ -1,0 +1,4 @@
+"""`python -m gpu`: print what this machine can run (see gpu.info)."""
+from . import info
+
+print(info())

@@ -1,0 +1,191 @@
+"""Which array library an input belongs to, which path runs it, and the shared argument checks.
+
+Every public op calls `dispatch(...)` once: it returns the array module of the inputs and whether
+the op runs the NumPy reference path or the kernel launch path. This is the one place where the
+choice is made:
+
+- NumPy arrays take the NumPy reference path (also the CPU fallback), unless the backend is
+  "emulate" (``GPU_BACKEND=emulate`` in the environment, or ``with gpu.use_backend("emulate")``),
+  which sends them through the kernel launch path onto the CPU kernel emulator.
+- CuPy arrays take the kernel launch path (CUDA kernels from ``cuda_src/``).
+
+CuPy is never imported here unless the caller already holds a CuPy array, so ``import gpu`` works
+with no CuPy installed and with CuPy installed but no GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import operator
+import os
+import sys
+from typing import Iterator, Sequence
+
+import numpy as np
+
+try:  # bfloat16 is optional: NumPy has no native bfloat16.
+    import ml_dtypes as _ml_dtypes
+
+    BFLOAT16 = np.dtype(_ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover - exercised only without ml_dtypes
+    _ml_dtypes = None
+    BFLOAT16 = None
+
+BACKENDS = ("auto", "numpy", "emulate")
+_ENV = "GPU_BACKEND"
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("gpu_backend", default=None)
+
+#: The storage dtypes every op accepts. float16 and bfloat16 compute in float32.
+FLOAT_DTYPES = tuple(d for d in (np.dtype(np.float16), BFLOAT16, np.dtype(np.float32),
+                                 np.dtype(np.float64)) if d is not None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend selection
+# ---------------------------------------------------------------------------------------------
+
+def current_backend() -> str:
+    """The backend NumPy arrays take now: "numpy" (default) or "emulate"."""
+    name = _override.get()
+    if name is None:
+        name = os.environ.get(_ENV, "auto") or "auto"
+        if name not in BACKENDS:
+            raise ValueError(f"{_ENV}={name!r}: expected one of {', '.join(BACKENDS)}")
+    return "numpy" if name == "auto" else name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run NumPy-array calls inside the block on the given backend.
+
+    ``"numpy"`` is the reference path; ``"emulate"`` sends NumPy arrays through the kernel launch
+    path onto the CPU kernel emulator (the same grids, workspaces and checks as on a GPU).
+    CuPy arrays always run the CUDA kernels.
+
+    >>> import numpy as np, gpu
+    >>> with gpu.use_backend("numpy"):
+    ...     y = gpu.softmax(np.ones((2, 3), np.float32))
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {name!r}")
+    token = _override.set(name)
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def is_cupy_array(a: object) -> bool:
+    cp = sys.modules.get("cupy")
+    return cp is not None and isinstance(a, cp.ndarray)
+
+
+def array_module(**arrays: object):
+    """The array module (numpy or cupy) of the named arrays; None entries are skipped.
+
+    Raises TypeError naming the arguments when NumPy and CuPy arrays are mixed in one call.
+    Objects that are neither (lists, scalars) count as NumPy.
+    """
+    on_gpu = [name for name, a in arrays.items() if a is not None and is_cupy_array(a)]
+    if not on_gpu:
+        return np
+    on_cpu = [name for name, a in arrays.items()
+              if a is not None and not is_cupy_array(a) and not np.isscalar(a)]
+    if on_cpu:
+        raise TypeError(f"{', '.join(on_gpu)} {'is a CuPy array' if len(on_gpu) == 1 else 'are CuPy arrays'}"
+                        f" but {', '.join(on_cpu)} {'is' if len(on_cpu) == 1 else 'are'} not: "
+                        "pass all arrays of one call on the same device")
+    return sys.modules["cupy"]
+
+
+def dispatch(**arrays: object) -> tuple[object, bool]:
+    """(xp, use_kernels): the array module of the inputs and whether the kernel path runs them."""
+    xp = array_module(**arrays)
+    if xp is not np:
+        return xp, True
+    return xp, current_backend() == "emulate"
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks (raise before anything is launched: a raw kernel checks nothing)
+# ---------------------------------------------------------------------------------------------
+
+def as_float_array(xp, a: object, name: str):
+    """`a` as an array of xp with a supported floating dtype, else TypeError naming `name`."""
+    if a is None:
+        raise TypeError(f"{name}: expected an array, got None")
+    if xp is np and not isinstance(a, np.ndarray):
+        a = np.asarray(a)
+    dt = a.dtype
+    if dt not in FLOAT_DTYPES:
+        kinds = ", ".join(str(d) for d in FLOAT_DTYPES)
+        raise TypeError(f"{name}: dtype {dt} is not supported; expected a floating dtype ({kinds})")
+    return a
+
+
+def compute_dtype(dtype) -> np.dtype:
+    """Accumulation dtype: float64 for float64, float32 for everything narrower."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def normalize_axes(axis: int | Sequence[int], ndim: int, name: str = "axis") -> tuple[int, ...]:
+    """NumPy's `axis` (int or tuple of ints, negatives allowed) as a sorted tuple of distinct axes."""
+    if isinstance(axis, (tuple, list)):
+        items = list(axis)
+    else:
+        items = [axis]
+    out = []
+    for a in items:
+        try:
+            a = operator.index(a)
+        except TypeError:
+            raise TypeError(f"{name}: expected an int or a tuple of ints, got {axis!r}") from None
+        if not -ndim <= a < ndim:
+            raise ValueError(f"{name}: axis {a} is out of bounds for an array of {ndim} dimensions")
+        out.append(a % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{name}: repeated axis in {axis!r}")
+    if not out:
+        raise ValueError(f"{name}: no axis to reduce over")
+    return tuple(sorted(out))
+
+
+def normalize_axis(axis: int, ndim: int, name: str = "axis") -> int:
+    """A single axis (int, negatives allowed)."""
+    if isinstance(axis, (tuple, list)):
+        raise TypeError(f"{name}: expected a single int, got {axis!r}")
+    return normalize_axes(axis, ndim, name)[0]
+
+
+def check_param(xp, p: object, name: str, kept_shape: tuple[int, ...], keepdims_shape: tuple[int, ...]):
+    """A per-feature parameter (gamma, beta, running stats...) as an array of `kept_shape`.
+
+    Accepts the shape of the kept axes, or the same with the reduced axes kept as 1 (the seed's
+    (n, 1) column for a (n, m) input). Returns a view of `kept_shape`.
+    """
+    if p is None:
+        return None
+    a = as_float_array(xp, p, name)
+    if a.shape == kept_shape:
+        return a
+    if a.shape == keepdims_shape:
+        return a.reshape(kept_shape)
+    raise ValueError(f"{name}: shape {a.shape} does not match the kept axes {kept_shape}"
+                     + (f" (or {keepdims_shape})" if keepdims_shape != kept_shape else ""))
+
+
+def check_choice(value: object, name: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def check_real(value: object, name: str, lo: float | None = None, hi: float | None = None) -> float:
+    try:
+        v = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected a real number, got {value!r}") from None
+    if not np.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+        raise ValueError(f"{name}: {value!r} is outside {rng}")
+    return v

@@ -1,0 +1,64 @@
+"""gpu.info(): versions, and what this machine can run."""
+from __future__ import annotations
+
+import platform
+import shutil
+
+import numpy as np
+
+from . import _backend as B
+
+__version__ = "0.1.0"
+
+
+class Info(dict):
+    """A dict of facts that prints as a short report."""
+
+    def __str__(self) -> str:
+        width = max(map(len, self))
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in self.items())
+
+    __repr__ = __str__
+
+
+def _cuda_facts() -> dict[str, str]:
+    try:
+        import cupy
+    except Exception as e:  # ImportError, or a broken CUDA install under it
+        return {"cupy": f"not importable ({type(e).__name__}: {e})".splitlines()[0],
+                "gpu": "none usable (install the cuda12 or cuda13 extra on a machine with a GPU)"}
+    facts = {"cupy": cupy.__version__}
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+        props = cupy.cuda.runtime.getDeviceProperties(0)
+        name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+        facts["gpu"] = f"{n} device(s); device 0: {name} (sm_{props['major']}{props['minor']})"
+    except Exception as e:
+        facts["gpu"] = f"none usable ({type(e).__name__}: {e})".splitlines()[0]
+    try:
+        major, minor = cupy.cuda.nvrtc.getVersion()
+        facts["nvrtc"] = f"{major}.{minor}"
+    except Exception as e:
+        facts["nvrtc"] = f"not usable ({type(e).__name__}: {e})".splitlines()[0]
+    return facts
+
+
+def info() -> Info:
+    """Versions and what this machine can run; prints as a report (also `python -m gpu`).
+
+    >>> import gpu
+    >>> facts = gpu.info()            # facts["NumPy arrays"] says which path NumPy arrays take
+    """
+    facts = Info({"gpu": __version__, "python": platform.python_version(), "numpy": np.__version__,
+                  "bfloat16": "yes (ml_dtypes)" if B.BFLOAT16 is not None else "no (pip install ml_dtypes)"})
+    cuda = _cuda_facts()
+    facts["cupy"] = cuda.pop("cupy")
+    facts["GPU"] = cuda.pop("gpu")
+    facts.update({k.upper(): v for k, v in cuda.items()})
+    cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    facts["C++ compiler (emulator)"] = cxx or "none (apt-get install g++)"
+    backend = B.current_backend()
+    facts["backend"] = f"{backend} (GPU_BACKEND=emulate or gpu.use_backend('emulate') runs kernels on the CPU)"
+    facts["NumPy arrays"] = "kernel emulator (CPU)" if backend == "emulate" else "NumPy reference path"
+    facts["CuPy arrays"] = "CUDA kernels"
+    return facts

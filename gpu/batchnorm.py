@@ -1,0 +1,310 @@
+"""Batch statistics and batch normalization: forward (training), inference and backward.
+
+`axis` is NumPy's: the axes reduced over. The kept axes are the features (channels); gamma,
+beta, running statistics, mean and invstd have the shape of the kept axes (the shape with the
+reduced axes kept as 1 is accepted too, e.g. the (n, 1) column for the seed's (n, m) layout).
+
+    layout                  x shape          axis
+    dense (batch, features) (N, C)           0
+    the seed's Z[l]         (n_units, m)     1
+    NCHW activations        (N, C, H, W)     (0, 2, 3)
+    NHWC activations        (N, H, W, C)     (0, 1, 2)
+
+NumPy arrays run the NumPy reference path below (also the CPU fallback); CuPy arrays run the
+CUDA kernels of ``cuda_src/batchnorm.cu``. Accumulation is in float32 for float16, bfloat16 and
+float32 storage and in float64 for float64.
+
+The variance is computed by the corrected two-pass formula var = mean(c^2) - mean(c)^2 with
+c = x - mean: the second term cancels the rounding error of the first-pass mean, so data at an
+offset of 1e4 with unit variance keeps its variance in float32.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from . import _backend as B
+
+@dataclass(frozen=True)
+class _Layout:
+    axes: tuple[int, ...]            # reduced axes, sorted
+    kept_shape: tuple[int, ...]      # shape of per-feature arrays
+    keepdims_shape: tuple[int, ...]  # the same with reduced axes kept as 1 (broadcasts with x)
+    m: int                           # elements reduced per feature
+
+    @property
+    def kept_axes(self) -> tuple[int, ...]:
+        return tuple(i for i in range(len(self.keepdims_shape)) if i not in self.axes)
+
+
+def _layout(x, axis, name: str = "x") -> _Layout:
+    if x.ndim == 0:
+        raise ValueError(f"{name}: expected an array with at least one dimension, got a scalar")
+    axes = B.normalize_axes(axis, x.ndim)
+    kept = tuple(n for i, n in enumerate(x.shape) if i not in axes)
+    keep = tuple(1 if i in axes else n for i, n in enumerate(x.shape))
+    m = math.prod(x.shape[i] for i in axes)
+    if m == 0:
+        raise ValueError(f"{name}: empty reduction: axis {axes} of shape {x.shape} has no elements")
+    return _Layout(axes, kept, keep, m)
+
+
+def _params(xp, lay: _Layout, **params):
+    return [B.check_param(xp, p, name, lay.kept_shape, lay.keepdims_shape) for name, p in params.items()]
+
+
+def _check_running(xp, lay: _Layout, running_mean, running_var):
+    rm, rv = _params(xp, lay, running_mean=running_mean, running_var=running_var)
+    if (rm is None) != (rv is None):
+        raise ValueError("running_mean, running_var: pass both or neither")
+    if rm is not None:
+        for name, r in (("running_mean", rm), ("running_var", rv)):
+            if xp is np and not r.flags.writeable:
+                raise ValueError(f"{name}: must be writeable (it is updated in place)")
+    return rm, rv
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+def batch_stats(x, axis: int | Sequence[int] = 0):
+    """Biased per-feature mean and variance of `x` over `axis`.
+
+    Returns (mean, var), both of the kept axes' shape and of x's dtype.
+
+    >>> import numpy as np, gpu
+    >>> x = np.random.default_rng(0).standard_normal((256, 8)).astype(np.float32)
+    >>> mean, var = gpu.batch_stats(x, axis=0)      # shapes (8,), (8,)
+    """
+    xp, kernels = B.dispatch(x=x)
+    x = B.as_float_array(xp, x, "x")
+    lay = _layout(x, axis)
+    if kernels:
+        return _gpu_batch_stats(xp, x, lay)
+    mean, var, _, _ = _cpu_stats(xp, x, lay)
+    return mean.reshape(lay.kept_shape).astype(x.dtype), var.reshape(lay.kept_shape).astype(x.dtype)
+
+
+def batch_norm_forward(x, gamma=None, beta=None, *, axis: int | Sequence[int] = 0, eps: float = 1e-5,
+                       running_mean=None, running_var=None, momentum: float = 0.1):
+    """Training-mode batch norm: y = gamma * (x - mean) * invstd + beta over `axis`.
+
+    invstd = 1 / sqrt(var + eps) with the biased variance. gamma=None means 1, beta=None means 0.
+    When running_mean and running_var are given they are updated in place, as PyTorch does:
+    r_mean = (1 - momentum) * r_mean + momentum * mean,
+    r_var = (1 - momentum) * r_var + momentum * var * M / (M - 1), M the elements per feature.
+
+    Returns (y, mean, invstd): y of x's shape and dtype; mean and invstd of the kept axes' shape
+    in the accumulation dtype (float32 for float16/bfloat16 input, like PyTorch's save_mean and
+    save_invstd), to be passed to `batch_norm_backward`.
+
+    >>> import numpy as np, gpu
+    >>> x = np.random.default_rng(0).standard_normal((32, 16, 8, 8)).astype(np.float32)
+    >>> rm, rv = np.zeros(16, np.float32), np.ones(16, np.float32)
+    >>> y, mean, invstd = gpu.batch_norm_forward(x, axis=(0, 2, 3), running_mean=rm, running_var=rv)
+    """
+    xp, kernels = B.dispatch(x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
+    x = B.as_float_array(xp, x, "x")
+    lay = _layout(x, axis)
+    gamma, beta = _params(xp, lay, gamma=gamma, beta=beta)
+    running_mean, running_var = _check_running(xp, lay, running_mean, running_var)
+    eps = B.check_real(eps, "eps", lo=0.0)
+    momentum = B.check_real(momentum, "momentum")
+    if running_mean is not None and lay.m == 1:
+        raise ValueError("x: expected more than 1 value per feature when training with running stats "
+                         f"(axis {lay.axes} of shape {x.shape} reduces 1 element)")
+    if kernels:
+        return _gpu_forward(xp, x, gamma, beta, running_mean, running_var, lay, eps, momentum)
+    return _cpu_forward(xp, x, gamma, beta, running_mean, running_var, lay, eps, momentum)
+
+
+def batch_norm_backward(dy, x, gamma, mean, invstd, *, axis: int | Sequence[int] = 0):
+    """Gradients of `batch_norm_forward`'s y with respect to x, gamma and beta.
+
+    With x_hat = (x - mean) * invstd:
+    dbeta = sum(dy), dgamma = sum(dy * x_hat) over `axis`,
+    dx = gamma * invstd * (dy - dbeta / M - x_hat * dgamma / M).
+
+    `mean` and `invstd` are those returned by the forward. gamma=None means 1. Returns
+    (dx, dgamma, dbeta): dx of x's dtype, dgamma and dbeta of the kept axes' shape in gamma's dtype
+    (x's dtype when gamma is None).
+
+    >>> import numpy as np, gpu
+    >>> x = np.random.default_rng(0).standard_normal((64, 10))
+    >>> y, mean, invstd = gpu.batch_norm_forward(x)
+    >>> dx, dgamma, dbeta = gpu.batch_norm_backward(np.ones_like(y), x, None, mean, invstd)
+    """
+    xp, kernels = B.dispatch(dy=dy, x=x, gamma=gamma, mean=mean, invstd=invstd)
+    x = B.as_float_array(xp, x, "x")
+    dy = B.as_float_array(xp, dy, "dy")
+    if dy.shape != x.shape:
+        raise ValueError(f"dy: shape {dy.shape} does not match x's shape {x.shape}")
+    lay = _layout(x, axis)
+    gamma, mean, invstd = _params(xp, lay, gamma=gamma, mean=mean, invstd=invstd)
+    if mean is None or invstd is None:
+        raise TypeError("mean, invstd: required (pass those returned by batch_norm_forward)")
+    if kernels:
+        return _gpu_backward(xp, dy, x, gamma, mean, invstd, lay)
+    return _cpu_backward(xp, dy, x, gamma, mean, invstd, lay)
+
+
+def batch_norm_inference(x, gamma, beta, running_mean, running_var, *, axis: int | Sequence[int] = 0,
+                         eps: float = 1e-5):
+    """Inference-mode batch norm with given statistics:
+    y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta. gamma/beta may be None.
+
+    >>> import numpy as np, gpu
+    >>> x = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
+    >>> y = gpu.batch_norm_inference(x, None, None, np.zeros(4, np.float32), np.ones(4, np.float32))
+    """
+    xp, kernels = B.dispatch(x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
+    x = B.as_float_array(xp, x, "x")
+    lay = _layout(x, axis)
+    gamma, beta, running_mean, running_var = _params(
+        xp, lay, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
+    if running_mean is None or running_var is None:
+        raise TypeError("running_mean, running_var: required for inference")
+    eps = B.check_real(eps, "eps", lo=0.0)
+    if kernels:
+        return _gpu_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps)
+    return _cpu_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps)
+
+
+def batch_norm(x, gamma=None, beta=None, *, axis: int | Sequence[int] = 0, eps: float = 1e-5,
+               running_mean=None, running_var=None, momentum: float = 0.1, training: bool = True):
+    """Batch norm, the convenience form: `batch_norm_forward`'s y when training (updating running
+    stats if given), else `batch_norm_inference` with the running stats (then required).
+
+    >>> import numpy as np, gpu
+    >>> y = gpu.batch_norm(np.random.default_rng(0).standard_normal((16, 3)))
+    """
+    if training:
+        return batch_norm_forward(x, gamma, beta, axis=axis, eps=eps, running_mean=running_mean,
+                                  running_var=running_var, momentum=momentum)[0]
+    return batch_norm_inference(x, gamma, beta, running_mean, running_var, axis=axis, eps=eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# NumPy reference path (any array module with NumPy's API: NumPy, or CuPy until kernels land)
+# ---------------------------------------------------------------------------------------------
+
+def _sum_of_products(xp, a, b, lay: _Layout):
+    """sum(a * b) over the reduced axes, keepdims, without materializing a * b on NumPy."""
+    if xp is np:
+        nd = a.ndim
+        out = np.einsum(a, list(range(nd)), b, list(range(nd)), list(lay.kept_axes))
+        return out.reshape(lay.keepdims_shape)
+    return (a * b).sum(axis=lay.axes, keepdims=True)
+
+
+def _cpu_stats(xp, x, lay: _Layout):
+    """(mean, var, c, c_mean) in the accumulation dtype, keepdims shape.
+
+    c = x - mean0 (a new array) for the first-pass mean mean0, and c_mean = mean(c) is the rounding
+    error of mean0 that the corrected two-pass variance cancels: mean = mean0 + c_mean.
+    """
+    acc = B.compute_dtype(x.dtype)
+    xa = x.astype(acc, copy=False)
+    mean0 = xa.mean(axis=lay.axes, keepdims=True)
+    c = xa - mean0
+    c_mean = c.sum(axis=lay.axes, keepdims=True) / acc.type(lay.m)
+    var = _sum_of_products(xp, c, c, lay) / acc.type(lay.m) - c_mean * c_mean
+    return mean0 + c_mean, xp.maximum(var, 0), c, c_mean
+
+
+def _scale_shift(lay, acc, gamma, beta, scale, shift):
+    """Per-feature (scale, shift) of y = v * scale + shift, with gamma and beta folded in."""
+    if gamma is not None:
+        scale = scale * gamma.reshape(lay.keepdims_shape).astype(acc)
+    shift = shift * scale if shift is not None else 0
+    if beta is not None:
+        shift = shift + beta.reshape(lay.keepdims_shape).astype(acc)
+    return scale, shift
+
+
+def _update_running(lay, mean, var, running_mean, running_var, momentum):
+    if running_mean is None:
+        return
+    unbiased = var * (lay.m / (lay.m - 1))
+    running_mean[...] = ((1 - momentum) * running_mean + momentum * mean.reshape(lay.kept_shape)
+                         ).astype(running_mean.dtype)
+    running_var[...] = ((1 - momentum) * running_var + momentum * unbiased.reshape(lay.kept_shape)
+                        ).astype(running_var.dtype)
+
+
+def _cpu_forward(xp, x, gamma, beta, running_mean, running_var, lay, eps, momentum):
+    acc = B.compute_dtype(x.dtype)
+    mean, var, c, c_mean = _cpu_stats(xp, x, lay)
+    invstd = 1 / xp.sqrt(var + acc.type(eps))
+    # y = (c - c_mean) * invstd * gamma + beta, computed in place over c
+    scale, shift = _scale_shift(lay, acc, gamma, beta, invstd, -c_mean)
+    c *= scale
+    c += shift
+    _update_running(lay, mean, var, running_mean, running_var, momentum)
+    return c.astype(x.dtype, copy=False), mean.reshape(lay.kept_shape), invstd.reshape(lay.kept_shape)
+
+
+def _cpu_backward(xp, dy, x, gamma, mean, invstd, lay):
+    acc = B.compute_dtype(x.dtype)
+    out_dtype = gamma.dtype if gamma is not None else x.dtype
+    mean = mean.reshape(lay.keepdims_shape).astype(acc)
+    invstd = invstd.reshape(lay.keepdims_shape).astype(acc)
+    dya = dy.astype(acc, copy=False)
+    xmu = x.astype(acc, copy=False) - mean
+    dbeta = dya.sum(axis=lay.axes, keepdims=True)
+    dgamma = _sum_of_products(xp, dya, xmu, lay) * invstd
+    # dx = k * (dy - dbeta/M - x_hat * dgamma/M), k = gamma * invstd, x_hat = xmu * invstd:
+    # dx = k * dy + a * xmu + b with a = -k * invstd * dgamma / M and b = -k * dbeta / M.
+    k = invstd if gamma is None else invstd * gamma.reshape(lay.keepdims_shape).astype(acc)
+    inv_m = acc.type(1.0 / lay.m)
+    xmu *= -k * invstd * dgamma * inv_m
+    xmu -= k * dbeta * inv_m
+    dx = xp.multiply(dya, k, out=dya if dya is not dy else None)
+    dx += xmu
+    return (dx.astype(x.dtype, copy=False), dgamma.reshape(lay.kept_shape).astype(out_dtype),
+            dbeta.reshape(lay.kept_shape).astype(out_dtype))
+
+
+def _cpu_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps):
+    acc = B.compute_dtype(x.dtype)
+    rm = running_mean.reshape(lay.keepdims_shape).astype(acc)
+    rv = running_var.reshape(lay.keepdims_shape).astype(acc)
+    scale, shift = _scale_shift(lay, acc, gamma, beta, 1 / xp.sqrt(rv + acc.type(eps)), -rm)
+    y = x.astype(acc, copy=False) * scale
+    y += shift
+    return y.astype(x.dtype, copy=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel launch path (CuPy arrays; NumPy arrays under the emulator backend)
+# ---------------------------------------------------------------------------------------------
+
+def _no_kernels(xp, op: str):
+    if xp is np:
+        raise NotImplementedError(f"{op}: the batch-norm kernels are not built yet; "
+                                  "the emulator backend has nothing to run")
+
+
+def _gpu_batch_stats(xp, x, lay):
+    _no_kernels(xp, "batch_stats")
+    mean, var, _, _ = _cpu_stats(xp, x, lay)
+    return mean.reshape(lay.kept_shape).astype(x.dtype), var.reshape(lay.kept_shape).astype(x.dtype)
+
+
+def _gpu_forward(xp, x, gamma, beta, running_mean, running_var, lay, eps, momentum):
+    _no_kernels(xp, "batch_norm_forward")
+    return _cpu_forward(xp, x, gamma, beta, running_mean, running_var, lay, eps, momentum)
+
+
+def _gpu_backward(xp, dy, x, gamma, mean, invstd, lay):
+    _no_kernels(xp, "batch_norm_backward")
+    return _cpu_backward(xp, dy, x, gamma, mean, invstd, lay)
+
+
+def _gpu_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps):
+    _no_kernels(xp, "batch_norm_inference")
+    return _cpu_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps)
