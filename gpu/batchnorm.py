@@ -57,6 +57,9 @@ def _params(xp, lay: _Layout, **params):
 
 
 def _check_running(xp, lay: _Layout, running_mean, running_var):
+    for name, r in (("running_mean", running_mean), ("running_var", running_var)):
+        if r is not None and not isinstance(r, xp.ndarray):
+            raise TypeError(f"{name}: expected an array (it is updated in place), got {type(r).__name__}")
     rm, rv = _params(xp, lay, running_mean=running_mean, running_var=running_var)
     if (rm is None) != (rv is None):
         raise ValueError("running_mean, running_var: pass both or neither")
