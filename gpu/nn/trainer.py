@@ -1,0 +1,146 @@
+"""The training loop: mini-batch steps, periodic validation, and the record of a run.
+
+One step, as in the seed: forward through the model in training mode (batch norm uses the
+batch's statistics and updates its running ones), the softmax cross-entropy cost and its
+gradient from the fused kernel, backward through every layer, one optimizer update.
+Validation runs the model in eval mode (batch norm uses the running statistics).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from .data import minibatches
+from .device import module_of
+from .layers import BatchNorm, Sequential, SoftmaxCrossEntropy
+from .optim import Optimizer
+
+
+@dataclass
+class History:
+    """What a run did. Steps count optimizer updates from 1; step 0 is the initial model."""
+
+    step_loss: list[float] = field(default_factory=list)  # training loss of each step's batch
+    eval_step: list[int] = field(default_factory=list)    # steps at which validation ran
+    val_loss: list[float] = field(default_factory=list)
+    val_acc: list[float] = field(default_factory=list)
+    epochs: list[dict[str, float]] = field(default_factory=list)  # per-epoch summary
+    wall_time: float = 0.0
+
+    def steps_to(self, target: float) -> int | None:
+        """The first evaluated step whose validation accuracy is >= target, or None."""
+        return next((s for s, a in zip(self.eval_step, self.val_acc) if a >= target), None)
+
+
+def check_batch_size(model: Sequential, batch_size: int) -> None:
+    """ValueError unless batch_size >= 1, and >= 2 when the model has a batch norm."""
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    if batch_size == 1 and any(isinstance(layer, BatchNorm) for layer in model.layers):
+        raise ValueError("batch_size: 1 with batch norm in training mode: the statistics of a "
+                         "single example are undefined (variance 0); use a batch size >= 2 or "
+                         "a model without batch norm (--no-bn)")
+
+
+def evaluate(model: Sequential, head: SoftmaxCrossEntropy, X, y, *,
+             batch_size: int = 1024) -> tuple[float, float]:
+    """(mean loss, accuracy) of the model in eval mode on X (n, features), y (n,).
+
+    The model's mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    n = X.shape[0]
+    loss_sum, correct = 0.0, 0
+    try:
+        for start in range(0, n, batch_size):
+            xb, yb = X[start:start + batch_size], y[start:start + batch_size]
+            logits = model.forward(xb)
+            loss_sum += float(head.loss(logits, yb)) * xb.shape[0]
+            correct += int((logits.argmax(axis=1) == yb).sum())
+    finally:
+        model.train(was_training)
+    return loss_sum / n, correct / n
+
+
+def fit(model: Sequential, head: SoftmaxCrossEntropy, optimizer: Optimizer,
+        train: tuple[Any, Any], val: tuple[Any, Any] | None = None, *, epochs: int,
+        batch_size: int, seed: int = 0, schedule: Callable[[int], float] | None = None,
+        eval_every: int | None = None, max_steps: int | None = None, progress: bool = True,
+        desc: str = "") -> History:
+    """Train `model` on train = (X (n, features), y (n,)), arrays on the model's device.
+
+    Mini-batches come from ``default_rng(seed)`` (the same batches on CPU and GPU). `schedule`
+    maps the epoch (from 0) to the learning rate. Validation runs at step 0, every `eval_every`
+    steps and at the end of each epoch. `max_steps` stops early (tests, quick comparisons).
+    `progress` shows a tqdm bar per epoch with the running loss and accuracy.
+    """
+    check_batch_size(model, batch_size)
+    X, y = train
+    n = X.shape[0]
+    if n < 2:
+        raise ValueError(f"train: {n} example(s); need at least 2")
+    xp = module_of(X)
+    if progress:
+        from tqdm import tqdm
+    rng = np.random.default_rng(seed)
+    hist = History()
+    model.train()
+
+    def validate(step: int) -> None:
+        if val is not None and (not hist.eval_step or hist.eval_step[-1] != step):
+            loss, acc = evaluate(model, head, *val)
+            hist.eval_step.append(step)
+            hist.val_loss.append(loss)
+            hist.val_acc.append(acc)
+
+    start = time.perf_counter()
+    validate(0)
+    step = 0
+    for epoch in range(epochs):
+        if schedule is not None:
+            optimizer.lr = schedule(epoch)
+        t0 = time.perf_counter()
+        batches = list(minibatches(n, batch_size, rng))
+        bar = tqdm(batches, desc=f"{desc}epoch {epoch + 1}/{epochs}", unit="batch",
+                   leave=True) if progress else None
+        loss_sum, correct, seen = 0.0, 0, 0
+        for idx in bar if bar is not None else batches:
+            idx = idx if xp is np else xp.asarray(idx)
+            xb, yb = X[idx], y[idx]
+            logits = model.forward(xb)
+            loss = float(head.forward(logits, yb))  # one sync per step: the curve is the product
+            model.backward(head.backward())
+            optimizer.step()
+            step += 1
+            hist.step_loss.append(loss)
+            loss_sum += loss * len(idx)
+            correct += int((logits.argmax(axis=1) == yb).sum())
+            seen += len(idx)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}",
+                                refresh=False)
+            if eval_every and step % eval_every == 0:
+                validate(step)
+            if max_steps is not None and step >= max_steps:
+                break
+        validate(step)
+        summary = {"epoch": epoch + 1, "step": step, "lr": optimizer.lr,
+                   "train_loss": loss_sum / seen, "train_acc": correct / seen,
+                   "seconds": time.perf_counter() - t0}
+        if val is not None:
+            summary |= {"val_loss": hist.val_loss[-1], "val_acc": hist.val_acc[-1]}
+        hist.epochs.append(summary)
+        if bar is not None:
+            if val is not None:
+                bar.set_postfix(loss=f"{summary['train_loss']:.4f}",
+                                acc=f"{summary['train_acc']:.3f}",
+                                val_acc=f"{summary['val_acc']:.3f}")
+            bar.close()
+        if max_steps is not None and step >= max_steps:
+            break
+    hist.wall_time = time.perf_counter() - start
+    return hist
