@@ -84,7 +84,7 @@ def check_dataset(name: str, X: object, y: object, *, num_classes: int | None = 
     bad = ~np.isfinite(X)
     if bad.any():
         rows = np.flatnonzero(bad.any(axis=1))
-        raise ValueError(f"{name}: X has {int(bad.sum())} NaN/inf values in {rows.size} examples "
+        raise ValueError(f"{name}: X has {int(bad.sum())} NaN/inf value(s) in {rows.size} example(s) "
                          f"(first: example {rows[0]}); clean or drop them before training")
     if y.ndim != 1 or y.shape[0] != X.shape[0]:
         raise ValueError(f"{name}: y has shape {y.shape}; expected ({X.shape[0]},), one label per "
@@ -100,7 +100,7 @@ def check_dataset(name: str, X: object, y: object, *, num_classes: int | None = 
     outside = (y < 0) | (y >= num_classes)
     if outside.any():
         values = np.unique(y[outside])[:5].tolist()
-        raise ValueError(f"{name}: {int(outside.sum())} labels outside 0..{num_classes - 1} "
+        raise ValueError(f"{name}: {int(outside.sum())} label(s) outside 0..{num_classes - 1} "
                          f"(values {values}); labels must be class indices 0..C-1")
     if num_classes < 2:
         raise ValueError(f"{name}: a classifier needs at least 2 classes, got {num_classes}")
@@ -137,12 +137,12 @@ def train_val_split(data: Dataset, val_fraction: float, *, seed: int = 0
 def minibatches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
     """Index arrays covering a fresh permutation of range(n), `batch_size` at a time.
 
-    A last batch of a single example is merged into the one before it: batch norm in training
-    mode cannot normalize one example (its variance is 0).
+    With batch_size >= 2, a last batch of a single example is merged into the one before it:
+    batch norm in training mode cannot normalize one example (its variance is 0).
     """
     order = rng.permutation(n)
     starts = list(range(0, n, batch_size))
-    if len(starts) > 1 and n - starts[-1] == 1:
+    if batch_size > 1 and len(starts) > 1 and n - starts[-1] == 1:
         starts.pop()
     for i, start in enumerate(starts):
         end = starts[i + 1] if i + 1 < len(starts) else n

@@ -1,0 +1,240 @@
+"""gpu-train: train an MLP classifier with the package's batch-norm and cross-entropy kernels.
+
+    gpu-train --dataset digits                      # Adam, 2 x 100 ReLU + BN, on the CPU
+    gpu-train --dataset mnist5k --device gpu        # the same on CuPy arrays: the CUDA kernels
+    gpu-train --dataset digits --compare-bn         # with vs without BN: plot + JSON summary
+
+Everything is checked (dataset, labels, batch size, device) before the first step; a problem is
+reported as ``gpu-train: error: ...`` with exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+import numpy as np
+
+from .nn import (SoftmaxCrossEntropy, Sequential, Standardize, array_module, check_batch_size,
+                 fit, inverse_time_decay, load_dataset, make_optimizer, mlp, save_model,
+                 to_module, train_val_split)
+from .nn.optim import DEFAULT_LR, OPTIMIZERS
+from .nn.layers import ACTIVATIONS
+from .nn.trainer import History
+
+#: --compare-bn defaults: Ioffe & Szegedy (2015), Fig. 1(a): 3 hidden sigmoid layers of 100 units
+#: trained with plain SGD, with and without batch norm.
+COMPARE_DEFAULTS = {"layers": "100,100,100", "activation": "sigmoid", "optimizer": "sgd",
+                    "lr": 0.5, "batch_size": 60, "epochs": 10, "eval_every": 10, "target": 0.9}
+IMAGE_DATASETS = ("digits", "mnist5k")
+TRAIN_DEFAULTS = {"layers": "100,100", "activation": "relu", "optimizer": "adam", "lr": None,
+                  "batch_size": 64, "epochs": 20, "eval_every": None, "target": None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gpu-train", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Defaults for a plain run: " + _fmt(TRAIN_DEFAULTS) + ".\nWith --compare-bn: "
+               + _fmt(COMPARE_DEFAULTS) + " (Ioffe & Szegedy 2015, Fig. 1a).")
+    p.add_argument("--dataset", default="digits",
+                   help="digits | mnist5k | synthetic | PATH.npz holding X and y (default: digits)")
+    p.add_argument("--layers", help="hidden layer sizes, comma-separated, e.g. 100,100,100")
+    p.add_argument("--activation", choices=ACTIVATIONS)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--optimizer", choices=tuple(OPTIMIZERS))
+    p.add_argument("--lr", type=float, help="learning rate (default per optimizer: "
+                   + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
+    p.add_argument("--lr-decay", type=float, default=0.0,
+                   help="inverse-time decay per epoch: lr / (1 + rate * epoch) (default 0)")
+    p.add_argument("--standardize", choices=("feature", "global"),
+                   help="input scaling fit on the training set: per feature, or one mean and std "
+                        "for all (default: global for the image datasets digits and mnist5k, "
+                        "feature otherwise)")
+    p.add_argument("--no-bn", action="store_true", help="no batch norm (hidden Linear layers get a bias)")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                   help="cpu: NumPy arrays; gpu: CuPy arrays, the CUDA kernels (default cpu)")
+    p.add_argument("--seed", type=int, default=0, help="initialization, split and batch order")
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--eval-every", type=int, help="validate every N steps (default: each epoch)")
+    p.add_argument("--target", type=float, help="report the steps to reach this validation accuracy")
+    p.add_argument("--max-steps", type=int, help="stop after this many steps")
+    p.add_argument("--compare-bn", action="store_true",
+                   help="train with and without batch norm from the same initialization; "
+                        "write a plot and a JSON summary to --out")
+    p.add_argument("--out", default="train_out", help="directory for --compare-bn outputs")
+    p.add_argument("--save", metavar="PATH.npz", help="save the trained model")
+    p.add_argument("--json", metavar="PATH", help="write the run's summary as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _fmt(d: dict[str, Any]) -> str:
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in d.items() if v is not None)
+
+
+def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Fill unset flags from the defaults of the mode; check their values."""
+    for key, value in (COMPARE_DEFAULTS if args.compare_bn else TRAIN_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    try:
+        args.hidden = [int(s) for s in args.layers.split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"--layers: expected comma-separated integers, got {args.layers!r}")
+    if any(h < 1 for h in args.hidden):
+        parser.error(f"--layers: sizes must be positive, got {args.layers!r}")
+    if args.epochs < 1:
+        parser.error(f"--epochs: expected >= 1, got {args.epochs}")
+    if args.lr is not None and not args.lr > 0:
+        parser.error(f"--lr: expected > 0, got {args.lr}")
+    if args.lr_decay < 0:
+        parser.error(f"--lr-decay: expected >= 0, got {args.lr_decay}")
+    if args.eval_every is not None and args.eval_every < 1:
+        parser.error(f"--eval-every: expected >= 1, got {args.eval_every}")
+    if args.target is not None and not 0 < args.target <= 1:
+        parser.error(f"--target: expected an accuracy in (0, 1], got {args.target}")
+    if args.standardize is None:
+        args.standardize = "global" if args.dataset in IMAGE_DATASETS else "feature"
+    if args.compare_bn and args.no_bn:
+        parser.error("--compare-bn trains both with and without batch norm; drop --no-bn")
+    return args
+
+
+def build_model(args: argparse.Namespace, X_train: np.ndarray, num_classes: int,
+                batch_norm: bool) -> Sequential:
+    """Standardize (fit on the training inputs) followed by the MLP; float32 NumPy arrays."""
+    body = mlp([X_train.shape[1], *args.hidden, num_classes], activation=args.activation,
+               batch_norm=batch_norm, seed=args.seed)
+    scale = Standardize(X_train.shape[1]).fit(X_train, per_feature=args.standardize == "feature")
+    return Sequential([scale, *body.layers])
+
+
+def run(args: argparse.Namespace, model: Sequential, xp, train, val, label: str = "") -> History:
+    """Train `model` (moved to xp) on host arrays train/val; returns its History."""
+    model.to(xp)
+    train_d = (to_module(train[0].astype(np.float32), xp), to_module(train[1], xp))
+    val_d = (to_module(val[0].astype(np.float32), xp), to_module(val[1], xp))
+    opt = make_optimizer(args.optimizer, model.parameters().values(), args.lr)
+    schedule = inverse_time_decay(opt.lr, args.lr_decay) if args.lr_decay else None
+    return fit(model, SoftmaxCrossEntropy(), opt, train_d, val_d, epochs=args.epochs,
+               batch_size=args.batch_size, seed=args.seed, schedule=schedule,
+               eval_every=args.eval_every, max_steps=args.max_steps,
+               progress=not args.quiet, desc=label)
+
+
+def summarize(args: argparse.Namespace, hist: History, batch_norm: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "batch_norm": batch_norm, "steps": len(hist.step_loss), "epochs": len(hist.epochs),
+        "final_train_loss": hist.epochs[-1]["train_loss"],
+        "final_val_loss": hist.val_loss[-1], "final_val_acc": hist.val_acc[-1],
+        "best_val_acc": max(hist.val_acc), "wall_time_s": round(hist.wall_time, 3)}
+    if args.target is not None:
+        out["target_val_acc"] = args.target
+        out["steps_to_target"] = hist.steps_to(args.target)
+    return out
+
+
+def config_of(args: argparse.Namespace, data) -> dict[str, Any]:
+    return {"dataset": data.name, "examples": int(data.X.shape[0]),
+            "features": int(data.X.shape[1]), "classes": data.num_classes,
+            "hidden": args.hidden, "activation": args.activation, "optimizer": args.optimizer,
+            "lr": args.lr if args.lr is not None else DEFAULT_LR[args.optimizer],
+            "lr_decay": args.lr_decay, "standardize": args.standardize, "batch_size": args.batch_size, "epochs": args.epochs,
+            "val_fraction": args.val_fraction, "seed": args.seed, "device": args.device}
+
+
+def plot_compare(path: str, title: str, runs: dict[str, History], target: float | None) -> None:
+    """Training loss and validation accuracy against steps, one line per run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=90)
+    for (label, hist), color in zip(runs.items(), ("tab:blue", "tab:red")):
+        steps = np.arange(1, len(hist.step_loss) + 1)
+        ax_loss.plot(steps, hist.step_loss, color=color, alpha=0.25, lw=0.6)
+        window = max(1, len(steps) // 50)
+        smooth = np.convolve(hist.step_loss, np.ones(window) / window, mode="valid")
+        ax_loss.plot(steps[window - 1:], smooth, color=color, lw=1.4, label=label)
+        ax_acc.plot(hist.eval_step, hist.val_acc, color=color, lw=1.4, label=label)
+    ax_loss.set(xlabel="step", ylabel="training loss (batch)", yscale="log")
+    ax_acc.set(xlabel="step", ylabel="validation accuracy")
+    if target is not None:
+        ax_acc.axhline(target, color="gray", ls="--", lw=0.8, label=f"target {target:g}")
+    ax_acc.set_ylim(max(0.0, min(min(h.val_acc) for h in runs.values()) - 0.02), 1.0)
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = _resolve(parser.parse_args(argv), parser)
+    # Everything that can be wrong with the inputs is found here, before the first step.
+    try:
+        xp = array_module(args.device)
+        data = load_dataset(args.dataset, seed=args.seed)
+        train, val = train_val_split(data, args.val_fraction, seed=args.seed)
+        variants = (True, False) if args.compare_bn else (not args.no_bn,)
+        models = {bn: build_model(args, train[0], data.num_classes, bn) for bn in variants}
+        for model in models.values():
+            check_batch_size(model, args.batch_size)
+        if args.compare_bn:
+            import matplotlib  # noqa: F401  (needed for the plot at the end: fail now, not then)
+    except (ValueError, ImportError, RuntimeError, OSError) as e:
+        parser.error(str(e))
+
+    config = config_of(args, data)
+    print(f"gpu-train: {data.name}: {len(train[1])} train / {len(val[1])} validation examples, "
+          f"{data.X.shape[1]} features, {data.num_classes} classes; device {args.device}",
+          file=sys.stderr)
+    results = {}
+    histories = {}
+    for bn, model in models.items():
+        label = "with BN" if bn else "without BN"
+        hist = run(args, model, xp, train, val, f"[{label}] " if args.compare_bn else "")
+        histories[label] = hist
+        results[label] = summarize(args, hist, bn)
+
+    for label, r in results.items():
+        line = (f"{label}: val acc {r['final_val_acc']:.4f} (best {r['best_val_acc']:.4f}), "
+                f"val loss {r['final_val_loss']:.4f}, {r['steps']} steps, "
+                f"wall time {r['wall_time_s']:.2f} s")
+        if "steps_to_target" in r:
+            reached = r["steps_to_target"]
+            line += (f"; {'never reached' if reached is None else f'{reached} steps to reach'} "
+                     f"val acc {r['target_val_acc']:g}")
+        print(line)
+
+    summary: dict[str, Any] = {"config": config, "runs": results}
+    if args.compare_bn:
+        os.makedirs(args.out, exist_ok=True)
+        stem = os.path.join(args.out, f"compare_bn_{os.path.splitext(data.name)[0]}")
+        summary["curves"] = {label: {"step_loss": h.step_loss, "eval_step": h.eval_step,
+                                     "val_acc": h.val_acc, "val_loss": h.val_loss}
+                             for label, h in histories.items()}
+        title = (f"{data.name}: {len(args.hidden)} x {args.hidden[0] if args.hidden else 0} "
+                 f"{args.activation}, {args.optimizer} lr {config['lr']:g}, batch {args.batch_size}")
+        plot_compare(stem + ".png", title, histories, args.target)
+        with open(stem + ".json", "w") as f:
+            json.dump(summary, f, indent=1)
+        print(f"wrote {stem}.png and {stem}.json")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({k: v for k, v in summary.items() if k != "curves"}, f, indent=1)
+    if args.save:
+        save_model(args.save, models[not args.no_bn])
+        print(f"saved the model to {args.save}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
