@@ -105,10 +105,12 @@ def fit(model: Sequential, head: SoftmaxCrossEntropy, optimizer: Optimizer,
             optimizer.lr = schedule(epoch)
         t0 = time.perf_counter()
         batches = list(minibatches(n, batch_size, rng))
-        bar = tqdm(batches, desc=f"{desc}epoch {epoch + 1}/{epochs}", unit="batch",
-                   leave=True) if progress else None
+        # Updated by hand, not wrapped around the loop: an exhausted tqdm iterator closes its
+        # bar before the epoch's validation accuracy can be shown on it.
+        bar = tqdm(total=len(batches), desc=f"{desc}epoch {epoch + 1}/{epochs}",
+                   unit="batch") if progress else None
         loss_sum, correct, seen = 0.0, 0, 0
-        for idx in bar if bar is not None else batches:
+        for idx in batches:
             idx = idx if xp is np else xp.asarray(idx)
             xb, yb = X[idx], y[idx]
             logits = model.forward(xb)
@@ -123,6 +125,7 @@ def fit(model: Sequential, head: SoftmaxCrossEntropy, optimizer: Optimizer,
             if bar is not None:
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}",
                                 refresh=False)
+                bar.update()
             if eval_every and step % eval_every == 0:
                 validate(step)
             if max_steps is not None and step >= max_steps:
