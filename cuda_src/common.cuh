@@ -1,0 +1,236 @@
+// common.cuh: device helpers shared by every kernel family in cuda_src/.
+//
+// gpu/_kernels.py pastes this text in front of each cuda_src/<family>.cu (it is never found through
+// -I): CuPy's disk cache hashes only the source string, so an edit here must change that string.
+// The same text is compiled by CuPy (NVRTC), by the NVRTC compile check and by the CPU emulator.
+//
+// Macros set by the loader when a kernel is requested with a dtype (see gpu/_kernels.py):
+//   SCALAR_T   storage type: __half, __nv_bfloat16, float or double
+//   ACC_T      accumulation type: double for double, float for everything else
+//   exactly one of SCALAR_IS_HALF, SCALAR_IS_BF16, SCALAR_IS_FLOAT, SCALAR_IS_DOUBLE
+//
+// Contents: index type and ceil_div; conversions to_acc / from_acc; warp and block reductions (sum,
+// max); Welford statistics with Chan's merge; 128-bit vector loads and stores.
+//
+// Reductions run in a fixed order (butterfly within a warp, then warp partials in warp order), so
+// a launch with the same shape gives bitwise the same result every time.
+
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+// ---------------------------------------------------------------------------------------------
+// Indexing
+// ---------------------------------------------------------------------------------------------
+
+// Every size that can exceed 2^31 elements is an index_t: signed, so `i < n` loops and
+// differences behave, and 64 bits wide.
+typedef long long index_t;
+
+// NVRTC has no <math.h>: INFINITY and NAN from their bit patterns (as CUDA's math_constants.h).
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+#ifndef NAN
+#define NAN __int_as_float(0x7fffffff)
+#endif
+
+#define GPU_WARP 32             // warpSize as a constant expression (loop bounds, array sizes)
+#define GPU_FULL_MASK 0xffffffffu
+
+template <typename T>
+__host__ __device__ __forceinline__ constexpr T ceil_div(T a, T b) { return (a + b - 1) / b; }
+
+// Linear thread index within the block and the block's size, for any block shape.
+__device__ __forceinline__ int block_thread_rank() {
+    return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+}
+__device__ __forceinline__ int block_num_threads() { return blockDim.x * blockDim.y * blockDim.z; }
+
+// ---------------------------------------------------------------------------------------------
+// Conversions between the storage type and the accumulation type
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+
+// from_acc<SCALAR_T>(acc): round to nearest even, as NumPy's astype does.
+template <typename T> __device__ __forceinline__ T from_acc(float x);
+template <> __device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
+    return __float2bfloat16_rn(x);
+}
+template <> __device__ __forceinline__ float from_acc<float>(float x) { return x; }
+template <typename T> __device__ __forceinline__ T from_acc(double x);
+template <> __device__ __forceinline__ double from_acc<double>(double x) { return x; }
+
+// ---------------------------------------------------------------------------------------------
+// Reduction operators
+// ---------------------------------------------------------------------------------------------
+
+// fmaxf/fmax return the other operand for a NaN, in any order: the result does not depend on
+// which lane holds the NaN. Callers that must propagate NaN check for it separately.
+struct SumOp {
+    template <typename T> __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
+    template <typename T> __device__ __forceinline__ static T identity() { return T(0); }
+};
+struct MaxOp {
+    __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+    __device__ __forceinline__ double operator()(double a, double b) const { return fmax(a, b); }
+    __device__ __forceinline__ int operator()(int a, int b) const { return a > b ? a : b; }
+    template <typename T> __device__ __forceinline__ static T identity() { return -T(INFINITY); }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Warp and block reductions
+// ---------------------------------------------------------------------------------------------
+
+// All 32 lanes of the warp must call these (full mask). The result is in every lane.
+template <typename T, typename Op>
+__device__ __forceinline__ T warp_reduce(T v, Op op) {
+#pragma unroll
+    for (int offset = GPU_WARP / 2; offset > 0; offset >>= 1)
+        v = op(v, __shfl_xor_sync(GPU_FULL_MASK, v, offset));
+    return v;
+}
+template <typename T> __device__ __forceinline__ T warp_reduce_sum(T v) { return warp_reduce(v, SumOp()); }
+template <typename T> __device__ __forceinline__ T warp_reduce_max(T v) { return warp_reduce(v, MaxOp()); }
+
+// Reduce over the whole block; the result is returned to every thread.
+// `scratch` is a __shared__ array of at least 32 elements. The block size must be a multiple of
+// 32 and every thread must call. Ends with a barrier, so `scratch` may be reused at once.
+template <typename T, typename Op>
+__device__ __forceinline__ T block_reduce(T v, T* scratch, Op op) {
+    const int tid = block_thread_rank();
+    const int lane = tid % GPU_WARP;
+    const int warp = tid / GPU_WARP;
+    const int num_warps = block_num_threads() / GPU_WARP;
+    v = warp_reduce(v, op);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    // Every warp reduces the per-warp partials itself: no broadcast round trip through memory.
+    v = lane < num_warps ? scratch[lane] : Op::template identity<T>();
+    v = warp_reduce(v, op);
+    __syncthreads();
+    return v;
+}
+template <typename T> __device__ __forceinline__ T block_reduce_sum(T v, T* scratch) {
+    return block_reduce(v, scratch, SumOp());
+}
+template <typename T> __device__ __forceinline__ T block_reduce_max(T v, T* scratch) {
+    return block_reduce(v, scratch, MaxOp());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Welford statistics (count, mean, M2) and Chan's parallel merge
+// ---------------------------------------------------------------------------------------------
+
+// Count is kept in T: with T = float it is exact up to 2^24 per partial, which bounds what one
+// thread or block may accumulate before merging; merge across blocks in double if counts grow.
+// Trivially constructible, so it may live in __shared__ memory.
+template <typename T>
+struct Welford {
+    T count, mean, m2;
+
+    __device__ __forceinline__ static Welford empty() { return Welford{T(0), T(0), T(0)}; }
+
+    __device__ __forceinline__ void push(T x) {
+        count += T(1);
+        const T delta = x - mean;
+        mean += delta / count;
+        m2 += delta * (x - mean);
+    }
+
+    // Chan et al.: combine two partials; either may be empty.
+    __device__ __forceinline__ void merge(const Welford& o) {
+        const T n = count + o.count;
+        if (n == T(0)) return;
+        const T delta = o.mean - mean;
+        const T ratio = o.count / n;
+        mean += delta * ratio;
+        m2 += o.m2 + delta * delta * count * ratio;
+        count = n;
+    }
+
+    __device__ __forceinline__ T var_biased() const { return count > T(0) ? m2 / count : T(0); }
+};
+
+template <typename T>
+__device__ __forceinline__ Welford<T> warp_reduce_welford(Welford<T> w) {
+#pragma unroll
+    for (int offset = GPU_WARP / 2; offset > 0; offset >>= 1) {
+        Welford<T> o;
+        o.count = __shfl_xor_sync(GPU_FULL_MASK, w.count, offset);
+        o.mean = __shfl_xor_sync(GPU_FULL_MASK, w.mean, offset);
+        o.m2 = __shfl_xor_sync(GPU_FULL_MASK, w.m2, offset);
+        w.merge(o);
+    }
+    return w;
+}
+
+// Same contract as block_reduce: `scratch` holds at least 32 entries, every thread calls, the
+// block size is a multiple of 32, the result is in every thread.
+template <typename T>
+__device__ __forceinline__ Welford<T> block_reduce_welford(Welford<T> w, Welford<T>* scratch) {
+    const int tid = block_thread_rank();
+    const int lane = tid % GPU_WARP;
+    const int warp = tid / GPU_WARP;
+    const int num_warps = block_num_threads() / GPU_WARP;
+    w = warp_reduce_welford(w);
+    if (lane == 0) scratch[warp] = w;
+    __syncthreads();
+    w = lane < num_warps ? scratch[lane] : Welford<T>::empty();
+    w = warp_reduce_welford(w);
+    __syncthreads();
+    return w;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 128-bit vector loads and stores
+// ---------------------------------------------------------------------------------------------
+
+// Pack<T>: the elements of one 16-byte transaction (8 halves or bfloat16s, 4 floats, 2 doubles).
+// The pointer must be 16-byte aligned (check with is_aligned16 and run a scalar tail/head for the
+// rest): a misaligned vector access faults on the GPU and in the emulator alike.
+template <typename T>
+struct alignas(16) Pack {
+    static constexpr int size = 16 / sizeof(T);
+    T v[16 / sizeof(T)];
+};
+
+__device__ __forceinline__ bool is_aligned16(const void* p) {
+    return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0;
+}
+
+template <typename T>
+__device__ __forceinline__ Pack<T> load_pack(const T* __restrict__ p) {
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+    Pack<T> out;
+    memcpy(&out, &raw, sizeof(out));
+    return out;
+}
+
+// Streaming load: data read once, keep it out of L1/L2 for the data that is re-read.
+template <typename T>
+__device__ __forceinline__ Pack<T> load_pack_stream(const T* p) {
+    const uint4 raw = __ldcs(reinterpret_cast<const uint4*>(p));
+    Pack<T> out;
+    memcpy(&out, &raw, sizeof(out));
+    return out;
+}
+
+template <typename T>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T>& x) {
+    uint4 raw;
+    memcpy(&raw, &x, sizeof(raw));
+    *reinterpret_cast<uint4*>(p) = raw;
+}
+
+// Streaming store: the output is not re-read by this kernel.
+template <typename T>
+__device__ __forceinline__ void store_pack_stream(T* p, const Pack<T>& x) {
+    uint4 raw;
+    memcpy(&raw, &x, sizeof(raw));
+    __stcs(reinterpret_cast<uint4*>(p), raw);
+}
