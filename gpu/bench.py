@@ -30,8 +30,8 @@ Peers (each only where importable; `PEERS` is the registry):
     torch-cudnn    PyTorch eager with cuDNN enabled (batch-norm ops; the softmax family has no
                    cuDNN path)
     torch          PyTorch eager with cuDNN disabled (its native CUDA kernels)
-    torch-compile  torch.compile of the PyTorch forward (backward through AOTAutograd), within
-                   a total compile-time budget (`--compile-budget`)
+    torch-compile  torch.compile of the PyTorch forward (backward through AOTAutograd), one cache
+                   for the run; rows after a total compile time (`--compile-budget`) are skipped
     seed           the seed's direct NumPy formulas (CPU)
     torch-cpu      PyTorch on the CPU (`--threads`)
 
@@ -377,6 +377,10 @@ class Unavailable(Exception):
     """The peer cannot run this case (reported, not an error of the peer)."""
 
 
+class Skip(Exception):
+    """The peer's row is not run this time (a time budget is spent)."""
+
+
 class Wrong(Exception):
     """The result does not match the reference."""
 
@@ -576,16 +580,18 @@ def _torch_builders():
 
     def bn_grads(case, t, wrap, with_forward):
         f = wrap(lambda x, w, b, rm, rv: F.batch_norm(x, rm, rv, w, b, True, MOMENTUM, EPS))
-        x, dy, w, b, rm, rv = bn(case, t, "x", "dy", "gamma", "beta", "running_mean", "running_var")
+        x, dy, w = bn(case, t, "x", "dy", "gamma")
+        b = t["beta"] if "beta" in t else torch.zeros_like(w)
         leaves = (x.detach().requires_grad_(), w.detach().requires_grad_(), b.detach().requires_grad_())
         c = case.channel_axis
         if with_forward:
             def run():
-                y = f(*leaves, rm, rv)
+                y = f(*leaves, t["running_mean"], t["running_var"])
                 dx, dw, db = torch.autograd.grad(y, leaves, dy)
                 return y.detach().movedim(1, c), dx.movedim(1, c), dw, db
             return run
-        y = f(*leaves, rm.clone(), rv.clone())
+        # the graph whose backward is timed; PyTorch saves mean and invstd of x as given to us
+        y = f(*leaves, None, None)
 
         def run():
             dx, dw, db = torch.autograd.grad(y, leaves, dy, retain_graph=True)
@@ -676,12 +682,17 @@ class TorchPeer(Peer):
         if not self.compiled:
             return [builder(case, t, lambda f: f) for t in tensors]
         if self.compile_budget <= 0:
-            raise Unavailable("torch.compile time budget spent (--compile-budget)")
-        torch._dynamo.reset()  # a fresh cache per case: no recompile limit, no stale guards
+            raise Skip("torch.compile time budget spent (--compile-budget)")
+        # One cache across cases, as in use (new shapes recompile, dynamic after the first); past
+        # the recompile limit dynamo would run eager silently, so the limit is raised.
+        config = torch._dynamo.config
+        for limit in ("recompile_limit", "cache_size_limit"):
+            if hasattr(config, limit):
+                setattr(config, limit, max(getattr(config, limit), 1024))
         start = time.perf_counter()
         try:
             runs = [builder(case, t, torch.compile) for t in tensors]
-            runs[0]()  # compiles
+            runs[0]()  # compiles for this shape and dtype
         finally:
             self.compile_budget -= time.perf_counter() - start
         return runs
@@ -742,7 +753,7 @@ class CpuDevice:
 
     def __init__(self):
         self.name = _cpu_name()
-        self.peak_gbps = None
+        self.spec_gbps = None
         self.copy_gbps = None
 
     def rng(self, seed: int):
@@ -785,7 +796,7 @@ class GpuDevice:
         props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
         self.name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
         self.l2_bytes = int(props["l2CacheSize"])
-        self.peak_gbps = spec_bandwidth_gbps(self.name)
+        self.spec_gbps = spec_bandwidth_gbps(self.name)
         self.copy_gbps = None
         self.stream = cupy.cuda.Stream(non_blocking=True)
 
@@ -886,7 +897,7 @@ class Row:
     bytes: int = 0
     gbps: float | None = None
     pct_copy: float | None = None
-    pct_peak: float | None = None
+    pct_spec: float | None = None
     speedup: float | None = None
 
     def case_label(self) -> str:
@@ -957,12 +968,14 @@ def run_case(case: Case, peers: Sequence[Peer], device, settings: Settings,
             row.gbps = row.bytes / (row.time_ms * 1e-3) / 1e9
             if device.copy_gbps:
                 row.pct_copy = 100 * row.gbps / device.copy_gbps
-            if device.peak_gbps:
-                row.pct_peak = 100 * row.gbps / device.peak_gbps
+            if device.spec_gbps:
+                row.pct_spec = 100 * row.gbps / device.spec_gbps
         except Wrong as e:
             row.status, row.detail = "WRONG", str(e)
         except (Unavailable, NotImplementedError) as e:
             row.status, row.detail = "unavailable", str(e) or type(e).__name__
+        except Skip as e:
+            row.status, row.detail = "skipped", str(e)
         except Exception as e:
             row.status, row.detail = "error", _one_line(e)
             device.release()
@@ -999,7 +1012,7 @@ def format_table(rows: Sequence[Row]) -> str:
         shape = " ".join(filter(None, ("x".join(map(str, r.shape)), r.layout)))
         status = "" if r.status == "ok" else f"{r.status}: {r.detail}"
         lines.append(f"{r.op:<16} {shape:<20} {r.dtype:<7} {r.peer:<13} {_fmt(r.time_ms, '.4g', 9)}"
-                     f" {_fmt(r.gbps, '.1f', 8)} {_fmt(r.pct_copy, '.0f', 6)} {_fmt(r.pct_peak, '.0f', 6)}"
+                     f" {_fmt(r.gbps, '.1f', 8)} {_fmt(r.pct_copy, '.0f', 6)} {_fmt(r.pct_spec, '.0f', 6)}"
                      f" {_fmt(r.speedup, '.2f', 7)}{'x' if r.speedup is not None else ' '}  {status}")
     return "\n".join(lines)
 
@@ -1042,8 +1055,8 @@ def plot(rows: Sequence[Row], device, path: str) -> None:
                 ax.plot(*zip(*pts), marker="o", lw=1, label=peer)
         if device.copy_gbps:
             ax.axhline(device.copy_gbps, color="k", lw=1, ls="--", label="copy (measured)")
-        if device.peak_gbps:
-            ax.axhline(device.peak_gbps, color="gray", lw=1, ls=":", label="spec")
+        if device.spec_gbps:
+            ax.axhline(device.spec_gbps, color="gray", lw=1, ls=":", label="spec")
         ax.set_title(OPS[op].title)
         ax.set_ylabel("GB/s (minimum bytes)")
         ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
@@ -1117,13 +1130,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, help="seconds of timed calls per row (GPU 0.1, CPU 1)")
     p.add_argument("--time-limit", type=float, default=math.inf, metavar="SECONDS",
                    help="skip the rows that would start after this many seconds")
-    p.add_argument("--compile-budget", type=float, default=60.0, metavar="SECONDS",
+    p.add_argument("--compile-budget", type=float, default=90.0, metavar="SECONDS",
                    help="total seconds torch.compile may spend compiling before its rows are skipped")
     p.add_argument("--threads", type=int, help="PyTorch CPU threads (default: PyTorch's own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="write every row and the run's context as JSON")
     p.add_argument("--plot", metavar="PATH", help="GB/s per shape and peer as an image (matplotlib)")
     args = p.parse_args(argv)
+    if args.repeat is not None and args.repeat < 1:
+        p.error("--repeat: at least 1")
     if args.cpu_check and (args.quick or args.shape or args.op):
         p.error("--cpu-check runs its own cases: drop --quick, --shape and --op")
     return args
@@ -1161,9 +1176,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cpu_check:
         args.threads = args.threads or CPU_CHECK["threads"]
     on_gpu = device.kind == "gpu"
-    settings = Settings(repeat=args.repeat or (CPU_CHECK["repeat"] if args.cpu_check else 100 if on_gpu else 10),
-                        warmup=args.warmup if args.warmup is not None else (3 if on_gpu else 1),
-                        budget=args.budget or (math.inf if args.cpu_check else 0.1 if on_gpu else 1.0),
+    def given(value, default):
+        return default if value is None else value
+    settings = Settings(repeat=given(args.repeat, CPU_CHECK["repeat"] if args.cpu_check else 100 if on_gpu else 10),
+                        warmup=given(args.warmup, 3 if on_gpu else 1),
+                        budget=given(args.budget, math.inf if args.cpu_check else 0.1 if on_gpu else 1.0),
                         deadline=started + args.time_limit, seed=args.seed)
 
     peer_status: dict[str, str] = {}
@@ -1196,7 +1213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with device.active():
             device.measure_copy()
             print(f"  copy bandwidth (read + write, measured): {device.copy_gbps:.1f} GB/s"
-                  + (f"; spec {device.peak_gbps:.0f} GB/s" if device.peak_gbps else ""), flush=True)
+                  + (f"; spec {device.spec_gbps:.0f} GB/s" if device.spec_gbps else ""), flush=True)
             total = sum(1 for c in cases for p in peers if p.supports(c.op))
             with _progress(total) as bar:
                 for case in cases:
@@ -1215,7 +1232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": _commit(), "host": platform.node(), "argv": list(sys.argv[1:] if argv is None else argv),
         "device": {"kind": device.kind, "name": device.name, "copy_gbps": device.copy_gbps,
-                   "spec_gbps": device.peak_gbps, "l2_bytes": device.l2_bytes},
+                   "spec_gbps": device.spec_gbps, "l2_bytes": device.l2_bytes},
         "versions": _versions(), "peers": peer_status,
         "settings": {"repeat": settings.repeat, "warmup": settings.warmup, "seed": settings.seed,
                      "budget_s": _finite(settings.budget), "time_limit_s": _finite(args.time_limit),

@@ -36,7 +36,7 @@ def test_quick_suite_runs_and_writes_the_documented_json(tmp_path):
     for r in report["rows"]:
         assert r["status"] == "ok", r
         assert r["time_ms"] > 0 and r["gbps"] > 0 and r["pct_copy"] > 0 and r["speedup"] > 0
-        assert r["pct_peak"] is None  # no datasheet bandwidth for a CPU
+        assert r["pct_spec"] is None  # no datasheet bandwidth for a CPU
         assert r["max_rel_err"] <= bench.TOLERANCE[np.dtype(r["dtype"])]
         assert r["samples"] == 2
     # the bytes model is the one written next to the op: BN forward reads x and writes y once
