@@ -181,22 +181,45 @@ def softmax_cross_entropy_backward(z, target, dloss=1.0, *, axis: int = -1, redu
 # NumPy reference path (any array module with NumPy's API)
 # ---------------------------------------------------------------------------------------------
 
-def _cpu_softmax(xp, z, ax, log):
-    acc = B.compute_dtype(z.dtype)
-    za = z.astype(acc, copy=False)
-    with _quiet(xp):  # a row of -inf gives NaN, as in PyTorch, without a warning
-        out = za - za.max(axis=ax, keepdims=True)
-    if log:
-        out -= xp.log(xp.exp(out).sum(axis=ax, keepdims=True))
-    else:
-        xp.exp(out, out=out)
-        out *= 1 / out.sum(axis=ax, keepdims=True)
-    return out.astype(z.dtype, copy=False)
+#: Row blocks of about this many bytes (in the accumulation dtype) keep a block and its temporaries
+#: in the CPU caches (1 MiB: L2 or L3): z crosses memory once, dz once, however many NumPy operations a row takes.
+_BLOCK_BYTES = 1 << 20
+
+
+def _row_blocks(xp, rows: int, row_len: int, acc) -> list[slice]:
+    """Slices of about _BLOCK_BYTES along the first axis; one slice (everything) on CuPy."""
+    step = rows if xp is not np else _BLOCK_BYTES // max(1, row_len * np.dtype(acc).itemsize)
+    step = max(1, step)
+    return [slice(i, i + step) for i in range(0, rows, step)] or [slice(0, 0)]
+
+
+def _blocked(a, class_last_ndim: int):
+    """View of a (rows..., C) or (rows...) array with leading unit axes, so that axis 1 is a row
+    axis to cut blocks along: (1, rows..., C), or (1, 1, C) for a single row."""
+    return a[(None,) * (2 if class_last_ndim == 1 else 1)]
 
 
 def _quiet(xp):
     """Silence NumPy's invalid-value warning for inf - inf: NaN rows are the documented result."""
     return np.errstate(invalid="ignore") if xp is np else contextlib.nullcontext()
+
+
+def _cpu_softmax(xp, z, ax, log):
+    acc = B.compute_dtype(z.dtype)
+    moved = xp.moveaxis(z, ax, -1)
+    zr = _blocked(moved, z.ndim)
+    out = xp.empty(zr.shape, z.dtype)
+    for sl in _row_blocks(xp, zr.shape[1], zr.shape[-1], acc):
+        zb = zr[:, sl].astype(acc, copy=False)
+        with _quiet(xp):  # a row of -inf gives NaN, as in PyTorch, without a warning
+            sh = zb - zb.max(axis=-1, keepdims=True)
+        if log:
+            sh -= xp.log(xp.exp(sh).sum(axis=-1, keepdims=True))
+        else:
+            xp.exp(sh, out=sh)
+            sh *= 1 / sh.sum(axis=-1, keepdims=True)
+        out[:, sl] = sh
+    return xp.moveaxis(out.reshape(moved.shape), -1, ax)
 
 
 def _cpu_hardmax(xp, z, ax):
@@ -213,82 +236,99 @@ def _row_index(xp, shape):
 
 
 def _cpu_cross_entropy(ce: _CE, want_loss: bool, dloss):
-    """(loss or None, dz or None). dloss=None: no gradient; else the upstream gradient."""
+    """(loss or None, dz or None). dloss=None: no gradient; else the upstream gradient.
+
+    Works on row blocks (the class axis last): per block, shifted logits sh = z - max, one exp,
+    log-sum-exp, the row losses, and the gradient written over the exp buffer.
+    """
     xp, ls, C = ce.xp, ce.label_smoothing, ce.n_classes
     acc = B.compute_dtype(ce.z.dtype)
-    za = xp.moveaxis(ce.z, ce.axis, -1).astype(acc, copy=False)          # (..., C)
+    moved = xp.moveaxis(ce.z, ce.axis, -1)
+    z = _blocked(moved, moved.ndim)                   # blocks of rows along axis 1
+    row_shape = z.shape[:-1]
     w = None if ce.weight is None else ce.weight.astype(acc)
-    n_rows = za.size // C
+    one_minus_ls, ls_over_c = acc.type(1 - ls), acc.type(ls / C)
 
-    with _quiet(xp):
-        sh = za - za.max(axis=-1, keepdims=True)  # shifted logits; log p = sh - lse
+    # Per-row target terms, and the 'mean' denominator: known before any logit is read.
     if ce.probs:
-        y = xp.moveaxis(ce.target, ce.axis, -1).astype(acc)
-        if ls:
-            y = y * acc.type(1 - ls) + acc.type(ls / C)
-        wy = y if w is None else y * w            # weighted target distribution
-        wy_sum = wy.sum(axis=-1)
-        wy_sh = (wy * sh).sum(axis=-1)
+        y = _blocked(xp.moveaxis(ce.target, ce.axis, -1), moved.ndim)
+        denom = acc.type(z.size // C)
     else:
-        t = ce.target
+        t = _blocked(ce.target, moved.ndim)
         valid = t != ce.ignore_index
         tt = xp.where(valid, t, 0).astype(xp.intp)
-        picked = xp.take_along_axis(sh, tt[..., None], axis=-1)[..., 0]
         w_t = valid.astype(acc) if w is None else xp.where(valid, w[tt], 0).astype(acc)
-        if ls:
-            smooth_sh = sh.sum(axis=-1) if w is None else sh @ w   # sum_c w_c * sh_c
-            w_all = acc.type(C) if w is None else w.sum()
-
-    e = xp.exp(sh, out=sh)
-    s = e.sum(axis=-1)
-    lse = xp.log(s)
-
-    # per-row losses
-    if ce.probs:
-        rows = lse * wy_sum - wy_sh
-        denom = acc.type(n_rows)
-    else:
-        rows = w_t * (lse - picked)
-        if ls:
-            rows = rows * acc.type(1 - ls) + xp.where(valid, w_all * lse - smooth_sh, 0) * acc.type(ls / C)
         denom = w_t.sum()
+        w_all = acc.type(C) if w is None else w.sum()
+
+    g = None
+    if dloss is not None:   # per-row upstream scale: dloss, over the mean's denominator
+        g = xp.asarray(dloss, dtype=acc)
+        if ce.reduction == "mean":
+            # nothing to differentiate when every target is ignored (PyTorch's gradient is 0 too)
+            g = g / denom if denom != 0 else xp.zeros_like(g)
+        g = xp.broadcast_to(g, row_shape)
+        dz = xp.empty(z.shape, ce.z.dtype)
+    rows = xp.empty(row_shape, acc) if want_loss else None
+
+    for sl in _row_blocks(xp, z.shape[1], C, acc):
+        zb = z[:, sl].astype(acc, copy=False)
+        # sh is C-contiguous whatever z's layout (so the loss rounds the same with or without the
+        # gradient); the gradient is computed over it in place: right in dz when dtypes allow
+        into = dz[:, sl] if g is not None and dz.dtype == acc else xp.empty(zb.shape, acc)
+        with _quiet(xp):
+            sh = xp.subtract(zb, zb.max(axis=-1, keepdims=True), out=into)  # log p = sh - lse
+        if ce.probs:
+            yb = y[:, sl].astype(acc)
+            if ls:
+                yb = yb * one_minus_ls + ls_over_c
+            wy = yb if w is None else yb * w          # weighted target distribution
+            wy_sum, wy_sh = wy.sum(axis=-1), (wy * sh).sum(axis=-1)
+        else:
+            picked = xp.take_along_axis(sh, tt[:, sl, ..., None], axis=-1)[..., 0]
+            if ls:
+                smooth_sh = sh.sum(axis=-1) if w is None else sh @ w   # sum_c w_c * sh_c
+        e = xp.exp(sh, out=sh)
+        s = e.sum(axis=-1)
+        lse = xp.log(s)
+        if want_loss:
+            if ce.probs:
+                rows[:, sl] = lse * wy_sum - wy_sh
+            else:
+                r = w_t[:, sl] * (lse - picked)
+                if ls:
+                    r = r * one_minus_ls + xp.where(valid[:, sl], w_all * lse - smooth_sh, 0) * ls_over_c
+                rows[:, sl] = r
+        if g is None:
+            continue
+        gb = g[:, sl]
+        if ce.probs:
+            # d/dz_j = p_j * sum_c(w_c y_c) - w_j y_j
+            e *= (gb * wy_sum / s)[..., None]
+            e -= gb[..., None] * wy
+        else:
+            # d/dz_j = p_j ((1-ls) w_t + ls W / C) - (1-ls) w_t [j == t] - (ls / C) w_j; 0 if ignored
+            gv = gb * w_t[:, sl]
+            coef = gv * one_minus_ls
+            if ls:
+                gs = xp.where(valid[:, sl], gb, 0) * ls_over_c
+                coef = coef + gs * w_all
+            e *= (coef / s)[..., None]
+            e[_row_index(xp, e.shape[:-1]) + (tt[:, sl],)] -= gv * one_minus_ls
+            if ls:
+                e -= gs[..., None] * (1 if w is None else w)
+        if dz.dtype != acc:   # else e already is this block of dz
+            dz[:, sl] = e
 
     loss = None
     if want_loss:
-        if ce.reduction == "none":
-            loss = rows
-        elif ce.reduction == "sum":
-            loss = rows.sum()
-        else:
-            loss = rows.sum() / denom if denom != 0 else xp.asarray(np.nan, acc)
-        loss = xp.asarray(loss).astype(ce.z.dtype)
-
-    if dloss is None:
-        return loss, None
-
-    # per-row upstream scale g: dloss, divided by the mean's denominator
-    g = xp.asarray(dloss, dtype=acc)
-    if ce.reduction == "mean":
-        # nothing to differentiate when every target is ignored (PyTorch's gradient is 0 there too)
-        g = g / denom if denom != 0 else xp.zeros_like(g)
-    g = xp.broadcast_to(g, ce.row_shape)
-    if ce.probs:
-        # d/dz_j = p_j * sum_c(w_c y_c) - w_j y_j
-        e *= (g * wy_sum / s)[..., None]
-        e -= g[..., None] * wy
-    else:
-        # d/dz_j = p_j ((1-ls) w_t + ls W / C) - (1-ls) w_t [j == t] - (ls / C) w_j, 0 if ignored
-        gv = g * w_t
-        coef = gv * acc.type(1 - ls)
-        if ls:
-            gs = xp.where(valid, g, 0) * acc.type(ls / C)
-            coef = coef + gs * w_all
-        e *= (coef / s)[..., None]
-        e[_row_index(xp, ce.row_shape) + (tt,)] -= gv * acc.type(1 - ls)
-        if ls:
-            e -= gs[..., None] * (1 if w is None else w)
-    dz = xp.moveaxis(e, -1, ce.axis).astype(ce.z.dtype, copy=False)
-    return loss, dz
+        rows = rows.reshape(ce.row_shape)
+        if ce.reduction == "sum":
+            rows = rows.sum()
+        elif ce.reduction == "mean":
+            rows = rows.sum() / denom if denom != 0 else xp.asarray(np.nan, acc)
+        loss = xp.asarray(rows).astype(ce.z.dtype)
+    return loss, (None if g is None else xp.moveaxis(dz.reshape(moved.shape), -1, ce.axis))
 
 
 # ---------------------------------------------------------------------------------------------

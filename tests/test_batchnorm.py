@@ -1,6 +1,8 @@
 """Batch statistics and batch norm on every backend, against the float64 formulas of reference.py."""
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 
@@ -329,3 +331,26 @@ def test_read_only_running_stats_rejected():
     rm.flags.writeable = False
     with pytest.raises(ValueError, match="running_mean: must be writeable"):
         gpu.batch_norm_forward(x, running_mean=rm, running_var=rv)
+
+
+@pytest.mark.parametrize("shape,axis", [((37, 12), 0), ((9, 5, 4), (0, 2)), ((11, 30), 1)],
+                         ids=["reduced-axis0", "nchw-like", "kept-axis0"])
+def test_numpy_path_row_blocks(monkeypatch, rng, shape, axis):
+    # the NumPy path works on row blocks sized for the cache; force many tiny blocks (2 rows each),
+    # both where blocks share features (axis 0 reduced) and where each holds whole ones (kept)
+    bn = importlib.import_module("gpu.batchnorm")
+    monkeypatch.setattr(bn, "_BLOCK_BYTES", 2 * 4 * int(np.prod(shape[1:])))
+    x, x64 = random(rng, shape, np.float32, offset=100.0)
+    dy, dy64 = random(rng, shape, np.float32)
+    keep = _keepdims(shape, axis)
+    gamma, beta = _params(rng, shape, axis, np.float32)
+    y, mean, invstd = gpu.batch_norm_forward(x, gamma, beta, axis=axis)
+    ry, rmean, rinvstd, _ = ref.bn_forward(x64, gamma.reshape(keep), beta.reshape(keep), _axes(axis), 1e-5)
+    assert_close(y, ry, np.float32, "y")
+    dx, dgamma, dbeta = gpu.batch_norm_backward(dy, x, gamma, mean, invstd, axis=axis)
+    rdx, rdg, rdb = ref.bn_backward(dy64, x64, gamma.reshape(keep), rmean, rinvstd, _axes(axis))
+    assert_close(dx, rdx, np.float32, "dx", factor=8)
+    assert_close(dgamma, rdg.reshape(gamma.shape), np.float32, "dgamma", factor=8)
+    rm, rv = np.zeros(gamma.shape), np.ones(gamma.shape)
+    y_inf = gpu.batch_norm_inference(x, gamma, beta, rm, rv, axis=axis)
+    assert_close(y_inf, x64 / np.sqrt(1 + 1e-5) * gamma.reshape(keep) + beta.reshape(keep), np.float32, "y")

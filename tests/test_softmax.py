@@ -1,6 +1,8 @@
 """Softmax, log-softmax, hardmax and softmax + cross-entropy on every backend, against reference.py."""
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 
@@ -245,3 +247,19 @@ def test_bad_target_raises_on_every_backend(backend):
     target = np.array([0, 1, 2, 9])
     with pytest.raises(ValueError, match=r"class index 9 at position \(3,\)"):
         backend.call(gpu.softmax_cross_entropy, Z, target)
+
+
+@pytest.mark.parametrize("shape,axis", [((23, 7), -1), ((7, 23), 0), ((5, 3, 6), 1)],
+                         ids=["classes-last", "classes-first", "middle"])
+def test_numpy_path_row_blocks(monkeypatch, rng, shape, axis):
+    # the NumPy path works on row blocks sized for the cache; force blocks of about 2 rows
+    sm = importlib.import_module("gpu.softmax")
+    monkeypatch.setattr(sm, "_BLOCK_BYTES", 2 * 4 * shape[axis])
+    z, z64, target, kw = _ce_inputs(rng, shape, axis, np.float32, dict(ignore=True, weight=True,
+                                                                         label_smoothing=0.1))
+    loss, dz = gpu.softmax_cross_entropy(z, target, axis=axis, return_grad=True, **kw)
+    want, want_dz = ref.cross_entropy(z64, target, axis=axis, **kw)
+    assert_close(loss, want, np.float32, "loss")
+    assert_close(dz, want_dz, np.float32, "dz")
+    assert_close(gpu.softmax(z, axis), ref.softmax(z64, axis), np.float32, "softmax")
+    assert_close(gpu.log_softmax(z, axis), ref.log_softmax(z64, axis), np.float32, "log_softmax")
