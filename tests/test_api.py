@@ -13,7 +13,7 @@ from gpu import _backend
 
 API = ["batch_stats", "batch_norm_forward", "batch_norm_backward", "batch_norm_inference", "batch_norm",
        "softmax", "log_softmax", "hardmax", "softmax_cross_entropy", "softmax_cross_entropy_backward",
-       "info", "use_backend"]
+       "info", "use_backend", "warmup"]
 
 
 def test_public_names():
