@@ -29,6 +29,7 @@ from typing import Sequence
 import numpy as np
 
 from . import _backend as B
+from . import _kernels
 
 @dataclass(frozen=True)
 class _Layout:
@@ -352,29 +353,286 @@ def _cpu_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps):
 # ---------------------------------------------------------------------------------------------
 # Kernel launch path (CuPy arrays; NumPy arrays under the emulator backend)
 # ---------------------------------------------------------------------------------------------
+#
+# cuda_src/batchnorm.cu reduces a C-contiguous (outer, C, inner) view over (outer, inner); its
+# header comment has the kernels, their launch shapes and the bytes each op moves. Here: the view
+# (no copy for the four layouts of the module docstring and any axis whose kept axes are
+# adjacent; a non-contiguous x, or kept axes separated by a reduced one, is first made into a
+# contiguous (reduced..., kept...) copy), the launch plan, and the per-channel arrays, which the
+# kernels take in the accumulation dtype (mixed parameter dtypes are converted here).
 
-def _no_kernels(xp, op: str):
-    if xp is np:
-        raise NotImplementedError(f"{op}: the batch-norm kernels are not built yet; "
-                                  "the emulator backend has nothing to run")
+# Constants of cuda_src/batchnorm.cu that the launch arithmetic must agree with.
+_BN_MAX_THREADS = 512   # BN_MAX_THREADS
+_BN_ONCHIP_ROWS = 8     # BN_ONCHIP_ROWS
+_BN_MAX_COLS = 64       # BN_MAX_COLS
+_HAS_GAMMA, _HAS_BETA, _RUNNING = 1, 2, 4
+
+
+@dataclass
+class _Tuning:
+    """Launch knobs; tests override them (``_tuned``) to force every path at small sizes."""
+
+    threads: int = 256             # block size of the streaming kernels (a power of two >= 32)
+    max_cols: int = 32             # channels-last: most threads along C in a tile (power of two)
+    blocks_per_sm: int | None = None  # resident blocks aimed for per SM (None: full occupancy)
+    grid_rows: int | None = None   # force grid.y, the blocks sharing a tile's rows
+    path: str = "auto"             # training forward: "auto", "onchip" or "twopass"
+    vector: bool | None = None     # False forces the scalar module; None: vectors where aligned
+
+
+_TUNING = _Tuning()
+
+
+@contextlib.contextmanager
+def _tuned(**knobs):
+    """Override launch knobs inside the block (tests), e.g. ``_tuned(threads=64, path="twopass")``."""
+    global _TUNING
+    saved = _TUNING
+    _TUNING = dataclasses.replace(saved, **knobs)
+    try:
+        yield
+    finally:
+        _TUNING = saved
+
+
+@dataclass(frozen=True)
+class _View:
+    x: object                        # C-contiguous (outer, C, inner) array
+    outer: int
+    C: int
+    inner: int
+    shape: tuple[int, ...]           # shape of the array x3 was reshaped from
+    perm: tuple[int, ...] | None     # transpose applied before the copy, if any
+
+    def restore(self, y3):
+        """An output of the view's shape back in the caller's layout."""
+        y = y3.reshape(self.shape)
+        return y if self.perm is None else y.transpose(tuple(int(i) for i in np.argsort(self.perm)))
+
+
+def _view(xp, x, lay: _Layout) -> _View:
+    """x as a C-contiguous (outer, C, inner) array: a reshape when the kept axes are adjacent
+    (axes of length 1 do not count), else a (reduced..., kept...) transposed copy."""
+    kept = [i for i in lay.kept_axes if x.shape[i] != 1]
+    C = math.prod(x.shape[i] for i in lay.kept_axes)
+    perm = None
+    if not kept:                     # one channel: one row of M elements
+        outer, inner = 1, lay.m
+    elif all(i in kept or x.shape[i] == 1 for i in range(kept[0], kept[-1] + 1)):
+        outer, inner = math.prod(x.shape[:kept[0]]), math.prod(x.shape[kept[-1] + 1:])
+    else:
+        perm = tuple(lay.axes) + tuple(lay.kept_axes)
+        x = x.transpose(perm)
+        outer, inner = lay.m, 1
+    shape = x.shape
+    x3 = xp.ascontiguousarray(x).reshape(outer, C, inner)
+    return _View(x3, outer, C, inner, shape, perm)
+
+
+def _data_ptr(a) -> int:
+    return a.ctypes.data if isinstance(a, np.ndarray) else a.data.ptr
+
+
+@dataclass(frozen=True)
+class _Plan:
+    vector: bool      # BN_VECTOR module: 16-byte vectors
+    vec: int          # elements per vector
+    bx: int           # threads along the contiguous axis
+    threads: int      # block size
+    tiles: int        # channels-last: C / (bx * vec) tiles; channels-first: C
+    chunks: int       # channels-first: pieces of the inner axis per channel
+    grid_rows: int    # grid.y
+    smem: int         # dynamic shared memory of the reductions
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (self.tiles * self.chunks, self.grid_rows)
+
+    @property
+    def parts(self) -> int:
+        return self.chunks * self.grid_rows
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _plan(xp, v: _View, itemsize: int, acc, arrays, threads: int | None = None,
+          grid_rows: int | None = None) -> _Plan:
+    """Block shape and grid for the (outer, C, inner) view; `arrays` are the element-wise operands
+    whose alignment decides between the vector and the scalar module."""
+    tune = _TUNING
+    dev = _kernels.device_attributes(xp)
+    vmax = 16 // itemsize
+    n = v.C if v.inner == 1 else v.inner          # contiguous run: a row of channels, or a plane
+    vector = n % vmax == 0 and all(_data_ptr(a) % 16 == 0 for a in arrays)
+    if tune.vector is not None:
+        vector = vector and tune.vector
+    vec = vmax if vector else 1
+    w = -(-n // vec)                                 # vectors per run
+    T = threads or tune.threads
+    if v.inner == 1:
+        # channels-last: a warp reads bx vectors of a row, 32/bx rows at once (bx < 32 for few
+        # channels keeps every lane busy: C = 3 reads 8 rows per warp instruction)
+        bx = min(_pow2_ceil(w), tune.max_cols, T)
+        tiles, chunks = -(-w // bx), 1
+    else:
+        # channels-first: pick the chunk width wasting the fewest lanes on the plane's tail
+        # (inner = 3136 floats = 784 vectors: 32 lanes x 25 chunks use 98%, 256 x 4 only 77%)
+        hi = min(_pow2_ceil(w), T)
+        cands = [b for b in (1 << k for k in range(11)) if min(32, hi) <= b <= hi]
+        bx = max(cands, key=lambda b: (w / (b * -(-w // b)) + 0.02 * math.log2(b)))
+        tiles, chunks = v.C, -(-w // bx)
+    by = max(32 // bx, min(T // bx, _pow2_ceil(v.outer)))
+    T = bx * by
+    if grid_rows is None:
+        grid_rows = tune.grid_rows
+    if grid_rows is None:
+        per_sm = tune.blocks_per_sm or max(1, dev["max_threads_per_sm"] // T)
+        grid_rows = (dev["sm_count"] * per_sm) // (tiles * chunks)
+    grid_rows = max(1, min(grid_rows, -(-v.outer // by), dev["max_grid_dims"][1]))
+    return _Plan(vector, vec, bx, T, tiles, chunks, grid_rows, T * (1 + 2 * vec) * acc.itemsize)
+
+
+def _onchip_plan(p: _Plan, v: _View, acc, dev) -> _Plan | None:
+    """bn_forward_onchip's plan: one block per tile holding all its rows, or None if they do not
+    fit in BN_ONCHIP_ROWS rows per thread of a block of at most BN_MAX_THREADS threads."""
+    if p.chunks != 1 or (v.inner == 1 and p.bx > _BN_MAX_COLS):
+        return None
+    by = max(32 // p.bx, _pow2_ceil(-(-v.outer // _BN_ONCHIP_ROWS)))
+    T = p.bx * by
+    if T > _BN_MAX_THREADS:
+        return None
+    return _Plan(p.vector, p.vec, p.bx, T, p.tiles, 1, 1, T * (1 + 2 * p.vec) * acc.itemsize)
+
+
+def _kernel(xp, name: str, dtype, p: _Plan):
+    return _kernels.get_kernel("batchnorm", name, xp, dtype=dtype, defines={"BN_VECTOR": int(p.vector)})
+
+
+def _as_acc(xp, p, acc):
+    """A per-channel array (or None) as a contiguous array of the accumulation dtype."""
+    return None if p is None else xp.ascontiguousarray(p.reshape(-1), dtype=acc)
+
+
+def _workspace(xp, p: _Plan, words: int, C: int, acc):
+    """Partials and arrival counters of the grid merge (a 1-element stand-in when one block per
+    tile needs none)."""
+    if p.parts == 1:
+        return xp.empty(1, acc), xp.zeros(1, np.uint32)
+    return B.empty(xp, (words * p.parts * C,), acc), xp.zeros(p.tiles, np.uint32)
+
+
+def _geometry(v: _View, p: _Plan):
+    return (np.int64(v.outer), np.int32(v.C), np.int64(v.inner), np.int32(p.bx))
+
+
+def _stats_launch(xp, x, gamma, beta, running_mean, running_var, lay, eps, momentum, normalize):
+    """Statistics, optionally the normalized output: (y or None, mean, var, invstd), per-channel
+    arrays flat in the accumulation dtype; running stats updated in place."""
+    acc = B.compute_dtype(x.dtype)
+    v = _view(xp, x, lay)
+    C = v.C
+    mean, var, invstd, scale, shift = (B.empty(xp, (C,), acc) for _ in range(5))
+    if C == 0:                                  # nothing to launch over
+        y = xp.empty(x.shape, x.dtype) if normalize else None
+        return y, mean, var, invstd
+    g, b = _as_acc(xp, gamma, acc), _as_acc(xp, beta, acc)
+    rm, rv = _as_acc(xp, running_mean, acc), _as_acc(xp, running_var, acc)
+    flags = (_HAS_GAMMA if g is not None else 0) | (_HAS_BETA if b is not None else 0) | (
+        _RUNNING if rm is not None else 0)
+    # absent arrays: a valid pointer the kernel never reads (the flags say so)
+    g, b, rm_k, rv_k = (a if a is not None else mean for a in (g, b, rm, rv))
+    y3 = B.empty(xp, v.x.shape, x.dtype) if normalize else None
+    scalars = (acc.type(1.0 / lay.m), acc.type(lay.m / (lay.m - 1) if lay.m > 1 else 0.0),
+               acc.type(eps), acc.type(momentum), np.int32(flags))
+    p = _plan(xp, v, x.dtype.itemsize, acc, [v.x] + ([y3] if normalize else []))
+    dev = _kernels.device_attributes(xp)
+    onchip = None
+    if normalize and _TUNING.path != "twopass":
+        onchip = _onchip_plan(p, v, acc, dev)
+        if _TUNING.path == "onchip" and onchip is None:
+            raise ValueError(f"path='onchip': a tile of {v.outer} rows does not fit one block")
+        # on chip when it costs no parallelism: the two-pass grid has one block per tile anyway,
+        # or there are tiles enough to fill every SM
+        if _TUNING.path == "auto" and not (p.grid_rows == 1 or p.tiles >= dev["sm_count"]):
+            onchip = None
+    if onchip is not None:
+        _kernels.launch(_kernel(xp, "bn_forward_onchip", x.dtype, onchip), (onchip.tiles, 1), onchip.threads,
+                        (y3, mean, var, invstd, scale, shift, rm_k, rv_k, v.x, g, b,
+                         *_geometry(v, onchip), *scalars), shared_mem=onchip.smem)
+    else:
+        ws, counters = _workspace(xp, p, 3, C, acc)
+        _kernels.launch(_kernel(xp, "bn_stats", x.dtype, p), p.grid, p.threads,
+                        (mean, var, invstd, scale, shift, rm_k, rv_k, ws, counters, v.x, g, b,
+                         *_geometry(v, p), np.int32(p.chunks), *scalars), shared_mem=p.smem)
+        if normalize:
+            _apply(xp, y3, v, mean, scale, shift, p)
+    for r, r_k in ((running_mean, rm), (running_var, rv)):
+        if r_k is not None and not _same_memory(r, r_k):
+            r[...] = r_k.reshape(r.shape)   # written back in the caller's dtype
+    return (v.restore(y3) if normalize else None), mean, var, invstd
+
+
+def _same_memory(a, b) -> bool:
+    return _data_ptr(a) == _data_ptr(b) and a.dtype == b.dtype and a.size == b.size
+
+
+def _apply(xp, y3, v: _View, center, scale, shift, p: _Plan):
+    """y = (x - center) * scale + shift per channel (forward second pass, inference)."""
+    _kernels.launch(_kernel(xp, "bn_apply", v.x.dtype, p), p.grid, p.threads,
+                    (y3, v.x, center, scale, shift, *_geometry(v, p), np.int32(p.chunks)))
 
 
 def _gpu_batch_stats(xp, x, lay):
-    _no_kernels(xp, "batch_stats")
-    mean, var = _cpu_stats(xp, x, lay)
-    return mean.astype(x.dtype), var.astype(x.dtype)
+    _, mean, var, _ = _stats_launch(xp, x, None, None, None, None, lay, 0.0, 0.0, normalize=False)
+    return mean.reshape(lay.kept_shape).astype(x.dtype), var.reshape(lay.kept_shape).astype(x.dtype)
 
 
 def _gpu_forward(xp, x, gamma, beta, running_mean, running_var, lay, eps, momentum):
-    _no_kernels(xp, "batch_norm_forward")
-    return _cpu_forward(xp, x, gamma, beta, running_mean, running_var, lay, eps, momentum)
-
-
-def _gpu_backward(xp, dy, x, gamma, mean, invstd, lay):
-    _no_kernels(xp, "batch_norm_backward")
-    return _cpu_backward(xp, dy, x, gamma, mean, invstd, lay)
+    y, mean, _, invstd = _stats_launch(xp, x, gamma, beta, running_mean, running_var, lay, eps, momentum,
+                                       normalize=True)
+    return y, mean.reshape(lay.kept_shape), invstd.reshape(lay.kept_shape)
 
 
 def _gpu_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps):
-    _no_kernels(xp, "batch_norm_inference")
-    return _cpu_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps)
+    acc = B.compute_dtype(x.dtype)
+    v = _view(xp, x, lay)
+    y3 = B.empty(xp, v.x.shape, x.dtype)
+    if v.C == 0:
+        return v.restore(y3)
+    scale, shift = B.empty(xp, (v.C,), acc), B.empty(xp, (v.C,), acc)
+    g, b = _as_acc(xp, gamma, acc), _as_acc(xp, beta, acc)
+    rm, rv = _as_acc(xp, running_mean, acc), _as_acc(xp, running_var, acc)
+    flags = (_HAS_GAMMA if g is not None else 0) | (_HAS_BETA if b is not None else 0)
+    p = _plan(xp, v, x.dtype.itemsize, acc, [v.x, y3])
+    T = 256
+    _kernels.launch(_kernel(xp, "bn_inference_params", x.dtype, p), -(-v.C // T), T,
+                    (scale, shift, g if g is not None else rv, b if b is not None else rv, rv,
+                     np.int32(v.C), acc.type(eps), np.int32(flags)))
+    _apply(xp, y3, v, rm, scale, shift, p)
+    return v.restore(y3)
+
+
+def _gpu_backward(xp, dy, x, gamma, mean, invstd, lay):
+    acc = B.compute_dtype(x.dtype)
+    out_dtype = gamma.dtype if gamma is not None else x.dtype
+    v = _view(xp, x, lay)
+    vg = _view(xp, dy.astype(x.dtype, copy=False), lay)
+    C = v.C
+    dx3 = B.empty(xp, v.x.shape, x.dtype)
+    dgamma, dbeta, k, a, b = (B.empty(xp, (C,), acc) for _ in range(5))
+    if C > 0:
+        mu, istd, g = _as_acc(xp, mean, acc), _as_acc(xp, invstd, acc), _as_acc(xp, gamma, acc)
+        flags = _HAS_GAMMA if g is not None else 0
+        p = _plan(xp, v, x.dtype.itemsize, acc, [v.x, vg.x, dx3])
+        ws, counters = _workspace(xp, p, 2, C, acc)
+        geo = _geometry(v, p)
+        _kernels.launch(_kernel(xp, "bn_backward_reduce", x.dtype, p), p.grid, p.threads,
+                        (dgamma, dbeta, k, a, b, ws, counters, vg.x, v.x, mu, istd,
+                         g if g is not None else istd, *geo, np.int32(p.chunks),
+                         acc.type(1.0 / lay.m), np.int32(flags)), shared_mem=p.smem)
+        _kernels.launch(_kernel(xp, "bn_backward_apply", x.dtype, p), p.grid, p.threads,
+                        (dx3, vg.x, v.x, mu, k, a, b, *geo, np.int32(p.chunks)))
+    return (v.restore(dx3), dgamma.reshape(lay.kept_shape).astype(out_dtype),
+            dbeta.reshape(lay.kept_shape).astype(out_dtype))

@@ -1,0 +1,375 @@
+"""Kernel-path tests for cuda_src/batchnorm.cu: every launch path and awkward shape, against float64.
+
+The API suite (tests/test_batchnorm.py) runs the public cases on every backend; this file drives
+the kernels' own switches through the launch knobs of gpu/batchnorm.py (``_tuned``): on-chip vs
+two-pass forward, vector vs scalar module, one block per tile vs the grid merge through the
+workspace and the last-block counter, channels-last vs channels-first, partial tiles and warps.
+It runs on the CPU emulator (NumPy arrays, ``kernel`` marker) and on CuPy when a GPU is usable
+(``gpu`` marker). The emulated device has 4 SMs, so small inputs already take multi-block grids;
+sizes stay small because every CUDA thread is a fiber.
+
+Outputs are NaN-poisoned before launch (GPU_POISON=1, set by conftest), so an element a kernel
+forgets to write fails the comparison. Run: ``pytest tests/test_batchnorm_kernels.py``.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+
+import gpu
+from gpu import _kernels
+from gpu import batchnorm as bn
+from conftest import BFLOAT16, DTYPES, TOL, Backend, cuda_available, dtype_id, rel_err, to_numpy
+
+DEVICES = [
+    pytest.param("emulate", id="emulate", marks=pytest.mark.kernel),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.gpu),
+]
+
+
+@pytest.fixture(params=DEVICES)
+def dev(request) -> Backend:
+    return Backend(request.param)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Names of the kernels launched, in order (to assert which path ran)."""
+    names: list[str] = []
+    real = _kernels.launch
+
+    def spy(kernel, grid, block, args, shared_mem=0):
+        names.append((kernel.name, tuple(grid) if isinstance(grid, tuple) else (grid,),
+                      dict(kernel.defines).get("BN_VECTOR")))
+        return real(kernel, grid, block, args, shared_mem)
+
+    monkeypatch.setattr(_kernels, "launch", spy)
+    return names
+
+
+def _axes(axis, ndim):
+    return tuple(sorted(a % ndim for a in (axis if isinstance(axis, tuple) else (axis,))))
+
+
+def _kept(shape, axis):
+    ax = _axes(axis, len(shape))
+    return tuple(n for i, n in enumerate(shape) if i not in ax)
+
+
+def _keep(shape, axis):
+    ax = _axes(axis, len(shape))
+    return tuple(1 if i in ax else n for i, n in enumerate(shape))
+
+
+def _ref_forward(x64, g64, b64, axis, eps):
+    """float64 truth: (y, mean, invstd, var) from the (rounded) inputs."""
+    ax = _axes(axis, x64.ndim)
+    mean = x64.mean(axis=ax, keepdims=True)
+    var = ((x64 - mean) ** 2).mean(axis=ax, keepdims=True)
+    invstd = 1 / np.sqrt(var + eps)
+    keep = mean.shape
+    y = (x64 - mean) * invstd
+    if g64 is not None:
+        y = y * g64.reshape(keep)
+    if b64 is not None:
+        y = y + b64.reshape(keep)
+    kept = _kept(x64.shape, axis)
+    return y, mean.reshape(kept), invstd.reshape(kept), var.reshape(kept)
+
+
+def _ref_backward(dy64, x64, g64, axis, eps):
+    ax = _axes(axis, x64.ndim)
+    mean = x64.mean(axis=ax, keepdims=True)
+    invstd = 1 / np.sqrt(((x64 - mean) ** 2).mean(axis=ax, keepdims=True) + eps)
+    xhat = (x64 - mean) * invstd
+    m = x64.size // mean.size
+    dbeta = dy64.sum(axis=ax, keepdims=True)
+    dgamma = (dy64 * xhat).sum(axis=ax, keepdims=True)
+    k = invstd if g64 is None else invstd * g64.reshape(mean.shape)
+    dx = k * (dy64 - dbeta / m - xhat * dgamma / m)
+    kept = _kept(x64.shape, axis)
+    return dx, dgamma.reshape(kept), dbeta.reshape(kept)
+
+
+def _rand(rng, shape, dtype, scale=1.0, offset=0.0):
+    x = (rng.standard_normal(shape) * scale + offset).astype(dtype)
+    return x, x.astype(np.float64)
+
+
+def _check(out, ref, dtype, what, factor=1.0):
+    err = rel_err(out, ref)
+    tol = TOL[np.dtype(dtype)] * factor
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.3g} ({np.dtype(dtype).name})"
+
+
+def _run_all(dev, rng, shape, axis, dtype, eps=1e-5, offset=0.5):
+    """Every public op on `dev` for one shape, each against float64 truth."""
+    kept = _kept(shape, axis)
+    x, x64 = _rand(rng, shape, dtype, 2.0, offset)
+    dy, dy64 = _rand(rng, shape, dtype)
+    g, g64 = _rand(rng, kept, dtype, 0.5, 1.0)
+    b, b64 = _rand(rng, kept, dtype)
+    rm, rm64 = _rand(rng, kept, np.float32)
+    rv = (rng.random(kept) + 0.5).astype(np.float32)
+    y_ref, mean_ref, invstd_ref, var_ref = _ref_forward(x64, g64, b64, axis, eps)
+
+    mean, var = dev.call(gpu.batch_stats, x, axis=axis)
+    _check(mean, mean_ref, dtype, "batch_stats mean")
+    _check(var, var_ref, dtype, "batch_stats var")
+
+    y, mean, invstd = dev.call(gpu.batch_norm_forward, x, g, b, axis=axis, eps=eps)
+    acc = np.float64 if np.dtype(dtype) == np.float64 else np.float32
+    assert to_numpy(mean).dtype == acc and to_numpy(invstd).dtype == acc
+    assert to_numpy(y).dtype == np.dtype(dtype) and y.shape == shape
+    _check(y, y_ref, dtype, "forward y")
+    _check(mean, mean_ref, dtype, "forward mean")
+    _check(invstd, invstd_ref, dtype, "forward invstd")
+
+    dx_ref, dgamma_ref, dbeta_ref = _ref_backward(dy64, x64, g64, axis, eps)
+    dx, dgamma, dbeta = dev.call(gpu.batch_norm_backward, dy, x, g, to_numpy(mean), to_numpy(invstd),
+                                 axis=axis)
+    assert to_numpy(dgamma).dtype == np.dtype(dtype)
+    # dx = k*dy minus its projections: with few rows it nearly cancels (M = 2: dx ~ 1e-4 * k*dy),
+    # so its error is measured against the size of the terms, ||k*dy||
+    scale = np.linalg.norm(dy64 * invstd_ref.reshape(_keep(shape, axis)) * g64.reshape(_keep(shape, axis)))
+    err = np.linalg.norm(to_numpy(dx).astype(np.float64) - dx_ref) / max(scale, 1e-300)
+    assert err <= 4 * TOL[np.dtype(dtype)], f"backward dx: error {err:.3g} relative to ||k*dy||"
+    _check(dgamma, dgamma_ref, dtype, "backward dgamma", factor=2)
+    _check(dbeta, dbeta_ref, dtype, "backward dbeta", factor=2)
+
+    yi = dev.call(gpu.batch_norm_inference, x, g, b, rm, rv, axis=axis, eps=eps)
+    keep = _keep(shape, axis)
+    yi_ref = (x64 - rm64.reshape(keep)) / np.sqrt(rv.astype(np.float64).reshape(keep) + eps) \
+        * g64.reshape(keep) + b64.reshape(keep)
+    _check(yi, yi_ref, dtype, "inference y")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes x layouts x paths
+# ---------------------------------------------------------------------------------------------
+
+# (shape, axis, knobs): each with why it is there. Knobs force paths the default plan would not
+# take at test sizes; a forced grid_rows is checked to have reached the launch. E.g. (64, 8) with
+# threads=32: 2 lanes x 16 rows per block; grid_rows=3 gives blocks rows {0-15, 48-63}, {16-31},
+# {32-47} (ragged), so three partials per tile go through the workspace and the counter.
+CASES = [
+    # (N, C) axis=0: channels-last
+    ((1, 8), 0, {}),                                      # one row: M = 1, var = 0
+    ((2, 8), 0, {}),                                      # two rows
+    ((64, 8), 0, {}),                                     # on chip, vectors of 4 floats, 2 lanes per row
+    ((64, 8), 0, dict(path="twopass", threads=32, grid_rows=3)),  # grid merge across 3 blocks
+    ((37, 7), 0, {}),                                     # primes: scalar module, 7 of 8 lanes
+    ((33, 40), 0, dict(path="twopass", grid_rows=2)),     # 10 vectors in a 16-lane tile: 6 idle
+    ((5, 300), 0, dict(path="twopass", threads=32, grid_rows=2)),  # 3 tiles of 128 channels, last partial
+    ((131, 3), 0, {}),                                    # few channels: a warp spans 8 rows
+    ((200, 1), 0, {}),                                    # one channel: a single row of 200 (1, 1, M)
+    ((1, 1), 0, {}),                                      # one element
+    # NCHW axis=(0, 2, 3): channels-first
+    ((2, 3, 5, 7), (0, 2, 3), {}),                        # inner = 35, prime: scalar, 64 lanes per plane
+    ((3, 4, 8, 8), (0, 2, 3), {}),                        # inner = 64: 16 vector lanes, 2 rows per warp
+    ((2, 2, 40, 40), (0, 2, 3), {}),                      # inner = 1600: 13 chunks of 32 vectors, grid merge
+    ((4, 5, 3, 3), (0, 2, 3), dict(path="twopass", threads=32, grid_rows=2)),  # one-warp blocks
+    ((2, 3, 1, 1), (0, 2, 3), {}),                        # 1x1 spatial: inner = 1, channels-last
+    # NHWC axis=(0, 1, 2): channels-last over N*H*W rows
+    ((2, 3, 5, 16), (0, 1, 2), {}),                       # 30 rows x 16 channels
+    ((2, 3, 5, 16), (0, 1, 2), dict(path="twopass", threads=32, grid_rows=4)),  # 4 blocks merge
+    # the seed's (n, m) axis=1: one row of m per channel
+    ((5, 33), 1, {}),                                     # outer = 1, inner = 33: scalar
+    ((4, 128), 1, {}),                                    # inner = 128: vectors, one chunk
+    ((3, 1600), 1, dict(grid_rows=1)),                    # 400 vectors: 13 chunks of 32, merged
+    # kept axes not adjacent: a transposed contiguous copy
+    ((3, 4, 5), 1, {}),
+    ((4, 3, 2, 5), (0, 2), {}),
+]
+
+
+@pytest.mark.parametrize("shape,axis,knobs", CASES, ids=[f"{s}-{a}-{'-'.join(f'{k}{v}' for k, v in kn.items())}"
+                                                        for s, a, kn in CASES])
+def test_paths_float32(dev, rng, launches, shape, axis, knobs):
+    with bn._tuned(**knobs):
+        _run_all(dev, rng, shape, axis, np.float32)
+    _check_grid(launches, knobs)
+
+
+def _check_grid(launches, knobs):
+    """A forced grid_rows must not have been clamped away (else the case tests less than it says)."""
+    if "grid_rows" in knobs:
+        assert any(g[1:] == (knobs["grid_rows"],) for name, g, _ in launches if name != "bn_inference_params")
+
+
+# a few shapes for every dtype: vector and scalar module, both layouts, multi-block
+DTYPE_CASES = [
+    ((64, 16), 0, {}),                                   # 16 channels: 2 halves-vectors or 4 float4
+    ((64, 16), 0, dict(path="twopass", threads=32, grid_rows=3)),
+    ((13, 6), 0, {}),                                    # 6 channels: scalar for halves (6 % 8)
+    ((3, 2, 4, 8), (0, 2, 3), {}),                       # inner = 32: one vector chunk
+    ((2, 3, 5, 7), (0, 2, 3), dict(threads=32, grid_rows=2)),  # scalar, two blocks per channel
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape,axis,knobs", DTYPE_CASES, ids=[f"{s}-{a}-{len(kn)}" for s, a, kn in DTYPE_CASES])
+def test_paths_dtypes(dev, rng, launches, shape, axis, knobs, dtype):
+    if dev.name == "cuda" and BFLOAT16 is not None and np.dtype(dtype) == BFLOAT16:
+        pytest.skip("CuPy has no bfloat16 arrays")
+    with bn._tuned(**knobs):
+        _run_all(dev, rng, shape, axis, dtype)
+    _check_grid(launches, knobs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Which path runs
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.kernel
+def test_path_selection(launches, rng):
+    x = rng.standard_normal((64, 8)).astype(np.float32)
+    with gpu.use_backend("emulate"):
+        gpu.batch_norm_forward(x)                                  # fits one block: on chip
+        with bn._tuned(path="twopass", threads=32, grid_rows=3):
+            gpu.batch_norm_forward(x)                              # stats over 3 blocks, then apply
+        gpu.batch_norm_forward(x[:, :7])                           # strided: copied; C = 7: scalar
+    assert launches[0] == ("bn_forward_onchip", (1, 1), "1")
+    assert launches[1] == ("bn_stats", (1, 3), "1") and launches[2] == ("bn_apply", (1, 3), "1")
+    assert all(v == "0" for _, _, v in launches[3:])
+
+
+@pytest.mark.kernel
+def test_unaligned_view_takes_scalar_module(launches, rng):
+    """A view starting 4 bytes into its buffer cannot use 16-byte vectors, even with C % 4 == 0."""
+    buf = rng.standard_normal(65 * 8).astype(np.float32)
+    x = buf[1:513].reshape(64, 8)                   # C-contiguous, misaligned by one float
+    assert x.flags.c_contiguous and x.ctypes.data % 16 != 0
+    with gpu.use_backend("emulate"):
+        y, mean, invstd = gpu.batch_norm_forward(x)
+    assert launches[0][2] == "0"
+    y_ref, mean_ref, invstd_ref, _ = _ref_forward(x.astype(np.float64), None, None, 0, 1e-5)
+    _check(y, y_ref, np.float32, "y")
+
+
+# ---------------------------------------------------------------------------------------------
+# Strided inputs, running stats with mixed dtypes, NaN isolation, determinism, stability
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make", [
+    lambda a: a.T,                       # transposed (C, N) storage: made contiguous first
+    lambda a: a[::2],                    # every other row
+    lambda a: a[:, 1:],                  # column slice
+], ids=["transposed", "row-stride", "col-slice"])
+def test_strided_inputs(dev, rng, make):
+    base = rng.standard_normal((24, 24)).astype(np.float32)
+    x = make(base)
+    assert not x.flags.c_contiguous
+    x64 = np.ascontiguousarray(x).astype(np.float64)
+    y, mean, invstd = dev.call(gpu.batch_norm_forward, x, axis=0)
+    y_ref, mean_ref, invstd_ref, _ = _ref_forward(x64, None, None, 0, 1e-5)
+    _check(y, y_ref, np.float32, "y")
+    _check(invstd, invstd_ref, np.float32, "invstd")
+    dx, dg, db = dev.call(gpu.batch_norm_backward, x, x, None, to_numpy(mean), to_numpy(invstd), axis=0)
+    dx_ref, dg_ref, db_ref = _ref_backward(x64, x64, None, 0, 1e-5)
+    _check(dg, dg_ref, np.float32, "dgamma")
+
+
+@pytest.mark.parametrize("x_dtype,p_dtype", [(np.float16, np.float32), (np.float32, np.float64),
+                                             (np.float64, np.float32)], ids=["f16-f32", "f32-f64", "f64-f32"])
+@pytest.mark.parametrize("shape,axis,knobs", [((40, 8), 0, {}), ((40, 8), 0, dict(path="twopass", threads=32, grid_rows=2)),
+                                              ((3, 8, 4, 4), (0, 2, 3), {})], ids=["cl", "cl-grid", "cf"])
+def test_running_stats_mixed_dtypes(dev, rng, shape, axis, knobs, x_dtype, p_dtype):
+    """Parameters in another dtype than x: updated in place in their own dtype, like the reference."""
+    kept = _kept(shape, axis)
+    x, x64 = _rand(rng, shape, x_dtype, 2.0, 1.0)
+    g = (rng.random(kept) + 0.5).astype(p_dtype)
+    rm0, rv0 = rng.standard_normal(kept).astype(p_dtype), (rng.random(kept) + 0.5).astype(p_dtype)
+    rm, rv = dev.array(rm0.copy()), dev.array(rv0.copy())
+    with bn._tuned(**knobs):
+        y, mean, invstd = dev.call(gpu.batch_norm_forward, x, g, None, axis=axis, running_mean=rm,
+                                   running_var=rv, momentum=0.25)
+    m = x.size // np.prod(kept)
+    _, mean_ref, _, var_ref = _ref_forward(x64, None, None, axis, 1e-5)
+    rm, rv = to_numpy(rm), to_numpy(rv)
+    assert rm.dtype == np.dtype(p_dtype) and rv.dtype == np.dtype(p_dtype)
+    coarser = max(np.dtype(x_dtype), np.dtype(p_dtype), key=lambda d: TOL[d])
+    _check(rm, 0.75 * rm0 + 0.25 * mean_ref, coarser, "running_mean")
+    _check(rv, 0.75 * rv0 + 0.25 * var_ref * m / (m - 1), coarser, "running_var")
+    # mixed gamma dtype: dgamma/dbeta come back in gamma's dtype
+    dx, dg, db = dev.call(gpu.batch_norm_backward, x, x, g, to_numpy(mean), to_numpy(invstd), axis=axis)
+    assert to_numpy(dg).dtype == np.dtype(p_dtype) and to_numpy(db).dtype == np.dtype(p_dtype)
+
+
+@pytest.mark.parametrize("shape,axis,knobs", [
+    ((48, 8), 0, {}),                                          # on chip, channels-last
+    ((48, 8), 0, dict(path="twopass", threads=32, grid_rows=3)),  # grid merge: NaN partial in one lane
+    ((4, 8, 5, 5), (0, 2, 3), dict(path="twopass", threads=32, grid_rows=2)),  # channels-first
+], ids=["cl-onchip", "cl-grid", "cf-grid"])
+def test_nan_stays_in_its_channel(dev, rng, shape, axis, knobs):
+    x, _ = _rand(rng, shape, np.float32)
+    ch = 3
+    idx = [0] * len(shape)
+    idx[1] = ch                                 # the channel axis is 1 in both layouts
+    x[tuple(idx)] = np.nan
+    x64 = x.astype(np.float64)
+    with bn._tuned(**knobs):
+        y, mean, invstd = dev.call(gpu.batch_norm_forward, x, axis=axis)
+        dx, dg, db = dev.call(gpu.batch_norm_backward, np.ones_like(x), x, None,
+                              to_numpy(mean), to_numpy(invstd), axis=axis)
+    y, mean, dx, dg = (to_numpy(a) for a in (y, mean, dx, dg))
+    others = [c for c in range(shape[1]) if c != ch]
+    assert np.isnan(mean[ch]) and np.all(np.isfinite(mean[others]))
+    assert np.all(np.isnan(np.take(y, ch, axis=1)))
+    assert np.all(np.isfinite(np.take(y, others, axis=1)))
+    assert np.all(np.isfinite(np.take(dx, others, axis=1))) and np.all(np.isfinite(dg[others]))
+    clean = np.take(x64, others, axis=1)
+    y_ref, _, _, _ = _ref_forward(clean, None, None, axis, 1e-5)
+    _check(np.take(y, others, axis=1), y_ref, np.float32, "y of the other channels")
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("knobs", [{}, dict(path="twopass", threads=32, grid_rows=5)], ids=["onchip", "grid"])
+def test_bitwise_deterministic_across_block_orders(monkeypatch, rng, knobs):
+    """The last block to arrive finalizes; which one that is must not change a bit."""
+    x, _ = _rand(rng, (100, 12), np.float32, 3.0, 10.0)
+    dy, _ = _rand(rng, (100, 12), np.float32)
+    runs = []
+    for seed in ("0", "7", "12345"):
+        monkeypatch.setenv("GPU_EMULATOR_BLOCK_SEED", seed)
+        with gpu.use_backend("emulate"), bn._tuned(**knobs):
+            y, mean, invstd = gpu.batch_norm_forward(x)
+            runs.append((y, mean, invstd) + gpu.batch_norm_backward(dy, x, None, mean, invstd))
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert a.tobytes() == b.tobytes()
+
+
+def test_large_offset_variance(dev, rng):
+    """Welford + Chan: data at 1e4 with unit variance keeps its variance to 1e-3 in float32."""
+    x = (rng.standard_normal((4000, 3)) + 1e4).astype(np.float32)
+    with bn._tuned(path="twopass", grid_rows=4):
+        mean, var = dev.call(gpu.batch_stats, x, axis=0)
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(to_numpy(var), x64.var(axis=0), rtol=1e-3)
+
+
+@pytest.mark.kernel
+def test_no_channels_launches_nothing(launches):
+    x = np.ones((4, 0), np.float32)
+    with gpu.use_backend("emulate"):
+        y, mean, invstd = gpu.batch_norm_forward(x, axis=0)
+        m, v = gpu.batch_stats(x, axis=0)
+        dx, dg, db = gpu.batch_norm_backward(x, x, None, mean, invstd, axis=0)
+        yi = gpu.batch_norm_inference(x, None, None, mean, invstd, axis=0)
+    assert launches == []
+    assert y.shape == dx.shape == yi.shape == (4, 0) and mean.shape == m.shape == dg.shape == (0,)
+
+
+_ROWS_MAX = bn._BN_MAX_THREADS * bn._BN_ONCHIP_ROWS   # rows of one 1-lane-wide tile on chip
+
+
+@pytest.mark.kernel
+def test_onchip_refuses_what_does_not_fit(rng):
+    """A tile of more rows than a block holds in registers cannot be forced on chip."""
+    x = rng.standard_normal((_ROWS_MAX + 1, 4)).astype(np.float32)   # one float4 per row
+    with gpu.use_backend("emulate"), bn._tuned(path="onchip"):
+        with pytest.raises(ValueError, match="onchip"):
+            gpu.batch_norm_forward(x)
