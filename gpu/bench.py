@@ -689,6 +689,9 @@ class TorchPeer(Peer):
         for limit in ("recompile_limit", "cache_size_limit"):
             if hasattr(config, limit):
                 setattr(config, limit, max(getattr(config, limit), 1024))
+        # bn_backward replays one compiled backward (retain_graph), which donated buffers forbid
+        if hasattr(torch._functorch.config, "donated_buffer"):
+            torch._functorch.config.donated_buffer = False
         start = time.perf_counter()
         try:
             runs = [builder(case, t, torch.compile) for t in tensors]
