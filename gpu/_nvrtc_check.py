@@ -1,0 +1,154 @@
+"""Compile kernel families with NVRTC for every target architecture: no GPU and no driver needed.
+
+CuPy's compiler wrapper needs a CUDA driver; NVRTC itself does not. With ``nvidia-cuda-nvrtc-cu12``,
+``cuda-bindings`` 12.x (its ``nvrtc`` module) and ``nvidia-cuda-runtime-cu12`` (for ``cuda_fp16.h``)
+installed, this compiles the exact source CuPy would (``gpu._kernels.family_source``) to CUBIN for
+sm_75..sm_90 on any machine, and reads ptxas's report.
+
+A family is clean when every dtype x declared variant x architecture compiles with no warning, and
+ptxas reports no spill stores or loads on sm_80 and sm_90 (the architectures the kernels are tuned
+for; a spill there is a performance bug).
+
+>>> from gpu import _nvrtc_check
+>>> _nvrtc_check.unavailable_reason() is None or True
+True
+>>> problems = _nvrtc_check.check_family("softmax")        # doctest: +SKIP
+>>> assert not problems, "\\n".join(problems)              # doctest: +SKIP
+
+Kernel authors' tests call ``check_family`` for their family; ``tests/test_nvrtc.py`` runs it for
+every ``cuda_src/*.cu``.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Iterable
+
+from gpu import _kernels
+
+__all__ = ["ARCHS", "SPILL_ARCHS", "NvrtcError", "unavailable_reason", "compile_cubin", "check_family"]
+
+ARCHS = ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90")
+SPILL_ARCHS = ("sm_80", "sm_90")
+
+_SPILL_RE = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+class NvrtcError(RuntimeError):
+    """NVRTC rejected the source (the message holds its log)."""
+
+
+def _nvrtc():
+    from cuda.bindings import nvrtc
+    return nvrtc
+
+
+def unavailable_reason() -> str | None:
+    """Why the check cannot run here (a sentence naming the package to install), or None."""
+    try:
+        nvrtc = _nvrtc()
+    except ImportError:
+        return "cuda-bindings is not installed: pip install 'cuda-bindings>=12,<13'"
+    try:
+        err, *_ = nvrtc.nvrtcVersion()
+    except Exception as e:  # the bindings load libnvrtc lazily and raise on its absence
+        return f"NVRTC cannot be loaded ({e}): pip install nvidia-cuda-nvrtc-cu12"
+    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        return f"NVRTC is not usable ({err}): pip install nvidia-cuda-nvrtc-cu12"
+    try:
+        _kernels.cuda_include_dir()
+    except _kernels.KernelBuildError as e:
+        return str(e)
+    return None
+
+
+def _check(nvrtc, result, what: str) -> None:
+    err = result[0] if isinstance(result, tuple) else result
+    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        raise NvrtcError(f"{what}: {err}")
+
+
+def _log_cache(source: str, opts: list[str]) -> Path:
+    from gpu._emulator import cache_dir
+    nvrtc = _nvrtc()
+    version = nvrtc.nvrtcVersion()[1:]
+    inc = _kernels.cuda_include_dir()
+    headers = [(h, os.stat(os.path.join(inc, h)).st_mtime_ns) for h in ("cuda_fp16.h", "cuda_bf16.h")]
+    key = hashlib.sha256(repr((version, headers, opts, source)).encode()).hexdigest()[:32]
+    return cache_dir() / "nvrtc" / f"{key}.log"
+
+
+def compile_cubin(source: str, arch: str, defines: Iterable[str] = (), name: str = "kernel.cu") -> str:
+    """Compile `source` to CUBIN for `arch` (e.g. "sm_90") with ``-D`` flags; returns the log.
+
+    The log includes ptxas's per-kernel report (registers, stack, spills). Raises NvrtcError with
+    the log if compilation fails. Logs of successful compiles are cached (keyed by the NVRTC
+    version, options and source) next to the emulator's builds, so a re-run checks only what
+    changed.
+    """
+    opts = [f"--gpu-architecture={arch}", "-std=c++17", f"-I{_kernels.cuda_include_dir()}",
+            "--ptxas-options=-v", *defines]
+    cached = _log_cache(source, opts)
+    if cached.is_file():
+        return cached.read_text()
+    log = _compile(source, opts, name)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(log)
+    os.replace(tmp, cached)
+    return log
+
+
+def _compile(source: str, opts: list[str], name: str) -> str:
+    nvrtc = _nvrtc()
+    err, prog = nvrtc.nvrtcCreateProgram(source.encode(), name.encode(), 0, [], [])
+    _check(nvrtc, err, "nvrtcCreateProgram")
+    try:
+        result = nvrtc.nvrtcCompileProgram(prog, len(opts), [o.encode() for o in opts])
+        err, size = nvrtc.nvrtcGetProgramLogSize(prog)
+        _check(nvrtc, err, "nvrtcGetProgramLogSize")
+        buf = b" " * size
+        _check(nvrtc, nvrtc.nvrtcGetProgramLog(prog, buf), "nvrtcGetProgramLog")
+        log = buf.rstrip(b"\0 ").decode(errors="replace")
+        if result[0] != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            raise NvrtcError(f"{name} {' '.join(opts)}:\n{log}")
+        return log
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+
+
+def check_family(family: str | os.PathLike, archs: Iterable[str] = ARCHS,
+                 spill_archs: Iterable[str] = SPILL_ARCHS, dtypes=None) -> list[str]:
+    """Compile every dtype x declared variant of `family` for `archs`; returns the problems found.
+
+    A problem is a compile error, any warning line, or a spill on one of `spill_archs`. `dtypes`
+    restricts the dtypes (default: the family's ``// @dtypes``). An empty list means clean.
+    """
+    source = _kernels.family_source(family)
+    name = os.path.basename(os.fspath(family)) if isinstance(family, os.PathLike) else f"{family}.cu"
+    spill_archs = set(spill_archs)
+    problems = []
+    for dt in (_kernels.family_dtypes(family) if dtypes is None else dtypes):
+        for variant in _kernels.family_variants(family):
+            defines = dict(variant)
+            if dt is not None:
+                defines.update(_kernels.dtype_defines(dt))
+            flags = [f"-D{k}={v}" for k, v in sorted(defines.items())]
+            label = f"{name} [{dt if dt is None else dt.name}{''.join(f' {k}={v}' for k, v in variant.items())}]"
+            for arch in archs:
+                try:
+                    log = compile_cubin(source, arch, flags, name)
+                except NvrtcError as e:
+                    problems.append(f"{label} {arch}: does not compile:\n{e}")
+                    continue
+                problems += [f"{label} {arch}: {line.strip()}" for line in log.splitlines()
+                             if "warning" in line.lower()]
+                if arch in spill_archs:
+                    for stores, loads in _SPILL_RE.findall(log):
+                        if int(stores) or int(loads):
+                            problems.append(f"{label} {arch}: ptxas spills ({stores} bytes stores, "
+                                            f"{loads} bytes loads):\n{log}")
+                            break
+    return problems
