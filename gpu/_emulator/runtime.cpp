@@ -692,5 +692,11 @@ GPUEMU_EXPORT int gpuemu_launch(int index, const unsigned* grid, const unsigned*
                          (unsigned)(b / ((unsigned long long)grid[0] * grid[1]))};
         run_block();
     }
+#if defined(GPUEMU_ASAN)
+    // Fibers abandoned at an error leave their frames' redzones poisoned in ASan's shadow; the
+    // next launch reuses the stacks.
+    if (g.aborted)
+        for (Fiber& f : g_fibers) ASAN_UNPOISON_MEMORY_REGION(f.stack, f.stack_size);
+#endif
     return g.aborted ? -1 : 0;
 }
