@@ -28,7 +28,8 @@
 //   bn_apply            y = (x - center[c]) * scale[c] + shift[c]: the training forward's second
 //                       pass (center = batch mean) and inference (center = running mean).
 //   bn_forward_onchip   training forward when one block holds a whole tile (all rows of its
-//                       channels) in registers (<= BN_ONCHIP_ROWS rows per thread): stats,
+//                       channels) in registers (<= BN_ONCHIP_ROWS rows per thread, at most
+//                       BN_ONCHIP_THREADS threads): stats,
 //                       finalize and normalize in one launch, x read once.
 //   bn_inference_params scale = gamma/sqrt(running_var+eps), shift = beta, one thread per channel.
 //   bn_backward_reduce  per-channel sum(dy) and sum(dy*(x-mean)), reduced like the statistics; the
@@ -59,6 +60,9 @@
 // workspace) in ACC_T (the Python side converts mixed parameter dtypes). Element offsets are
 // index_t (64 bits); C < 2^31. Blocks: 1-D, a multiple of 32 threads, <= BN_MAX_THREADS; bx a
 // power of two; dynamic shared memory = blockDim.x * (1 + 2*VEC) * sizeof(ACC_T).
+// Not here: a grid-wide persistent forward (x on chip across all SMs between the statistics and
+// the normalization) needs a grid barrier, which the CPU emulator does not provide; tiles that
+// need several blocks take the two-pass path.
 
 #ifndef BN_VECTOR
 #define BN_VECTOR 1
@@ -67,6 +71,8 @@
 #define BN_MAX_THREADS 512   // largest block any launch uses (bounds the register budget)
 #define BN_UNROLL 4          // rows of loads in flight per thread in the streaming loops
 #define BN_ONCHIP_ROWS 8     // rows per thread bn_forward_onchip keeps in registers
+#define BN_ONCHIP_THREADS 256  // its largest block; one block per SM may use up to 255 registers
+                               // (bfloat16: 140, as the row cache and its float copies stay live)
 #define BN_MAX_COLS 64       // largest bx of a channels-last tile (bounds bn_forward_onchip's smem)
 
 typedef SCALAR_T scalar_t;
@@ -472,7 +478,7 @@ bn_stats(acc_t* mean, acc_t* var, acc_t* invstd, acc_t* scale, acc_t* shift, acc
 }
 
 // One block per tile (grid = (tiles, 1), chunks == 1), every row of the tile in registers.
-extern "C" __global__ void __launch_bounds__(BN_MAX_THREADS)
+extern "C" __global__ void __launch_bounds__(BN_ONCHIP_THREADS, 1)
 bn_forward_onchip(scalar_t* y, acc_t* mean, acc_t* var, acc_t* invstd, acc_t* scale, acc_t* shift,
                   acc_t* running_mean, acc_t* running_var, const scalar_t* __restrict__ x,
                   const acc_t* __restrict__ gamma, const acc_t* __restrict__ beta, index_t outer,

@@ -364,6 +364,7 @@ def _cpu_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps):
 # Constants of cuda_src/batchnorm.cu that the launch arithmetic must agree with.
 _BN_MAX_THREADS = 512   # BN_MAX_THREADS
 _BN_ONCHIP_ROWS = 8     # BN_ONCHIP_ROWS
+_BN_ONCHIP_THREADS = 256  # BN_ONCHIP_THREADS
 _BN_MAX_COLS = 64       # BN_MAX_COLS
 _HAS_GAMMA, _HAS_BETA, _RUNNING = 1, 2, 4
 
@@ -496,12 +497,12 @@ def _plan(xp, v: _View, itemsize: int, acc, arrays, threads: int | None = None,
 
 def _onchip_plan(p: _Plan, v: _View, acc, dev) -> _Plan | None:
     """bn_forward_onchip's plan: one block per tile holding all its rows, or None if they do not
-    fit in BN_ONCHIP_ROWS rows per thread of a block of at most BN_MAX_THREADS threads."""
+    fit in BN_ONCHIP_ROWS rows per thread of a block of at most BN_ONCHIP_THREADS threads."""
     if p.chunks != 1 or (v.inner == 1 and p.bx > _BN_MAX_COLS):
         return None
     by = max(32 // p.bx, _pow2_ceil(-(-v.outer // _BN_ONCHIP_ROWS)))
     T = p.bx * by
-    if T > _BN_MAX_THREADS:
+    if T > _BN_ONCHIP_THREADS:
         return None
     return _Plan(p.vector, p.vec, p.bx, T, p.tiles, 1, 1, T * (1 + 2 * p.vec) * acc.itemsize)
 

@@ -363,7 +363,7 @@ def test_no_channels_launches_nothing(launches):
     assert y.shape == dx.shape == yi.shape == (4, 0) and mean.shape == m.shape == dg.shape == (0,)
 
 
-_ROWS_MAX = bn._BN_MAX_THREADS * bn._BN_ONCHIP_ROWS   # rows of one 1-lane-wide tile on chip
+_ROWS_MAX = bn._BN_ONCHIP_THREADS * bn._BN_ONCHIP_ROWS   # rows of one 1-lane-wide tile on chip
 
 
 @pytest.mark.kernel
