@@ -66,8 +66,9 @@ from gpu._kernels import KernelBuildError
 __all__ = ["EmulatorError", "EmulatedKernel", "Module", "build_module", "build_flavour", "cache_dir"]
 
 _HERE = Path(__file__).resolve().parent
-_RUNTIME_FILES = ("cuda_emulator.h", "runtime.cpp", "include/cuda_fp16.h", "include/cuda_bf16.h",
-                  "include/cuda_runtime.h")
+# cuda_fp16.h, cuda_bf16.h, cuda_runtime.h: empty stand-ins (cuda_emulator.h declares it all), found
+# by the kernel's #include through -I on this directory.
+_RUNTIME_FILES = ("cuda_emulator.h", "runtime.cpp", "cuda_fp16.h", "cuda_bf16.h", "cuda_runtime.h")
 # Bump when the build steps below change what they produce from the same inputs.
 _BUILD_VERSION = "1"
 
@@ -239,7 +240,7 @@ def _undefined_tls_symbols(obj: Path) -> list[str]:
 def _build_library(source: str, flags: list[str], defines: list[str], tmp: Path) -> Path:
     cmd, _ = _compiler()
     runtime = _runtime_object(cmd, _compiler()[1], flags)
-    common = [*cmd, *flags, *defines, "-include", str(_HERE / "cuda_emulator.h"), "-I", str(_HERE / "include")]
+    common = [*cmd, *flags, *defines, "-include", str(_HERE / "cuda_emulator.h"), "-I", str(_HERE)]
     (tmp / "kernel.cpp").write_text(source)
     pre = _run([*common, "-E", "kernel.cpp"], "preprocessing the kernel source", tmp)
     kernels = list(dict.fromkeys(_KERNEL_RE.findall(pre)))
