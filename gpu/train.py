@@ -27,7 +27,8 @@ from .nn.trainer import History
 #: --compare-bn defaults: Ioffe & Szegedy (2015), Fig. 1(a): 3 hidden sigmoid layers of 100 units
 #: trained with plain SGD, with and without batch norm.
 COMPARE_DEFAULTS = {"layers": "100,100,100", "activation": "sigmoid", "optimizer": "sgd",
-                    "lr": 0.5, "batch_size": 60, "epochs": 10, "eval_every": 10, "target": 0.9}
+                    "lr": 0.5, "batch_size": 60, "epochs": 10, "eval_every": 10,
+                    "target": "0.8,0.85,0.9"}
 IMAGE_DATASETS = ("digits", "mnist5k")
 TRAIN_DEFAULTS = {"layers": "100,100", "activation": "relu", "optimizer": "adam", "lr": None,
                   "batch_size": 64, "epochs": 20, "eval_every": None, "target": None}
@@ -63,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="initialization, split and batch order")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--eval-every", type=int, help="validate every N steps (default: each epoch)")
-    p.add_argument("--target", type=float, help="report the steps to reach this validation accuracy")
+    p.add_argument("--target", help="validation accuracies to report the steps to reach, "
+                   "comma-separated, e.g. 0.9 or 0.8,0.85,0.9")
     p.add_argument("--max-steps", type=int, help="stop after this many steps")
     p.add_argument("--compare-bn", action="store_true",
                    help="train with and without batch norm from the same initialization; "
@@ -100,8 +102,12 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
         parser.error(f"--lr-decay: expected >= 0, got {args.lr_decay}")
     if args.eval_every is not None and args.eval_every < 1:
         parser.error(f"--eval-every: expected >= 1, got {args.eval_every}")
-    if args.target is not None and not 0 < args.target <= 1:
-        parser.error(f"--target: expected an accuracy in (0, 1], got {args.target}")
+    try:
+        args.targets = [float(t) for t in (args.target or "").split(",") if t.strip()]
+    except ValueError:
+        parser.error(f"--target: expected comma-separated accuracies, got {args.target!r}")
+    if any(not 0 < t <= 1 for t in args.targets):
+        parser.error(f"--target: accuracies must be in (0, 1], got {args.target!r}")
     if args.standardize is None:
         args.standardize = "global" if args.dataset in IMAGE_DATASETS else "feature"
     if args.compare_bn and args.no_bn:
@@ -137,9 +143,8 @@ def summarize(args: argparse.Namespace, hist: History, batch_norm: bool) -> dict
         "final_train_loss": hist.epochs[-1]["train_loss"],
         "final_val_loss": hist.val_loss[-1], "final_val_acc": hist.val_acc[-1],
         "best_val_acc": max(hist.val_acc), "wall_time_s": round(hist.wall_time, 3)}
-    if args.target is not None:
-        out["target_val_acc"] = args.target
-        out["steps_to_target"] = hist.steps_to(args.target)
+    if args.targets:
+        out["steps_to_target"] = {f"{t:g}": hist.steps_to(t) for t in args.targets}
     return out
 
 
@@ -152,7 +157,7 @@ def config_of(args: argparse.Namespace, data) -> dict[str, Any]:
             "val_fraction": args.val_fraction, "seed": args.seed, "device": args.device}
 
 
-def plot_compare(path: str, title: str, runs: dict[str, History], target: float | None) -> None:
+def plot_compare(path: str, title: str, runs: dict[str, History], targets: list[float]) -> None:
     """Training loss and validation accuracy against steps, one line per run."""
     import matplotlib
     matplotlib.use("Agg")
@@ -168,8 +173,8 @@ def plot_compare(path: str, title: str, runs: dict[str, History], target: float 
         ax_acc.plot(hist.eval_step, hist.val_acc, color=color, lw=1.4, label=label)
     ax_loss.set(xlabel="step", ylabel="training loss (batch)", yscale="log")
     ax_acc.set(xlabel="step", ylabel="validation accuracy")
-    if target is not None:
-        ax_acc.axhline(target, color="gray", ls="--", lw=0.8, label=f"target {target:g}")
+    for target in targets:
+        ax_acc.axhline(target, color="gray", ls="--", lw=0.6)
     ax_acc.set_ylim(max(0.0, min(min(h.val_acc) for h in runs.values()) - 0.02), 1.0)
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
@@ -230,9 +235,9 @@ def _train(args: argparse.Namespace, data, train, val, models: dict[bool, Sequen
                 f"val loss {r['final_val_loss']:.4f}, {r['steps']} steps, "
                 f"wall time {r['wall_time_s']:.2f} s")
         if "steps_to_target" in r:
-            reached = r["steps_to_target"]
-            line += (f"; {'never reached' if reached is None else f'{reached} steps to reach'} "
-                     f"val acc {r['target_val_acc']:g}")
+            steps = ", ".join(f"{t}: {'never' if n is None else n}"
+                              for t, n in r["steps_to_target"].items())
+            line += f"; steps to reach val acc {steps}"
         print(line)
 
     summary: dict[str, Any] = {"config": config, "runs": results}
@@ -244,7 +249,7 @@ def _train(args: argparse.Namespace, data, train, val, models: dict[bool, Sequen
                              for label, h in histories.items()}
         title = (f"{data.name}: {len(args.hidden)} x {args.hidden[0] if args.hidden else 0} "
                  f"{args.activation}, {args.optimizer} lr {config['lr']:g}, batch {args.batch_size}")
-        plot_compare(stem + ".png", title, histories, args.target)
+        plot_compare(stem + ".png", title, histories, args.targets)
         with open(stem + ".json", "w") as f:
             json.dump(summary, f, indent=1)
         print(f"wrote {stem}.png and {stem}.json")

@@ -318,6 +318,44 @@ def test_progress_bar_shows_loss_and_accuracy(capsys):
     assert "[t] epoch 2/2" in err and "loss=" in err and "acc=" in err and "val_acc=" in err
 
 
+@pytest.mark.parametrize("batch_norm", [True, False], ids=["bn", "no-bn"])
+def test_training_matches_pytorch_step_for_step(batch_norm):
+    """An independent oracle: torch.nn with the same initial weights and the same batches."""
+    torch = pytest.importorskip("torch")
+    data = synthetic(n=120, features=6, classes=3, seed=5)
+    X = data.X.astype(np.float32)
+    model = mlp([6, 16, 16, 3], activation="sigmoid", batch_norm=batch_norm, seed=3)
+    modules = []
+    for layer in model.layers:
+        if isinstance(layer, Linear):
+            t = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.b is not None)
+            with torch.no_grad():
+                t.weight.copy_(torch.from_numpy(layer.W.data.T.copy()))
+                if layer.b is not None:
+                    t.bias.zero_()
+            modules.append(t)
+        elif isinstance(layer, BatchNorm):
+            modules.append(torch.nn.BatchNorm1d(layer.num_features[0]))
+        else:
+            modules.append(torch.nn.Sigmoid())
+    net = torch.nn.Sequential(*modules)
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    expected = []
+    for idx in minibatches(len(X), 20, np.random.default_rng(0)):  # fit's batches for seed 0
+        loss = torch.nn.functional.cross_entropy(net(torch.from_numpy(X[idx])),
+                                                 torch.from_numpy(data.y[idx]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        expected.append(loss.item())
+    hist = fit(model, SoftmaxCrossEntropy(), SGD(model.parameters().values(), lr=0.5),
+               (X, data.y), epochs=1, batch_size=20, seed=0, progress=False)
+    np.testing.assert_allclose(hist.step_loss, expected, rtol=1e-5)
+    if batch_norm:
+        np.testing.assert_allclose(model.layers[1].running_var, modules[1].running_var.numpy(),
+                                   rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # The kernel path: the same tiny net on the emulator and on a GPU, against the NumPy path
 # ---------------------------------------------------------------------------------------------
