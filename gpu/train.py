@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input scaling fit on the training set: per feature, or one mean and std "
                         "for all (default: global for the image datasets digits and mnist5k, "
                         "feature otherwise)")
-    p.add_argument("--no-bn", action="store_true", help="no batch norm (hidden Linear layers get a bias)")
+    p.add_argument("--no-bn", action="store_true",
+                   help="no batch norm (the hidden Linear layers get a bias instead)")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                    help="cpu: NumPy arrays; gpu: CuPy arrays, the CUDA kernels (default cpu)")
     p.add_argument("--threads", type=int, default=1,
@@ -100,6 +101,8 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
         parser.error(f"--lr: expected > 0, got {args.lr}")
     if args.lr_decay < 0:
         parser.error(f"--lr-decay: expected >= 0, got {args.lr_decay}")
+    if args.max_steps is not None and args.max_steps < 1:
+        parser.error(f"--max-steps: expected >= 1, got {args.max_steps}")
     if args.eval_every is not None and args.eval_every < 1:
         parser.error(f"--eval-every: expected >= 1, got {args.eval_every}")
     try:
@@ -138,6 +141,7 @@ def run(args: argparse.Namespace, model: Sequential, xp, train, val, label: str 
 
 
 def summarize(args: argparse.Namespace, hist: History, batch_norm: bool) -> dict[str, Any]:
+    """One run's final numbers and steps to each --target (None: never reached)."""
     out: dict[str, Any] = {
         "batch_norm": batch_norm, "steps": len(hist.step_loss), "epochs": len(hist.epochs),
         "final_train_loss": hist.epochs[-1]["train_loss"],
@@ -149,11 +153,13 @@ def summarize(args: argparse.Namespace, hist: History, batch_norm: bool) -> dict
 
 
 def config_of(args: argparse.Namespace, data) -> dict[str, Any]:
+    """The settings of the run, for the JSON summary."""
     return {"dataset": data.name, "examples": int(data.X.shape[0]),
             "features": int(data.X.shape[1]), "classes": data.num_classes,
             "hidden": args.hidden, "activation": args.activation, "optimizer": args.optimizer,
             "lr": args.lr if args.lr is not None else DEFAULT_LR[args.optimizer],
-            "lr_decay": args.lr_decay, "standardize": args.standardize, "batch_size": args.batch_size, "epochs": args.epochs,
+            "lr_decay": args.lr_decay, "standardize": args.standardize,
+            "batch_size": args.batch_size, "epochs": args.epochs,
             "val_fraction": args.val_fraction, "seed": args.seed, "device": args.device}
 
 
@@ -195,6 +201,7 @@ def _threadpool_limits():
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The gpu-train command; returns the exit status (errors exit 2 through argparse)."""
     parser = build_parser()
     args = _resolve(parser.parse_args(argv), parser)
     # Everything that can be wrong with the inputs is found here, before the first step.
@@ -248,7 +255,8 @@ def _train(args: argparse.Namespace, data, train, val, models: dict[bool, Sequen
                                      "val_acc": h.val_acc, "val_loss": h.val_loss}
                              for label, h in histories.items()}
         title = (f"{data.name}: {len(args.hidden)} x {args.hidden[0] if args.hidden else 0} "
-                 f"{args.activation}, {args.optimizer} lr {config['lr']:g}, batch {args.batch_size}")
+                 f"{args.activation}, {args.optimizer} lr {config['lr']:g}, "
+                 f"batch {args.batch_size}")
         plot_compare(stem + ".png", title, histories, args.targets)
         with open(stem + ".json", "w") as f:
             json.dump(summary, f, indent=1)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""`gpu-train` from a checkout, without installing: python scripts/train.py [--dataset digits | ...].
+"""`gpu-train` from a checkout, without installing: python scripts/train.py [--dataset ...].
 
 The batch-norm comparison (Ioffe & Szegedy 2015, Fig. 1a) is
 `python scripts/train.py --dataset mnist5k --compare-bn --out docs/`.

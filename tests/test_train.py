@@ -48,8 +48,9 @@ def test_npz_dataset(tmp_path):
     rng = np.random.default_rng(0)
     X = rng.standard_normal((200, 3))
     np.savez(tmp_path / "d.npz", X=X, y=(X[:, 0] > 0).astype(np.int32))
-    summary = run_cli("--dataset", str(tmp_path / "d.npz"), "--epochs", "5", "--optimizer",
-                      "momentum", "--lr-decay", "0.1", "--no-bn", "--json", str(tmp_path / "s.json"))
+    summary = run_cli("--dataset", str(tmp_path / "d.npz"), "--epochs", "5",
+                      "--optimizer", "momentum", "--lr-decay", "0.1", "--no-bn",
+                      "--json", str(tmp_path / "s.json"))
     assert summary["config"]["classes"] == 2 and summary["config"]["standardize"] == "feature"
     assert summary["runs"]["without BN"]["final_val_acc"] > 0.9
 
@@ -126,7 +127,8 @@ def test_bad_input_fails_before_training(tmp_path, capsys, case, match):
 
 
 def test_bad_flags():
-    for args in (["--layers", "10,x"], ["--target", "0.9,1.5"], ["--target", "x"], ["--compare-bn", "--no-bn"],
+    for args in (["--layers", "10,x"], ["--target", "0.9,1.5"], ["--target", "x"],
+                 ["--compare-bn", "--no-bn"], ["--max-steps", "0"],
                  ["--lr", "0"]):
         with pytest.raises(SystemExit) as exc:
             main(args)

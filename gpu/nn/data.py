@@ -37,7 +37,8 @@ def load_dataset(name: str, *, seed: int = 0) -> Dataset:
         try:
             from sklearn.datasets import load_digits
         except ImportError as e:
-            raise ImportError("dataset 'digits' needs scikit-learn: pip install 'gpu[train]'") from e
+            raise ImportError("dataset 'digits' needs scikit-learn: "
+                              "pip install 'gpu[train]'") from e
         d = load_digits()
         return check_dataset(name, d.data, d.target, num_classes=10)
     if name == "mnist5k":
@@ -84,8 +85,9 @@ def check_dataset(name: str, X: object, y: object, *, num_classes: int | None = 
     bad = ~np.isfinite(X)
     if bad.any():
         rows = np.flatnonzero(bad.any(axis=1))
-        raise ValueError(f"{name}: X has {int(bad.sum())} NaN/inf value(s) in {rows.size} example(s) "
-                         f"(first: example {rows[0]}); clean or drop them before training")
+        raise ValueError(f"{name}: X has {int(bad.sum())} NaN/inf value(s) in {rows.size} "
+                         f"example(s) (first: example {rows[0]}); clean or drop them before "
+                         "training")
     if y.ndim != 1 or y.shape[0] != X.shape[0]:
         raise ValueError(f"{name}: y has shape {y.shape}; expected ({X.shape[0]},), one label per "
                          "example of X")

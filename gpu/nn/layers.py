@@ -375,9 +375,11 @@ def mlp(sizes: Sequence[int], *, activation: str = "relu", batch_norm: bool = Tr
     >>> logits = model(np.zeros((32, 64), np.float32))          # (32, 10)
     """
     if activation not in ACTIVATIONS:
-        raise ValueError(f"activation: expected one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+        raise ValueError(f"activation: expected one of {', '.join(ACTIVATIONS)}, "
+                         f"got {activation!r}")
     if len(sizes) < 2 or any(int(s) < 1 for s in sizes):
-        raise ValueError(f"sizes: expected [inputs, hidden..., classes] of positive ints, got {sizes!r}")
+        raise ValueError("sizes: expected [inputs, hidden..., classes] of positive ints, "
+                         f"got {sizes!r}")
     init = init or ("he" if activation == "relu" else "xavier")
     rng = np.random.default_rng(seed)
     layers: list[Layer] = []
