@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .nn import (SoftmaxCrossEntropy, Sequential, Standardize, array_module, check_batch_size,
+from .nn import (Sequential, SoftmaxCrossEntropy, Standardize, check_batch_size, device_module,
                  fit, inverse_time_decay, load_dataset, make_optimizer, mlp, save_model,
                  to_module, train_val_split)
 from .nn.optim import DEFAULT_LR, OPTIMIZERS
@@ -207,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Everything that can be wrong with the inputs is found here, before the first step.
     try:
         threadpool_limits = _threadpool_limits()
-        xp = array_module(args.device)
+        xp = device_module(args.device)
         data = load_dataset(args.dataset, seed=args.seed)
         train, val = train_val_split(data, args.val_fraction, seed=args.seed)
         variants = (True, False) if args.compare_bn else (not args.no_bn,)

@@ -13,7 +13,7 @@ are NumPy or CuPy, as the data is: CuPy arrays run the batch-norm and cross-entr
 """
 from .checkpoint import load_model, save_model
 from .data import Dataset, check_dataset, load_dataset, minibatches, synthetic, train_val_split
-from .device import array_module, to_module
+from .device import device_module, to_module
 from .gradcheck import gradient_check
 from .layers import (BatchNorm, Layer, Linear, Parameter, ReLU, Sequential, Sigmoid,
                      SoftmaxCrossEntropy, Standardize, Tanh, mlp)
@@ -24,7 +24,7 @@ from .trainer import History, check_batch_size, evaluate, fit
 __all__ = [
     "Adam", "BatchNorm", "Dataset", "History", "Layer", "Linear", "Momentum", "Optimizer",
     "Parameter", "RMSprop", "ReLU", "SGD", "Sequential", "Sigmoid", "SoftmaxCrossEntropy",
-    "Standardize", "Tanh", "array_module", "check_batch_size", "check_dataset", "evaluate",
+    "Standardize", "Tanh", "check_batch_size", "check_dataset", "device_module", "evaluate",
     "exponential_decay", "fit", "gradient_check", "inverse_time_decay", "load_dataset",
     "load_model", "make_optimizer", "minibatches", "mlp", "save_model", "synthetic",
     "to_module", "train_val_split",

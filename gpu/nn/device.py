@@ -14,7 +14,7 @@ from .._backend import is_cupy_array
 DEVICES = ("cpu", "gpu")
 
 
-def array_module(device: str) -> ModuleType:
+def device_module(device: str) -> ModuleType:
     """numpy for "cpu", cupy for "gpu" (ImportError/RuntimeError with the reason if unusable)."""
     if device == "cpu":
         return np
