@@ -366,7 +366,8 @@ def _loss_curve(xp, steps: int = 5) -> list[float]:
     model = mlp([8, 16, 16, 4], activation="tanh", seed=0).to(xp)
     X, y = xp.asarray(data.X.astype(np.float32)), xp.asarray(data.y)
     hist = fit(model, SoftmaxCrossEntropy(), Adam(model.parameters().values(), lr=1e-2),
-               (X, y), epochs=1, batch_size=32, max_steps=steps, progress=False)
+               (X, y), epochs=2, batch_size=32, max_steps=steps, progress=False)
+    assert len(hist.step_loss) == steps
     return hist.step_loss
 
 
