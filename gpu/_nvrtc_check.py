@@ -15,8 +15,9 @@ True
 >>> problems = _nvrtc_check.check_family("softmax")        # doctest: +SKIP
 >>> assert not problems, "\\n".join(problems)              # doctest: +SKIP
 
-Kernel authors' tests call ``check_family`` for their family; ``tests/test_nvrtc.py`` runs it for
-every ``cuda_src/*.cu``.
+Kernel authors' tests call ``check_family`` (or ``check_variant``) for their family;
+``tests/test_nvrtc.py`` runs ``check_variant`` for every ``cuda_src/*.cu`` x dtype x variant, one test
+each, so pytest-xdist spreads the compiles. Successful compiles are cached on disk.
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ from typing import Iterable
 
 from gpu import _kernels
 
-__all__ = ["ARCHS", "SPILL_ARCHS", "NvrtcError", "unavailable_reason", "compile_cubin", "check_family"]
+__all__ = ["ARCHS", "SPILL_ARCHS", "NvrtcError", "unavailable_reason", "compile_cubin", "variants",
+           "check_variant", "check_family"]
 
 ARCHS = ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90")
 SPILL_ARCHS = ("sm_80", "sm_90")
@@ -119,36 +121,42 @@ def _compile(source: str, opts: list[str], name: str) -> str:
         nvrtc.nvrtcDestroyProgram(prog)
 
 
-def check_family(family: str | os.PathLike, archs: Iterable[str] = ARCHS,
-                 spill_archs: Iterable[str] = SPILL_ARCHS, dtypes=None) -> list[str]:
-    """Compile every dtype x declared variant of `family` for `archs`; returns the problems found.
+def variants(family: str | os.PathLike) -> list[tuple[object, dict[str, str]]]:
+    """Every (dtype, tuning defines) pair the family is built with: its NVRTC check matrix."""
+    return [(dt, v) for dt in _kernels.family_dtypes(family) for v in _kernels.family_variants(family)]
 
-    A problem is a compile error, any warning line, or a spill on one of `spill_archs`. `dtypes`
-    restricts the dtypes (default: the family's ``// @dtypes``). An empty list means clean.
+
+def check_variant(family: str | os.PathLike, dtype, variant: dict[str, str], archs: Iterable[str] = ARCHS,
+                  spill_archs: Iterable[str] = SPILL_ARCHS) -> list[str]:
+    """Compile one dtype x variant of `family` for `archs`; returns the problems found.
+
+    A problem is a compile error, any warning line, or a spill on one of `spill_archs`. An empty
+    list means clean.
     """
     source = _kernels.family_source(family)
     name = os.path.basename(os.fspath(family)) if isinstance(family, os.PathLike) else f"{family}.cu"
-    spill_archs = set(spill_archs)
+    defines = dict(variant)
+    if dtype is not None:
+        defines.update(_kernels.dtype_defines(dtype))
+    flags = [f"-D{k}={v}" for k, v in sorted(defines.items())]
+    label = f"{name} [{'no dtype' if dtype is None else dtype.name}{''.join(f' {k}={v}' for k, v in variant.items())}]"
     problems = []
-    for dt in (_kernels.family_dtypes(family) if dtypes is None else dtypes):
-        for variant in _kernels.family_variants(family):
-            defines = dict(variant)
-            if dt is not None:
-                defines.update(_kernels.dtype_defines(dt))
-            flags = [f"-D{k}={v}" for k, v in sorted(defines.items())]
-            label = f"{name} [{dt if dt is None else dt.name}{''.join(f' {k}={v}' for k, v in variant.items())}]"
-            for arch in archs:
-                try:
-                    log = compile_cubin(source, arch, flags, name)
-                except NvrtcError as e:
-                    problems.append(f"{label} {arch}: does not compile:\n{e}")
-                    continue
-                problems += [f"{label} {arch}: {line.strip()}" for line in log.splitlines()
-                             if "warning" in line.lower()]
-                if arch in spill_archs:
-                    for stores, loads in _SPILL_RE.findall(log):
-                        if int(stores) or int(loads):
-                            problems.append(f"{label} {arch}: ptxas spills ({stores} bytes stores, "
-                                            f"{loads} bytes loads):\n{log}")
-                            break
+    for arch in archs:
+        try:
+            log = compile_cubin(source, arch, flags, name)
+        except NvrtcError as e:
+            problems.append(f"{label} {arch}: does not compile:\n{e}")
+            continue
+        problems += [f"{label} {arch}: {line.strip()}" for line in log.splitlines() if "warning" in line.lower()]
+        if arch in set(spill_archs):
+            spilled = [m for m in _SPILL_RE.finditer(log) if int(m[1]) or int(m[2])]
+            if spilled:
+                problems.append(f"{label} {arch}: ptxas spills in {len(spilled)} kernel(s):\n{log}")
     return problems
+
+
+def check_family(family: str | os.PathLike, archs: Iterable[str] = ARCHS,
+                 spill_archs: Iterable[str] = SPILL_ARCHS) -> list[str]:
+    """``check_variant`` over the family's whole matrix (every dtype x declared variant)."""
+    archs, spill_archs = tuple(archs), tuple(spill_archs)
+    return [p for dt, v in variants(family) for p in check_variant(family, dt, v, archs, spill_archs)]

@@ -18,9 +18,17 @@ pytestmark = pytest.mark.skipif(REASON is not None, reason=f"NVRTC compile check
 TEST_KERNELS = sorted((Path(__file__).parent / "kernels").glob("*.cu"))
 
 
-@pytest.mark.parametrize("family", _kernels.families())
-def test_kernel_family_compiles_clean(family):
-    problems = _nvrtc_check.check_family(family)
+MATRIX = [(family, dt, variant) for family in _kernels.families() for dt, variant in _nvrtc_check.variants(family)]
+
+
+def _id(case) -> str:
+    family, dt, variant = case
+    return "-".join([family, "no_dtype" if dt is None else dt.name, *(f"{k}={v}" for k, v in variant.items())])
+
+
+@pytest.mark.parametrize("case", MATRIX, ids=[_id(c) for c in MATRIX])
+def test_kernel_family_compiles_clean(case):
+    problems = _nvrtc_check.check_variant(*case)
     assert not problems, "\n\n".join(problems)
 
 
