@@ -18,11 +18,14 @@ NumPy arrays run the NumPy reference path below; CuPy arrays run the CUDA kernel
 from __future__ import annotations
 
 import contextlib
+import math
 import operator
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from . import _backend as B
+from . import _kernels
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -89,7 +92,10 @@ def hardmax(z, axis: int = -1):
 class _CE:
     """Checked arguments of one cross-entropy call; z is viewed with the class axis last."""
 
-    def __init__(self, xp, z, target, axis, reduction, ignore_index, label_smoothing, weight):
+    def __init__(self, xp, z, target, axis, reduction, ignore_index, label_smoothing, weight,
+                 check_targets: bool = True):
+        # check_targets=False: the kernel path checks integer targets itself (a flag the kernel
+        # sets, read after the launch), with the same error, instead of an extra pass here.
         z, ax = _check_z(xp, z, axis)
         self.xp, self.z, self.axis = xp, z, ax
         self.reduction = B.check_choice(reduction, "reduction", REDUCTIONS)
@@ -108,11 +114,10 @@ class _CE:
             if t.shape != self.row_shape:
                 raise ValueError(f"target: class indices must have z's shape without axis {ax}, "
                                  f"{self.row_shape}; got {t.shape}")
-            bad = ((t < 0) | (t >= c)) & (t != self.ignore_index)
-            if bool(bad.any()):
+            bad = ((t < 0) | (t >= c)) & (t != self.ignore_index) if check_targets else None
+            if bad is not None and bool(bad.any()):
                 pos = tuple(int(i) for i in np.unravel_index(int(bad.ravel().argmax()), t.shape))
-                raise ValueError(f"target: class index {int(t[pos])} at position {pos} is out of range "
-                                 f"[0, {c}) and is not ignore_index ({self.ignore_index})")
+                raise _bad_target_error(t, pos, c, self.ignore_index)
             self.probs = False
         elif t.dtype in B.FLOAT_DTYPES:
             if t.shape != z.shape:
@@ -131,7 +136,8 @@ class _CE:
 
 
 def softmax_cross_entropy(z, target, *, axis: int = -1, reduction: str = "mean", ignore_index: int = -100,
-                          label_smoothing: float = 0.0, weight=None, return_grad: bool = False):
+                          label_smoothing: float = 0.0, weight=None, return_grad: bool = False,
+                          inplace: bool = False):
     """Cross-entropy of softmax(z) against `target`, as `torch.nn.functional.cross_entropy`.
 
     target: integer class indices of z's shape without `axis` (entries equal to `ignore_index`
@@ -141,15 +147,22 @@ def softmax_cross_entropy(z, target, *, axis: int = -1, reduction: str = "mean",
 
     Returns the loss in z's dtype, or (loss, dz) with return_grad=True, dz the gradient of the
     returned loss (of loss.sum() for 'none') in z's dtype, computed in the same pass.
+    inplace=True (with return_grad=True) writes dz over z and returns z as dz: it DESTROYS z, and
+    saves a z-sized allocation for large vocabularies. After a ValueError for a bad target, z's
+    contents are unspecified.
 
     >>> import numpy as np, gpu
     >>> z = np.random.default_rng(0).standard_normal((4, 10)).astype(np.float32)
     >>> loss, dz = gpu.softmax_cross_entropy(z, np.array([1, 2, 3, 4]), return_grad=True)
     """
     xp, kernels = B.dispatch(z=z, target=target, weight=weight)
-    ce = _CE(xp, z, target, axis, reduction, ignore_index, label_smoothing, weight)
+    ce = _CE(xp, z, target, axis, reduction, ignore_index, label_smoothing, weight, check_targets=not kernels)
+    if inplace and not return_grad:
+        raise ValueError("inplace: writing the gradient over z needs return_grad=True")
+    if inplace and not getattr(ce.z.flags, "writeable", True):
+        raise ValueError("z: inplace=True needs a writeable array")
     run = _gpu_cross_entropy if kernels else _cpu_cross_entropy
-    loss, dz = run(ce, want_loss=True, dloss=1.0 if return_grad else None)
+    loss, dz = run(ce, want_loss=True, dloss=1.0 if return_grad else None, inplace=inplace)
     return (loss, dz) if return_grad else loss
 
 
@@ -165,7 +178,7 @@ def softmax_cross_entropy_backward(z, target, dloss=1.0, *, axis: int = -1, redu
     >>> dz = gpu.softmax_cross_entropy_backward(z, np.array([1, 2, 3, 4]))
     """
     xp, kernels = B.dispatch(z=z, target=target, weight=weight, dloss=dloss)
-    ce = _CE(xp, z, target, axis, reduction, ignore_index, label_smoothing, weight)
+    ce = _CE(xp, z, target, axis, reduction, ignore_index, label_smoothing, weight, check_targets=not kernels)
     dloss = dloss if B.is_cupy_array(dloss) else xp.asarray(dloss)
     if dloss.dtype.kind not in "iuf" and dloss.dtype not in B.FLOAT_DTYPES:
         raise TypeError(f"dloss: expected a real scalar or array, got dtype {dloss.dtype}")
@@ -235,8 +248,9 @@ def _row_index(xp, shape):
     return tuple(xp.arange(s).reshape((-1,) + (1,) * (n - i - 1)) for i, s in enumerate(shape))
 
 
-def _cpu_cross_entropy(ce: _CE, want_loss: bool, dloss):
+def _cpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
     """(loss or None, dz or None). dloss=None: no gradient; else the upstream gradient.
+    inplace: dz is written over ce.z, which is returned as dz.
 
     Works on row blocks (the class axis last): per block, shifted logits sh = z - max, one exp,
     log-sum-exp, the row losses, and the gradient written over the exp buffer.
@@ -328,29 +342,289 @@ def _cpu_cross_entropy(ce: _CE, want_loss: bool, dloss):
         elif ce.reduction == "mean":
             rows = rows.sum() / denom if denom != 0 else xp.asarray(np.nan, acc)
         loss = xp.asarray(rows).astype(ce.z.dtype)
-    return loss, (None if g is None else xp.moveaxis(dz.reshape(moved.shape), -1, ce.axis))
+    if g is None:
+        return loss, None
+    dz = xp.moveaxis(dz.reshape(moved.shape), -1, ce.axis)
+    if inplace:
+        ce.z[...] = dz
+        dz = ce.z
+    return loss, dz
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernel launch path (CuPy arrays; NumPy arrays under the emulator backend)
+# Kernel launch path (CuPy arrays; NumPy arrays under the emulator backend): cuda_src/softmax.cu
 # ---------------------------------------------------------------------------------------------
+#
+# z is viewed as a C-contiguous (outer, C, inner) array (a Fortran-ordered z as its transpose, no
+# copy); rows are (outer, inner) pairs. Path per call (the .cu header has the kernels' design):
+#   inner == 1, C <= warp_max_cols      *_warp_n{N}: a lane group per row, the row in registers
+#   inner == 1, row fits shared memory   *_block, cached=1: a block per row, read once
+#   inner == 1, larger rows              *_block, cached=0: online statistics, row read twice
+#   inner > 1                            *_strided: (32, TY) blocks over tiles of 32 inner positions
+# Grids are min(work, one wave of resident blocks); kernels grid-stride over the rest.
 
-def _no_kernels(xp, op: str):
-    if xp is np:
-        raise NotImplementedError(f"{op}: the softmax kernels are not built yet; "
-                                  "the emulator backend has nothing to run")
+
+@dataclass(frozen=True)
+class _Tuning:
+    """Path thresholds. Tests force each path at small sizes with `_tuning(...)` (no rebuild:
+    every kernel is in the one module per dtype)."""
+
+    warp_max_cols: int | None = None        # None: 1024 (512 for float64 cross-entropy)
+    smem_bytes: int | None = None           # cached-row budget; None: the device's opt-in limit
+    strided_cache_bytes: int = 48 * 1024    # (C, 32) tile cache of the strided path, at most
+    block_threads: int | None = None        # None: by row length
+
+
+_TUNING = _Tuning()
+_WARP_BLOCK = 128
+_WARP_NS = (1, 2, 4, 8, 16, 32)
+
+
+@contextlib.contextmanager
+def _tuning(**changes):
+    """Override path thresholds inside the block (kernel tests)."""
+    global _TUNING
+    saved = _TUNING
+    _TUNING = replace(_TUNING, **changes)
+    try:
+        yield
+    finally:
+        _TUNING = saved
+
+
+def _ptr(a) -> int:
+    return a.ctypes.data if isinstance(a, np.ndarray) else a.data.ptr
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class _Layout:
+    z: object      # C-contiguous: z itself, z.T (flip) or a contiguous copy
+    axis: int      # the class axis of `z`
+    outer: int
+    C: int
+    inner: int
+    flip: bool     # z is the caller's array transposed: transpose outputs back
+    copied: bool   # z is a copy of the caller's array
+
+    @property
+    def rows(self) -> int:
+        return self.outer * self.inner
+
+    def orient(self, a):
+        """A caller-oriented array (z's shape, or z's shape without axis) in this layout."""
+        return a.T if self.flip else a
+
+
+def _layout(xp, z, ax) -> _Layout:
+    flip = copied = False
+    if not z.flags.c_contiguous:
+        if z.ndim > 1 and z.flags.f_contiguous:
+            z, ax, flip = z.T, z.ndim - 1 - ax, True
+        else:
+            z, copied = xp.ascontiguousarray(z), True
+    return _Layout(z, ax, math.prod(z.shape[:ax]), z.shape[ax], math.prod(z.shape[ax + 1:]), flip, copied)
+
+
+def _resident_blocks(dev, threads: int, smem: int) -> int:
+    """One wave: blocks of `threads` threads and `smem` bytes of shared memory resident at once."""
+    per_sm = min(32, dev["max_threads_per_sm"] // threads)
+    if smem:
+        per_sm = min(per_sm, dev["max_shared_memory_per_sm"] // (smem + 1024))  # + per-block reserve
+    return dev["sm_count"] * max(1, per_sm)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    path: str        # "warp", "block" or "strided"
+    grid: int
+    block: tuple
+    smem: int = 0
+    n: int = 0       # warp: values per lane
+    lanes: int = 32  # warp: lanes per row
+    vec: int = 0     # 16-byte vector loads
+    cached: int = 0  # block/strided: row (tile) kept in shared memory
+
+
+def _plan(xp, lay: _Layout, itemsize: int, ptrs, *, dense_target=False, cache=True, max_n=32) -> _Plan:
+    """Which kernel path runs (lay.outer, lay.C, lay.inner) rows, and its launch shape."""
+    dev = _kernels.device_attributes(xp)
+    C, regions = lay.C, 2 if dense_target else 1
+    pack = 16 // itemsize
+    limit = dev["max_shared_memory_per_block_optin"] - 4096   # leave room for static scratch
+    budget = min(limit, _TUNING.smem_bytes if _TUNING.smem_bytes is not None else limit)
+    if lay.inner > 1:
+        ty = min(8, _next_pow2(C))
+        smem = C * 32 * itemsize * regions
+        cached = int(cache and smem <= min(budget, _TUNING.strided_cache_bytes))
+        smem = smem if cached else 0
+        tiles = lay.outer * -(-lay.inner // 32)
+        return _Plan("strided", min(tiles, _resident_blocks(dev, 32 * ty, smem)), (32, ty), smem, cached=cached)
+
+    aligned = len({p % 16 for p in ptrs}) == 1
+    warp_max = _TUNING.warp_max_cols if _TUNING.warp_max_cols is not None else 32 * max_n
+    if C <= min(warp_max, 32 * max_n):
+        n = next(n for n in _WARP_NS if 32 * n >= C)
+        lanes = 32 if C > 32 else _next_pow2(C)
+        vec = int(aligned and ptrs[0] % 16 == 0 and C % pack == 0)
+        groups = -(-lay.rows // (_WARP_BLOCK // lanes))
+        return _Plan("warp", min(groups, _resident_blocks(dev, _WARP_BLOCK, 0)), (_WARP_BLOCK,),
+                     n=n, lanes=lanes, vec=vec)
+
+    # About four 16-byte vectors per thread per pass; 512 at most for float64 (its registers).
+    threads = _TUNING.block_threads or max(128, min(1024 if itemsize < 8 else 512,
+                                                     _next_pow2(-(-C // (4 * pack)))))
+    region = -(-(C + pack) // pack) * 16
+    smem = region * regions
+    cached = int(cache and smem <= budget)
+    smem = smem if cached else 0
+    return _Plan("block", min(lay.rows, _resident_blocks(dev, threads, smem)), (threads,), smem,
+                 vec=int(aligned), cached=cached)
+
+
+def _run(xp, family_kernel: str, plan: _Plan, dtype, args) -> None:
+    name = family_kernel + (f"_warp_n{plan.n}" if plan.path == "warp" else f"_{plan.path}")
+    k = _kernels.get_kernel("softmax", name, xp, dtype=dtype)
+    _kernels.launch(k, plan.grid, plan.block, tuple(args), shared_mem=plan.smem)
+
+
+def _path_args(plan: _Plan, lay: _Layout, with_rows: bool = True) -> tuple:
+    """The size arguments after a kernel's pointers, per path."""
+    C = np.int32(lay.C)
+    if plan.path == "warp":
+        head = (np.int64(lay.rows), C) if with_rows else (C,)
+        return head + (np.int32(plan.lanes), np.int32(plan.vec))
+    if plan.path == "block":
+        head = (np.int64(lay.rows), C) if with_rows else (C,)
+        return head + (np.int32(plan.cached), np.int32(plan.vec))
+    return (np.int64(lay.outer), C, np.int64(lay.inner), np.int32(plan.cached))
 
 
 def _gpu_softmax(xp, z, ax, log):
-    _no_kernels(xp, "log_softmax" if log else "softmax")
-    return _cpu_softmax(xp, z, ax, log)
+    lay = _layout(xp, z, ax)
+    out = B.empty(xp, lay.z.shape, z.dtype)
+    if lay.z.size:
+        plan = _plan(xp, lay, z.dtype.itemsize, (_ptr(lay.z), _ptr(out)))
+        _run(xp, "softmax", plan, z.dtype, (out, lay.z) + _path_args(plan, lay) + (np.int32(log),))
+    return lay.orient(out)
 
 
 def _gpu_hardmax(xp, z, ax):
-    _no_kernels(xp, "hardmax")
-    return _cpu_hardmax(xp, z, ax)
+    lay = _layout(xp, z, ax)
+    out = B.empty(xp, lay.z.shape, z.dtype)
+    if lay.z.size:
+        plan = _plan(xp, lay, z.dtype.itemsize, (_ptr(lay.z), _ptr(out)), cache=False)
+        args = _path_args(plan, lay)
+        if plan.path == "block":   # hardmax_block(out, z, rows, C, vec): never cached
+            args = args[:2] + args[3:]
+        elif plan.path == "strided":
+            args = args[:3]
+        _run(xp, "hardmax", plan, z.dtype, (out, lay.z) + args)
+    return lay.orient(out)
 
 
-def _gpu_cross_entropy(ce: _CE, want_loss: bool, dloss):
-    _no_kernels(ce.xp, "softmax_cross_entropy")
-    return _cpu_cross_entropy(ce, want_loss, dloss)
+# flags and reduction codes of the cross-entropy kernels (cuda_src/softmax.cu CE_*)
+_CE_GRAD, _CE_ROWS, _CE_PROBS, _CE_WEIGHT, _CE_DENOM = 1, 2, 4, 8, 16
+_CE_RED = {"none": 0, "sum": 1, "mean": 2}
+_CE_RED_MEAN_ROWS = 3
+
+
+def _bad_target_error(target, pos: tuple, n_classes: int, ignore_index: int) -> ValueError:
+    return ValueError(f"target: class index {int(target[pos])} at position {pos} is out of range "
+                      f"[0, {n_classes}) and is not ignore_index ({ignore_index})")
+
+
+def _gpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
+    """(loss or None, dz or None) from the fused kernels; same contract as _cpu_cross_entropy.
+
+    Integer targets are checked by the kernel (no extra pass over them): a bad one raises
+    ValueError naming the first bad position, after the launch."""
+    xp, z = ce.xp, ce.z
+    acc = B.compute_dtype(z.dtype)
+    lay = _layout(xp, z, ce.axis)
+    R, C = lay.rows, lay.C
+    grad = dloss is not None
+    red = ce.reduction
+
+    if R == 0:   # nothing to launch: the reference's values for empty sums
+        loss = None
+        if want_loss:
+            loss = (xp.empty(ce.row_shape, z.dtype) if red == "none"
+                    else xp.asarray(0 if red == "sum" else np.nan, dtype=z.dtype))
+        return loss, (xp.empty(z.shape, z.dtype) if grad else None)
+
+    one = lambda dt: xp.empty(1, dt)   # stands in for an unused pointer argument
+    flags = 0
+    if ce.probs:
+        flags |= _CE_PROBS
+        y = xp.ascontiguousarray(lay.orient(ce.target).astype(z.dtype, copy=False))
+        target = one(np.int64)
+    else:
+        y = one(z.dtype)
+        target = xp.ascontiguousarray(lay.orient(ce.target).astype(np.int64, copy=False))
+    weight = one(acc)
+    if ce.weight is not None:
+        flags |= _CE_WEIGHT
+        weight = xp.ascontiguousarray(ce.weight.astype(acc, copy=False))
+
+    dz, dl, dl_stride, inv_denom = one(z.dtype), one(acc), 0, one(acc)
+    if grad:
+        flags |= _CE_GRAD
+        dz = lay.z if inplace else B.empty(xp, lay.z.shape, z.dtype)
+        dl = xp.asarray(dloss, dtype=acc)
+        if dl.ndim:   # 'none' with one upstream gradient per row
+            dl, dl_stride = xp.ascontiguousarray(lay.orient(dl)).reshape(-1), 1
+        else:
+            dl = dl.reshape(1)
+        if red == "mean" and ce.probs:
+            dl = dl / acc.type(R)
+        elif red == "mean":
+            flags |= _CE_DENOM
+            inv_denom = B.empty(xp, 1, acc)
+            dev = _kernels.device_attributes(xp)
+            grid = min(-(-R // 256), 4 * dev["sm_count"])
+            k = _kernels.get_kernel("softmax", "ce_weight_sum", xp, dtype=z.dtype)
+            _kernels.launch(k, grid, 256, (inv_denom, B.empty(xp, grid, acc), xp.zeros(1, np.uint32),
+                                           target, weight, np.int32(ce.weight is not None), np.int64(R),
+                                           np.int32(C), np.int64(ce.ignore_index)))
+    loss_rows = one(z.dtype)
+    if want_loss and red == "none":
+        flags |= _CE_ROWS
+        loss_rows = B.empty(xp, R, z.dtype)
+    code = _CE_RED_MEAN_ROWS if red == "mean" and ce.probs else _CE_RED[red]
+
+    ptrs = (_ptr(lay.z), _ptr(dz)) + ((_ptr(y),) if ce.probs else ())
+    plan = _plan(xp, lay, z.dtype.itemsize, ptrs, dense_target=ce.probs,
+                 max_n=16 if z.dtype == np.float64 else 32)
+    loss_out, bad = B.empty(xp, 1, z.dtype), B.empty(xp, 1, np.int64)
+    args = (dz, loss_rows, loss_out, bad, B.empty(xp, plan.grid, acc), B.empty(xp, plan.grid, acc),
+            B.empty(xp, plan.grid, np.int64), xp.zeros(1, np.uint32), lay.z, target, y, weight, dl,
+            np.int64(dl_stride), inv_denom, np.int64(ce.ignore_index), acc.type(ce.label_smoothing),
+            np.int32(flags), np.int32(code), np.int64(R))
+    _run(xp, "ce", plan, z.dtype, args + _path_args(plan, lay, with_rows=False))
+
+    first_bad = int(bad[0])   # the one synchronization: the error must be raised here
+    if first_bad >= 0:
+        pos = tuple(int(i) for i in np.unravel_index(first_bad, _row_shape_of(lay)))
+        raise _bad_target_error(ce.target, pos[::-1] if lay.flip else pos, C, ce.ignore_index)
+
+    loss = None
+    if want_loss:
+        if red == "none":
+            loss = lay.orient(loss_rows.reshape(_row_shape_of(lay)))
+        else:
+            loss = loss_out.reshape(())
+    out = None
+    if grad:
+        out = lay.orient(dz)
+        if inplace and lay.copied:
+            z[...] = out
+            out = z
+    return loss, out
+
+
+def _row_shape_of(lay: _Layout) -> tuple:
+    return lay.z.shape[:lay.axis] + lay.z.shape[lay.axis + 1:]
