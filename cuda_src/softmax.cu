@@ -99,7 +99,7 @@ __device__ __forceinline__ acc_t acc_log(acc_t x) { return log(x); }
 // reciprocal refined by two Newton steps (24 -> 48 -> 96 bits), inline where a double division
 // would call its out-of-line slow path.
 __device__ __forceinline__ acc_t acc_rcp(acc_t x) {
-    double r = (double)__frcp_rn((float)x);
+    double r = (double)__fdividef(1.0f, (float)x);
     r = fma(r, fma(-x, r, 1.0), r);
     return fma(r, fma(-x, r, 1.0), r);
 }
@@ -107,8 +107,11 @@ __device__ __forceinline__ acc_t acc_rcp(acc_t x) {
 // exp(d) = 2^(d log2 e): one MUFU.EX2 after one multiply. d = z - M is formed first, so logits
 // far from 0 (1e4) lose nothing to the prescale.
 __device__ __forceinline__ acc_t acc_exp(acc_t d) { return exp2f(d * 1.4426950408889634f); }
-__device__ __forceinline__ acc_t acc_log(acc_t x) { return logf(x); }
-__device__ __forceinline__ acc_t acc_rcp(acc_t x) { return __frcp_rn(x); }   // x in [1, C]
+// x in [1, C]: MUFU.LG2 (absolute error ~1e-7 here); logf calls a slow path that spills.
+__device__ __forceinline__ acc_t acc_log(acc_t x) { return __logf(x); }
+// 1/x for x in [1, C] (the sums of exps): MUFU.RCP, inline; IEEE division and __frcp_rn call an
+// out-of-line slow path on sm_80, which spills in these kernels.
+__device__ __forceinline__ acc_t acc_rcp(acc_t x) { return __fdividef(1.0f, x); }
 #endif
 
 __device__ __forceinline__ acc_t acc_inf() { return acc_t(INFINITY); }
@@ -257,6 +260,7 @@ struct CrossEntropyOp {
     const acc_t* inv_denom;  // [1] (CE_DENOM): 1 / sum of w_t, 0 if that sum is 0
     long long ignore_index;
     acc_t ls;                // label smoothing
+    acc_t ls_c;              // ls / C
     int C, flags, reduction;
     index_t rows;
     // per-thread sums over the rows this thread leads
@@ -297,7 +301,7 @@ struct CrossEntropyOp {
         online_add(st.m, st.s, x);
         if (col == c.t) st.zt += x;
         if (flags & CE_PROBS) {
-            const acc_t wy = w_of(col) * (yv * (acc_t(1) - ls) + ls / acc_t(C));
+            const acc_t wy = w_of(col) * (yv * (acc_t(1) - ls) + ls_c);
             st.q += wy * (x - c.pivot);
             st.w += wy;
         } else if (ls > acc_t(0)) {
@@ -342,11 +346,11 @@ struct CrossEntropyOp {
             wt = c.valid ? w_of(c.t) : acc_t(0);
             const acc_t keep = acc_t(1) - ls;
             loss = wt * keep * (L - (st.zt - st.m));
-            const acc_t gs = c.valid ? g * ls / acc_t(C) : acc_t(0);
+            const acc_t gs = c.valid ? g * ls_c : acc_t(0);
             acc_t coef = g * wt * keep;
             if (ls > acc_t(0) && c.valid) {
                 const acc_t w_sh = st.q + (c.pivot - st.m) * st.w;   // sum_c w_c (z_c - M)
-                loss += ls / acc_t(C) * (st.w * L - w_sh);
+                loss += ls_c * (st.w * L - w_sh);
                 coef += gs * st.w;
             }
             f.scale = coef * inv_s;
@@ -364,7 +368,7 @@ struct CrossEntropyOp {
     __device__ __forceinline__ acc_t out_value(const Fin& f, acc_t x, acc_t yv, int col) const {
         acc_t d = acc_exp(x - f.m) * f.scale;
         if (flags & CE_PROBS) {
-            d -= f.sub_w * w_of(col) * (yv * (acc_t(1) - ls) + ls / acc_t(C));
+            d -= f.sub_w * w_of(col) * (yv * (acc_t(1) - ls) + ls_c);
         } else {
             if (col == f.t) d -= f.sub_t;
             if (ls > acc_t(0)) d -= f.sub_w * w_of(col);
@@ -653,12 +657,14 @@ __device__ __forceinline__ void rows_strided(Op op, const scalar_t* z, index_t o
     const bool has_y = Op::kHasY && yp != nullptr;
     scalar_t* const zc = reinterpret_cast<scalar_t*>(sm_dynamic);
     scalar_t* const yc = zc + (index_t)C * GPU_WARP;
-    const index_t tiles_per_outer = (inner + GPU_WARP - 1) / GPU_WARP;
-    const index_t tiles = outer * tiles_per_outer;
+    // Tiles are counted in 32 bits (the host checks outer * tiles_per_outer < 2^31): a 64-bit
+    // division calls an out-of-line routine, and its saved registers show up as spills.
+    const int tiles_per_outer = (int)((inner + GPU_WARP - 1) / GPU_WARP);
+    const int tiles = (int)(outer * tiles_per_outer);
 
-    for (index_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
         const index_t o = tile / tiles_per_outer;
-        const index_t i = (tile % tiles_per_outer) * GPU_WARP + tx;
+        const index_t i = (index_t)(tile % tiles_per_outer) * GPU_WARP + tx;
         const bool active = i < inner;
         const index_t base = o * (index_t)C * inner + (active ? i : 0);
         const index_t row = o * inner + i;
@@ -719,6 +725,7 @@ __device__ __forceinline__ CrossEntropyOp make_ce(
     op.part_loss = part_loss; op.part_w = part_w; op.part_bad = part_bad; op.ticket = ticket;
     op.target = target; op.y = y; op.weight = weight; op.dloss = dloss; op.dloss_stride = dloss_stride;
     op.inv_denom = inv_denom; op.ignore_index = ignore_index; op.ls = label_smoothing; op.C = C;
+    op.ls_c = label_smoothing * acc_rcp(acc_t(C));
     op.flags = flags; op.reduction = reduction; op.rows = n_rows;
     op.sum_loss = acc_t(0); op.sum_w = acc_t(0); op.first_bad = SM_NO_ROW;
     return op;
@@ -737,19 +744,20 @@ __device__ __forceinline__ CrossEntropyOp make_ce(
                       int lanes, int vec) {                                                              \
         rows_warp<N>(HardmaxOp{out}, z, rows, C, lanes, vec);                                            \
     }
-#define CE_WARP_KERNEL(N)                                                                               \
-    extern "C" __global__ void __launch_bounds__(128)                                                   \
+// MIN_BLOCKS: ptxas's register target; without it, N = 16 saves a register to the stack on sm_90.
+#define CE_WARP_KERNEL(N, MIN_BLOCKS)                                                                   \
+    extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS)                                       \
     ce_warp_n##N(CE_PARAMS, int C, int lanes, int vec) {                                                 \
         rows_warp<N>(make_ce(CE_ARGS, C), z, n_rows, C, lanes, vec);                                     \
     }
 
 SM_WARP_KERNELS(1) SM_WARP_KERNELS(2) SM_WARP_KERNELS(4) SM_WARP_KERNELS(8) SM_WARP_KERNELS(16)
 SM_WARP_KERNELS(32)
-CE_WARP_KERNEL(1) CE_WARP_KERNEL(2) CE_WARP_KERNEL(4) CE_WARP_KERNEL(8) CE_WARP_KERNEL(16)
+CE_WARP_KERNEL(1, 4) CE_WARP_KERNEL(2, 4) CE_WARP_KERNEL(4, 4) CE_WARP_KERNEL(8, 4)
 #if !defined(SCALAR_IS_DOUBLE)
-// 32 doubles of z and 32 of y per lane do not fit in registers: double CE rows past 512 classes
-// take the block path.
-CE_WARP_KERNEL(32)
+// 16 or 32 doubles of z and as many of y per lane do not fit in registers: double CE rows past
+// 256 classes take the block path.
+CE_WARP_KERNEL(16, 4) CE_WARP_KERNEL(32, 1)
 #endif
 
 extern "C" __global__ void __launch_bounds__(1024)

@@ -369,7 +369,7 @@ class _Tuning:
     """Path thresholds. Tests force each path at small sizes with `_tuning(...)` (no rebuild:
     every kernel is in the one module per dtype)."""
 
-    warp_max_cols: int | None = None        # None: 1024 (512 for float64 cross-entropy)
+    warp_max_cols: int | None = None        # None: 1024 (256 for float64 cross-entropy)
     smem_bytes: int | None = None           # cached-row budget; None: the device's opt-in limit
     strided_cache_bytes: int = 48 * 1024    # (C, 32) tile cache of the strided path, at most
     block_threads: int | None = None        # None: by row length
@@ -462,6 +462,9 @@ def _plan(xp, lay: _Layout, itemsize: int, ptrs, *, dense_target=False, cache=Tr
         cached = int(cache and smem <= min(budget, _TUNING.strided_cache_bytes))
         smem = smem if cached else 0
         tiles = lay.outer * -(-lay.inner // 32)
+        if tiles >= 2**31:   # the kernel counts tiles in 32 bits
+            raise ValueError(f"z: {tiles} tiles of 32 positions along the axes after axis {lay.axis} "
+                             "exceed the strided kernel's 2^31")
         return _Plan("strided", min(tiles, _resident_blocks(dev, 32 * ty, smem)), (32, ty), smem, cached=cached)
 
     aligned = len({p % 16 for p in ptrs}) == 1
@@ -598,7 +601,7 @@ def _gpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
 
     ptrs = (_ptr(lay.z), _ptr(dz)) + ((_ptr(y),) if ce.probs else ())
     plan = _plan(xp, lay, z.dtype.itemsize, ptrs, dense_target=ce.probs,
-                 max_n=16 if z.dtype == np.float64 else 32)
+                 max_n=8 if z.dtype == np.float64 else 32)
     loss_out, bad = B.empty(xp, 1, z.dtype), B.empty(xp, 1, np.int64)
     args = (dz, loss_rows, loss_out, bad, B.empty(xp, plan.grid, acc), B.empty(xp, plan.grid, acc),
             B.empty(xp, plan.grid, np.int64), xp.zeros(1, np.uint32), lay.z, target, y, weight, dl,
