@@ -22,8 +22,10 @@ A *family* is one file ``cuda_src/<family>.cu`` (``"batchnorm"``, ``"softmax"``)
 ``cuda_src/common.cuh`` pasted in front of the ``.cu`` (with ``#line`` markers, so diagnostics name
 the real file and line), never ``#include``-d through ``-I``: CuPy's disk cache hashes only the source
 string, so a header edit must change that string. Kernels are ``extern "C" __global__`` functions,
-compiled with ``-std=c++17``; ``<cuda_fp16.h>`` and ``<cuda_bf16.h>`` come from the CUDA runtime
-headers (the ``nvidia-cuda-runtime-cu12`` wheel or a CUDA toolkit).
+compiled with ``-std=c++17``; ``<cuda_fp16.h>``, ``<cuda_bf16.h>`` and ``<cooperative_groups.h>``
+come from the CUDA runtime headers (the ``nvidia-cuda-runtime-cu12`` wheel or a CUDA toolkit), and
+the ``<nv/target>`` that cooperative_groups.h includes from CCCL (the ``nvidia-cuda-cccl-cu12`` wheel,
+a CUDA toolkit, or the copy bundled with CuPy).
 
 Defines
 -------
@@ -63,6 +65,14 @@ pointer parameters to arithmetic types must receive arrays of that dtype. ``shar
 against the device's opt-in limit; above the default 48 KiB the loader sets the kernel's opt-in
 attribute (``max_dynamic_shared_size_bytes``) before launching.
 
+``launch(..., cooperative=True)`` is a cooperative launch (``cuLaunchCooperativeKernel``): every
+block is resident at once, so the kernel may synchronize the whole grid with
+``cooperative_groups::this_grid().sync()``. The grid must not exceed
+``max_cooperative_grid(kernel, block, shared_mem)``, the device's co-resident blocks for that
+kernel (CUDA's occupancy calculator; on the emulator, the same arithmetic from threads, blocks and
+shared memory per SM); ``launch`` checks it. The emulator runs such a launch as one group of fibers
+(see ``gpu/_emulator/runtime.cpp``).
+
 ``device_attributes(xp)`` gives the numbers grid arithmetic needs. For the emulator it is a small
 fixed device (4 SMs, H100 shared-memory limits; ``GPU_EMULATOR_SM_COUNT`` overrides the SM count), so
 test-sized inputs already take grid-stride and multi-block paths.
@@ -87,9 +97,9 @@ import numpy as np
 from gpu._backend import BFLOAT16
 
 __all__ = [
-    "Kernel", "KernelBuildError", "get_kernel", "launch", "device_attributes", "warmup",
+    "Kernel", "KernelBuildError", "get_kernel", "launch", "max_cooperative_grid", "device_attributes", "warmup",
     "families", "family_source", "family_variants", "family_dtypes", "dtype_defines",
-    "cuda_src_dir", "cuda_include_dir",
+    "cuda_src_dir", "cuda_include_dir", "cccl_include_dir", "nvrtc_include_options",
 ]
 
 #: The CUDA types a storage dtype maps to: (SCALAR_T, ACC_T, flag macro).
@@ -103,6 +113,9 @@ _DTYPE_DEFINES: dict[str, tuple[str, str, str]] = {
 #: Dynamic shared memory a kernel gets without opting in (CUDA's limit on every architecture).
 DEFAULT_SHARED_MEM = 48 * 1024
 
+#: Shared memory the CUDA driver reserves per resident block (sm_80 and later).
+RESERVED_SHARED_MEM_PER_BLOCK = 1024
+
 #: The emulated device: H100 limits, but few SMs so that small inputs take multi-block paths.
 EMULATED_DEVICE = {
     "name": "gpu emulator (CPU)",
@@ -114,6 +127,7 @@ EMULATED_DEVICE = {
     "max_shared_memory_per_block_optin": 227 * 1024,
     "max_shared_memory_per_sm": 228 * 1024,
     "max_threads_per_sm": 2048,
+    "max_blocks_per_sm": 32,
     "warp_size": 32,
     "l2_bytes": 50 * 1024 * 1024,
     "compute_capability": (9, 0),
@@ -272,6 +286,41 @@ def cuda_include_dir() -> str:
                            "(or install a CUDA toolkit and set CUDA_PATH)")
 
 
+def cccl_include_dir() -> str:
+    """The directory with CCCL's ``nv/target``, which ``cooperative_groups.h`` includes (NVRTC only).
+
+    Looks in the ``nvidia-cuda-cccl-cu12`` wheel, then ``$CUDA_PATH``/``$CUDA_HOME`` and
+    ``/usr/local/cuda`` (``include``, or ``include/cccl`` from CUDA 13), then CuPy's bundled copy.
+    """
+    candidates = []
+    try:
+        from cuda.pathfinder import find_nvidia_header_directory
+        found = find_nvidia_header_directory("cccl")
+        if found:
+            candidates.append(found)
+    except ImportError:
+        pass
+    for root in [os.environ.get(v) for v in ("CUDA_PATH", "CUDA_HOME")] + ["/usr/local/cuda"]:
+        if root:
+            candidates += [os.path.join(root, "include"), os.path.join(root, "include", "cccl")]
+    try:
+        import cupy
+        candidates.append(os.path.join(os.path.dirname(cupy.__file__), "_core", "include", "cupy", "_cccl",
+                                       "libcudacxx"))
+    except ImportError:
+        pass
+    for d in candidates:
+        if os.path.isfile(os.path.join(d, "nv", "target")):
+            return d
+    raise KernelBuildError("CCCL headers (nv/target, needed by cooperative_groups.h) not found: "
+                           "pip install nvidia-cuda-cccl-cu12 (or install a CUDA toolkit and set CUDA_PATH)")
+
+
+def nvrtc_include_options() -> list[str]:
+    """The ``-I`` options every NVRTC compile of a family gets: CUDA runtime headers, then CCCL."""
+    return [f"-I{cuda_include_dir()}", f"-I{cccl_include_dir()}"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Kernels and modules
 # ---------------------------------------------------------------------------------------------
@@ -334,7 +383,7 @@ def _build_module(path: Path, xp, defines: dict[str, str]):
     if _is_numpy(xp):
         from gpu import _emulator
         return _emulator.build_module(source, _define_flags(defines), name=path.stem)
-    options = ("-std=c++17", f"-I{cuda_include_dir()}", *_define_flags(defines))
+    options = ("-std=c++17", *nvrtc_include_options(), *_define_flags(defines))
     try:
         return xp.RawModule(code=source, options=options)
     except Exception as e:  # CuPy raises its own types for a missing NVRTC or driver
@@ -376,7 +425,7 @@ def device_attributes(xp) -> dict[str, Any]:
 
     Keys: ``sm_count``, ``max_threads_per_block``, ``max_block_dims``, ``max_grid_dims``,
     ``max_shared_memory_per_block`` (48 KiB without opt-in), ``max_shared_memory_per_block_optin``,
-    ``max_shared_memory_per_sm``, ``max_threads_per_sm``, ``warp_size``, ``l2_bytes``,
+    ``max_shared_memory_per_sm``, ``max_threads_per_sm``, ``max_blocks_per_sm``, ``warp_size``, ``l2_bytes``,
     ``compute_capability``, ``name``.
 
     >>> device_attributes(np)["sm_count"]      # the emulated device
@@ -404,6 +453,7 @@ def device_attributes(xp) -> dict[str, Any]:
             "max_shared_memory_per_block_optin": p["sharedMemPerBlockOptin"],
             "max_shared_memory_per_sm": p["sharedMemPerMultiprocessor"],
             "max_threads_per_sm": p["maxThreadsPerMultiProcessor"],
+            "max_blocks_per_sm": p["maxBlocksPerMultiProcessor"],
             "warp_size": p["warpSize"],
             "l2_bytes": p["l2CacheSize"],
             "compute_capability": (p["major"], p["minor"]),
@@ -442,12 +492,74 @@ def _check_args(kernel: Kernel, args: Sequence[Any]) -> tuple:
     return tuple(args)
 
 
-def launch(kernel: Kernel, grid, block, args: Sequence[Any], shared_mem: int = 0) -> None:
+def _block_threads(block, dev) -> tuple[tuple[int, int, int], int]:
+    b = _dims(block, "block", dev["max_block_dims"])
+    threads = b[0] * b[1] * b[2]
+    if threads > dev["max_threads_per_block"]:
+        raise ValueError(f"block {b} has {threads} threads; the device allows {dev['max_threads_per_block']}")
+    return b, threads
+
+
+def _check_shared_mem(shared_mem) -> int:
+    if not isinstance(shared_mem, (int, np.integer)) or shared_mem < 0:
+        raise ValueError(f"shared_mem: expected a non-negative int, got {shared_mem!r}")
+    return int(shared_mem)
+
+
+def _opt_in(kernel: Kernel, shared_mem: int, dev) -> None:
+    """Check static + dynamic shared memory against the device; above 48 KiB, set the CuPy
+    kernel's opt-in attribute (once, to the most the device allows)."""
+    fn = kernel.function
+    limit = dev["max_shared_memory_per_block_optin"]
+    if _is_numpy(kernel.xp):
+        if shared_mem > limit:
+            raise ValueError(f"shared_mem={shared_mem} exceeds the device's {limit} bytes per block")
+        return
+    static = fn.shared_size_bytes
+    if static + shared_mem > limit:
+        raise ValueError(f"{kernel.name}: {static} bytes static + {shared_mem} dynamic shared memory "
+                         f"exceed the device's {limit} bytes per block")
+    if static + shared_mem > dev["max_shared_memory_per_block"] and fn.max_dynamic_shared_size_bytes < shared_mem:
+        fn.max_dynamic_shared_size_bytes = limit - static
+
+
+def max_cooperative_grid(kernel: Kernel, block, shared_mem: int = 0) -> int:
+    """The most blocks of ``block`` threads with ``shared_mem`` bytes of dynamic shared memory that
+    can be resident at once: the largest grid ``launch(..., cooperative=True)`` accepts (0 if the
+    block cannot run at all).
+
+    On CuPy: CUDA's occupancy calculator (registers, shared memory, threads) times the SM count.
+    On the emulator: the same limits without registers (the CPU has no register file): threads,
+    blocks and shared memory per SM, counting the module's static shared memory in every block.
+
+    >>> k = get_kernel("batchnorm", "bn_forward_onchip", np, np.float32, {"BN_VECTOR": 1})  # doctest: +SKIP
+    >>> max_cooperative_grid(k, 256, 4096)                        # doctest: +SKIP
+    32
+    """
+    dev = device_attributes(kernel.xp)
+    _, threads = _block_threads(block, dev)
+    shared_mem = _check_shared_mem(shared_mem)
+    _opt_in(kernel, shared_mem, dev)
+    fn = kernel.function
+    if _is_numpy(kernel.xp):
+        smem = fn.shared_size_bytes + shared_mem + RESERVED_SHARED_MEM_PER_BLOCK
+        per_sm = min(dev["max_threads_per_sm"] // threads, dev["max_blocks_per_sm"],
+                     dev["max_shared_memory_per_sm"] // smem)
+    else:
+        per_sm = kernel.xp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.kernel.ptr, threads, shared_mem)
+    return per_sm * dev["sm_count"]
+
+
+def launch(kernel: Kernel, grid, block, args: Sequence[Any], shared_mem: int = 0, cooperative: bool = False) -> None:
     """Launch ``kernel`` with ``grid`` blocks of ``block`` threads (ints or 1-3 tuples).
 
     On CuPy: CuPy's current stream. On the emulator: runs to completion on the CPU and raises
     ``gpu._emulator.EmulatorError`` for a divergent barrier, a bad shuffle, a scalar of the wrong
     type or an overflow of dynamic shared memory.
+
+    ``cooperative=True``: all blocks resident at once, so the kernel may call
+    ``cooperative_groups::this_grid().sync()``; a grid larger than ``max_cooperative_grid`` is a
+    ``ValueError``.
 
     >>> x = np.arange(256, dtype=np.float32); y = np.empty_like(x)       # doctest: +SKIP
     >>> launch(get_kernel("softmax", "softmax_fwd", np, np.float32),     # doctest: +SKIP
@@ -455,28 +567,26 @@ def launch(kernel: Kernel, grid, block, args: Sequence[Any], shared_mem: int = 0
     """
     dev = device_attributes(kernel.xp)
     g = _dims(grid, "grid", dev["max_grid_dims"])
-    b = _dims(block, "block", dev["max_block_dims"])
-    threads = b[0] * b[1] * b[2]
-    if threads > dev["max_threads_per_block"]:
-        raise ValueError(f"block {b} has {threads} threads; the device allows {dev['max_threads_per_block']}")
-    if not isinstance(shared_mem, (int, np.integer)) or shared_mem < 0:
-        raise ValueError(f"shared_mem: expected a non-negative int, got {shared_mem!r}")
-    shared_mem = int(shared_mem)
-    limit = dev["max_shared_memory_per_block_optin"]
+    b, _ = _block_threads(block, dev)
+    shared_mem = _check_shared_mem(shared_mem)
+    _opt_in(kernel, shared_mem, dev)
     args = _check_args(kernel, args)
+    if cooperative:
+        most = max_cooperative_grid(kernel, b, shared_mem)
+        if g[0] * g[1] * g[2] > most:
+            raise ValueError(f"{kernel.name}: a cooperative grid of {g[0] * g[1] * g[2]} blocks of {b} threads "
+                             f"({shared_mem} bytes of dynamic shared memory) exceeds the {most} the device "
+                             f"holds at once")
     fn = kernel.function
     if _is_numpy(kernel.xp):
-        if shared_mem > limit:
-            raise ValueError(f"shared_mem={shared_mem} exceeds the device's {limit} bytes per block")
-        fn(g, b, args, shared_mem)
-        return
-    static = fn.shared_size_bytes
-    if static + shared_mem > limit:
-        raise ValueError(f"{kernel.name}: {static} bytes static + {shared_mem} dynamic shared memory "
-                         f"exceed the device's {limit} bytes per block")
-    if static + shared_mem > dev["max_shared_memory_per_block"] and fn.max_dynamic_shared_size_bytes < shared_mem:
-        fn.max_dynamic_shared_size_bytes = limit - static  # opt in once, to the most the device allows
-    fn(g, b, args, shared_mem=shared_mem)
+        fn(g, b, args, shared_mem, cooperative=cooperative)
+    elif cooperative:
+        # RawKernel launches cooperatively only when its whole module was built so; the underlying
+        # Function takes the choice per launch (cuLaunchCooperativeKernel)
+        fn.kernel(g, b, args, shared_mem=shared_mem, stream=kernel.xp.cuda.get_current_stream(),
+                  enable_cooperative_groups=True)
+    else:
+        fn(g, b, args, shared_mem=shared_mem)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Compile kernel families with NVRTC for every target architecture: no GPU and no driver needed.
 
 CuPy's compiler wrapper needs a CUDA driver; NVRTC itself does not. With ``nvidia-cuda-nvrtc-cu12``,
-``cuda-bindings`` 12.x (its ``nvrtc`` module) and ``nvidia-cuda-runtime-cu12`` (for ``cuda_fp16.h``)
-installed, this compiles the exact source CuPy would (``gpu._kernels.family_source``) to CUBIN for
+``cuda-bindings`` 12.x (its ``nvrtc`` module), ``nvidia-cuda-runtime-cu12`` (for ``cuda_fp16.h`` and
+``cooperative_groups.h``) and ``nvidia-cuda-cccl-cu12`` (``nv/target``, which cooperative_groups.h
+includes) installed, this compiles the exact source CuPy would (``gpu._kernels.family_source``) to CUBIN for
 sm_75..sm_90 on any machine, and reads ptxas's report.
 
 A family is clean when every dtype x declared variant x architecture compiles with no warning, and
@@ -60,7 +61,7 @@ def unavailable_reason() -> str | None:
     if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
         return f"NVRTC is not usable ({err}): pip install nvidia-cuda-nvrtc-cu12"
     try:
-        _kernels.cuda_include_dir()
+        _kernels.nvrtc_include_options()
     except _kernels.KernelBuildError as e:
         return str(e)
     return None
@@ -90,7 +91,7 @@ def compile_cubin(source: str, arch: str, defines: Iterable[str] = (), name: str
     version, options and source) next to the emulator's builds, so a re-run checks only what
     changed.
     """
-    opts = [f"--gpu-architecture={arch}", "-std=c++17", f"-I{_kernels.cuda_include_dir()}",
+    opts = [f"--gpu-architecture={arch}", "-std=c++17", *_kernels.nvrtc_include_options(),
             "--ptxas-options=-v", *defines]
     cached = _log_cache(source, opts)
     if cached.is_file():

@@ -12,11 +12,13 @@ How a module is built (once per source + flags + compiler, cached on disk):
    dynamic shared-memory buffer, and all is linked with ``runtime.cpp`` (the fiber scheduler) into
    a shared library loaded with ctypes.
 
-Execution model and what it catches: see ``runtime.cpp``. In short: blocks run one after another,
+Execution model and what it catches: see ``runtime.cpp``. In short: blocks run one after another
+(a cooperative launch runs them all at once, so ``cooperative_groups::this_grid().sync()`` works),
 each CUDA thread is a fiber, threads switch only at barriers and warp operations; a divergent
-barrier, a warp operation that cannot complete, an overflow of dynamic shared memory or a scalar
-argument of the wrong type raises ``EmulatorError`` naming the kernel and the source line; shared
-memory starts every block as NaN.
+barrier, a grid.sync that some thread never reaches, a warp operation that cannot complete, an
+overflow of dynamic shared memory or a scalar argument of the wrong type raises ``EmulatorError``
+naming the kernel and the source line; shared memory starts every block as NaN and stays private
+to its block.
 
 Environment
 -----------
@@ -66,9 +68,10 @@ from gpu._kernels import KernelBuildError
 __all__ = ["EmulatorError", "EmulatedKernel", "Module", "build_module", "build_flavour", "cache_dir"]
 
 _HERE = Path(__file__).resolve().parent
-# cuda_fp16.h, cuda_bf16.h, cuda_runtime.h: empty stand-ins (cuda_emulator.h declares it all), found
-# by the kernel's #include through -I on this directory.
-_RUNTIME_FILES = ("cuda_emulator.h", "runtime.cpp", "cuda_fp16.h", "cuda_bf16.h", "cuda_runtime.h")
+# cuda_fp16.h, cuda_bf16.h, cuda_runtime.h: empty stand-ins (cuda_emulator.h declares it all);
+# cooperative_groups.h: the grid group. Found by the kernel's #include through -I on this directory.
+_RUNTIME_FILES = ("cuda_emulator.h", "runtime.cpp", "cuda_fp16.h", "cuda_bf16.h", "cuda_runtime.h",
+                  "cooperative_groups.h")
 # Bump when the build steps below change what they produce from the same inputs.
 _BUILD_VERSION = "1"
 
@@ -310,9 +313,13 @@ class Module:
         lib.gpuemu_launch.restype = ctypes.c_int
         lib.gpuemu_launch.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint),
                                       ctypes.c_uint, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int,
-                                      ctypes.c_ulonglong]
+                                      ctypes.c_ulonglong, ctypes.c_int]
+        lib.gpuemu_static_smem_bytes.restype = ctypes.c_uint
         self.path = path
         self.lib = lib
+        #: Static shared memory of all the module's kernels together (the emulator cannot tell which
+        #: kernel declares which array): an upper bound for any one kernel's.
+        self.static_smem_bytes = int(lib.gpuemu_static_smem_bytes())
         self.kernels = {}
         for i in range(lib.gpuemu_kernel_count_()):
             name = lib.gpuemu_kernel_name(i).decode()
@@ -352,7 +359,12 @@ def _env_order() -> tuple[int, int]:
 
 
 class EmulatedKernel:
-    """One kernel of a Module; called like CuPy's RawKernel: ``k(grid, block, args, shared_mem)``."""
+    """One kernel of a Module; called like CuPy's RawKernel: ``k(grid, block, args, shared_mem)``.
+
+    ``k(..., cooperative=True)`` launches as ``cuLaunchCooperativeKernel`` does: every block of the
+    grid runs at once, so the kernel may call ``cooperative_groups::this_grid().sync()``. The
+    caller (``gpu._kernels.launch``) checks that the grid fits the emulated device.
+    """
 
     def __init__(self, module: Module, index: int, name: str, params: list[str]):
         self.module = module
@@ -391,12 +403,18 @@ class EmulatedKernel:
         argv = (ctypes.c_void_p * len(values))(*(base + 8 * i for i in range(len(values))))
         return values, argv
 
-    def __call__(self, grid: Sequence[int], block: Sequence[int], args: Sequence[Any], shared_mem: int = 0) -> None:
+    @property
+    def shared_size_bytes(self) -> int:
+        """Static shared memory (as CuPy's ``RawKernel.shared_size_bytes``; here the module's total)."""
+        return self.module.static_smem_bytes
+
+    def __call__(self, grid: Sequence[int], block: Sequence[int], args: Sequence[Any], shared_mem: int = 0,
+                 cooperative: bool = False) -> None:
         values, argv = self._pack(args)
         reverse, seed = _env_order()
         g = (ctypes.c_uint * 3)(*grid)
         b = (ctypes.c_uint * 3)(*block)
-        rc = self.module.lib.gpuemu_launch(self.index, g, b, shared_mem, argv, reverse, seed)
+        rc = self.module.lib.gpuemu_launch(self.index, g, b, shared_mem, argv, reverse, seed, int(cooperative))
         del values
         if rc != 0:
             raise EmulatorError(self.module.lib.gpuemu_last_error().decode())

@@ -2,18 +2,21 @@
 //
 // Force-included (g++ -include) in front of a kernel family's source, which then compiles
 // unchanged with the system C++ compiler. Execution model (runtime.cpp): the blocks of a launch
-// run one after another; each CUDA thread of a block is a fiber on one OS thread, switched only at
-// synchronization points (barriers, warp shuffles and votes), so runs are deterministic.
+// run one after another (a cooperative launch: all at once); each CUDA thread of a block is a fiber
+// on one OS thread, switched only at synchronization points (barriers, warp shuffles and votes,
+// grid.sync), so runs are deterministic.
 //
 //  - __shared__ is `thread_local`: inside a function that also means `static`, so every fiber of a
 //    block (all on one OS thread) sees one copy. `extern __shared__` arrays are aliased by the
-//    build to one buffer of the largest dynamic size a device allows.
+//    build to one buffer of the largest dynamic size a device allows. In a cooperative launch the
+//    scheduler swaps each block's copy in and out as it moves between blocks.
 //  - threadIdx/blockIdx/blockDim/gridDim are globals the scheduler rewrites at every switch.
 //  - Synchronization intrinsics take the caller's file and line as default arguments, so errors
 //    (divergent barrier, shuffle from a lane that has exited) name the source line.
 //
-// Anything not declared here (textures, cooperative groups, inline PTX, __activemask) fails to
-// compile, so an unsupported kernel can never run wrong. GPU_EMULATOR is defined; __CUDA_ARCH__ and
+// Anything not declared here or in the stand-in cooperative_groups.h (grid groups only) fails to
+// compile (textures, inline PTX, __activemask, thread-block tiles), so an unsupported kernel can
+// never run wrong. GPU_EMULATOR is defined; __CUDA_ARCH__ and
 // __CUDACC__ are not.
 #pragma once
 
@@ -213,7 +216,7 @@ inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short u) { __nv_bfloat16 b; b
 
 namespace gpuemu {
 
-enum BarrierKind { BAR_PLAIN, BAR_COUNT, BAR_AND, BAR_OR };
+enum BarrierKind { BAR_PLAIN, BAR_COUNT, BAR_AND, BAR_OR, BAR_GRID };
 enum WarpOpKind { OP_SHFL_IDX, OP_SHFL_UP, OP_SHFL_DOWN, OP_SHFL_XOR, OP_BALLOT, OP_ALL, OP_ANY, OP_SYNCWARP };
 
 int barrier(int kind, int pred, const char* file, int line);

@@ -1,22 +1,32 @@
 // runtime.cpp: the scheduler of the gpu CPU emulator, linked into every emulated kernel module.
 //
-// A launch runs its blocks one after another (in order, or shuffled by a seed). Each CUDA thread
-// of a block is a fiber with its own stack; fibers switch only at synchronization points, so a
-// launch is deterministic:
+// A launch runs its blocks one after another (in order, or shuffled by a seed); a cooperative
+// launch runs all of them at once, as one group, so that grid.sync() can hold every thread of the
+// grid. Each CUDA thread of the running group is a fiber with its own stack; fibers switch only at
+// synchronization points, so a launch is deterministic:
 //
-//   - The scheduler sweeps the block's threads (forward, or reversed: GPU_EMULATOR_ORDER), resuming
-//     each runnable one until it blocks at a barrier or a warp operation, or returns.
+//   - The scheduler sweeps the group's threads, block by block (forward, or all reversed:
+//     GPU_EMULATOR_ORDER), resuming each runnable one until it blocks at a barrier or a warp
+//     operation, or returns.
 //   - A warp operation (shuffle, vote, __syncwarp) completes when every lane of its mask has
 //     arrived; the last arrival computes all lanes' results.
 //   - When no thread is runnable, the block is done (all returned), or every live thread waits at
 //     the same __syncthreads (exited threads count as arrived, as on the GPU and in
 //     compute-sanitizer's synccheck) and all are released, or the block cannot progress: an error
 //     naming the kernel, the block, the threads and the source lines.
+//   - grid.sync() (cooperative_groups.h) completes when every thread of every block waits at it;
+//     a thread that has exited, or waits at another barrier, is an error (compute-sanitizer and
+//     the CUDA documentation require every thread of the grid to arrive), as is grid.sync() in a
+//     launch that is not cooperative.
 //
 // Shared memory lives in the module's thread-local storage (see cuda_emulator.h); it is filled with
 // the word 0x7fffffff (NaN as float, double, half and bfloat16) at each block start, so a read
 // that a missing barrier leaves unordered shows up as NaN. A guard zone after the requested
 // dynamic size catches overflows (under ASan, the rest of the buffer is poisoned for ASan too).
+// In a cooperative launch the blocks take turns in that one region: when the scheduler moves on
+// to a fiber of another block, it checks the guard zone, saves the region (static shared memory
+// and the requested dynamic bytes) into the leaving block's image and restores the arriving
+// block's (poison, the first time).
 //
 // The context switch is ~15 instructions of x86-64 assembly (callee-saved registers, stack
 // pointer, MXCSR and x87 control word); elsewhere, or with -DGPUEMU_UCONTEXT, ucontext (which makes a
@@ -129,7 +139,8 @@ struct Fiber {
     char* stack = nullptr;  // lowest usable byte (a guard page lies below)
     size_t stack_size = 0;
     void* asan_fake_stack = nullptr;
-    int rank = 0;
+    int rank = 0;   // thread rank within its block
+    int block = 0;  // index of its block in the running group
     uint3 tid{};
     State state = RUNNABLE;
     // What the thread waits at, and the values it brings and gets back.
@@ -153,6 +164,13 @@ struct Warp {
     std::vector<WarpGroup> groups;
 };
 
+// A block of the running group: its index, and its shared memory while another block's is resident.
+struct Block {
+    uint3 idx{};
+    bool fresh = true;                 // has not run yet: its shared memory starts as poison
+    std::vector<unsigned char> image;  // saved static + dynamic shared memory
+};
+
 #if defined(GPUEMU_ASAN)
 constexpr size_t kStackSize = 256 * 1024;  // ASan's redzones grow frames
 #else
@@ -164,7 +182,7 @@ constexpr unsigned long long kPoison64 = 0x7fffffff7fffffffull;
 const char* const kWarpOpNames[] = {"__shfl_sync", "__shfl_up_sync", "__shfl_down_sync", "__shfl_xor_sync",
                                     "__ballot_sync", "__all_sync", "__any_sync", "__syncwarp"};
 const char* const kBarrierNames[] = {"__syncthreads", "__syncthreads_count", "__syncthreads_and",
-                                     "__syncthreads_or"};
+                                     "__syncthreads_or", "grid.sync"};
 
 // One launch at a time per module: the launch state below is global, not thread-local.
 std::mutex g_launch_mutex;
@@ -174,13 +192,18 @@ struct Launch {
     void** args = nullptr;
     bool reverse = false;
     unsigned dynamic_smem = 0;
-    int threads = 0;
+    bool cooperative = false;
+    int threads = 0;  // per block
     bool aborted = false;
     std::string error;
 } g;
 
+// The running group: g_blocks.size() blocks; thread r of block b is g_fibers[b * g.threads + r],
+// its warp g_warps[b * warps_per_block + r / 32].
+std::vector<Block> g_blocks;
 std::vector<Fiber> g_fibers;
 std::vector<Warp> g_warps;
+int g_resident = 0;  // the block whose shared memory is in the TLS region
 Fiber* g_current = nullptr;
 int g_runnable = 0;
 #if defined(GPUEMU_UCONTEXT)
@@ -291,6 +314,7 @@ void start_fiber(Fiber* f) {
 void resume(Fiber* f) {
     g_current = f;
     threadIdx = f->tid;
+    blockIdx = g_blocks[f->block].idx;
 #if defined(GPUEMU_ASAN)
     __sanitizer_start_switch_fiber(&g_main_fake_stack, f->stack, f->stack_size);
 #endif
@@ -407,8 +431,10 @@ void poison_shared_memory() {
 #endif
 }
 
-// Reads the guard zone that ASan builds poison: exempt from instrumentation.
+// Reads the guard zone that ASan builds poison: exempt from instrumentation. An overflow is
+// charged to the resident block.
 __attribute__((no_sanitize("address"))) void check_guard_zone() {
+    blockIdx = g_blocks[g_resident].idx;
     const unsigned char* guard = gpuemu_dynamic_smem + g.dynamic_smem;
     for (int i = 0; i < GPUEMU_GUARD_BYTES; i += 4) {
         unsigned int w;
@@ -421,9 +447,54 @@ __attribute__((no_sanitize("address"))) void check_guard_zone() {
     }
 }
 
+// What a block owns of the TLS region: the static shared memory before and after the dynamic
+// buffer, and the dynamic bytes the launch asked for (the guard zone and the rest stay poison).
+struct Range {
+    unsigned char* p;
+    size_t n;
+};
+
+void block_ranges(Range (&r)[3]) {
+    unsigned char* dynamic = gpuemu_dynamic_smem;
+    unsigned char* dynamic_end = dynamic + sizeof(gpuemu_dynamic_smem);
+    r[0] = {g_tls.start, (size_t)(dynamic - g_tls.start)};
+    r[1] = {dynamic, g.dynamic_smem};
+    r[2] = {dynamic_end, (size_t)(g_tls.start + g_tls.size - dynamic_end)};
+}
+
+// Cooperative launches: make block b's shared memory resident, saving the resident block's.
+void switch_shared_memory(int b) {
+    check_guard_zone();
+    if (g.aborted) return;
+    Range r[3];
+    block_ranges(r);
+    Block& out = g_blocks[g_resident];
+    out.image.resize(r[0].n + r[1].n + r[2].n);
+    unsigned char* q = out.image.data();
+    for (const Range& x : r) {
+        std::memcpy(q, x.p, x.n);
+        q += x.n;
+    }
+    Block& in = g_blocks[b];
+    q = in.image.data();
+    for (const Range& x : r) {
+        if (in.fresh) {
+            fill_poison(x.p, x.n);
+        } else {
+            std::memcpy(x.p, q, x.n);
+            q += x.n;
+        }
+    }
+    in.fresh = false;
+    g_resident = b;
+}
+
 // ----------------------------------------------------------------------------------------------
 // Barriers and warp operations
 // ----------------------------------------------------------------------------------------------
+
+int warps_per_block() { return (g.threads + 31) / 32; }
+Fiber& fiber_of(int block, int rank) { return g_fibers[(size_t)block * g.threads + rank]; }
 
 // Lane `lane`'s result for a completed warp operation.
 unsigned long long warp_result(const WarpGroup& grp, int warp_base, int lane) {
@@ -459,7 +530,7 @@ unsigned long long warp_op(int op, unsigned mask, unsigned long long value, int 
                            const char* file, int line) {
     Fiber* f = g_current;
     const int warp = f->rank / 32, lane = f->rank % 32;
-    Warp& w = g_warps[warp];
+    Warp& w = g_warps[f->block * warps_per_block() + warp];
     const unsigned existing = w.lanes == 32 ? 0xffffffffu : (1u << w.lanes) - 1u;
     std::string error;
     if (mask & ~existing)
@@ -499,7 +570,7 @@ unsigned long long warp_op(int op, unsigned mask, unsigned long long value, int 
     f->op = op;
     grp->arrived |= 1u << lane;
     if (grp->arrived == mask) {
-        const int base = warp * 32;
+        const int base = f->block * g.threads + warp * 32;
         for (int l = 0; l < 32; ++l) {
             if (!(mask >> l & 1u)) continue;
             Fiber& t = g_fibers[base + l];
@@ -517,6 +588,11 @@ unsigned long long warp_op(int op, unsigned mask, unsigned long long value, int 
 
 int barrier(int kind, int pred, const char* file, int line) {
     Fiber* f = g_current;
+    if (kind == BAR_GRID && !g.cooperative) {
+        record_error(format("grid.sync() at %s:%d in a launch that is not cooperative (launch it with "
+                            "cooperative=True)", file, line));
+        wait();
+    }
     f->state = AT_BARRIER;
     f->op = kind;
     f->value = (unsigned long long)pred;
@@ -534,59 +610,63 @@ void trap(const char* what, const char* file, int line) {
 
 namespace {
 
-// No thread is runnable: release a barrier, or report why the block cannot go on.
-bool resolve_block() {
+enum BlockState { BLOCK_DONE, BLOCK_RELEASED, BLOCK_AT_GRID_SYNC, BLOCK_FAILED };
+
+// No thread of the group is runnable; for block b: all returned, or every live thread waits at
+// the same __syncthreads (released now) or at grid.sync (released with the grid), or an error.
+BlockState resolve_block(int b) {
+    blockIdx = g_blocks[b].idx;  // for the error messages
     std::vector<int> exited, at_barrier, at_warp;
     for (int r = 0; r < g.threads; ++r) {
-        switch (g_fibers[r].state) {
+        switch (fiber_of(b, r).state) {
             case EXITED: exited.push_back(r); break;
             case AT_BARRIER: at_barrier.push_back(r); break;
             case AT_WARP_OP: at_warp.push_back(r); break;
             case RUNNABLE: break;
         }
     }
-    if ((int)exited.size() == g.threads) return false;
+    if ((int)exited.size() == g.threads) return BLOCK_DONE;
     if (!at_warp.empty()) {
         // A warp operation waits for lanes that will never come: they exited or wait at a barrier.
-        const Fiber& t = g_fibers[at_warp[0]];
-        const int warp = t.rank / 32;
-        const WarpGroup& grp = g_warps[warp].groups.front();
+        const int warp = at_warp[0] / 32;
+        const WarpGroup& grp = g_warps[b * warps_per_block() + warp].groups.front();
         std::vector<int> gone, barred;
         for (int l = 0; l < 32; ++l) {
             if (!(grp.mask >> l & 1u) || (grp.arrived >> l & 1u)) continue;
-            const Fiber& o = g_fibers[warp * 32 + l];
+            const Fiber& o = fiber_of(b, warp * 32 + l);
             (o.state == EXITED ? gone : barred).push_back(l);
         }
         std::string why;
         if (!gone.empty()) why += format("lanes %s have exited", ranges(gone).c_str());
         if (!barred.empty()) {
-            const Fiber& o = g_fibers[warp * 32 + barred[0]];
+            const Fiber& o = fiber_of(b, warp * 32 + barred[0]);
             why += format("%slanes %s wait at %s (%s:%d)", why.empty() ? "" : "; ", ranges(barred).c_str(),
                           kBarrierNames[o.op], o.file, o.line);
         }
         record_error(format("%s at %s:%d in warp %d (mask 0x%08x) cannot complete: %s", kWarpOpNames[grp.op],
                             grp.file, grp.line, warp, grp.mask, why.c_str()));
-        return false;
+        return BLOCK_FAILED;
     }
     // Every live thread waits at a barrier: the same one, or the block has diverged.
-    const Fiber& first = g_fibers[at_barrier[0]];
+    const Fiber& first = fiber_of(b, at_barrier[0]);
     std::vector<int> same, other;
     for (int r : at_barrier) {
-        const Fiber& t = g_fibers[r];
+        const Fiber& t = fiber_of(b, r);
         (t.file == first.file && t.line == first.line && t.op == first.op ? same : other).push_back(r);
     }
     if (!other.empty()) {
-        const Fiber& o = g_fibers[other[0]];
+        const Fiber& o = fiber_of(b, other[0]);
         std::vector<int> elsewhere;
         for (int r : other)
-            if (g_fibers[r].file == o.file && g_fibers[r].line == o.line) elsewhere.push_back(r);
+            if (fiber_of(b, r).file == o.file && fiber_of(b, r).line == o.line) elsewhere.push_back(r);
         record_error(format("divergent barrier: threads %s wait at %s (%s:%d) while threads %s wait at %s (%s:%d)",
                             ranges(same).c_str(), kBarrierNames[first.op], first.file, first.line,
                             ranges(elsewhere).c_str(), kBarrierNames[o.op], o.file, o.line));
-        return false;
+        return BLOCK_FAILED;
     }
+    if (first.op == BAR_GRID) return BLOCK_AT_GRID_SYNC;
     long long count = 0;
-    for (int r : at_barrier) count += g_fibers[r].value != 0;
+    for (int r : at_barrier) count += fiber_of(b, r).value != 0;
     unsigned long long result = 0;
     switch (first.op) {
         case BAR_COUNT: result = (unsigned long long)count; break;
@@ -595,34 +675,103 @@ bool resolve_block() {
         default: break;
     }
     for (int r : at_barrier) {
-        g_fibers[r].result = result;
-        g_fibers[r].state = RUNNABLE;
+        fiber_of(b, r).result = result;
+        fiber_of(b, r).state = RUNNABLE;
     }
-    g_runnable = (int)at_barrier.size();
+    g_runnable += (int)at_barrier.size();
+    return BLOCK_RELEASED;
+}
+
+// Every block that has not finished waits at grid.sync with all its live threads: release them,
+// unless a thread has exited (it can never arrive) or blocks wait at different grid.sync calls.
+bool release_grid_sync() {
+    const int nblocks = (int)g_blocks.size(), total = nblocks * g.threads;
+    const Fiber* first = nullptr;
+    for (int i = 0; i < total && !first; ++i)
+        if (g_fibers[i].state == AT_BARRIER) first = &g_fibers[i];
+    for (int b = 0; b < nblocks; ++b) {
+        std::vector<int> exited, elsewhere;
+        const Fiber* other = nullptr;
+        for (int r = 0; r < g.threads; ++r) {
+            const Fiber& t = fiber_of(b, r);
+            if (t.state == EXITED) {
+                exited.push_back(r);
+            } else if (t.file != first->file || t.line != first->line) {
+                elsewhere.push_back(r);
+                other = &t;
+            }
+        }
+        blockIdx = g_blocks[b].idx;
+        if (!exited.empty()) {
+            record_error(format("grid.sync at %s:%d cannot complete: threads %s of this block have exited "
+                                "(every thread of the grid must arrive)",
+                                first->file, first->line, ranges(exited).c_str()));
+            return false;
+        }
+        if (other) {
+            const uint3 fb = g_blocks[first->block].idx;
+            record_error(format("divergent grid barrier: threads %s wait at grid.sync (%s:%d) while block "
+                                "(%u,%u,%u) waits at grid.sync (%s:%d)",
+                                ranges(elsewhere).c_str(), other->file, other->line, fb.x, fb.y, fb.z,
+                                first->file, first->line));
+            return false;
+        }
+    }
+    for (int i = 0; i < total; ++i) {
+        if (g_fibers[i].state != AT_BARRIER) continue;
+        g_fibers[i].state = RUNNABLE;
+        ++g_runnable;
+    }
     return true;
 }
 
-void run_block() {
+// No thread of the group is runnable: release what can be released. False when the group has
+// finished or failed.
+bool resolve_group() {
+    bool released = false, at_grid_sync = false;
+    for (int b = 0; b < (int)g_blocks.size(); ++b) {
+        switch (resolve_block(b)) {
+            case BLOCK_DONE: break;
+            case BLOCK_RELEASED: released = true; break;
+            case BLOCK_AT_GRID_SYNC: at_grid_sync = true; break;
+            case BLOCK_FAILED: return false;
+        }
+    }
+    if (released) return true;
+    return at_grid_sync && release_grid_sync();
+}
+
+// Runs blocks `idx` as one group: one block for an ordinary launch, the whole grid for a
+// cooperative one. g_fibers and g_warps are sized for the group.
+void run_group(const std::vector<uint3>& idx) {
+    const int nblocks = (int)idx.size(), total = nblocks * g.threads;
+    g_blocks.assign(nblocks, Block{});
+    for (int b = 0; b < nblocks; ++b) g_blocks[b].idx = idx[b];
+    g_blocks[0].fresh = false;
+    g_resident = 0;
     poison_shared_memory();
-    for (int r = 0; r < g.threads; ++r) {
-        Fiber& f = g_fibers[r];
+    for (int i = 0; i < total; ++i) {
+        Fiber& f = g_fibers[i];
+        const int r = i % g.threads;
         f.rank = r;
+        f.block = i / g.threads;
         f.tid = uint3{r % blockDim.x, r / blockDim.x % blockDim.y, r / (blockDim.x * blockDim.y)};
         f.state = RUNNABLE;
         start_fiber(&f);
     }
     for (Warp& w : g_warps) w.groups.clear();
-    g_runnable = g.threads;
+    g_runnable = total;
     for (;;) {
         while (g_runnable > 0) {
-            for (int i = 0; i < g.threads; ++i) {
-                Fiber& f = g_fibers[g.reverse ? g.threads - 1 - i : i];
+            for (int i = 0; i < total; ++i) {
+                Fiber& f = g_fibers[g.reverse ? total - 1 - i : i];
                 if (f.state != RUNNABLE) continue;
-                resume(&f);
+                if (f.block != g_resident) switch_shared_memory(f.block);
+                if (!g.aborted) resume(&f);
                 if (g.aborted) return;
             }
         }
-        if (!resolve_block()) break;
+        if (!resolve_group()) break;
     }
     if (!g.aborted) check_guard_zone();
 }
@@ -646,16 +795,25 @@ GPUEMU_EXPORT const char* gpuemu_kernel_signature(int i) { return gpuemu_kernel_
 GPUEMU_EXPORT unsigned gpuemu_dynamic_smem_capacity() { return GPUEMU_DYNAMIC_SMEM_CAPACITY; }
 GPUEMU_EXPORT const char* gpuemu_last_error() { return g.error.c_str(); }
 
+// Bytes of static shared memory: all the module's kernels together (one TLS block holds them all).
+GPUEMU_EXPORT unsigned gpuemu_static_smem_bytes() {
+    TlsBlock found;
+    dl_iterate_phdr(find_tls, &found);
+    return (unsigned)(found.size - sizeof(gpuemu_dynamic_smem));
+}
+
 // Runs kernel `index` over the whole grid. `args[i]` points at parameter i's bytes, as in
-// cuLaunchKernel. `seed` != 0 shuffles the block order. Returns 0, or -1 with gpuemu_last_error().
+// cuLaunchKernel. `seed` != 0 shuffles the block order. `cooperative` != 0 runs all blocks as one
+// group (cuLaunchCooperativeKernel: grid.sync() allowed). Returns 0, or -1 with gpuemu_last_error().
 GPUEMU_EXPORT int gpuemu_launch(int index, const unsigned* grid, const unsigned* block, unsigned dynamic_smem,
-                                void** args, int reverse, unsigned long long seed) {
+                                void** args, int reverse, unsigned long long seed, int cooperative) {
     std::lock_guard<std::mutex> lock(g_launch_mutex);
     g = Launch{};
     g.kernel = &gpuemu_kernel_table[index];
     g.args = args;
     g.reverse = reverse != 0;
     g.dynamic_smem = dynamic_smem;
+    g.cooperative = cooperative != 0;
     gridDim = dim3(grid[0], grid[1], grid[2]);
     blockDim = dim3(block[0], block[1], block[2]);
     g.threads = (int)(block[0] * block[1] * block[2]);
@@ -669,16 +827,18 @@ GPUEMU_EXPORT int gpuemu_launch(int index, const unsigned* grid, const unsigned*
         record_error("cannot locate the module's thread-local shared memory");
         return -1;
     }
+    const unsigned long long blocks = (unsigned long long)grid[0] * grid[1] * grid[2];
+    const int group = g.cooperative ? (int)blocks : 1;
     try {
-        allocate_stacks(g.threads);
+        allocate_stacks(group * g.threads);
     } catch (const std::bad_alloc&) {
         record_error("cannot allocate fiber stacks");
         return -1;
     }
-    g_warps.assign((g.threads + 31) / 32, Warp{});
-    for (size_t w = 0; w < g_warps.size(); ++w) g_warps[w].lanes = std::min(32, g.threads - (int)w * 32);
-
-    const unsigned long long blocks = (unsigned long long)grid[0] * grid[1] * grid[2];
+    const int wpb = warps_per_block();
+    g_warps.assign((size_t)group * wpb, Warp{});
+    for (size_t w = 0; w < g_warps.size(); ++w)
+        g_warps[w].lanes = std::min(32, g.threads - (int)(w % wpb) * 32);
     std::vector<unsigned long long> order;
     if (seed) {
         order.resize(blocks);
@@ -686,11 +846,15 @@ GPUEMU_EXPORT int gpuemu_launch(int index, const unsigned* grid, const unsigned*
         unsigned long long state = seed;
         for (unsigned long long b = blocks; b > 1; --b) std::swap(order[b - 1], order[mix(state) % b]);
     }
-    for (unsigned long long i = 0; i < blocks && !g.aborted; ++i) {
-        const unsigned long long b = seed ? order[i] : i;
-        blockIdx = uint3{(unsigned)(b % grid[0]), (unsigned)(b / grid[0] % grid[1]),
-                         (unsigned)(b / ((unsigned long long)grid[0] * grid[1]))};
-        run_block();
+    std::vector<uint3> idx;
+    for (unsigned long long i = 0; i < blocks && !g.aborted; i += group) {
+        idx.clear();
+        for (unsigned long long j = i; j < i + group; ++j) {
+            const unsigned long long b = seed ? order[j] : j;
+            idx.push_back(uint3{(unsigned)(b % grid[0]), (unsigned)(b / grid[0] % grid[1]),
+                                (unsigned)(b / ((unsigned long long)grid[0] * grid[1]))});
+        }
+        run_group(idx);
     }
 #if defined(GPUEMU_ASAN)
     // Fibers abandoned at an error leave their frames' redzones poisoned in ASan's shadow; the
