@@ -27,10 +27,13 @@
 //                       update r = (1-momentum)*r + momentum*stat (var unbiased by M/(M-1)).
 //   bn_apply            y = (x - center[c]) * scale[c] + shift[c]: the training forward's second
 //                       pass (center = batch mean) and inference (center = running mean).
-//   bn_forward_onchip   training forward when one block holds a whole tile (all rows of its
-//                       channels) in registers (<= BN_ONCHIP_ROWS rows per thread, at most
-//                       BN_ONCHIP_THREADS threads): stats,
-//                       finalize and normalize in one launch, x read once.
+//   bn_forward_onchip   training forward with x held in registers (<= BN_ONCHIP_ROWS rows per
+//                       thread, at most BN_ONCHIP_THREADS threads) from the statistics to the
+//                       normalization: stats, finalize and normalize in one launch, x read once.
+//                       Either one block holds a whole tile (all rows of its channels; an ordinary
+//                       launch), or the tile's rows and chunks spread over gy*chunks blocks that
+//                       exchange Welford partials across a grid barrier (persistent: a cooperative
+//                       launch, every block resident at once, see below).
 //   bn_inference_params scale = gamma/sqrt(running_var+eps), shift = beta, one thread per channel.
 //   bn_backward_reduce  per-channel sum(dy) and sum(dy*(x-mean)), reduced like the statistics; the
 //                       last block writes dbeta = sum(dy), dgamma = sum(dy*(x-mean))*invstd and
@@ -46,9 +49,18 @@
 // merge order never depends on scheduling, so results are bitwise reproducible; no floating-point
 // atomics. A NaN or inf only reaches the lanes of its own channel.
 //
+// Persistent forward. With several blocks per tile, bn_forward_onchip cannot wait for the last
+// block to finalize (the others would have to drop their rows): each block stores its partial in
+// the workspace, grid.sync() (cooperative_groups; the launch is cooperative, so the grid must fit
+// the device at once: gpu/batchnorm.py sizes it from max_cooperative_grid), then every block merges
+// its tile's partials in partition order itself. The merge is the same sequence of operations in
+// every block, so all blocks normalize with the same bits; block part 0 alone writes the
+// statistics and the running-stat update.
+//
 // Bytes moved (E elements of s bytes, C channels; partials and coefficients are O(C * gy)):
 //   batch statistics                  E*s                  (bn_stats)
-//   forward, training, on chip        2 E*s                (bn_forward_onchip)
+//   forward, training, on chip        2 E*s                (bn_forward_onchip, one block per
+//                                                           tile or persistent across the grid)
 //   forward, training, two-pass       3 E*s                (bn_stats + bn_apply; the second read
 //                                                           of x hits L2 when x fits there)
 //   inference                         2 E*s                (bn_inference_params + bn_apply)
@@ -60,9 +72,8 @@
 // workspace) in ACC_T (the Python side converts mixed parameter dtypes). Element offsets are
 // index_t (64 bits); C < 2^31. Blocks: 1-D, a multiple of 32 threads, <= BN_MAX_THREADS; bx a
 // power of two; dynamic shared memory = blockDim.x * (1 + 2*VEC) * sizeof(ACC_T).
-// Not here: a grid-wide persistent forward (x on chip across all SMs between the statistics and
-// the normalization) needs a grid barrier, which the CPU emulator does not provide; tiles that
-// need several blocks take the two-pass path.
+
+#include <cooperative_groups.h>
 
 #ifndef BN_VECTOR
 #define BN_VECTOR 1
@@ -72,7 +83,7 @@
 #define BN_UNROLL 4          // rows of loads in flight per thread in the streaming loops
 #define BN_ONCHIP_ROWS 8     // rows per thread bn_forward_onchip keeps in registers
 #define BN_ONCHIP_THREADS 256  // its largest block; one block per SM may use up to 255 registers
-                               // (bfloat16: 140, as the row cache and its float copies stay live)
+                               // (bfloat16 at sm_90: 157, as the row cache and its float copies stay live)
 #define BN_MAX_COLS 64       // largest bx of a channels-last tile (bounds bn_forward_onchip's smem)
 
 typedef SCALAR_T scalar_t;
@@ -360,6 +371,31 @@ __device__ __forceinline__ A reduce_columns(A a, int S, acc_t* smem) {
     return a;
 }
 
+// After reduce_columns: this block's partial of its tile into the workspace.
+template <class A>
+__device__ __forceinline__ void store_tile_partial(const A& a, const Tile& t, int C, acc_t* ws) {
+    if ((int)threadIdx.x < t.ncols && t.col_active)
+        a.store_partial(ws, (index_t)t.part * C + t.c0, (index_t)t.nparts * C);
+}
+
+// All nparts partials of the tile merged in partition order (the same order in any block that
+// calls it); the result is in threads threadIdx.x < S. Every thread must call.
+template <class A>
+__device__ __forceinline__ A merge_tile_partials(const Tile& t, int C, const acc_t* ws, acc_t* smem) {
+    const index_t pc = (index_t)t.nparts * C;
+    A a;
+    a.init();
+    if (t.col_active) {
+        const int step = blockDim.x / t.ncols;
+        for (int p = threadIdx.x / t.ncols; p < t.nparts; p += step) {
+            A o;
+            o.load_partial(ws, (index_t)p * C + t.c0, pc);
+            a.merge(o);
+        }
+    }
+    return reduce_columns(a, t.ncols, smem);
+}
+
 // After reduce_columns: when the tile has several blocks, each stores its partial and the block
 // that arrives last at the tile's counter merges all of them in partition order. Returns true in
 // the block holding the tile's final states (in threads threadIdx.x < S).
@@ -367,25 +403,14 @@ template <class A>
 __device__ __forceinline__ bool merge_grid(A& a, const Tile& t, int C, acc_t* ws, unsigned int* counters,
                                            acc_t* smem, int* is_last) {
     if (t.nparts == 1) return true;
-    const index_t pc = (index_t)t.nparts * C;
-    const int tid = threadIdx.x;
-    if (tid < t.ncols && t.col_active) a.store_partial(ws, (index_t)t.part * C + t.c0, pc);
+    store_tile_partial(a, t, C, ws);
     __threadfence();  // partials visible device-wide before the counter says so
     __syncthreads();
-    if (tid == 0) *is_last = atomicAdd(&counters[t.tile], 1u) == (unsigned int)(t.nparts - 1);
+    if (threadIdx.x == 0) *is_last = atomicAdd(&counters[t.tile], 1u) == (unsigned int)(t.nparts - 1);
     __syncthreads();
     if (!*is_last) return false;
     __threadfence();
-    a.init();
-    if (t.col_active) {
-        const int step = blockDim.x / t.ncols;
-        for (int p = tid / t.ncols; p < t.nparts; p += step) {
-            A o;
-            o.load_partial(ws, (index_t)p * C + t.c0, pc);
-            a.merge(o);
-        }
-    }
-    a = reduce_columns(a, t.ncols, smem);
+    a = merge_tile_partials<A>(t, C, ws, smem);
     return true;
 }
 
@@ -400,14 +425,19 @@ struct StatsOut {
     int flags;
 };
 
-// Final values of channel c from its merged (mean, m2); returns (mean, scale, shift) for reuse.
-__device__ __forceinline__ void finalize_channel(const StatsOut& o, int c, acc_t mu, acc_t m2,
+// Final values of channel c from its merged (mean, m2), written out when `write`; returns
+// (mean, scale, shift) for reuse.
+__device__ __forceinline__ void finalize_channel(const StatsOut& o, int c, acc_t mu, acc_t m2, bool write,
                                                  acc_t* coef) {
     acc_t var = m2 * o.inv_m;
     var = var < acc_t(0) ? acc_t(0) : var;  // keeps NaN (fmax would not)
     const acc_t invstd = acc_t(1) / sqrt(var + o.eps);
     const acc_t scale = (o.flags & BN_HAS_GAMMA) ? o.gamma[c] * invstd : invstd;
     const acc_t shift = (o.flags & BN_HAS_BETA) ? o.beta[c] : acc_t(0);
+    coef[0] = mu;
+    coef[1] = scale;
+    coef[2] = shift;
+    if (!write) return;
     o.mean[c] = mu;
     o.var[c] = var;
     o.invstd[c] = invstd;
@@ -418,25 +448,19 @@ __device__ __forceinline__ void finalize_channel(const StatsOut& o, int c, acc_t
         o.running_mean[c] = keep * o.running_mean[c] + o.momentum * mu;
         o.running_var[c] = keep * o.running_var[c] + o.momentum * (var * o.unbias);
     }
-    coef[0] = mu;
-    coef[1] = scale;
-    coef[2] = shift;
 }
 
-// Block reduce, grid merge, finalize. When `coef_smem` is given (single-block tiles only), the
-// finalizing threads also leave word w of (mean, scale, shift) of lane j of column col at
+// Finalize the tile's channels from its merged states (in threads threadIdx.x < S). When
+// `coef_smem` is given, also leave word w of (mean, scale, shift) of lane j of column col at
 // coef_smem[w * BN_MAX_COLS * VEC + col * L + j], for the block to normalize with.
 template <int L>
-__device__ __forceinline__ void finish_stats(BnWelford<L> w, const Tile& t, int C, const StatsOut& o,
-                                             acc_t* ws, unsigned int* counters, acc_t* smem,
-                                             int* is_last, acc_t* coef_smem) {
-    w = reduce_columns(w, t.ncols, smem);
-    if (!merge_grid(w, t, C, ws, counters, smem, is_last)) return;
+__device__ __forceinline__ void finalize_tile(const BnWelford<L>& w, const Tile& t, const StatsOut& o, bool write,
+                                              acc_t* coef_smem) {
     if ((int)threadIdx.x < t.ncols && t.col_active) {
 #pragma unroll
         for (int j = 0; j < L; ++j) {
             acc_t coef[3];
-            finalize_channel(o, t.c0 + j, w.mean[j], w.m2[j], coef);
+            finalize_channel(o, t.c0 + j, w.mean[j], w.m2[j], write, coef);
             if (coef_smem) {
                 const int q = threadIdx.x * L + j;
                 coef_smem[q] = coef[0];
@@ -445,6 +469,30 @@ __device__ __forceinline__ void finish_stats(BnWelford<L> w, const Tile& t, int 
             }
         }
     }
+}
+
+// bn_stats: block reduce, grid merge through the counter, finalize.
+template <int L>
+__device__ __forceinline__ void finish_stats(BnWelford<L> w, const Tile& t, int C, const StatsOut& o,
+                                             acc_t* ws, unsigned int* counters, acc_t* smem, int* is_last) {
+    w = reduce_columns(w, t.ncols, smem);
+    if (!merge_grid(w, t, C, ws, counters, smem, is_last)) return;
+    finalize_tile(w, t, o, true, nullptr);
+}
+
+// bn_forward_onchip: block reduce; with several blocks per tile, partials through the workspace
+// and a grid barrier, merged by every block; the coefficients into coef_smem. Block part 0 writes
+// the statistics.
+template <int L>
+__device__ __forceinline__ void onchip_stats(BnWelford<L> w, const Tile& t, int C, const StatsOut& o,
+                                             acc_t* ws, acc_t* smem, acc_t* coef_smem) {
+    w = reduce_columns(w, t.ncols, smem);
+    if (t.nparts > 1) {
+        store_tile_partial(w, t, C, ws);
+        cooperative_groups::this_grid().sync();  // orders the partials' stores before the loads
+        w = merge_tile_partials<BnWelford<L>>(t, C, ws, smem);
+    }
+    finalize_tile(w, t, o, t.part == 0, coef_smem);
 }
 
 extern "C" __global__ void __launch_bounds__(BN_MAX_THREADS)
@@ -472,22 +520,23 @@ bn_stats(acc_t* mean, acc_t* var, acc_t* invstd, acc_t* scale, acc_t* shift, acc
         }
     }
     if (inner == 1)
-        finish_stats<VEC>(w, t, C, o, ws, counters, bn_smem, &is_last, nullptr);
+        finish_stats<VEC>(w, t, C, o, ws, counters, bn_smem, &is_last);
     else
-        finish_stats<1>(w.fold(), t, C, o, ws, counters, bn_smem, &is_last, nullptr);
+        finish_stats<1>(w.fold(), t, C, o, ws, counters, bn_smem, &is_last);
 }
 
-// One block per tile (grid = (tiles, 1), chunks == 1), every row of the tile in registers.
+// Every row of the grid in registers: grid = (tiles * chunks, gy), by * gy * BN_ONCHIP_ROWS >= outer.
+// gy * chunks == 1: an ordinary launch (ws unused); else a cooperative one with ws holding
+// 3 * gy * chunks * C words.
 extern "C" __global__ void __launch_bounds__(BN_ONCHIP_THREADS, 1)
 bn_forward_onchip(scalar_t* y, acc_t* mean, acc_t* var, acc_t* invstd, acc_t* scale, acc_t* shift,
-                  acc_t* running_mean, acc_t* running_var, const scalar_t* __restrict__ x,
+                  acc_t* running_mean, acc_t* running_var, acc_t* ws, const scalar_t* __restrict__ x,
                   const acc_t* __restrict__ gamma, const acc_t* __restrict__ beta, index_t outer,
-                  int C, index_t inner, int bx, acc_t inv_m, acc_t unbias, acc_t eps,
+                  int C, index_t inner, int bx, int chunks, acc_t inv_m, acc_t unbias, acc_t eps,
                   acc_t momentum, int flags) {
     extern __shared__ acc_t bn_smem[];
     __shared__ acc_t coef_smem[3 * BN_MAX_COLS * VEC];
-    __shared__ int is_last;
-    const Tile t = make_tile(outer, C, inner, bx, 1);
+    const Tile t = make_tile(outer, C, inner, bx, chunks);
     const StatsOut o = {mean, var, invstd, scale, shift, running_mean, running_var,
                         gamma, beta, inv_m, unbias, eps, momentum, flags};
     Vec v[BN_ONCHIP_ROWS];
@@ -502,9 +551,9 @@ bn_forward_onchip(scalar_t* y, acc_t* mean, acc_t* var, acc_t* invstd, acc_t* sc
             if (t.row + u * t.step < t.rows) w.push(v[u]);
     }
     if (inner == 1)
-        finish_stats<VEC>(w, t, C, o, nullptr, nullptr, bn_smem, &is_last, coef_smem);
+        onchip_stats<VEC>(w, t, C, o, ws, bn_smem, coef_smem);
     else
-        finish_stats<1>(w.fold(), t, C, o, nullptr, nullptr, bn_smem, &is_last, coef_smem);
+        onchip_stats<1>(w.fold(), t, C, o, ws, bn_smem, coef_smem);
     __syncthreads();
     if (!t.active) return;
     acc_t mu[VEC], sc[VEC], sh[VEC];

@@ -377,7 +377,8 @@ class _Tuning:
     max_cols: int = 32             # channels-last: most threads along C in a tile (power of two)
     blocks_per_sm: int | None = None  # resident blocks aimed for per SM (None: full occupancy)
     grid_rows: int | None = None   # force grid.y, the blocks sharing a tile's rows
-    path: str = "auto"             # training forward: "auto", "onchip" or "twopass"
+    path: str = "auto"             # training forward: "auto", "onchip" (one block per tile),
+                                   # "persistent" (x on chip across a cooperative grid) or "twopass"
     vector: bool | None = None     # False forces the scalar module; None: vectors where aligned
 
 
@@ -507,6 +508,25 @@ def _onchip_plan(p: _Plan, v: _View, acc, dev) -> _Plan | None:
     return _Plan(p.vector, p.vec, p.bx, T, p.tiles, 1, 1, T * (1 + 2 * p.vec) * acc.itemsize)
 
 
+def _persistent_plan(xp, p: _Plan, v: _View, acc, dtype) -> _Plan | None:
+    """bn_forward_onchip's cooperative plan: a tile's rows (and, channels-first, its chunks) spread
+    over gy blocks of at most BN_ONCHIP_THREADS threads (capped by the ``threads`` knob) holding
+    BN_ONCHIP_ROWS rows per thread; None if a block cannot hold its share or the grid does not fit
+    the device at once (``max_cooperative_grid``). ``grid_rows`` forces gy."""
+    if v.inner == 1 and p.bx > _BN_MAX_COLS:
+        return None
+    per_block = max(1, min(_TUNING.threads, _BN_ONCHIP_THREADS) // p.bx) * _BN_ONCHIP_ROWS
+    gy = _TUNING.grid_rows or -(-v.outer // per_block)
+    by = max(32 // p.bx, _pow2_ceil(-(-v.outer // (gy * _BN_ONCHIP_ROWS))))
+    T = p.bx * by
+    if T > _BN_ONCHIP_THREADS:
+        return None
+    gy = min(gy, -(-v.outer // by))        # no block without rows
+    plan = _Plan(p.vector, p.vec, p.bx, T, p.tiles, p.chunks, gy, T * (1 + 2 * p.vec) * acc.itemsize)
+    fits = _kernels.max_cooperative_grid(_kernel(xp, "bn_forward_onchip", dtype, plan), T, plan.smem)
+    return plan if plan.tiles * plan.parts <= fits else None
+
+
 def _kernel(xp, name: str, dtype, p: _Plan):
     return _kernels.get_kernel("batchnorm", name, xp, dtype=dtype, defines={"BN_VECTOR": int(p.vector)})
 
@@ -548,20 +568,13 @@ def _stats_launch(xp, x, gamma, beta, running_mean, running_var, lay, eps, momen
     scalars = (acc.type(1.0 / lay.m), acc.type(lay.m / (lay.m - 1) if lay.m > 1 else 0.0),
                acc.type(eps), acc.type(momentum), np.int32(flags))
     p = _plan(xp, v, x.dtype.itemsize, acc, [v.x] + ([y3] if normalize else []))
-    dev = _kernels.device_attributes(xp)
-    onchip = None
-    if normalize and _TUNING.path != "twopass":
-        onchip = _onchip_plan(p, v, acc, dev)
-        if _TUNING.path == "onchip" and onchip is None:
-            raise ValueError(f"path='onchip': a tile of {v.outer} rows does not fit one block")
-        # on chip when it costs no parallelism: the two-pass grid has one block per tile anyway,
-        # or there are tiles enough to fill every SM
-        if _TUNING.path == "auto" and not (p.grid_rows == 1 or p.tiles >= dev["sm_count"]):
-            onchip = None
+    onchip = _onchip_choice(xp, p, v, acc, x.dtype) if normalize else None
     if onchip is not None:
-        _kernels.launch(_kernel(xp, "bn_forward_onchip", x.dtype, onchip), (onchip.tiles, 1), onchip.threads,
-                        (y3, mean, var, invstd, scale, shift, rm_k, rv_k, v.x, g, b,
-                         *_geometry(v, onchip), *scalars), shared_mem=onchip.smem)
+        ws, _ = _workspace(xp, onchip, 3, C, acc)
+        _kernels.launch(_kernel(xp, "bn_forward_onchip", x.dtype, onchip), onchip.grid, onchip.threads,
+                        (y3, mean, var, invstd, scale, shift, rm_k, rv_k, ws, v.x, g, b,
+                         *_geometry(v, onchip), np.int32(onchip.chunks), *scalars), shared_mem=onchip.smem,
+                        cooperative=onchip.parts > 1)
     else:
         ws, counters = _workspace(xp, p, 3, C, acc)
         _kernels.launch(_kernel(xp, "bn_stats", x.dtype, p), p.grid, p.threads,
@@ -573,6 +586,31 @@ def _stats_launch(xp, x, gamma, beta, running_mean, running_var, lay, eps, momen
         if r_k is not None and not _same_memory(r, r_k):
             r[...] = r_k.reshape(r.shape)   # written back in the caller's dtype
     return (v.restore(y3) if normalize else None), mean, var, invstd
+
+
+def _onchip_choice(xp, p: _Plan, v: _View, acc, dtype) -> _Plan | None:
+    """The training forward's on-chip plan (x read once), or None for the two-pass path.
+
+    ``auto``: one block per tile when that costs no parallelism (the two-pass grid has one block
+    per tile anyway, or there are tiles enough to fill every SM); else the persistent grid if x fits
+    on chip across the blocks the device holds at once; else two-pass. ``onchip``/``persistent``
+    force one of the two (ValueError if it does not fit), ``twopass`` the two-pass path.
+    """
+    path = _TUNING.path
+    if path == "twopass":
+        return None
+    if path in ("auto", "onchip"):
+        plan = _onchip_plan(p, v, acc, _kernels.device_attributes(xp))
+        if path == "onchip" and plan is None:
+            raise ValueError(f"path='onchip': a tile of {v.outer} rows does not fit one block")
+        if plan is not None and (path == "onchip" or p.grid_rows == 1
+                                 or p.tiles >= _kernels.device_attributes(xp)["sm_count"]):
+            return plan
+    plan = _persistent_plan(xp, p, v, acc, dtype)
+    if path == "persistent" and plan is None:
+        raise ValueError(f"path='persistent': {v.outer} rows x {v.C} channels do not fit on chip across "
+                         "the blocks the device holds at once")
+    return plan
 
 
 def _same_memory(a, b) -> bool:

@@ -1,8 +1,8 @@
 """Kernel-path tests for cuda_src/batchnorm.cu: every launch path and awkward shape, against float64.
 
 The API suite (tests/test_batchnorm.py) runs the public cases on every backend; this file drives
-the kernels' own switches through the launch knobs of gpu/batchnorm.py (``_tuned``): on-chip vs
-two-pass forward, vector vs scalar module, one block per tile vs the grid merge through the
+the kernels' own switches through the launch knobs of gpu/batchnorm.py (``_tuned``): on-chip (one
+block per tile, or persistent across a cooperative grid) vs two-pass forward, vector vs scalar module, one block per tile vs the grid merge through the
 workspace and the last-block counter, channels-last vs channels-first, partial tiles and warps.
 It runs on the CPU emulator (NumPy arrays, ``kernel`` marker) and on CuPy when a GPU is usable
 (``gpu`` marker). The emulated device has 4 SMs, so small inputs already take multi-block grids;
@@ -36,14 +36,14 @@ def dev(request) -> Backend:
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Names of the kernels launched, in order (to assert which path ran)."""
-    names: list[str] = []
+    """(name, grid, BN_VECTOR, cooperative) of the kernels launched, in order (which path ran)."""
+    names: list[tuple] = []
     real = _kernels.launch
 
-    def spy(kernel, grid, block, args, shared_mem=0):
+    def spy(kernel, grid, block, args, shared_mem=0, cooperative=False):
         names.append((kernel.name, tuple(grid) if isinstance(grid, tuple) else (grid,),
-                      dict(kernel.defines).get("BN_VECTOR")))
-        return real(kernel, grid, block, args, shared_mem)
+                      dict(kernel.defines).get("BN_VECTOR"), cooperative))
+        return real(kernel, grid, block, args, shared_mem, cooperative)
 
     monkeypatch.setattr(_kernels, "launch", spy)
     return names
@@ -166,19 +166,24 @@ CASES = [
     ((131, 3), 0, {}),                                    # few channels: a warp spans 8 rows
     ((200, 1), 0, {}),                                    # one channel: a single row of 200 (1, 1, M)
     ((1, 1), 0, {}),                                      # one element
+    ((200, 8), 0, dict(path="persistent", threads=32, grid_rows=3)),  # x on chip in 3 blocks, grid.sync
+    ((37, 7), 0, dict(path="persistent", threads=32, grid_rows=2)),   # persistent, scalar module
     # NCHW axis=(0, 2, 3): channels-first
     ((2, 3, 5, 7), (0, 2, 3), {}),                        # inner = 35, prime: scalar, 64 lanes per plane
     ((3, 4, 8, 8), (0, 2, 3), {}),                        # inner = 64: 16 vector lanes, 2 rows per warp
-    ((2, 2, 40, 40), (0, 2, 3), {}),                      # inner = 1600: 13 chunks of 32 vectors, grid merge
+    ((2, 2, 40, 40), (0, 2, 3), {}),                      # inner = 1600: 13 chunks of 32 vectors, persistent
     ((4, 5, 3, 3), (0, 2, 3), dict(path="twopass", threads=32, grid_rows=2)),  # one-warp blocks
     ((2, 3, 1, 1), (0, 2, 3), {}),                        # 1x1 spatial: inner = 1, channels-last
+    ((4, 3, 8, 8), (0, 2, 3), dict(path="persistent", threads=32, grid_rows=2)),  # 2 blocks per channel
     # NHWC axis=(0, 1, 2): channels-last over N*H*W rows
     ((2, 3, 5, 16), (0, 1, 2), {}),                       # 30 rows x 16 channels
     ((2, 3, 5, 16), (0, 1, 2), dict(path="twopass", threads=32, grid_rows=4)),  # 4 blocks merge
+    ((2, 3, 5, 16), (0, 1, 2), dict(path="persistent", threads=32, grid_rows=3)),  # 30 rows in 3 blocks
     # the seed's (n, m) axis=1: one row of m per channel
     ((5, 33), 1, {}),                                     # outer = 1, inner = 33: scalar
     ((4, 128), 1, {}),                                    # inner = 128: vectors, one chunk
     ((3, 1600), 1, dict(grid_rows=1)),                    # 400 vectors: 13 chunks of 32, merged
+    ((3, 1600), 1, dict(path="persistent")),              # the 13 chunks of a row on chip, grid.sync
     # kept axes not adjacent: a transposed contiguous copy
     ((3, 4, 5), 1, {}),
     ((4, 3, 2, 5), (0, 2), {}),
@@ -194,9 +199,12 @@ def test_paths_float32(dev, rng, launches, shape, axis, knobs):
 
 
 def _check_grid(launches, knobs):
-    """A forced grid_rows must not have been clamped away (else the case tests less than it says)."""
+    """A forced grid_rows must not have been clamped away (else the case tests less than it says),
+    and a forced persistent path must have been a cooperative launch of several blocks per tile."""
     if "grid_rows" in knobs:
-        assert any(g[1:] == (knobs["grid_rows"],) for name, g, _ in launches if name != "bn_inference_params")
+        assert any(g[1:] == (knobs["grid_rows"],) for name, g, *_ in launches if name != "bn_inference_params")
+    if knobs.get("path") == "persistent":
+        assert any(name == "bn_forward_onchip" and coop for name, _, _, coop in launches)
 
 
 # a few shapes for every dtype: vector and scalar module, both layouts, multi-block
@@ -206,11 +214,14 @@ DTYPE_CASES = [
     ((13, 6), 0, {}),                                    # 6 channels: scalar for halves (6 % 8)
     ((3, 2, 4, 8), (0, 2, 3), {}),                       # inner = 32: one vector chunk
     ((2, 3, 5, 7), (0, 2, 3), dict(threads=32, grid_rows=2)),  # scalar, two blocks per channel
+    ((64, 16), 0, dict(path="persistent", threads=32, grid_rows=3)),  # vectors on chip in 3 blocks
+    ((2, 3, 5, 7), (0, 2, 3), dict(path="persistent", threads=32, grid_rows=2)),  # scalar, persistent
 ]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("shape,axis,knobs", DTYPE_CASES, ids=[f"{s}-{a}-{len(kn)}" for s, a, kn in DTYPE_CASES])
+@pytest.mark.parametrize("shape,axis,knobs", DTYPE_CASES,
+                         ids=[f"{s}-{a}-{kn.get('path', 'auto')}{len(kn)}" for s, a, kn in DTYPE_CASES])
 def test_paths_dtypes(dev, rng, launches, shape, axis, knobs, dtype):
     if dev.name == "cuda" and BFLOAT16 is not None and np.dtype(dtype) == BFLOAT16:
         pytest.skip("CuPy has no bfloat16 arrays")
@@ -231,9 +242,9 @@ def test_path_selection(launches, rng):
         with bn._tuned(path="twopass", threads=32, grid_rows=3):
             gpu.batch_norm_forward(x)                              # stats over 3 blocks, then apply
         gpu.batch_norm_forward(x[:, :7])                           # strided: copied; C = 7: scalar
-    assert launches[0] == ("bn_forward_onchip", (1, 1), "1")
-    assert launches[1] == ("bn_stats", (1, 3), "1") and launches[2] == ("bn_apply", (1, 3), "1")
-    assert all(v == "0" for _, _, v in launches[3:])
+    assert launches[0] == ("bn_forward_onchip", (1, 1), "1", False)
+    assert launches[1] == ("bn_stats", (1, 3), "1", False) and launches[2] == ("bn_apply", (1, 3), "1", False)
+    assert all(v == "0" for _, _, v, _ in launches[3:])
 
 
 @pytest.mark.kernel
@@ -275,7 +286,8 @@ def test_strided_inputs(dev, rng, make):
 @pytest.mark.parametrize("x_dtype,p_dtype", [(np.float16, np.float32), (np.float32, np.float64),
                                              (np.float64, np.float32)], ids=["f16-f32", "f32-f64", "f64-f32"])
 @pytest.mark.parametrize("shape,axis,knobs", [((40, 8), 0, {}), ((40, 8), 0, dict(path="twopass", threads=32, grid_rows=2)),
-                                              ((3, 8, 4, 4), (0, 2, 3), {})], ids=["cl", "cl-grid", "cf"])
+                                              ((40, 8), 0, dict(path="persistent", threads=32, grid_rows=2)),
+                                              ((3, 8, 4, 4), (0, 2, 3), {})], ids=["cl", "cl-grid", "cl-persistent", "cf"])
 def test_running_stats_mixed_dtypes(dev, rng, shape, axis, knobs, x_dtype, p_dtype):
     """Parameters in another dtype than x: updated in place in their own dtype, like the reference."""
     kept = _kept(shape, axis)
@@ -302,7 +314,8 @@ def test_running_stats_mixed_dtypes(dev, rng, shape, axis, knobs, x_dtype, p_dty
     ((48, 8), 0, {}),                                          # on chip, channels-last
     ((48, 8), 0, dict(path="twopass", threads=32, grid_rows=3)),  # grid merge: NaN partial in one lane
     ((4, 8, 5, 5), (0, 2, 3), dict(path="twopass", threads=32, grid_rows=2)),  # channels-first
-], ids=["cl-onchip", "cl-grid", "cf-grid"])
+    ((48, 8), 0, dict(path="persistent", threads=32, grid_rows=3)),  # persistent: NaN partial merged by all
+], ids=["cl-onchip", "cl-grid", "cf-grid", "cl-persistent"])
 def test_nan_stays_in_its_channel(dev, rng, shape, axis, knobs):
     x, _ = _rand(rng, shape, np.float32)
     ch = 3
@@ -326,9 +339,12 @@ def test_nan_stays_in_its_channel(dev, rng, shape, axis, knobs):
 
 
 @pytest.mark.kernel
-@pytest.mark.parametrize("knobs", [{}, dict(path="twopass", threads=32, grid_rows=5)], ids=["onchip", "grid"])
+@pytest.mark.parametrize("knobs", [{}, dict(path="twopass", threads=32, grid_rows=5),
+                                   dict(path="persistent", threads=32, grid_rows=5)],
+                         ids=["onchip", "grid", "persistent"])
 def test_bitwise_deterministic_across_block_orders(monkeypatch, rng, knobs):
-    """The last block to arrive finalizes; which one that is must not change a bit."""
+    """The last block to arrive finalizes (two-pass), or every block merges the partials after the
+    grid barrier (persistent); block order must not change a bit."""
     x, _ = _rand(rng, (100, 12), np.float32, 3.0, 10.0)
     dy, _ = _rand(rng, (100, 12), np.float32)
     runs = []
@@ -372,4 +388,30 @@ def test_onchip_refuses_what_does_not_fit(rng):
     x = rng.standard_normal((_ROWS_MAX + 1, 4)).astype(np.float32)   # one float4 per row
     with gpu.use_backend("emulate"), bn._tuned(path="onchip"):
         with pytest.raises(ValueError, match="onchip"):
+            gpu.batch_norm_forward(x)
+
+
+@pytest.mark.kernel
+def test_persistent_switch_boundary(monkeypatch, launches, rng):
+    """x stays on chip across the grid exactly while the cooperative grid holding it fits the
+    device at once. One emulated SM; 32-thread blocks of one float4 column hold 32 x 8 rows each,
+    and the SM holds `most` such blocks: `most` blocks' worth of rows runs persistent, one row more
+    takes the two-pass path (and cannot be forced on chip)."""
+    monkeypatch.setenv("GPU_EMULATOR_SM_COUNT", "1")
+    k = _kernels.get_kernel("batchnorm", "bn_forward_onchip", np, np.float32, {"BN_VECTOR": 1})
+    most = _kernels.max_cooperative_grid(k, 32, 32 * (1 + 2 * 4) * 4)  # the reductions' smem: T*(1+2*VEC) floats
+    rows = most * 32 * bn._BN_ONCHIP_ROWS
+    for n, path in ((rows, "bn_forward_onchip"), (rows + 1, "bn_stats")):
+        x, x64 = _rand(rng, (n, 4), np.float32, 2.0, 3.0)
+        launches.clear()
+        with gpu.use_backend("emulate"), bn._tuned(threads=32):
+            y, mean, invstd = gpu.batch_norm_forward(x)
+        assert launches[0][0] == path
+        if path == "bn_forward_onchip":
+            assert launches[0][1] == (1, most) and launches[0][3]
+        y_ref, mean_ref, invstd_ref, _ = _ref_forward(x64, None, None, 0, 1e-5)
+        _check(y, y_ref, np.float32, f"y ({n} rows)")
+        _check(invstd, invstd_ref, np.float32, f"invstd ({n} rows)")
+    with gpu.use_backend("emulate"), bn._tuned(threads=32, path="persistent"):
+        with pytest.raises(ValueError, match="persistent"):
             gpu.batch_norm_forward(x)
