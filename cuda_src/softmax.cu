@@ -269,7 +269,7 @@ struct CrossEntropyOp {
 
     static constexpr bool kReadsX = true, kHasY = true, kStream = true;
     struct Stats { acc_t m, s, zt, q, w; };  // zt: z at the target (one lane adds it)
-    struct Ctx { long long t; acc_t pivot; bool valid, bad; };
+    struct Ctx { long long t; acc_t pivot; bool active, valid, bad; };   // active: a real row
     struct Fin { acc_t m, scale, sub_t, sub_w; long long t; };
 
     __device__ __forceinline__ scalar_t* dest() const { return (flags & CE_GRAD) ? dz : nullptr; }
@@ -284,6 +284,7 @@ struct CrossEntropyOp {
         Ctx c;
         c.pivot = (pivot - pivot == acc_t(0)) ? pivot : acc_t(0);   // finite, else 0
         c.t = -1;
+        c.active = active;
         c.valid = c.bad = false;
         if (!active) return c;
         if (flags & CE_PROBS) {
@@ -327,7 +328,7 @@ struct CrossEntropyOp {
         const acc_t L = acc_log(st.s);
         const acc_t inv_s = acc_rcp(st.s);
         acc_t g = acc_t(0);
-        if (flags & CE_GRAD) {
+        if ((flags & CE_GRAD) && c.active) {   // lanes past the last row read nothing
             g = dloss[row * dloss_stride];
             if (flags & CE_DENOM) g *= *inv_denom;   // 0 when every target is ignored
         }
