@@ -261,20 +261,23 @@ def _define_flags(defines: Mapping[str, str]) -> list[str]:
     return [f"-D{k}={v}" for k, v in defines.items()]
 
 
+def _wheel_header_dirs(library: str) -> list[str]:
+    """The header directory of NVIDIA's pip wheel for ``library`` ("cudart", "cccl"), if installed."""
+    try:
+        from cuda.pathfinder import find_nvidia_header_directory
+    except ImportError:
+        return []
+    found = find_nvidia_header_directory(library)
+    return [found] if found else []
+
+
 def cuda_include_dir() -> str:
     """The directory with ``cuda_fp16.h``/``cuda_bf16.h`` for NVRTC (not needed by the emulator).
 
     Looks in the ``nvidia-cuda-runtime-cu12`` wheel, then ``$CUDA_PATH``/``$CUDA_HOME``, then
     ``/usr/local/cuda``.
     """
-    candidates = []
-    try:
-        from cuda.pathfinder import find_nvidia_header_directory
-        found = find_nvidia_header_directory("cudart")
-        if found:
-            candidates.append(found)
-    except ImportError:
-        pass
+    candidates = _wheel_header_dirs("cudart")
     for var in ("CUDA_PATH", "CUDA_HOME"):
         if os.environ.get(var):
             candidates.append(os.path.join(os.environ[var], "include"))
@@ -292,14 +295,7 @@ def cccl_include_dir() -> str:
     Looks in the ``nvidia-cuda-cccl-cu12`` wheel, then ``$CUDA_PATH``/``$CUDA_HOME`` and
     ``/usr/local/cuda`` (``include``, or ``include/cccl`` from CUDA 13), then CuPy's bundled copy.
     """
-    candidates = []
-    try:
-        from cuda.pathfinder import find_nvidia_header_directory
-        found = find_nvidia_header_directory("cccl")
-        if found:
-            candidates.append(found)
-    except ImportError:
-        pass
+    candidates = _wheel_header_dirs("cccl")
     for root in [os.environ.get(v) for v in ("CUDA_PATH", "CUDA_HOME")] + ["/usr/local/cuda"]:
         if root:
             candidates += [os.path.join(root, "include"), os.path.join(root, "include", "cccl")]
