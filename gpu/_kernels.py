@@ -577,10 +577,10 @@ def launch(kernel: Kernel, grid, block, args: Sequence[Any], shared_mem: int = 0
     if _is_numpy(kernel.xp):
         fn(g, b, args, shared_mem, cooperative=cooperative)
     elif cooperative:
-        # RawKernel launches cooperatively only when its whole module was built so; the underlying
-        # Function takes the choice per launch (cuLaunchCooperativeKernel)
-        fn.kernel(g, b, args, shared_mem=shared_mem, stream=kernel.xp.cuda.get_current_stream(),
-                  enable_cooperative_groups=True)
+        # RawKernel passes its module's enable_cooperative_groups flag (which changes nothing in an
+        # NVRTC compile) to the underlying Function; calling that directly chooses per launch
+        # (cuLaunchCooperativeKernel, CuPy's current stream)
+        fn.kernel(g, b, args, shared_mem=shared_mem, enable_cooperative_groups=True)
     else:
         fn(g, b, args, shared_mem=shared_mem)
 
