@@ -89,7 +89,8 @@ def cross_entropy(z, target, axis=-1, reduction="mean", ignore_index=-100, label
     logp = log_softmax(z, -1)
     p = np.exp(logp)
     wY = w * Y
-    rows_loss = -(wY * logp).sum(-1)
+    with np.errstate(invalid="ignore"):   # a class with no target mass adds 0, even where log p = -inf
+        rows_loss = -np.where(wY != 0, wY * logp, 0.0).sum(-1)
     grad_rows = p * wY.sum(-1, keepdims=True) - wY
     dloss = np.broadcast_to(np.asarray(dloss, np.float64), rows_loss.shape)
     if reduction == "none":
