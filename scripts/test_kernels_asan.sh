@@ -7,7 +7,9 @@
 #   PYTHON defaults to python3; it needs the package importable (installed, or run from the repo).
 #
 # Python itself is not instrumented: libasan is preloaded so the instrumented kernel modules can
-# load, and leak checking is off (CPython's allocations at exit are not leaks of ours).
+# load, and leak checking is off (CPython's allocations at exit are not leaks of ours). pytest
+# captures only Python-level output (--capture=sys), so a sanitizer report that aborts the process
+# reaches the terminal instead of dying with pytest's captured file descriptors.
 set -euo pipefail
 
 python=${1:-python3}
@@ -26,5 +28,5 @@ for order in forward reverse; do
     ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:halt_on_error=1" \
     UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
     GPU_EMULATOR_ASAN=1 GPU_EMULATOR_ORDER="$order" \
-        "$python" -m pytest -q -m kernel -p no:cacheprovider "$@"
+        "$python" -m pytest -q -m kernel -p no:cacheprovider --capture=sys "$@"
 done
