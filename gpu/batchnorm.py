@@ -206,22 +206,41 @@ def batch_norm(x, gamma=None, beta=None, *, axis: int | Sequence[int] = 0, eps: 
 _BLOCK_BYTES = 1 << 20
 
 
-def _groups(xp, x, lay: _Layout):
-    """Blocks of x along axis 0, grouped by the features they share: yields (p, slices).
+class _Blocks:
+    """x cut into row blocks along axis 0, with scratch buffers of one block reused across blocks
+    (a fresh temporary per block would cost page faults that outweigh the arithmetic)."""
 
-    If axis 0 is reduced, every block holds part of every feature: one group of all blocks, and
-    p = slice(None). If axis 0 is kept, each block holds whole features: one group per block, and
-    p = that block's slice, which also indexes the per-feature (keepdims-shaped) arrays.
-    On CuPy: one block, the whole array.
-    """
-    n = x.shape[0]
-    row_bytes = max(1, (x.size // max(n, 1)) * B.compute_dtype(x.dtype).itemsize)
-    step = max(1, n if xp is not np else _BLOCK_BYTES // row_bytes)
-    blocks = [slice(i, i + step) for i in range(0, n, step)]
-    if 0 in lay.axes:
-        yield slice(None), blocks
-    else:
-        yield from ((sl, [sl]) for sl in blocks)
+    def __init__(self, xp, x, lay: _Layout):
+        self.xp, self.x, self.lay = xp, x, lay
+        self.acc = B.compute_dtype(x.dtype)
+        n = x.shape[0]
+        row_bytes = max(1, (x.size // max(n, 1)) * self.acc.itemsize)
+        self.step = max(1, n if xp is not np else _BLOCK_BYTES // row_bytes)
+        self._scratch: dict[int, object] = {}
+
+    def groups(self):
+        """Yields (p, slices), the blocks grouped by the features they share.
+
+        If axis 0 is reduced, every block holds part of every feature: one group of all blocks,
+        and p = slice(None). If axis 0 is kept, each block holds whole features: one group per
+        block, and p = that block's slice, which also indexes the per-feature (keepdims) arrays.
+        On CuPy: one block, the whole array.
+        """
+        blocks = [slice(i, i + self.step) for i in range(0, self.x.shape[0], self.step)]
+        if 0 in self.lay.axes:
+            yield slice(None), blocks
+        else:
+            yield from ((sl, [sl]) for sl in blocks)
+
+    def scratch(self, i: int, sl):
+        """Scratch buffer `i` in the accumulation dtype, shaped like block `sl` of x."""
+        if i not in self._scratch:
+            self._scratch[i] = self.xp.empty((self.step,) + self.x.shape[1:], self.acc)
+        return self._scratch[i][: self.x[sl].shape[0]]
+
+    def out(self, y, sl):
+        """Where to compute block `sl` of output y: in y itself when y has the accumulation dtype."""
+        return y[sl] if y.dtype == self.acc else self.scratch(1, sl)
 
 
 def _reduce(xp, lay: _Layout, a, b=None):
@@ -234,28 +253,22 @@ def _reduce(xp, lay: _Layout, a, b=None):
     return (a * b).sum(axis=lay.axes, keepdims=True)
 
 
-def _group_stats(xp, x, lay: _Layout, slices):
+def _group_stats(blocks: _Blocks, slices):
     """(mean, var) of the features in one group, keepdims shape, accumulation dtype.
 
     Corrected two-pass: mean0 first, then c = x - mean0, var = mean(c^2) - mean(c)^2, whose
     second term cancels the rounding error of mean0 (mean = mean0 + mean(c)).
     """
-    m = B.compute_dtype(x.dtype).type(lay.m)
+    xp, x, lay = blocks.xp, blocks.x, blocks.lay
+    m = blocks.acc.type(lay.m)
     mean0 = sum(_reduce(xp, lay, x[sl]) for sl in slices) / m
     c_sum = c_sq = 0
     for sl in slices:
-        c = _minus(xp, x[sl], mean0)
+        c = xp.subtract(x[sl], mean0, out=blocks.scratch(0, sl))
         c_sum = c_sum + _reduce(xp, lay, c)
         c_sq = c_sq + _reduce(xp, lay, c, c)
     c_mean = c_sum / m
     return mean0 + c_mean, xp.maximum(c_sq / m - c_mean * c_mean, 0)
-
-
-def _minus(xp, x, mean, out=None):
-    """x - mean in mean's (accumulation) dtype; into `out` when out has that dtype."""
-    if out is not None and out.dtype == mean.dtype:
-        return xp.subtract(x, mean, out=out)
-    return x.astype(mean.dtype, copy=False) - mean
 
 
 def _store(out, block):
@@ -270,10 +283,10 @@ def _per_feature(p, lay: _Layout, acc, sl):
 
 
 def _cpu_stats(xp, x, lay: _Layout):
-    acc = B.compute_dtype(x.dtype)
-    mean, var = xp.empty(lay.keepdims_shape, acc), xp.empty(lay.keepdims_shape, acc)
-    for p, slices in _groups(xp, x, lay):
-        mean[p], var[p] = _group_stats(xp, x, lay, slices)
+    blocks = _Blocks(xp, x, lay)
+    mean, var = xp.empty(lay.keepdims_shape, blocks.acc), xp.empty(lay.keepdims_shape, blocks.acc)
+    for p, slices in blocks.groups():
+        mean[p], var[p] = _group_stats(blocks, slices)
     return mean.reshape(lay.kept_shape), var.reshape(lay.kept_shape)
 
 
@@ -286,17 +299,17 @@ def _update_running(lay, mean, var, running_mean, running_var, momentum):
 
 
 def _cpu_forward(xp, x, gamma, beta, running_mean, running_var, lay, eps, momentum):
-    acc = B.compute_dtype(x.dtype)
+    blocks = _Blocks(xp, x, lay)
+    acc = blocks.acc
     y = xp.empty(x.shape, x.dtype)
-    mean, invstd = xp.empty(lay.keepdims_shape, acc), xp.empty(lay.keepdims_shape, acc)
-    var = xp.empty(lay.keepdims_shape, acc)
-    for p, slices in _groups(xp, x, lay):
-        mean[p], var[p] = _group_stats(xp, x, lay, slices)
+    mean, var, invstd = (xp.empty(lay.keepdims_shape, acc) for _ in range(3))
+    for p, slices in blocks.groups():
+        mean[p], var[p] = _group_stats(blocks, slices)
         invstd[p] = 1 / xp.sqrt(var[p] + acc.type(eps))
         scale = invstd[p] if gamma is None else invstd[p] * _per_feature(gamma, lay, acc, p)
         shift = _per_feature(beta, lay, acc, p)
-        for sl in slices:
-            blk = _minus(xp, x[sl], mean[p], out=y[sl])     # y = (x - mean) * invstd * gamma + beta
+        for sl in slices:   # y = (x - mean) * invstd * gamma + beta
+            blk = xp.subtract(x[sl], mean[p], out=blocks.out(y, sl))
             blk *= scale
             if shift is not None:
                 blk += shift
@@ -310,39 +323,41 @@ def _cpu_backward(xp, dy, x, gamma, mean, invstd, lay):
     # dx = k * (dy - dbeta/M - x_hat * dgamma/M) with k = gamma * invstd, x_hat = (x - mean) * invstd,
     # dbeta = sum(dy), dgamma = sum(dy * x_hat): dx = k * dy + a * (x - mean) + b, where
     # a = -k * invstd * dgamma / M and b = -k * dbeta / M.
-    acc = B.compute_dtype(x.dtype)
+    blocks = _Blocks(xp, x, lay)
+    acc = blocks.acc
     out_dtype = gamma.dtype if gamma is not None else x.dtype
     inv_m = acc.type(1.0 / lay.m)
     dx = xp.empty(x.shape, x.dtype)
     dgamma, dbeta = xp.empty(lay.keepdims_shape, acc), xp.empty(lay.keepdims_shape, acc)
-    for p, slices in _groups(xp, x, lay):
+    for p, slices in blocks.groups():
         mu, istd = _per_feature(mean, lay, acc, p), _per_feature(invstd, lay, acc, p)
         dbeta[p] = sum(_reduce(xp, lay, dy[sl]) for sl in slices)
-        dgamma[p] = sum(_reduce(xp, lay, dy[sl].astype(acc, copy=False), _minus(xp, x[sl], mu))
+        dgamma[p] = sum(_reduce(xp, lay, dy[sl], xp.subtract(x[sl], mu, out=blocks.scratch(0, sl)))
                         for sl in slices) * istd
         k = istd if gamma is None else istd * _per_feature(gamma, lay, acc, p)
         a, b = -k * istd * dgamma[p] * inv_m, -k * dbeta[p] * inv_m
         for sl in slices:
-            blk = _minus(xp, x[sl], mu, out=dx[sl])
+            blk = xp.subtract(x[sl], mu, out=blocks.out(dx, sl))
             blk *= a
             blk += b
-            blk += dy[sl] * k
+            blk += xp.multiply(dy[sl], k, out=blocks.scratch(0, sl))
             _store(dx[sl], blk)
     return (dx, dgamma.reshape(lay.kept_shape).astype(out_dtype),
             dbeta.reshape(lay.kept_shape).astype(out_dtype))
 
 
 def _cpu_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps):
-    acc = B.compute_dtype(x.dtype)
+    blocks = _Blocks(xp, x, lay)
+    acc = blocks.acc
     y = xp.empty(x.shape, x.dtype)
-    for p, slices in _groups(xp, x, lay):
+    for p, slices in blocks.groups():
         rm, rv = _per_feature(running_mean, lay, acc, p), _per_feature(running_var, lay, acc, p)
         scale = 1 / xp.sqrt(rv + acc.type(eps))
         if gamma is not None:
             scale = scale * _per_feature(gamma, lay, acc, p)
         shift = _per_feature(beta, lay, acc, p)
         for sl in slices:
-            blk = _minus(xp, x[sl], rm, out=y[sl])
+            blk = xp.subtract(x[sl], rm, out=blocks.out(y, sl))
             blk *= scale
             if shift is not None:
                 blk += shift
