@@ -122,6 +122,12 @@ def backend(request) -> Backend:
     return Backend(request.param)
 
 
+@pytest.fixture(params=BACKEND_PARAMS[1:])
+def dev(request) -> Backend:
+    """The kernel backends only: the emulator and, where there is one, the GPU."""
+    return Backend(request.param)
+
+
 @pytest.fixture
 def rng(request) -> np.random.Generator:
     """A generator seeded from the test's id: fresh data per test, the same on every run."""

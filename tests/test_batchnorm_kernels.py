@@ -13,25 +13,13 @@ forgets to write fails the comparison. Run: ``pytest tests/test_batchnorm_kernel
 """
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
 
 import gpu
 from gpu import _kernels
 from gpu import batchnorm as bn
-from conftest import BFLOAT16, DTYPES, TOL, Backend, cuda_available, dtype_id, rel_err, to_numpy
-
-DEVICES = [
-    pytest.param("emulate", id="emulate", marks=pytest.mark.kernel),
-    pytest.param("cuda", id="cuda", marks=pytest.mark.gpu),
-]
-
-
-@pytest.fixture(params=DEVICES)
-def dev(request) -> Backend:
-    return Backend(request.param)
+from conftest import BFLOAT16, DTYPES, TOL, dtype_id, rel_err, to_numpy
 
 
 @pytest.fixture

@@ -108,7 +108,6 @@ def test_two_grid_sync_call_sites_raise(order):
 
 
 def test_grid_sync_needs_a_cooperative_launch():
-    y = np.zeros(2, np.float32)
     with pytest.raises(EmulatorError, match=r"grid.sync\(\) at emulator_grid.cu:\d+ in a launch that is not "
                                             r"cooperative"):
         _kernels.launch(kernel("grid_ring"), 2, 32, (np.zeros(2, np.int32), np.zeros(2, np.int32), np.int32(1)))
