@@ -23,12 +23,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import threading
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from . import _backend as B
+from . import _threads
 from . import _kernels
 
 @dataclass(frozen=True)
@@ -216,7 +218,17 @@ class _Blocks:
         n = x.shape[0]
         row_bytes = max(1, (x.size // max(n, 1)) * self.acc.itemsize)
         self.step = max(1, n if xp is not np else _BLOCK_BYTES // row_bytes)
-        self._scratch: dict[int, object] = {}
+        self._scratch: dict[tuple[int, int], object] = {}
+
+    def map(self, fn, slices) -> list:
+        """[fn(sl) for sl in slices], on the NumPy path's threads; results in block order."""
+        return _threads.map_ordered(fn, slices) if self.xp is np else [fn(sl) for sl in slices]
+
+    def each_group(self, fn) -> None:
+        """fn(p, slices) for every group: groups in parallel when there are several (each then runs
+        its blocks inline), else the one group's blocks in parallel through `map`."""
+        groups = list(self.groups())
+        self.map(lambda g: fn(*g), groups) if len(groups) > 1 else fn(*groups[0])
 
     def groups(self):
         """Yields (p, slices), the blocks grouped by the features they share.
@@ -233,10 +245,13 @@ class _Blocks:
             yield from ((sl, [sl]) for sl in blocks)
 
     def scratch(self, i: int, sl):
-        """Scratch buffer `i` in the accumulation dtype, shaped like block `sl` of x."""
-        if i not in self._scratch:
-            self._scratch[i] = self.xp.empty((self.step,) + self.x.shape[1:], self.acc)
-        return self._scratch[i][: self.x[sl].shape[0]]
+        """Scratch buffer `i` of the calling thread in the accumulation dtype, shaped like block
+        `sl` of x."""
+        key = (threading.get_ident(), i)
+        buf = self._scratch.get(key)
+        if buf is None:
+            buf = self._scratch[key] = self.xp.empty((self.step,) + self.x.shape[1:], self.acc)
+        return buf[: self.x[sl].shape[0]]
 
     def out(self, y, sl):
         """Where to compute block `sl` of output y: in y itself when y has the accumulation dtype."""
@@ -261,12 +276,14 @@ def _group_stats(blocks: _Blocks, slices):
     """
     xp, x, lay = blocks.xp, blocks.x, blocks.lay
     m = blocks.acc.type(lay.m)
-    mean0 = sum(_reduce(xp, lay, x[sl]) for sl in slices) / m
-    c_sum = c_sq = 0
-    for sl in slices:
+    mean0 = sum(blocks.map(lambda sl: _reduce(xp, lay, x[sl]), slices)) / m
+
+    def centered(sl):
         c = xp.subtract(x[sl], mean0, out=blocks.scratch(0, sl))
-        c_sum = c_sum + _reduce(xp, lay, c)
-        c_sq = c_sq + _reduce(xp, lay, c, c)
+        return _reduce(xp, lay, c), _reduce(xp, lay, c, c)
+
+    parts = blocks.map(centered, slices)
+    c_sum, c_sq = sum(p[0] for p in parts), sum(p[1] for p in parts)
     c_mean = c_sum / m
     return mean0 + c_mean, xp.maximum(c_sq / m - c_mean * c_mean, 0)
 
@@ -285,8 +302,11 @@ def _per_feature(p, lay: _Layout, acc, sl):
 def _cpu_stats(xp, x, lay: _Layout):
     blocks = _Blocks(xp, x, lay)
     mean, var = xp.empty(lay.keepdims_shape, blocks.acc), xp.empty(lay.keepdims_shape, blocks.acc)
-    for p, slices in blocks.groups():
+
+    def group(p, slices):
         mean[p], var[p] = _group_stats(blocks, slices)
+
+    blocks.each_group(group)
     return mean.reshape(lay.kept_shape), var.reshape(lay.kept_shape)
 
 
@@ -303,17 +323,23 @@ def _cpu_forward(xp, x, gamma, beta, running_mean, running_var, lay, eps, moment
     acc = blocks.acc
     y = xp.empty(x.shape, x.dtype)
     mean, var, invstd = (xp.empty(lay.keepdims_shape, acc) for _ in range(3))
-    for p, slices in blocks.groups():
+
+    def group(p, slices):
         mean[p], var[p] = _group_stats(blocks, slices)
         invstd[p] = 1 / xp.sqrt(var[p] + acc.type(eps))
         scale = invstd[p] if gamma is None else invstd[p] * _per_feature(gamma, lay, acc, p)
         shift = _per_feature(beta, lay, acc, p)
-        for sl in slices:   # y = (x - mean) * invstd * gamma + beta
+
+        def normalize(sl):   # y = (x - mean) * invstd * gamma + beta
             blk = xp.subtract(x[sl], mean[p], out=blocks.out(y, sl))
             blk *= scale
             if shift is not None:
                 blk += shift
             _store(y[sl], blk)
+
+        blocks.map(normalize, slices)
+
+    blocks.each_group(group)
     mean, var, invstd = (a.reshape(lay.kept_shape) for a in (mean, var, invstd))
     _update_running(lay, mean, var, running_mean, running_var, momentum)
     return y, mean, invstd
@@ -329,19 +355,30 @@ def _cpu_backward(xp, dy, x, gamma, mean, invstd, lay):
     inv_m = acc.type(1.0 / lay.m)
     dx = xp.empty(x.shape, x.dtype)
     dgamma, dbeta = xp.empty(lay.keepdims_shape, acc), xp.empty(lay.keepdims_shape, acc)
-    for p, slices in blocks.groups():
+
+    def group(p, slices):
         mu, istd = _per_feature(mean, lay, acc, p), _per_feature(invstd, lay, acc, p)
-        dbeta[p] = sum(_reduce(xp, lay, dy[sl]) for sl in slices)
-        dgamma[p] = sum(_reduce(xp, lay, dy[sl], xp.subtract(x[sl], mu, out=blocks.scratch(0, sl)))
-                        for sl in slices) * istd
+
+        def sums(sl):
+            xmu = xp.subtract(x[sl], mu, out=blocks.scratch(0, sl))
+            return _reduce(xp, lay, dy[sl]), _reduce(xp, lay, dy[sl], xmu)
+
+        parts = blocks.map(sums, slices)
+        dbeta[p] = sum(q[0] for q in parts)
+        dgamma[p] = sum(q[1] for q in parts) * istd
         k = istd if gamma is None else istd * _per_feature(gamma, lay, acc, p)
         a, b = -k * istd * dgamma[p] * inv_m, -k * dbeta[p] * inv_m
-        for sl in slices:
+
+        def apply(sl):
             blk = xp.subtract(x[sl], mu, out=blocks.out(dx, sl))
             blk *= a
             blk += b
             blk += xp.multiply(dy[sl], k, out=blocks.scratch(0, sl))
             _store(dx[sl], blk)
+
+        blocks.map(apply, slices)
+
+    blocks.each_group(group)
     return (dx, dgamma.reshape(lay.kept_shape).astype(out_dtype),
             dbeta.reshape(lay.kept_shape).astype(out_dtype))
 
@@ -350,18 +387,24 @@ def _cpu_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps):
     blocks = _Blocks(xp, x, lay)
     acc = blocks.acc
     y = xp.empty(x.shape, x.dtype)
-    for p, slices in blocks.groups():
+
+    def group(p, slices):
         rm, rv = _per_feature(running_mean, lay, acc, p), _per_feature(running_var, lay, acc, p)
         scale = 1 / xp.sqrt(rv + acc.type(eps))
         if gamma is not None:
             scale = scale * _per_feature(gamma, lay, acc, p)
         shift = _per_feature(beta, lay, acc, p)
-        for sl in slices:
+
+        def apply(sl):
             blk = xp.subtract(x[sl], rm, out=blocks.out(y, sl))
             blk *= scale
             if shift is not None:
                 blk += shift
             _store(y[sl], blk)
+
+        blocks.map(apply, slices)
+
+    blocks.each_group(group)
     return y
 
 

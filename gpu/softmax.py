@@ -20,11 +20,13 @@ from __future__ import annotations
 import contextlib
 import math
 import operator
+import threading
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from . import _backend as B
+from . import _threads
 from . import _kernels
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -212,6 +214,21 @@ def _blocked(a, class_last_ndim: int):
     return a[(None,) * (2 if class_last_ndim == 1 else 1)]
 
 
+_scratch_local = threading.local()
+
+
+def _scratch(xp, shape, dtype):
+    """A scratch array for one row block, kept per thread and reused by the next call of the same
+    size (a fresh temporary per block would cost page faults that outweigh the arithmetic)."""
+    if xp is not np:
+        return xp.empty(shape, dtype)
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    buf = getattr(_scratch_local, "buf", None)
+    if buf is None or buf.nbytes < n:
+        buf = _scratch_local.buf = np.empty(n, np.uint8)
+    return buf[:n].view(dtype).reshape(shape)
+
+
 def _quiet(xp):
     """Silence NumPy's invalid-value warning for inf - inf: NaN rows are the documented result."""
     return np.errstate(invalid="ignore") if xp is np else contextlib.nullcontext()
@@ -285,11 +302,11 @@ def _cpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
         dz = xp.empty(z.shape, ce.z.dtype)
     rows = xp.empty(row_shape, acc) if want_loss else None
 
-    for sl in _row_blocks(xp, z.shape[1], C, acc):
+    def block(sl):
         zb = z[:, sl].astype(acc, copy=False)
         # sh is C-contiguous whatever z's layout (so the loss rounds the same with or without the
         # gradient); the gradient is computed over it in place: right in dz when dtypes allow
-        into = dz[:, sl] if g is not None and dz.dtype == acc else xp.empty(zb.shape, acc)
+        into = dz[:, sl] if g is not None and dz.dtype == acc else _scratch(xp, zb.shape, acc)
         with _quiet(xp):
             sh = xp.subtract(zb, zb.max(axis=-1, keepdims=True), out=into)  # log p = sh - lse
         if ce.probs:
@@ -314,7 +331,7 @@ def _cpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
                     r = r * one_minus_ls + xp.where(valid[:, sl], w_all * lse - smooth_sh, 0) * ls_over_c
                 rows[:, sl] = r
         if g is None:
-            continue
+            return
         gb = g[:, sl]
         if ce.probs:
             # d/dz_j = p_j * sum_c(w_c y_c) - w_j y_j
@@ -333,6 +350,9 @@ def _cpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
                 e -= gs[..., None] * (1 if w is None else w)
         if dz.dtype != acc:   # else e already is this block of dz
             dz[:, sl] = e
+
+    blocks = _row_blocks(xp, z.shape[1], C, acc)
+    _threads.map_ordered(block, blocks) if xp is np else [block(sl) for sl in blocks]
 
     loss = None
     if want_loss:

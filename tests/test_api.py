@@ -87,3 +87,25 @@ def test_import_without_cupy():
             "print(gpu.softmax(np.ones((1, 2), np.float32)), gpu.info()['cupy'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "[[0.5 0.5]]" in out and "not importable" in out
+
+
+def test_numpy_path_is_independent_of_thread_count(monkeypatch):
+    # the NumPy path spreads row blocks over threads and combines them in block order: the result
+    # must be bitwise the same with one thread and with several
+    import importlib
+    bn = importlib.import_module("gpu.batchnorm")
+    sm = importlib.import_module("gpu.softmax")
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((64, 48)).astype(np.float32)
+    t = rng.integers(0, 48, 64)
+    monkeypatch.setattr(bn, "_BLOCK_BYTES", 8 * 48 * 4)
+    monkeypatch.setattr(sm, "_BLOCK_BYTES", 8 * 48 * 4)
+    runs = []
+    for n in ("1", "3"):
+        monkeypatch.setenv("GPU_CPU_THREADS", n)
+        y, mean, invstd = gpu.batch_norm_forward(x, axis=0)
+        dx = gpu.batch_norm_backward(x, x, None, mean, invstd, axis=0)[0]
+        loss, dz = gpu.softmax_cross_entropy(x, t, return_grad=True)
+        runs.append([y, mean, invstd, dx, loss, dz])
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
