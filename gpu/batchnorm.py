@@ -253,6 +253,17 @@ class _Blocks:
             buf = self._scratch[key] = self.xp.empty((self.step,) + self.x.shape[1:], self.acc)
         return buf[: self.x[sl].shape[0]]
 
+    def affine(self, y, slices, center, scale, shift) -> None:
+        """y = (x - center) * scale (+ shift) over the blocks `slices`, per-feature operands."""
+        def block(sl):
+            blk = self.xp.subtract(self.x[sl], center, out=self.out(y, sl))
+            blk *= scale
+            if shift is not None:
+                blk += shift
+            _store(y[sl], blk)
+
+        self.map(block, slices)
+
     def out(self, y, sl):
         """Where to compute block `sl` of output y: in y itself when y has the accumulation dtype."""
         return y[sl] if y.dtype == self.acc else self.scratch(1, sl)
@@ -330,14 +341,7 @@ def _cpu_forward(xp, x, gamma, beta, running_mean, running_var, lay, eps, moment
         scale = invstd[p] if gamma is None else invstd[p] * _per_feature(gamma, lay, acc, p)
         shift = _per_feature(beta, lay, acc, p)
 
-        def normalize(sl):   # y = (x - mean) * invstd * gamma + beta
-            blk = xp.subtract(x[sl], mean[p], out=blocks.out(y, sl))
-            blk *= scale
-            if shift is not None:
-                blk += shift
-            _store(y[sl], blk)
-
-        blocks.map(normalize, slices)
+        blocks.affine(y, slices, mean[p], scale, shift)   # y = (x - mean) * invstd * gamma + beta
 
     blocks.each_group(group)
     mean, var, invstd = (a.reshape(lay.kept_shape) for a in (mean, var, invstd))
@@ -395,14 +399,7 @@ def _cpu_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps):
             scale = scale * _per_feature(gamma, lay, acc, p)
         shift = _per_feature(beta, lay, acc, p)
 
-        def apply(sl):
-            blk = xp.subtract(x[sl], rm, out=blocks.out(y, sl))
-            blk *= scale
-            if shift is not None:
-                blk += shift
-            _store(y[sl], blk)
-
-        blocks.map(apply, slices)
+        blocks.affine(y, slices, rm, scale, shift)
 
     blocks.each_group(group)
     return y
