@@ -18,7 +18,7 @@
 // q = sum w_c (z_c - P), then sum w_c sh_c = q + (P - M) W, which needs no rescaling on merge and
 // keeps the precision of the shifted sum for logits far from 0.
 //
-// Paths (chosen by gpu/softmax.py; z viewed as a C-contiguous (outer, C, inner) array):
+// Paths (chosen by gpu/ops/softmax.py; z viewed as a C-contiguous (outer, C, inner) array):
 //   *_warp_n{N}  inner == 1, C <= 32 N: a group of `lanes` lanes per row (lanes = 32, or the power
 //                of two >= C when C <= 32, so several short rows share a warp); the row lives in
 //                registers, N values per lane, 16-byte vector loads when rows are aligned.
@@ -32,7 +32,7 @@
 //                threads handles a tile of 32 inner positions (coalesced along inner); the TY
 //                thread rows split the classes and merge their statistics through shared memory.
 //                cached=1 keeps the (C, 32) tile in shared memory.
-//   ce_weight_sum  integer targets, reduction 'mean' with a gradient: the denominator
+//   softmax_cross_entropy_weight_sum  integer targets, reduction 'mean' with a gradient: the denominator
 //                sum of w_t over non-ignored targets, needed before any dz is written, from the
 //                targets alone (8 bytes a row), reduced deterministically.
 //
@@ -42,7 +42,7 @@
 //   CE loss only           E s + 8 R (+ s R for 'none')
 //   CE loss + dz           2 E s + 8 R (+ E s for probability targets); in place: same bytes,
 //                          no second E-sized allocation. Uncached: + E s (+ E s dense targets).
-//   ce_weight_sum          8 R
+//   softmax_cross_entropy_weight_sum          8 R
 //
 // Cross-entropy reductions are deterministic: each block sums its rows in a fixed order, writes a
 // partial, and the last block to finish (atomic ticket) sums the partials in block order. An
@@ -53,7 +53,7 @@
 // misalignment when vec=1; C < 2^31; element offsets and row counts are 64-bit (index_t).
 // Storage in SCALAR_T, accumulation in ACC_T (float, double for double).
 
-// No tuning defines: path thresholds are host-side (gpu/softmax.py), so tests can force each path
+// No tuning defines: path thresholds are host-side (gpu/ops/softmax.py), so tests can force each path
 // at small sizes without building another module.
 
 typedef SCALAR_T scalar_t;
@@ -228,7 +228,7 @@ struct HardmaxOp {
     __device__ __forceinline__ void end_block() {}
 };
 
-// Cross-entropy flags (host: gpu/softmax.py _CE_*).
+// Cross-entropy flags (host: gpu/ops/softmax.py _CE_*).
 #define CE_GRAD 1      // write dz
 #define CE_ROWS 2      // write the per-row losses (reduction 'none')
 #define CE_PROBS 4     // y holds class probabilities (else target holds class indices)
@@ -748,7 +748,7 @@ __device__ __forceinline__ CrossEntropyOp make_ce(
 // MIN_BLOCKS: ptxas's register target; without it, N = 16 saves a register to the stack on sm_90.
 #define CE_WARP_KERNEL(N, MIN_BLOCKS)                                                                   \
     extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS)                                       \
-    ce_warp_n##N(CE_PARAMS, int C, int lanes, int vec) {                                                 \
+    softmax_cross_entropy_warp_n##N(CE_PARAMS, int C, int lanes, int vec) {                                                 \
         rows_warp<N>(make_ce(CE_ARGS, C), z, n_rows, C, lanes, vec);                                     \
     }
 
@@ -772,7 +772,7 @@ hardmax_block(scalar_t* __restrict__ out, const scalar_t* __restrict__ z, index_
 }
 // z is not __restrict__ in the cross-entropy kernels: dz may be written over it (in place).
 extern "C" __global__ void __launch_bounds__(1024)
-ce_block(CE_PARAMS, int C, int cached, int vec) {
+softmax_cross_entropy_block(CE_PARAMS, int C, int cached, int vec) {
     rows_block(make_ce(CE_ARGS, C), z, n_rows, C, cached, vec);
 }
 
@@ -787,7 +787,7 @@ hardmax_strided(scalar_t* __restrict__ out, const scalar_t* __restrict__ z, inde
 }
 // (256, 4): ptxas's register target; without it NVRTC 12 saves a register to the stack on sm_80.
 extern "C" __global__ void __launch_bounds__(256, 4)
-ce_strided(CE_PARAMS, index_t outer, int C, index_t inner, int cached) {
+softmax_cross_entropy_strided(CE_PARAMS, index_t outer, int C, index_t inner, int cached) {
     rows_strided(make_ce(CE_ARGS, C), z, outer, C, inner, cached);
 }
 
@@ -795,7 +795,7 @@ ce_strided(CE_PARAMS, index_t outer, int C, index_t inner, int cached) {
 // the inverse 'mean' denominator a gradient needs before any dz is written. Grid-stride,
 // fixed-order block sums, the last block sums the partials in block order. Block: 256 threads.
 extern "C" __global__ void __launch_bounds__(256)
-ce_weight_sum(acc_t* inv_denom, acc_t* part, unsigned int* ticket, const long long* __restrict__ target,
+softmax_cross_entropy_weight_sum(acc_t* inv_denom, acc_t* part, unsigned int* ticket, const long long* __restrict__ target,
               const acc_t* __restrict__ weight, int has_weight, index_t rows, int C, long long ignore_index) {
     __shared__ acc_t scratch[32];
     __shared__ int is_last;

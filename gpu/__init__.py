@@ -6,9 +6,9 @@ kernels. See README.md for the API table and `gpu.info()` for what this machine 
 from ._backend import use_backend
 from ._info import __version__, info
 from ._kernels import warmup
-from .batchnorm import (batch_norm, batch_norm_backward, batch_norm_forward, batch_norm_inference,
+from .ops.batch_norm import (batch_norm, batch_norm_backward, batch_norm_forward, batch_norm_inference,
                         batch_stats)
-from .softmax import (hardmax, log_softmax, softmax, softmax_cross_entropy,
+from .ops.softmax import (hardmax, log_softmax, softmax, softmax_cross_entropy,
                       softmax_cross_entropy_backward)
 
 __all__ = [

@@ -1,6 +1,6 @@
 """The only module that builds and launches kernels: CUDA through CuPy, or the CPU emulator.
 
-Op modules (``gpu/batchnorm.py``, ``gpu/softmax.py``) never touch CuPy's ``RawModule`` or the
+Op modules (``gpu/ops/batch_norm.py``, ``gpu/ops/softmax.py``) never touch CuPy's ``RawModule`` or the
 emulator directly; they ask for a kernel and launch it::
 
     from gpu import _kernels
@@ -84,21 +84,22 @@ Environment
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from gpu._backend import BFLOAT16
 
 __all__ = [
-    "Kernel", "KernelBuildError", "get_kernel", "launch", "max_cooperative_grid", "device_attributes", "warmup",
-    "families", "family_source", "family_variants", "family_dtypes", "dtype_defines",
+    "Kernel", "KernelBuildError", "LaunchLog", "get_kernel", "launch", "recording_launches", "max_cooperative_grid", "device_attributes", "warmup",
+    "families", "family_headers", "family_source", "family_variants", "family_dtypes", "dtype_defines",
     "cuda_src_dir", "cuda_include_dir", "cccl_include_dir", "nvrtc_include_options",
 ]
 
@@ -135,6 +136,7 @@ EMULATED_DEVICE = {
 
 _VARIANTS_RE = re.compile(r"^\s*//\s*@variants\s+(.*)$", re.MULTILINE)
 _DTYPES_RE = re.compile(r"^\s*//\s*@dtypes\s+(.*)$", re.MULTILINE)
+_HEADERS_RE = re.compile(r"^\s*//\s*@headers\s+(.*)$", re.MULTILINE)
 
 
 class KernelBuildError(RuntimeError):
@@ -176,8 +178,24 @@ def _family_path(family: str | os.PathLike) -> Path:
     return path.resolve()
 
 
+def family_headers(family: str | os.PathLike) -> list[str]:
+    """The headers pasted in front of the family's ``.cu``, in order: ``common.cuh``, then those
+    it declares with ``// @headers rows.cuh channels.cuh`` (files of ``cuda_src/``)."""
+    path = _family_path(family)
+    found = _HEADERS_RE.findall(path.read_text())
+    if len(found) > 1:
+        raise ValueError(f"{path.name}: more than one '// @headers' line")
+    names = found[0].split() if found else []
+    for n in names:
+        if n == "common.cuh" or not (cuda_src_dir() / n).is_file():
+            raise ValueError(f"{path.name}: '// @headers' names {n!r}, not a header of {cuda_src_dir()} "
+                             "(common.cuh is always pasted first)")
+    return ["common.cuh"] + names
+
+
 def family_source(family: str | os.PathLike) -> str:
-    """The exact source text every compiler sees: ``common.cuh`` + the family's ``.cu``.
+    """The exact source text every compiler sees: ``common.cuh``, the headers the family declares
+    (``// @headers``), then the family's ``.cu``, each after a ``#line`` marker.
 
     ``family`` is a ``cuda_src/`` stem, or a path to a ``.cu`` file elsewhere (test kernels).
 
@@ -186,9 +204,8 @@ def family_source(family: str | os.PathLike) -> str:
     '#line 1 "common.cuh"'
     """
     path = _family_path(family)
-    header = (cuda_src_dir() / "common.cuh").read_text()
-    return (f'#line 1 "common.cuh"\n{header}\n'
-            f'#line 1 "{path.name}"\n{path.read_text()}')
+    parts = [f'#line 1 "{h}"\n{(cuda_src_dir() / h).read_text()}\n' for h in family_headers(family)]
+    return "".join(parts) + f'#line 1 "{path.name}"\n{path.read_text()}'
 
 
 def family_variants(family: str | os.PathLike) -> list[dict[str, str]]:
@@ -528,7 +545,7 @@ def max_cooperative_grid(kernel: Kernel, block, shared_mem: int = 0) -> int:
     On the emulator: the same limits without registers (the CPU has no register file): threads,
     blocks and shared memory per SM, counting the module's static shared memory in every block.
 
-    >>> k = get_kernel("batchnorm", "bn_forward_onchip", np, np.float32, {"BN_VECTOR": 1})  # doctest: +SKIP
+    >>> k = get_kernel("batch_norm", "batch_norm_forward_onchip", np, np.float32, {"BN_VECTOR": 1})  # doctest: +SKIP
     >>> max_cooperative_grid(k, 256, 4096)                        # doctest: +SKIP
     32
     """
@@ -574,6 +591,11 @@ def launch(kernel: Kernel, grid, block, args: Sequence[Any], shared_mem: int = 0
                              f"({shared_mem} bytes of dynamic shared memory) exceeds the {most} the device "
                              f"holds at once")
     fn = kernel.function
+    log = _launch_log
+    if log is not None:
+        log.launches.append((kernel.name, g, b))
+        if not log.run:
+            return
     if _is_numpy(kernel.xp):
         fn(g, b, args, shared_mem, cooperative=cooperative)
     elif cooperative:
@@ -583,6 +605,44 @@ def launch(kernel: Kernel, grid, block, args: Sequence[Any], shared_mem: int = 0
         fn.kernel(g, b, args, shared_mem=shared_mem, enable_cooperative_groups=True)
     else:
         fn(g, b, args, shared_mem=shared_mem)
+
+
+# ---------------------------------------------------------------------------------------------
+# The launch seam: host-overhead measurement and launch counting
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class LaunchLog:
+    """What ``recording_launches`` collects: one ``(kernel name, grid, block)`` per launch."""
+
+    run: bool
+    launches: list = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return len(self.launches)
+
+
+_launch_log: LaunchLog | None = None
+
+
+@contextlib.contextmanager
+def recording_launches(run: bool = False) -> Iterator[LaunchLog]:
+    """Record every launch inside the block; with ``run=False`` the launch itself is a no-op, so
+    the block measures the host path alone (``gpu-bench --host``). Everything before the driver or
+    emulator call (argument checks, plans, allocations) still runs.
+
+    >>> with recording_launches() as log:                                # doctest: +SKIP
+    ...     gpu.softmax(z)
+    >>> log.count
+    1
+    """
+    global _launch_log
+    saved, _launch_log = _launch_log, LaunchLog(run)
+    try:
+        yield _launch_log
+    finally:
+        _launch_log = saved
 
 
 # ---------------------------------------------------------------------------------------------

@@ -313,7 +313,7 @@ def _es(c: Case) -> int:
 _BN_PARAMS = ("gamma", "beta", "running_mean", "running_var")
 OPS: dict[str, Op] = {op.name: op for op in (
     # read x; write mean, var
-    Op("bn_stats", "batchnorm", "batch statistics", ("mean", "var"), ("x",),
+    Op("batch_norm_stats", "batchnorm", "batch statistics", ("mean", "var"), ("x",),
        lambda c: _es(c) + 8 * c.channels, expr_bn_stats),
     # read x once (a kernel that keeps x on chip between stats and normalize), write y;
     # read gamma, beta, running stats; write mean, invstd, running stats
@@ -446,7 +446,7 @@ def _ours_bn_train(c: Case, i: dict) -> Run:
 
 # Calls go through the `gpu` module's attributes at run time, so a test can swap one out.
 OURS = {
-    "bn_stats": lambda c, i: lambda: gpu.batch_stats(i["x"], axis=c.axes),
+    "batch_norm_stats": lambda c, i: lambda: gpu.batch_stats(i["x"], axis=c.axes),
     "bn_forward": lambda c, i: lambda: gpu.batch_norm_forward(
         i["x"], i["gamma"], i["beta"], axis=c.axes, eps=EPS, running_mean=i["running_mean"],
         running_var=i["running_var"], momentum=MOMENTUM),
@@ -539,7 +539,7 @@ def _seed_bn_train(c, i):
 
 
 SEED = {
-    "bn_stats": _seed_bn_stats,
+    "batch_norm_stats": _seed_bn_stats,
     "bn_forward": _seed_bn_forward,
     "bn_inference": lambda c, i: lambda: (
         (i["x"] - _kept(i["running_mean"], c)) / np.sqrt(_kept(i["running_var"], c) + EPS)
@@ -623,12 +623,12 @@ def _torch_builders():
             return lambda: (f(t["z"]),)
         return build
 
-    def bn_stats(case, t, wrap):
+    def batch_norm_stats(case, t, wrap):
         f = wrap(lambda x: torch.var_mean(x, dim=case.axes, correction=0))
         return lambda: f(t["x"])[::-1]
 
     return {
-        "bn_stats": bn_stats,
+        "batch_norm_stats": batch_norm_stats,
         "bn_forward": bn_forward,
         "bn_inference": bn_inference,
         "bn_backward": functools.partial(bn_grads, with_forward=False),

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def bn_stats(x, axes):
+def batch_norm_stats(x, axes):
     x = np.asarray(x, np.float64)
     mean = x.mean(axis=axes, keepdims=True)
     var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
@@ -18,7 +18,7 @@ def bn_stats(x, axes):
 def bn_forward(x, gamma, beta, axes, eps):
     """(y, mean, invstd, var) with mean/invstd/var in keepdims shape; gamma/beta keepdims or None."""
     x = np.asarray(x, np.float64)
-    mean, var = bn_stats(x, axes)
+    mean, var = batch_norm_stats(x, axes)
     invstd = 1.0 / np.sqrt(var + eps)
     y = (x - mean) * invstd
     if gamma is not None:

@@ -93,8 +93,8 @@ def test_numpy_path_is_independent_of_thread_count(monkeypatch):
     # the NumPy path spreads row blocks over threads and combines them in block order: the result
     # must be bitwise the same with one thread and with several
     import importlib
-    bn = importlib.import_module("gpu.batchnorm")
-    sm = importlib.import_module("gpu.softmax")
+    bn = importlib.import_module("gpu.ops.batch_norm")
+    sm = importlib.import_module("gpu.ops.softmax")
     rng = np.random.default_rng(5)
     x = rng.standard_normal((64, 48)).astype(np.float32)
     t = rng.integers(0, 48, 64)

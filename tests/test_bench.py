@@ -88,9 +88,9 @@ def test_a_peer_that_raises_is_reported_and_the_run_goes_on(tmp_path, monkeypatc
             raise RuntimeError("launch failed")
         return run_
     monkeypatch.setattr(bench, "PEERS", bench.PEERS + [
-        bench.FunctionPeer("missing", "any", {"bn_stats": missing}),
-        bench.FunctionPeer("failing", "any", {"bn_stats": failing})])
-    rc, report = run(tmp_path, "--op", "bn_stats", "--peer", "ours,missing,failing")
+        bench.FunctionPeer("missing", "any", {"batch_norm_stats": missing}),
+        bench.FunctionPeer("failing", "any", {"batch_norm_stats": failing})])
+    rc, report = run(tmp_path, "--op", "batch_norm_stats", "--peer", "ours,missing,failing")
     assert rc == 0  # only WRONG results and failures of this library fail the run
     assert {r["status"] for r in rows_of(report, peer="missing")} == {"unavailable"}
     assert {r["detail"] for r in rows_of(report, peer="failing")} == {"RuntimeError: launch failed"}

@@ -253,7 +253,7 @@ def test_bad_target_raises_on_every_backend(backend):
                          ids=["classes-last", "classes-first", "middle"])
 def test_numpy_path_row_blocks(monkeypatch, rng, shape, axis):
     # the NumPy path works on row blocks sized for the cache; force blocks of about 2 rows
-    sm = importlib.import_module("gpu.softmax")
+    sm = importlib.import_module("gpu.ops.softmax")
     monkeypatch.setattr(sm, "_BLOCK_BYTES", 2 * 4 * shape[axis])
     z, z64, target, kw = _ce_inputs(rng, shape, axis, np.float32, dict(ignore=True, weight=True,
                                                                          label_smoothing=0.1))

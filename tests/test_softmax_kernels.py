@@ -22,7 +22,7 @@ import importlib
 import reference as ref
 from conftest import DTYPES, assert_close, dtype_id, random, to_numpy
 
-S = importlib.import_module("gpu.softmax")   # the module: gpu.softmax is the function
+S = importlib.import_module("gpu.ops.softmax")   # the module: gpu.softmax is the function
 
 pytestmark = pytest.mark.kernel
 

@@ -25,9 +25,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from . import _backend as B
-from . import _threads
-from . import _kernels
+from .. import _backend as B
+from .. import _threads
+from .. import _kernels
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -609,7 +609,7 @@ def _gpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
             inv_denom = B.empty(xp, 1, acc)
             dev = _kernels.device_attributes(xp)
             grid = min(-(-R // 256), 4 * dev["sm_count"])
-            k = _kernels.get_kernel("softmax", "ce_weight_sum", xp, dtype=z.dtype)
+            k = _kernels.get_kernel("softmax", "softmax_cross_entropy_weight_sum", xp, dtype=z.dtype)
             _kernels.launch(k, grid, 256, (inv_denom, B.empty(xp, grid, acc), xp.zeros(1, np.uint32),
                                            target, weight, np.int32(ce.weight is not None), np.int64(R),
                                            np.int32(C), np.int64(ce.ignore_index)))
@@ -627,7 +627,7 @@ def _gpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
             B.empty(xp, plan.grid, np.int64), xp.zeros(1, np.uint32), lay.z, target, y, weight, dl,
             np.int64(dl_stride), inv_denom, np.int64(ce.ignore_index), acc.type(ce.label_smoothing),
             np.int32(flags), np.int32(code), np.int64(R))
-    _run(xp, "ce", plan, z.dtype, args + _path_args(plan, lay, with_rows=False))
+    _run(xp, "softmax_cross_entropy", plan, z.dtype, args + _path_args(plan, lay, with_rows=False))
 
     first_bad = int(bad[0])   # the one synchronization: the error must be raised here
     if first_bad >= 0:

@@ -1,8 +1,8 @@
-// batchnorm.cu: batch statistics, batch-norm forward (training), inference and backward.
+// batch_norm.cu: batch statistics, batch-norm forward (training), inference and backward.
 //
 // @variants [{"BN_VECTOR": 1}, {"BN_VECTOR": 0}]
 //
-// View. gpu/batchnorm.py maps every layout onto a C-contiguous (outer, C, inner) view and reduces
+// View. gpu/ops/batch_norm.py maps every layout onto a C-contiguous (outer, C, inner) view and reduces
 // over (outer, inner) for each of the C channels, without a transpose copy:
 //     (N, C) axis=0 -> (N, C, 1)      NCHW axis=(0,2,3) -> (N, C, H*W)
 //     NHWC axis=(0,1,2) -> (N*H*W, C, 1)      the seed's (n, m) axis=1 -> (1, n, m)
@@ -21,25 +21,25 @@
 // pointers; otherwise the module built with BN_VECTOR=0 runs (scalar loads, same kernels).
 //
 // Kernels (one per op and path):
-//   bn_stats            per-channel Welford partials -> block -> grid; the last block of a tile
+//   batch_norm_stats            per-channel Welford partials -> block -> grid; the last block of a tile
 //                       finalizes: mean, biased var, invstd = 1/sqrt(var+eps), the affine
 //                       coefficients scale = gamma*invstd and shift = beta, and the running-stat
 //                       update r = (1-momentum)*r + momentum*stat (var unbiased by M/(M-1)).
-//   bn_apply            y = (x - center[c]) * scale[c] + shift[c]: the training forward's second
+//   batch_norm_apply            y = (x - center[c]) * scale[c] + shift[c]: the training forward's second
 //                       pass (center = batch mean) and inference (center = running mean).
-//   bn_forward_onchip   training forward with x held in registers (<= BN_ONCHIP_ROWS rows per
+//   batch_norm_forward_onchip   training forward with x held in registers (<= BN_ONCHIP_ROWS rows per
 //                       thread, at most BN_ONCHIP_THREADS threads) from the statistics to the
 //                       normalization: stats, finalize and normalize in one launch, x read once.
 //                       Either one block holds a whole tile (all rows of its channels; an ordinary
 //                       launch), or the tile's rows and chunks spread over gy*chunks blocks that
 //                       exchange Welford partials across a grid barrier (persistent: a cooperative
 //                       launch, every block resident at once, see below).
-//   bn_inference_params scale = gamma/sqrt(running_var+eps), shift = beta, one thread per channel.
-//   bn_backward_reduce  per-channel sum(dy) and sum(dy*(x-mean)), reduced like the statistics; the
+//   batch_norm_inference_params scale = gamma/sqrt(running_var+eps), shift = beta, one thread per channel.
+//   batch_norm_backward_reduce  per-channel sum(dy) and sum(dy*(x-mean)), reduced like the statistics; the
 //                       last block writes dbeta = sum(dy), dgamma = sum(dy*(x-mean))*invstd and
 //                       the coefficients of dx = k*dy + a*(x - mean) + b:
 //                       k = gamma*invstd, a = -k*invstd*dgamma/M, b = -k*dbeta/M.
-//   bn_backward_apply   dx from those coefficients.
+//   batch_norm_backward_apply   dx from those coefficients.
 //
 // Statistics. Each thread keeps VEC Welford states sharing one count (its lanes see the same
 // rows), so one reciprocal per row serves VEC elements: no divide per element. States merge by
@@ -49,23 +49,23 @@
 // merge order never depends on scheduling, so results are bitwise reproducible; no floating-point
 // atomics. A NaN or inf only reaches the lanes of its own channel.
 //
-// Persistent forward. With several blocks per tile, bn_forward_onchip cannot wait for the last
+// Persistent forward. With several blocks per tile, batch_norm_forward_onchip cannot wait for the last
 // block to finalize (the others would have to drop their rows): each block stores its partial in
 // the workspace, grid.sync() (cooperative_groups; the launch is cooperative, so the grid must fit
-// the device at once: gpu/batchnorm.py sizes it from max_cooperative_grid), then every block merges
+// the device at once: gpu/ops/batch_norm.py sizes it from max_cooperative_grid), then every block merges
 // its tile's partials in partition order itself. The merge is the same sequence of operations in
 // every block, so all blocks normalize with the same bits; block part 0 alone writes the
 // statistics and the running-stat update.
 //
 // Bytes moved (E elements of s bytes, C channels; partials and coefficients are O(C * gy)):
-//   batch statistics                  E*s                  (bn_stats)
-//   forward, training, on chip        2 E*s                (bn_forward_onchip, one block per
+//   batch statistics                  E*s                  (batch_norm_stats)
+//   forward, training, on chip        2 E*s                (batch_norm_forward_onchip, one block per
 //                                                           tile or persistent across the grid)
-//   forward, training, two-pass       3 E*s                (bn_stats + bn_apply; the second read
+//   forward, training, two-pass       3 E*s                (batch_norm_stats + batch_norm_apply; the second read
 //                                                           of x hits L2 when x fits there)
-//   inference                         2 E*s                (bn_inference_params + bn_apply)
-//   backward                          5 E*s                (bn_backward_reduce reads dy, x;
-//                                                           bn_backward_apply reads dy, x, writes dx)
+//   inference                         2 E*s                (batch_norm_inference_params + batch_norm_apply)
+//   backward                          5 E*s                (batch_norm_backward_reduce reads dy, x;
+//                                                           batch_norm_backward_apply reads dy, x, writes dx)
 //
 // Accumulation in ACC_T (float for half/bfloat16/float, double for double); x, y, dy, dx in
 // SCALAR_T; every per-channel array (gamma, beta, running stats, mean, invstd, coefficients,
@@ -81,10 +81,10 @@
 
 #define BN_MAX_THREADS 512   // largest block any launch uses (bounds the register budget)
 #define BN_UNROLL 4          // rows of loads in flight per thread in the streaming loops
-#define BN_ONCHIP_ROWS 8     // rows per thread bn_forward_onchip keeps in registers
+#define BN_ONCHIP_ROWS 8     // rows per thread batch_norm_forward_onchip keeps in registers
 #define BN_ONCHIP_THREADS 256  // its largest block; one block per SM may use up to 255 registers
                                // (bfloat16 at sm_90: 157, as the row cache and its float copies stay live)
-#define BN_MAX_COLS 64       // largest bx of a channels-last tile (bounds bn_forward_onchip's smem)
+#define BN_MAX_COLS 64       // largest bx of a channels-last tile (bounds batch_norm_forward_onchip's smem)
 
 typedef SCALAR_T scalar_t;
 typedef ACC_T acc_t;
@@ -471,7 +471,7 @@ __device__ __forceinline__ void finalize_tile(const BnWelford<L>& w, const Tile&
     }
 }
 
-// bn_stats: block reduce, grid merge through the counter, finalize.
+// batch_norm_stats: block reduce, grid merge through the counter, finalize.
 template <int L>
 __device__ __forceinline__ void finish_stats(BnWelford<L> w, const Tile& t, int C, const StatsOut& o,
                                              acc_t* ws, unsigned int* counters, acc_t* smem, int* is_last) {
@@ -480,7 +480,7 @@ __device__ __forceinline__ void finish_stats(BnWelford<L> w, const Tile& t, int 
     finalize_tile(w, t, o, true, nullptr);
 }
 
-// bn_forward_onchip: block reduce; with several blocks per tile, partials through the workspace
+// batch_norm_forward_onchip: block reduce; with several blocks per tile, partials through the workspace
 // and a grid barrier, merged by every block; the coefficients into coef_smem. Block part 0 writes
 // the statistics.
 template <int L>
@@ -496,7 +496,7 @@ __device__ __forceinline__ void onchip_stats(BnWelford<L> w, const Tile& t, int 
 }
 
 extern "C" __global__ void __launch_bounds__(BN_MAX_THREADS)
-bn_stats(acc_t* mean, acc_t* var, acc_t* invstd, acc_t* scale, acc_t* shift, acc_t* running_mean,
+batch_norm_stats(acc_t* mean, acc_t* var, acc_t* invstd, acc_t* scale, acc_t* shift, acc_t* running_mean,
          acc_t* running_var, acc_t* ws, unsigned int* counters, const scalar_t* __restrict__ x,
          const acc_t* __restrict__ gamma, const acc_t* __restrict__ beta, index_t outer, int C,
          index_t inner, int bx, int chunks, acc_t inv_m, acc_t unbias, acc_t eps, acc_t momentum,
@@ -529,7 +529,7 @@ bn_stats(acc_t* mean, acc_t* var, acc_t* invstd, acc_t* scale, acc_t* shift, acc
 // gy * chunks == 1: an ordinary launch (ws unused); else a cooperative one with ws holding
 // 3 * gy * chunks * C words.
 extern "C" __global__ void __launch_bounds__(BN_ONCHIP_THREADS, 1)
-bn_forward_onchip(scalar_t* y, acc_t* mean, acc_t* var, acc_t* invstd, acc_t* scale, acc_t* shift,
+batch_norm_forward_onchip(scalar_t* y, acc_t* mean, acc_t* var, acc_t* invstd, acc_t* scale, acc_t* shift,
                   acc_t* running_mean, acc_t* running_var, acc_t* ws, const scalar_t* __restrict__ x,
                   const acc_t* __restrict__ gamma, const acc_t* __restrict__ beta, index_t outer,
                   int C, index_t inner, int bx, int chunks, acc_t inv_m, acc_t unbias, acc_t eps,
@@ -627,21 +627,21 @@ __device__ __forceinline__ void apply_rows(scalar_t* out, const scalar_t* __rest
 }
 
 extern "C" __global__ void __launch_bounds__(BN_MAX_THREADS)
-bn_apply(scalar_t* y, const scalar_t* __restrict__ x, const acc_t* __restrict__ center,
+batch_norm_apply(scalar_t* y, const scalar_t* __restrict__ x, const acc_t* __restrict__ center,
          const acc_t* __restrict__ scale, const acc_t* __restrict__ shift, index_t outer, int C,
          index_t inner, int bx, int chunks) {
     apply_rows<false>(y, nullptr, x, center, scale, shift, nullptr, outer, C, inner, bx, chunks);
 }
 
 extern "C" __global__ void __launch_bounds__(BN_MAX_THREADS)
-bn_backward_apply(scalar_t* dx, const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+batch_norm_backward_apply(scalar_t* dx, const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
                   const acc_t* __restrict__ mean, const acc_t* __restrict__ k,
                   const acc_t* __restrict__ a, const acc_t* __restrict__ b, index_t outer, int C,
                   index_t inner, int bx, int chunks) {
     apply_rows<true>(dx, dy, x, mean, a, b, k, outer, C, inner, bx, chunks);
 }
 
-extern "C" __global__ void bn_inference_params(acc_t* scale, acc_t* shift, const acc_t* __restrict__ gamma,
+extern "C" __global__ void batch_norm_inference_params(acc_t* scale, acc_t* shift, const acc_t* __restrict__ gamma,
                                                const acc_t* __restrict__ beta,
                                                const acc_t* __restrict__ running_var, int C, acc_t eps,
                                                int flags) {
@@ -685,7 +685,7 @@ __device__ __forceinline__ void finish_grad(BnGradSums<L> s, const Tile& t, int 
 }
 
 extern "C" __global__ void __launch_bounds__(BN_MAX_THREADS)
-bn_backward_reduce(acc_t* dgamma, acc_t* dbeta, acc_t* k, acc_t* a, acc_t* b, acc_t* ws,
+batch_norm_backward_reduce(acc_t* dgamma, acc_t* dbeta, acc_t* k, acc_t* a, acc_t* b, acc_t* ws,
                    unsigned int* counters, const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
                    const acc_t* __restrict__ mean, const acc_t* __restrict__ invstd,
                    const acc_t* __restrict__ gamma, index_t outer, int C, index_t inner, int bx,

@@ -58,7 +58,7 @@ def _params(rng, shape, axis, dtype=np.float64):
 def test_batch_stats(backend, rng, shape, axis, dtype):
     x, x64 = random(rng, shape, dtype, scale=2.0, offset=3.0)
     mean, var = backend.call(gpu.batch_stats, x, axis=axis)
-    rmean, rvar = ref.bn_stats(x64, _axes(axis))
+    rmean, rvar = ref.batch_norm_stats(x64, _axes(axis))
     assert to_numpy(mean).dtype == dtype and to_numpy(var).dtype == dtype
     assert_close(mean, rmean.reshape(_kept(shape, axis)), dtype, "mean")
     assert_close(var, rvar.reshape(_kept(shape, axis)), dtype, "var", factor=4)
@@ -116,9 +116,11 @@ def test_backward(backend, rng, shape, axis, dtype):
     assert to_numpy(dx).dtype == dtype
     assert to_numpy(dgamma).dtype == np.float32 and to_numpy(dbeta).dtype == np.float32
     # dx = k * (dy - ...) cancels to ~0 when a feature has 1 or 2 values (then y is 0 or +-1 for
-    # any x): there the error is measured against the size of the terms, k * dy
+    # any x): there the error is measured against the size of the terms, k * dy. dx = k dy + a (x -
+    # mean) + b sums terms of that size, so its absolute error is a few ulp of k * dy: a relative
+    # check on dx is meaningful only where dx is well above that (1e-2 of the terms)
     terms = np.linalg.norm(dy64 * gamma.reshape(keep) * invstd.astype(np.float64).reshape(keep))
-    if np.linalg.norm(rdx) > 1e-3 * terms:
+    if np.linalg.norm(rdx) > 1e-2 * terms:
         assert_close(dx, rdx, dtype, "dx", factor=8)
     else:
         err = np.linalg.norm(to_numpy(dx).astype(np.float64) - rdx) / terms
@@ -338,7 +340,7 @@ def test_read_only_running_stats_rejected():
 def test_numpy_path_row_blocks(monkeypatch, rng, shape, axis):
     # the NumPy path works on row blocks sized for the cache; force many tiny blocks (2 rows each),
     # both where blocks share features (axis 0 reduced) and where each holds whole ones (kept)
-    bn = importlib.import_module("gpu.batchnorm")
+    bn = importlib.import_module("gpu.ops.batch_norm")
     monkeypatch.setattr(bn, "_BLOCK_BYTES", 2 * 4 * int(np.prod(shape[1:])))
     x, x64 = random(rng, shape, np.float32, offset=100.0)
     dy, dy64 = random(rng, shape, np.float32)

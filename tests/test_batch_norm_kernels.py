@@ -1,7 +1,7 @@
-"""Kernel-path tests for cuda_src/batchnorm.cu: every launch path and awkward shape, against float64.
+"""Kernel-path tests for cuda_src/batch_norm.cu: every launch path and awkward shape, against float64.
 
-The API suite (tests/test_batchnorm.py) runs the public cases on every backend; this file drives
-the kernels' own switches through the launch knobs of gpu/batchnorm.py (``_tuned``): on-chip (one
+The API suite (tests/test_batch_norm.py) runs the public cases on every backend; this file drives
+the kernels' own switches through the launch knobs of gpu/ops/batch_norm.py (``_tuned``): on-chip (one
 block per tile, or persistent across a cooperative grid) vs two-pass forward, vector vs scalar module, one block per tile vs the grid merge through the
 workspace and the last-block counter, channels-last vs channels-first, partial tiles and warps.
 It runs on the CPU emulator (NumPy arrays, ``kernel`` marker) and on CuPy when a GPU is usable
@@ -9,7 +9,7 @@ It runs on the CPU emulator (NumPy arrays, ``kernel`` marker) and on CuPy when a
 sizes stay small because every CUDA thread is a fiber.
 
 Outputs are NaN-poisoned before launch (GPU_POISON=1, set by conftest), so an element a kernel
-forgets to write fails the comparison. Run: ``pytest tests/test_batchnorm_kernels.py``.
+forgets to write fails the comparison. Run: ``pytest tests/test_batch_norm_kernels.py``.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest
 
 import gpu
 from gpu import _kernels
-from gpu import batchnorm as bn
+from gpu.ops import batch_norm as bn
 from conftest import BFLOAT16, DTYPES, TOL, dtype_id, rel_err, to_numpy
 
 
@@ -190,9 +190,9 @@ def _check_grid(launches, knobs):
     """A forced grid_rows must not have been clamped away (else the case tests less than it says),
     and a forced persistent path must have been a cooperative launch of several blocks per tile."""
     if "grid_rows" in knobs:
-        assert any(g[1:] == (knobs["grid_rows"],) for name, g, *_ in launches if name != "bn_inference_params")
+        assert any(g[1:] == (knobs["grid_rows"],) for name, g, *_ in launches if name != "batch_norm_inference_params")
     if knobs.get("path") == "persistent":
-        assert any(name == "bn_forward_onchip" and coop for name, _, _, coop in launches)
+        assert any(name == "batch_norm_forward_onchip" and coop for name, _, _, coop in launches)
 
 
 # a few shapes for every dtype: vector and scalar module, both layouts, multi-block
@@ -230,8 +230,8 @@ def test_path_selection(launches, rng):
         with bn._tuned(path="twopass", threads=32, grid_rows=3):
             gpu.batch_norm_forward(x)                              # stats over 3 blocks, then apply
         gpu.batch_norm_forward(x[:, :7])                           # strided: copied; C = 7: scalar
-    assert launches[0] == ("bn_forward_onchip", (1, 1), "1", False)
-    assert launches[1] == ("bn_stats", (1, 3), "1", False) and launches[2] == ("bn_apply", (1, 3), "1", False)
+    assert launches[0] == ("batch_norm_forward_onchip", (1, 1), "1", False)
+    assert launches[1] == ("batch_norm_stats", (1, 3), "1", False) and launches[2] == ("batch_norm_apply", (1, 3), "1", False)
     assert all(v == "0" for _, _, v, _ in launches[3:])
 
 
@@ -386,16 +386,16 @@ def test_persistent_switch_boundary(monkeypatch, launches, rng):
     and the SM holds `most` such blocks: `most` blocks' worth of rows runs persistent, one row more
     takes the two-pass path (and cannot be forced on chip)."""
     monkeypatch.setenv("GPU_EMULATOR_SM_COUNT", "1")
-    k = _kernels.get_kernel("batchnorm", "bn_forward_onchip", np, np.float32, {"BN_VECTOR": 1})
+    k = _kernels.get_kernel("batch_norm", "batch_norm_forward_onchip", np, np.float32, {"BN_VECTOR": 1})
     most = _kernels.max_cooperative_grid(k, 32, 32 * (1 + 2 * 4) * 4)  # the reductions' smem: T*(1+2*VEC) floats
     rows = most * 32 * bn._BN_ONCHIP_ROWS
-    for n, path in ((rows, "bn_forward_onchip"), (rows + 1, "bn_stats")):
+    for n, path in ((rows, "batch_norm_forward_onchip"), (rows + 1, "batch_norm_stats")):
         x, x64 = _rand(rng, (n, 4), np.float32, 2.0, 3.0)
         launches.clear()
         with gpu.use_backend("emulate"), bn._tuned(threads=32):
             y, mean, invstd = gpu.batch_norm_forward(x)
         assert launches[0][0] == path
-        if path == "bn_forward_onchip":
+        if path == "batch_norm_forward_onchip":
             assert launches[0][1] == (1, most) and launches[0][3]
         y_ref, mean_ref, invstd_ref, _ = _ref_forward(x64, None, None, 0, 1e-5)
         _check(y, y_ref, np.float32, f"y ({n} rows)")

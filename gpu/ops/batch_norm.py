@@ -11,7 +11,7 @@ reduced axes kept as 1 is accepted too, e.g. the (n, 1) column for the seed's (n
     NHWC activations        (N, H, W, C)     (0, 1, 2)
 
 NumPy arrays run the NumPy reference path below (also the CPU fallback); CuPy arrays run the
-CUDA kernels of ``cuda_src/batchnorm.cu``. Accumulation is in float32 for float16, bfloat16 and
+CUDA kernels of ``cuda_src/batch_norm.cu``. Accumulation is in float32 for float16, bfloat16 and
 float32 storage and in float64 for float64.
 
 The variance is computed by the corrected two-pass formula var = mean(c^2) - mean(c)^2 with
@@ -29,9 +29,9 @@ from typing import Sequence
 
 import numpy as np
 
-from . import _backend as B
-from . import _threads
-from . import _kernels
+from .. import _backend as B
+from .. import _threads
+from .. import _kernels
 
 @dataclass(frozen=True)
 class _Layout:
@@ -409,14 +409,14 @@ def _cpu_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps):
 # Kernel launch path (CuPy arrays; NumPy arrays under the emulator backend)
 # ---------------------------------------------------------------------------------------------
 #
-# cuda_src/batchnorm.cu reduces a C-contiguous (outer, C, inner) view over (outer, inner); its
+# cuda_src/batch_norm.cu reduces a C-contiguous (outer, C, inner) view over (outer, inner); its
 # header comment has the kernels, their launch shapes and the bytes each op moves. Here: the view
 # (no copy for the four layouts of the module docstring and any axis whose kept axes are
 # adjacent; a non-contiguous x, or kept axes separated by a reduced one, is first made into a
 # contiguous (reduced..., kept...) copy), the launch plan, and the per-channel arrays, which the
 # kernels take in the accumulation dtype (mixed parameter dtypes are converted here).
 
-# Constants of cuda_src/batchnorm.cu that the launch arithmetic must agree with.
+# Constants of cuda_src/batch_norm.cu that the launch arithmetic must agree with.
 _BN_MAX_THREADS = 512   # BN_MAX_THREADS
 _BN_ONCHIP_ROWS = 8     # BN_ONCHIP_ROWS
 _BN_ONCHIP_THREADS = 256  # BN_ONCHIP_THREADS
@@ -552,7 +552,7 @@ def _plan(xp, v: _View, itemsize: int, acc, arrays, threads: int | None = None,
 
 
 def _onchip_plan(p: _Plan, v: _View, acc, dev) -> _Plan | None:
-    """bn_forward_onchip's plan: one block per tile holding all its rows, or None if they do not
+    """batch_norm_forward_onchip's plan: one block per tile holding all its rows, or None if they do not
     fit in BN_ONCHIP_ROWS rows per thread of a block of at most BN_ONCHIP_THREADS threads."""
     if p.chunks != 1 or (v.inner == 1 and p.bx > _BN_MAX_COLS):
         return None
@@ -564,7 +564,7 @@ def _onchip_plan(p: _Plan, v: _View, acc, dev) -> _Plan | None:
 
 
 def _persistent_plan(xp, p: _Plan, v: _View, acc, dtype) -> _Plan | None:
-    """bn_forward_onchip's cooperative plan: a tile's rows (and, channels-first, its chunks) spread
+    """batch_norm_forward_onchip's cooperative plan: a tile's rows (and, channels-first, its chunks) spread
     over gy blocks of at most BN_ONCHIP_THREADS threads (capped by the ``threads`` knob) holding
     BN_ONCHIP_ROWS rows per thread; None if a block cannot hold its share or the grid does not fit
     the device at once (``max_cooperative_grid``). ``grid_rows`` forces gy."""
@@ -578,12 +578,12 @@ def _persistent_plan(xp, p: _Plan, v: _View, acc, dtype) -> _Plan | None:
         return None
     gy = min(gy, -(-v.outer // by))        # no block without rows
     plan = _Plan(p.vector, p.vec, p.bx, T, p.tiles, p.chunks, gy, T * (1 + 2 * p.vec) * acc.itemsize)
-    fits = _kernels.max_cooperative_grid(_kernel(xp, "bn_forward_onchip", dtype, plan), T, plan.smem)
+    fits = _kernels.max_cooperative_grid(_kernel(xp, "batch_norm_forward_onchip", dtype, plan), T, plan.smem)
     return plan if plan.tiles * plan.parts <= fits else None
 
 
 def _kernel(xp, name: str, dtype, p: _Plan):
-    return _kernels.get_kernel("batchnorm", name, xp, dtype=dtype, defines={"BN_VECTOR": int(p.vector)})
+    return _kernels.get_kernel("batch_norm", name, xp, dtype=dtype, defines={"BN_VECTOR": int(p.vector)})
 
 
 def _as_acc(xp, p, acc):
@@ -626,13 +626,13 @@ def _stats_launch(xp, x, gamma, beta, running_mean, running_var, lay, eps, momen
     onchip = _onchip_choice(xp, p, v, acc, x.dtype) if normalize else None
     if onchip is not None:
         ws, _ = _workspace(xp, onchip, 3, C, acc)
-        _kernels.launch(_kernel(xp, "bn_forward_onchip", x.dtype, onchip), onchip.grid, onchip.threads,
+        _kernels.launch(_kernel(xp, "batch_norm_forward_onchip", x.dtype, onchip), onchip.grid, onchip.threads,
                         (y3, mean, var, invstd, scale, shift, rm_k, rv_k, ws, v.x, g, b,
                          *_geometry(v, onchip), np.int32(onchip.chunks), *scalars), shared_mem=onchip.smem,
                         cooperative=onchip.parts > 1)
     else:
         ws, counters = _workspace(xp, p, 3, C, acc)
-        _kernels.launch(_kernel(xp, "bn_stats", x.dtype, p), p.grid, p.threads,
+        _kernels.launch(_kernel(xp, "batch_norm_stats", x.dtype, p), p.grid, p.threads,
                         (mean, var, invstd, scale, shift, rm_k, rv_k, ws, counters, v.x, g, b,
                          *_geometry(v, p), np.int32(p.chunks), *scalars), shared_mem=p.smem)
         if normalize:
@@ -674,7 +674,7 @@ def _same_memory(a, b) -> bool:
 
 def _apply(xp, y3, v: _View, center, scale, shift, p: _Plan):
     """y = (x - center) * scale + shift per channel (forward second pass, inference)."""
-    _kernels.launch(_kernel(xp, "bn_apply", v.x.dtype, p), p.grid, p.threads,
+    _kernels.launch(_kernel(xp, "batch_norm_apply", v.x.dtype, p), p.grid, p.threads,
                     (y3, v.x, center, scale, shift, *_geometry(v, p), np.int32(p.chunks)))
 
 
@@ -701,7 +701,7 @@ def _gpu_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps):
     flags = (_HAS_GAMMA if g is not None else 0) | (_HAS_BETA if b is not None else 0)
     p = _plan(xp, v, x.dtype.itemsize, acc, [v.x, y3])
     T = 256
-    _kernels.launch(_kernel(xp, "bn_inference_params", x.dtype, p), -(-v.C // T), T,
+    _kernels.launch(_kernel(xp, "batch_norm_inference_params", x.dtype, p), -(-v.C // T), T,
                     (scale, shift, g if g is not None else rv, b if b is not None else rv, rv,
                      np.int32(v.C), acc.type(eps), np.int32(flags)))
     _apply(xp, y3, v, rm, scale, shift, p)
@@ -722,11 +722,11 @@ def _gpu_backward(xp, dy, x, gamma, mean, invstd, lay):
         p = _plan(xp, v, x.dtype.itemsize, acc, [v.x, vg.x, dx3])
         ws, counters = _workspace(xp, p, 2, C, acc)
         geo = _geometry(v, p)
-        _kernels.launch(_kernel(xp, "bn_backward_reduce", x.dtype, p), p.grid, p.threads,
+        _kernels.launch(_kernel(xp, "batch_norm_backward_reduce", x.dtype, p), p.grid, p.threads,
                         (dgamma, dbeta, k, a, b, ws, counters, vg.x, v.x, mu, istd,
                          g if g is not None else istd, *geo, np.int32(p.chunks),
                          acc.type(1.0 / lay.m), np.int32(flags)), shared_mem=p.smem)
-        _kernels.launch(_kernel(xp, "bn_backward_apply", x.dtype, p), p.grid, p.threads,
+        _kernels.launch(_kernel(xp, "batch_norm_backward_apply", x.dtype, p), p.grid, p.threads,
                         (dx3, vg.x, v.x, mu, k, a, b, *geo, np.int32(p.chunks)))
     return (v.restore(dx3), dgamma.reshape(lay.kept_shape).astype(out_dtype),
             dbeta.reshape(lay.kept_shape).astype(out_dtype))

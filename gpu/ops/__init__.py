@@ -1,0 +1,1 @@
+"""The ops: one module per kernel family (cuda_src/<family>.cu), NumPy and kernel paths side by side."""
