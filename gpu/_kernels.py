@@ -1,14 +1,13 @@
 """The only module that builds and launches kernels: CUDA through CuPy, or the CPU emulator.
 
-Op modules (``gpu/ops/batch_norm.py``, ``gpu/ops/softmax.py``) never touch CuPy's ``RawModule`` or the
-emulator directly; they ask for a kernel and launch it::
+Op modules (``gpu/ops/*.py``) never touch CuPy's ``RawModule`` or the emulator directly; they ask
+for a kernel and launch it with arguments named as in the ``.cu`` signature::
 
     from gpu import _kernels
 
-    k = _kernels.get_kernel("softmax", "softmax_fwd", xp, dtype=z.dtype, defines={"ROWS_PER_BLOCK": 1})
-    dev = _kernels.device_attributes(xp)
-    grid = min(rows, 8 * dev["sm_count"])
-    _kernels.launch(k, grid, 256, (y, z, np.int64(rows), np.int32(cols)), shared_mem=smem)
+    k = _kernels.get_kernel("softmax", "softmax_block", xp, dtype=z.dtype)
+    _kernels.launch(k, grid, 256, k.args(out=y, z=z, rows=np.int64(rows), C=np.int32(C), ...),
+                    shared_mem=smem)
 
 ``xp`` is ``numpy`` or ``cupy``. With ``cupy`` the kernel is compiled by NVRTC into a
 ``cupy.RawModule`` and launched on CuPy's current stream. With ``numpy`` the same source is compiled
@@ -18,32 +17,41 @@ runs on the CPU, NumPy arrays standing in for device pointers: this is what
 
 Kernel sources
 --------------
-A *family* is one file ``cuda_src/<family>.cu`` (``"batchnorm"``, ``"softmax"``). Its source text is
-``cuda_src/common.cuh`` pasted in front of the ``.cu`` (with ``#line`` markers, so diagnostics name
-the real file and line), never ``#include``-d through ``-I``: CuPy's disk cache hashes only the source
-string, so a header edit must change that string. Kernels are ``extern "C" __global__`` functions,
-compiled with ``-std=c++17``; ``<cuda_fp16.h>``, ``<cuda_bf16.h>`` and ``<cooperative_groups.h>``
-come from the CUDA runtime headers (the ``nvidia-cuda-runtime-cu12`` wheel or a CUDA toolkit), and
-the ``<nv/target>`` that cooperative_groups.h includes from CCCL (the ``nvidia-cuda-cccl-cu12`` wheel,
-a CUDA toolkit, or the copy bundled with CuPy).
+A *family* is one file ``cuda_src/<family>.cu`` (``"batch_norm"``, ``"softmax"``). Its source text
+is ``cuda_src/common.cuh``, then the shared engine headers the family declares in one line::
+
+    // @headers rows.cuh
+
+then the ``.cu`` itself, each after a ``#line`` marker (so diagnostics name the real file and
+line), never ``#include``-d through ``-I``: CuPy's disk cache hashes only the source string, so a
+header edit must change that string. Kernels are ``extern "C" __global__`` functions, compiled with
+``-std=c++17``; ``<cuda_fp16.h>``, ``<cuda_bf16.h>`` and ``<cooperative_groups.h>`` come from the
+CUDA runtime headers (the ``nvidia-cuda-runtime-cu12`` wheel or a CUDA toolkit), and the
+``<nv/target>`` that cooperative_groups.h includes from CCCL (the ``nvidia-cuda-cccl-cu12`` wheel, a
+CUDA toolkit, or the copy bundled with CuPy).
+
+Everything about a family (its source text, headers, variants, dtypes, kernel signatures and
+``#define`` constants) is read once and kept (``family()``); kernels are kept per (family, kernel,
+dtype, defines, device), so a warm ``get_kernel`` or ``launch`` does no file I/O, no parsing and no
+driver query.
 
 Defines
 -------
 ``dtype`` (float16, bfloat16 from ``ml_dtypes``, float32, float64) adds:
 
-==================  ==============  ======  ===================
-dtype               ``SCALAR_T``    ``ACC_T``  flag macro
-==================  ==============  ======  ===================
-float16             ``__half``          float   ``SCALAR_IS_HALF``
-bfloat16            ``__nv_bfloat16``   float   ``SCALAR_IS_BF16``
-float32             ``float``           float   ``SCALAR_IS_FLOAT``
-float64             ``double``          double  ``SCALAR_IS_DOUBLE``
-==================  ==============  ======  ===================
+==================  ==================  =========  ===================
+dtype               ``SCALAR_T``        ``ACC_T``  flag macro
+==================  ==================  =========  ===================
+float16             ``__half``          float      ``SCALAR_IS_HALF``
+bfloat16            ``__nv_bfloat16``   float      ``SCALAR_IS_BF16``
+float32             ``float``           float      ``SCALAR_IS_FLOAT``
+float64             ``double``          double     ``SCALAR_IS_DOUBLE``
+==================  ==================  =========  ===================
 
-``defines`` (a dict, e.g. ``{"ROWS_PER_BLOCK": 4}``) adds tuning ``-DNAME=VALUE`` flags. Each
-family declares every tuning variant it may be built with, in one line of its ``.cu`` file::
+``defines`` (a dict, e.g. ``{"BN_VECTOR": 1}``) adds tuning ``-DNAME=VALUE`` flags. Each family
+declares every tuning variant it may be built with, in one line of its ``.cu`` file::
 
-    // @variants [{"ROWS_PER_BLOCK": 1}, {"ROWS_PER_BLOCK": 4}]
+    // @variants [{"BN_VECTOR": 0}, {"BN_VECTOR": 1}]
 
 (a JSON list of define dicts; without the line the only variant is ``{}``), and optionally the
 dtypes it is built for (default: all four; ``none`` for a family without dtype defines)::
@@ -52,30 +60,38 @@ dtypes it is built for (default: all four; ``none`` for a family without dtype d
 
 ``get_kernel`` refuses defines that are not declared, so ``warmup()`` and the NVRTC compile check
 (``gpu/_nvrtc_check.py``: every family x dtype x variant x sm_75..sm_90) cover every module that
-can ever be launched. Modules are cached per (family, defines, device).
+can ever be launched.
+
+Constants shared with Python
+----------------------------
+``constants(family)`` gives every ``#define NAME <integer>`` of the family's source (headers
+included): block sizes, vector widths, flags and path limits have one source, the ``.cu``.
 
 Launching
 ---------
-``launch(kernel, grid, block, args, shared_mem=0)`` takes ``args`` exactly as CuPy's ``RawKernel``
-does: arrays of the kernel's library, and scalars as NumPy scalars of the parameter's exact type
+``launch(kernel, grid, block, args, shared_mem=0)`` takes ``args`` as CuPy's ``RawKernel`` does:
+arrays of the kernel's library, and scalars as NumPy scalars of the parameter's exact type
 (``np.int32(n)`` for an ``int``, ``np.int64(n)`` for an ``index_t``/``long long``,
-``np.float32(eps)`` for a ``float``). A Python ``int`` is passed as 64 bits (CuPy's convention), so it
-matches only a 64-bit integer parameter; the emulator rejects every mismatch of size or kind, and
-pointer parameters to arithmetic types must receive arrays of that dtype. ``shared_mem`` is checked
-against the device's opt-in limit; above the default 48 KiB the loader sets the kernel's opt-in
-attribute (``max_dynamic_shared_size_bytes``) before launching.
+``np.float32(eps)`` for a ``float``). ``kernel.args(name=value, ...)`` builds that tuple by
+parameter name from the kernel's signature, and raises for a missing or unknown name. A Python
+``int`` is passed as 64 bits (CuPy's convention), so it matches only a 64-bit integer parameter;
+the emulator rejects every mismatch of size or kind. ``shared_mem`` is checked against the device's
+opt-in limit; above the default 48 KiB the loader sets the kernel's opt-in attribute
+(``max_dynamic_shared_size_bytes``) once.
 
 ``launch(..., cooperative=True)`` is a cooperative launch (``cuLaunchCooperativeKernel``): every
 block is resident at once, so the kernel may synchronize the whole grid with
 ``cooperative_groups::this_grid().sync()``. The grid must not exceed
 ``max_cooperative_grid(kernel, block, shared_mem)``, the device's co-resident blocks for that
 kernel (CUDA's occupancy calculator; on the emulator, the same arithmetic from threads, blocks and
-shared memory per SM); ``launch`` checks it. The emulator runs such a launch as one group of fibers
-(see ``gpu/_emulator/runtime.cpp``).
+shared memory per SM); ``launch`` checks it.
 
-``device_attributes(xp)`` gives the numbers grid arithmetic needs. For the emulator it is a small
-fixed device (4 SMs, H100 shared-memory limits; ``GPU_EMULATOR_SM_COUNT`` overrides the SM count), so
-test-sized inputs already take grid-stride and multi-block paths.
+``device_attributes(xp)`` gives the numbers grid arithmetic needs. For the emulator it is the small
+device of ``gpu._emulator.DEVICE`` (4 SMs, H100 shared-memory limits), so test-sized inputs already
+take grid-stride and multi-block paths.
+
+``recording_launches()`` is the one seam between the host path and the device: inside it every
+launch is recorded, and with ``run=False`` skipped (``gpu-bench --host`` measures the host path so).
 
 Environment
 -----------
@@ -96,9 +112,11 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from gpu._backend import BFLOAT16
+from gpu._errors import KernelBuildError
 
 __all__ = [
-    "Kernel", "KernelBuildError", "LaunchLog", "get_kernel", "launch", "recording_launches", "max_cooperative_grid", "device_attributes", "warmup",
+    "Family", "Kernel", "KernelBuildError", "LaunchLog", "get_kernel", "launch", "recording_launches",
+    "max_cooperative_grid", "device_attributes", "warmup", "family", "constants",
     "families", "family_headers", "family_source", "family_variants", "family_dtypes", "dtype_defines",
     "cuda_src_dir", "cuda_include_dir", "cccl_include_dir", "nvrtc_include_options",
 ]
@@ -111,53 +129,37 @@ _DTYPE_DEFINES: dict[str, tuple[str, str, str]] = {
     "float64": ("double", "double", "SCALAR_IS_DOUBLE"),
 }
 
-#: Dynamic shared memory a kernel gets without opting in (CUDA's limit on every architecture).
-DEFAULT_SHARED_MEM = 48 * 1024
-
 #: Shared memory the CUDA driver reserves per resident block (sm_80 and later).
 RESERVED_SHARED_MEM_PER_BLOCK = 1024
-
-#: The emulated device: H100 limits, but few SMs so that small inputs take multi-block paths.
-EMULATED_DEVICE = {
-    "name": "gpu emulator (CPU)",
-    "sm_count": 4,
-    "max_threads_per_block": 1024,
-    "max_block_dims": (1024, 1024, 64),
-    "max_grid_dims": (2**31 - 1, 65535, 65535),
-    "max_shared_memory_per_block": DEFAULT_SHARED_MEM,
-    "max_shared_memory_per_block_optin": 227 * 1024,
-    "max_shared_memory_per_sm": 228 * 1024,
-    "max_threads_per_sm": 2048,
-    "max_blocks_per_sm": 32,
-    "warp_size": 32,
-    "l2_bytes": 50 * 1024 * 1024,
-    "compute_capability": (9, 0),
-}
 
 _VARIANTS_RE = re.compile(r"^\s*//\s*@variants\s+(.*)$", re.MULTILINE)
 _DTYPES_RE = re.compile(r"^\s*//\s*@dtypes\s+(.*)$", re.MULTILINE)
 _HEADERS_RE = re.compile(r"^\s*//\s*@headers\s+(.*)$", re.MULTILINE)
 
 
-class KernelBuildError(RuntimeError):
-    """A kernel module could not be built (compiler error or a missing toolchain piece)."""
-
-
 # ---------------------------------------------------------------------------------------------
 # Sources
 # ---------------------------------------------------------------------------------------------
 
+_src_dir: Path | None = None
+
+
 def cuda_src_dir() -> Path:
-    """The directory holding ``common.cuh`` and the ``<family>.cu`` files.
+    """The directory holding ``common.cuh``, the engine headers and the ``<family>.cu`` files.
 
     In an installed wheel it is ``gpu/cuda_src``; in a source checkout, ``cuda_src/`` next to ``gpu/``.
     """
-    here = Path(__file__).resolve().parent
-    for d in (here / "cuda_src", here.parent / "cuda_src"):
-        if (d / "common.cuh").is_file():
-            return d
-    raise FileNotFoundError(f"cuda_src/common.cuh not found next to {here}: the package is installed "
-                            "without its kernel sources (package data gpu/cuda_src missing)")
+    global _src_dir
+    if _src_dir is None:
+        here = Path(__file__).resolve().parent
+        for d in (here / "cuda_src", here.parent / "cuda_src"):
+            if (d / "common.cuh").is_file():
+                _src_dir = d
+                break
+        else:
+            raise FileNotFoundError(f"cuda_src/common.cuh not found next to {here}: the package is installed "
+                                    "without its kernel sources (package data gpu/cuda_src missing)")
+    return _src_dir
 
 
 def families() -> list[str]:
@@ -178,11 +180,47 @@ def _family_path(family: str | os.PathLike) -> Path:
     return path.resolve()
 
 
-def family_headers(family: str | os.PathLike) -> list[str]:
-    """The headers pasted in front of the family's ``.cu``, in order: ``common.cuh``, then those
-    it declares with ``// @headers rows.cuh channels.cuh`` (files of ``cuda_src/``)."""
-    path = _family_path(family)
-    found = _HEADERS_RE.findall(path.read_text())
+@dataclass(frozen=True)
+class Family:
+    """Everything the loader knows about one ``.cu`` file, read once."""
+
+    name: str
+    path: Path
+    headers: tuple[str, ...]                       # pasted in this order before the .cu
+    source: str                                    # the exact text every compiler sees
+    variants: tuple[dict[str, str], ...]           # declared tuning define sets
+    dtypes: tuple[Any, ...]                        # storage dtypes (None: no dtype defines)
+    signatures: Mapping[str, tuple[str, ...]]      # kernel -> parameter names, in order
+    constants: Mapping[str, int]                   # every #define NAME <integer>
+
+
+_families: dict[Any, Family] = {}
+_families_lock = threading.Lock()
+
+
+def family(name: str | os.PathLike) -> Family:
+    """The family ``name`` (a ``cuda_src/`` stem, or a path to a ``.cu`` file elsewhere, e.g. test
+    kernels), read and parsed on first use and kept for the process."""
+    fam = _families.get(name)
+    if fam is None:
+        with _families_lock:
+            path = _family_path(name)
+            fam = _families.get(path) or _read_family(path)
+            _families[path] = _families[name] = fam
+    return fam
+
+
+def _read_family(path: Path) -> Family:
+    text = path.read_text()
+    headers = _declared_headers(path, text)
+    source = "".join(f'#line 1 "{h}"\n{(cuda_src_dir() / h).read_text()}\n' for h in headers)
+    source += f'#line 1 "{path.name}"\n{text}'
+    return Family(path.stem, path, tuple(headers), source, tuple(_declared_variants(path, text)),
+                  tuple(_declared_dtypes(path, text)), _kernel_signatures(source), _int_constants(source))
+
+
+def _declared_headers(path: Path, text: str) -> list[str]:
+    found = _HEADERS_RE.findall(text)
     if len(found) > 1:
         raise ValueError(f"{path.name}: more than one '// @headers' line")
     names = found[0].split() if found else []
@@ -193,25 +231,8 @@ def family_headers(family: str | os.PathLike) -> list[str]:
     return ["common.cuh"] + names
 
 
-def family_source(family: str | os.PathLike) -> str:
-    """The exact source text every compiler sees: ``common.cuh``, the headers the family declares
-    (``// @headers``), then the family's ``.cu``, each after a ``#line`` marker.
-
-    ``family`` is a ``cuda_src/`` stem, or a path to a ``.cu`` file elsewhere (test kernels).
-
-    >>> src = family_source("softmax")                 # doctest: +SKIP
-    >>> src.splitlines()[0]                            # doctest: +SKIP
-    '#line 1 "common.cuh"'
-    """
-    path = _family_path(family)
-    parts = [f'#line 1 "{h}"\n{(cuda_src_dir() / h).read_text()}\n' for h in family_headers(family)]
-    return "".join(parts) + f'#line 1 "{path.name}"\n{path.read_text()}'
-
-
-def family_variants(family: str | os.PathLike) -> list[dict[str, str]]:
-    """The tuning define sets the family declares with ``// @variants [...]`` (default ``[{}]``)."""
-    path = _family_path(family)
-    found = _VARIANTS_RE.findall(path.read_text())
+def _declared_variants(path: Path, text: str) -> list[dict[str, str]]:
+    found = _VARIANTS_RE.findall(text)
     if not found:
         return [{}]
     if len(found) > 1:
@@ -226,13 +247,8 @@ def family_variants(family: str | os.PathLike) -> list[dict[str, str]]:
                          f"e.g. [{{\"BLOCK\": 256}}]: {e}") from None
 
 
-def family_dtypes(family: str | os.PathLike) -> list[np.dtype | None]:
-    """The storage dtypes the family is built for (``// @dtypes``; default: all supported).
-
-    ``[None]`` for a family declared ``// @dtypes none`` (no dtype defines at all).
-    """
-    path = _family_path(family)
-    found = _DTYPES_RE.findall(path.read_text())
+def _declared_dtypes(path: Path, text: str) -> list:
+    found = _DTYPES_RE.findall(text)
     if not found:
         return [np.dtype(n) if n != "bfloat16" else BFLOAT16 for n in _DTYPE_DEFINES
                 if n != "bfloat16" or BFLOAT16 is not None]
@@ -245,6 +261,44 @@ def family_dtypes(family: str | os.PathLike) -> list[np.dtype | None]:
                          f"expected some of {', '.join(_DTYPE_DEFINES)} or 'none'")
     return [BFLOAT16 if n == "bfloat16" else np.dtype(n) for n in names
             if n != "bfloat16" or BFLOAT16 is not None]
+
+
+def family_headers(family_name: str | os.PathLike) -> list[str]:
+    """The headers pasted in front of the family's ``.cu``, in order: ``common.cuh``, then those
+    it declares with ``// @headers rows.cuh channels.cuh`` (files of ``cuda_src/``)."""
+    return list(family(family_name).headers)
+
+
+def family_source(family_name: str | os.PathLike) -> str:
+    """The exact source text every compiler sees: ``common.cuh``, the headers the family declares
+    (``// @headers``), then the family's ``.cu``, each after a ``#line`` marker.
+
+    >>> family_source("softmax").splitlines()[0]                   # doctest: +SKIP
+    '#line 1 "common.cuh"'
+    """
+    return family(family_name).source
+
+
+def family_variants(family_name: str | os.PathLike) -> list[dict[str, str]]:
+    """The tuning define sets the family declares with ``// @variants [...]`` (default ``[{}]``)."""
+    return [dict(v) for v in family(family_name).variants]
+
+
+def family_dtypes(family_name: str | os.PathLike) -> list[np.dtype | None]:
+    """The storage dtypes the family is built for (``// @dtypes``; default: all supported).
+
+    ``[None]`` for a family declared ``// @dtypes none`` (no dtype defines at all).
+    """
+    return list(family(family_name).dtypes)
+
+
+def constants(family_name: str | os.PathLike) -> Mapping[str, int]:
+    """Every ``#define NAME <integer>`` of the family's source, headers included (the last wins).
+
+    >>> constants("batch_norm")["BN_ONCHIP_ROWS"]                 # doctest: +SKIP
+    8
+    """
+    return family(family_name).constants
 
 
 def dtype_defines(dtype) -> dict[str, str]:
@@ -277,6 +331,106 @@ def _normalize_defines(defines: Mapping[str, Any] | None) -> dict[str, str]:
 def _define_flags(defines: Mapping[str, str]) -> list[str]:
     return [f"-D{k}={v}" for k, v in defines.items()]
 
+
+# ---------------------------------------------------------------------------------------------
+# Signatures and constants, parsed from the source once
+# ---------------------------------------------------------------------------------------------
+
+_COMMENT_RE = re.compile(r"//[^\n]*|/\*.*?\*/", re.DOTALL)
+_DEFINE_RE = re.compile(r"^[ \t]*#[ \t]*define[ \t]+(\w+)(\([^)]*\))?[ \t]*(.*)$", re.MULTILINE)
+_INT_DEFINE_RE = re.compile(r"^[ \t]*#[ \t]*define[ \t]+(\w+)[ \t]+(-?(?:0x[0-9a-fA-F]+|\d+))[uUlL]*[ \t]*(?://.*)?$",
+                            re.MULTILINE)
+_KERNEL_RE = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\s*\([^()]*\)\s*)?(\w+)\s*\(')
+
+
+def _int_constants(source: str) -> dict[str, int]:
+    return {name: int(value, 0) for name, value in _INT_DEFINE_RE.findall(source)}
+
+
+def _balanced(text: str, start: int) -> int:
+    """Index just past the parenthesis that closes the one at ``text[start]``."""
+    depth = 0
+    for i in range(start, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[i], 0)
+        if depth == 0:
+            return i + 1
+    raise ValueError("unbalanced parentheses")
+
+
+def _split_top(text: str) -> list[str]:
+    """``text`` split at the commas outside parentheses, brackets and angle brackets."""
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        if ch in "(<[":
+            depth += 1
+        elif ch in ")>]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return [p.strip() for p in parts]
+
+
+def _expand(text: str, macros: dict[str, tuple[list[str] | None, str]]) -> str:
+    """``text`` with the macros that generate kernels or parameter lists expanded (a small subset
+    of the C preprocessor: object-like and function-like macros, ``##`` pasting)."""
+    names = re.compile(r"\b(" + "|".join(map(re.escape, macros)) + r")\b") if macros else None
+    for _ in range(8):
+        if names is None:
+            break
+        out, pos, changed = [], 0, False
+        for m in names.finditer(text):
+            if m.start() < pos:
+                continue
+            params, body = macros[m.group(1)]
+            end = m.end()
+            if params is not None:
+                j = end
+                while j < len(text) and text[j] in " \t\n":
+                    j += 1
+                if j >= len(text) or text[j] != "(":
+                    continue
+                close = _balanced(text, j)
+                args = _split_top(text[j + 1:close - 1])
+                for p, a in zip(params, args):
+                    body = re.sub(rf"\b{re.escape(p)}\b", a, body)
+                body = re.sub(r"\s*##\s*", "", body)
+                end = close
+            out.append(text[pos:m.start()])
+            out.append(body)
+            pos, changed = end, True
+        out.append(text[pos:])
+        text = "".join(out)
+        if not changed:
+            break
+    return text
+
+
+def _kernel_signatures(source: str) -> dict[str, tuple[str, ...]]:
+    """kernel name -> parameter names, for every ``extern "C" __global__`` function of the source,
+    macro-generated ones included. Kernels under an ``#if`` are all listed."""
+    text = _COMMENT_RE.sub(" ", source.replace("\\\n", " "))
+    macros = {}
+    for name, params, body in _DEFINE_RE.findall(text):
+        # only the macros that can make up a kernel or a parameter list need expanding
+        if "__global__" in body or "," in body and params == "":
+            macros[name] = ([p.strip() for p in params[1:-1].split(",")] if params else None, body)
+    text = re.sub(r"^[ \t]*#[^\n]*$", " ", text, flags=re.MULTILINE)
+    text = _expand(text, macros)
+    out = {}
+    for m in _KERNEL_RE.finditer(text):
+        params = _split_top(text[m.end():_balanced(text, m.end() - 1) - 1])
+        names = [re.findall(r"\w+", p)[-1] for p in params if p and p != "void"]
+        out[m.group(1)] = tuple(names)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Toolchain headers (NVRTC only)
+# ---------------------------------------------------------------------------------------------
 
 def _wheel_header_dirs(library: str) -> list[str]:
     """The header directory of NVIDIA's pip wheel for ``library`` ("cudart", "cccl"), if installed."""
@@ -338,7 +492,7 @@ def nvrtc_include_options() -> list[str]:
 # Kernels and modules
 # ---------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Kernel:
     """A launchable kernel: what ``get_kernel`` returns and ``launch`` takes."""
 
@@ -346,14 +500,49 @@ class Kernel:
     name: str
     defines: tuple[tuple[str, str], ...]
     xp: Any
-    function: Any  # cupy.RawKernel, or gpu._emulator.EmulatedKernel
+    function: Any                    # cupy.RawKernel, or gpu._emulator.EmulatedKernel
+    params: tuple[str, ...] | None   # parameter names from the source (None: not found)
+    _static_smem: int | None = field(default=None, repr=False)
+    _opted_in: int = field(default=0, repr=False)
+    _coop: dict = field(default_factory=dict, repr=False)
+    _index: dict | None = field(default=None, repr=False)
 
     def __repr__(self) -> str:
         d = " ".join(f"{k}={v}" for k, v in self.defines)
         return f"<Kernel {self.family}.{self.name} [{d}] on {self.xp.__name__}>"
 
+    def args(self, **named: Any) -> tuple:
+        """The argument tuple for ``launch``, from arguments named as in the kernel's signature.
+
+        >>> k.args(y=y, x=x, n=np.int64(n))                        # doctest: +SKIP
+        """
+        index = self._index
+        if index is None:
+            if self.params is None:
+                raise TypeError(f"{self.name}: no signature found in the {self.family} source")
+            index = self._index = {n: i for i, n in enumerate(self.params)}
+        if len(named) != len(index) or not named.keys() <= index.keys():
+            missing = [n for n in self.params if n not in named]
+            unknown = [n for n in named if n not in index]
+            raise TypeError(f"{self.name}({', '.join(self.params)}): "
+                            + (f"missing {', '.join(missing)}" if missing else "")
+                            + ("; " if missing and unknown else "")
+                            + (f"no parameter {', '.join(unknown)}" if unknown else ""))
+        out = [None] * len(index)
+        for n, v in named.items():
+            out[index[n]] = v
+        return tuple(out)
+
+    @property
+    def static_smem(self) -> int:
+        """Static shared memory of the kernel (a driver attribute, read once)."""
+        if self._static_smem is None:
+            self._static_smem = int(self.function.shared_size_bytes)
+        return self._static_smem
+
 
 _modules: dict[tuple, Any] = {}
+_kernel_cache: dict[tuple, Kernel] = {}
 _modules_lock = threading.Lock()
 
 
@@ -365,65 +554,70 @@ def _device_key(xp) -> tuple:
     if _is_numpy(xp):
         from gpu import _emulator
         return ("emulator", _emulator.build_flavour())
-    return ("cuda", xp.cuda.Device().id)
+    return ("cuda", xp.cuda.runtime.getDevice())
 
 
-def _all_defines(family, dtype, defines) -> tuple[dict[str, str], dict[str, str]]:
-    """(tuning defines, all defines) after checking the tuning ones are a declared variant."""
+def _all_defines(fam: Family, dtype, defines) -> dict[str, str]:
+    """All defines after checking the tuning ones are a declared variant."""
     tuning = _normalize_defines(defines)
-    if tuning not in family_variants(family):
-        raise ValueError(f"defines {tuning} are not a declared variant of {Path(_family_path(family)).name}; "
-                         f"add them to its '// @variants' line (declared: {family_variants(family)})")
+    if tuning not in fam.variants:
+        raise ValueError(f"defines {tuning} are not a declared variant of {fam.path.name}; "
+                         f"add them to its '// @variants' line (declared: {list(fam.variants)})")
     full = dict(tuning)
     if dtype is not None:
         full.update(dtype_defines(dtype))
-    return tuning, dict(sorted(full.items()))
+    return dict(sorted(full.items()))
 
 
-def _module(family, xp, defines: dict[str, str]):
-    path = _family_path(family)
-    key = (str(path), tuple(defines.items()), _device_key(xp))
+def _module(fam: Family, xp, defines: dict[str, str]):
+    key = (str(fam.path), tuple(defines.items()), _device_key(xp))
     with _modules_lock:
         mod = _modules.get(key)
         if mod is None:
-            mod = _build_module(path, xp, defines)
+            mod = _build_module(fam, xp, defines)
             _modules[key] = mod
         return mod
 
 
-def _build_module(path: Path, xp, defines: dict[str, str]):
-    source = family_source(path)
+def _build_module(fam: Family, xp, defines: dict[str, str]):
     if _is_numpy(xp):
         from gpu import _emulator
-        return _emulator.build_module(source, _define_flags(defines), name=path.stem)
+        return _emulator.build_module(fam.source, _define_flags(defines), name=fam.name)
     options = ("-std=c++17", *nvrtc_include_options(), *_define_flags(defines))
     try:
-        return xp.RawModule(code=source, options=options)
+        return xp.RawModule(code=fam.source, options=options)
     except Exception as e:  # CuPy raises its own types for a missing NVRTC or driver
-        raise KernelBuildError(f"{path.name} {defines}: could not build the CUDA module ({e}). "
+        raise KernelBuildError(f"{fam.path.name} {defines}: could not build the CUDA module ({e}). "
                                "NVRTC comes from pip install nvidia-cuda-nvrtc-cu12 (or cupy-cuda12x[ctk]); "
                                "the CUDA runtime from the NVIDIA driver") from e
 
 
-def get_kernel(family: str | os.PathLike, name: str, xp, dtype=None,
+def get_kernel(family_name: str | os.PathLike, name: str, xp, dtype=None,
                defines: Mapping[str, Any] | None = None) -> Kernel:
     """The kernel ``name`` of ``cuda_src/<family>.cu``, built for ``xp`` (numpy: emulator; cupy: CUDA).
 
     ``dtype`` adds ``SCALAR_T``/``ACC_T``/``SCALAR_IS_*``; ``defines`` must be one of the family's
-    declared ``// @variants``. The module is built on first use and cached per
-    (family, defines, device).
+    declared ``// @variants``. The module is built on first use; the kernel is kept per
+    (family, kernel, dtype, defines, device), so a warm call is one dictionary look-up.
 
-    >>> k = get_kernel("softmax", "softmax_fwd", np, dtype=np.float32)   # doctest: +SKIP
+    >>> k = get_kernel("softmax", "softmax_block", np, dtype=np.float32)   # doctest: +SKIP
     """
-    tuning, full = _all_defines(family, dtype, defines)
-    mod = _module(family, xp, full)
+    key = (family_name, name, None if dtype is None else np.dtype(dtype),
+           tuple(defines.items()) if defines else (), _device_key(xp))
+    k = _kernel_cache.get(key)
+    if k is not None:
+        return k
+    fam = family(family_name)
+    full = _all_defines(fam, dtype, defines)
+    mod = _module(fam, xp, full)
     try:
         fn = mod.get_function(name)
     except Exception as e:
-        raise KernelBuildError(f"{_family_path(family).name}: no kernel {name!r} "
+        raise KernelBuildError(f"{fam.path.name}: no kernel {name!r} "
                                f"(it must be an extern \"C\" __global__ function): {e}") from e
-    fam = family if isinstance(family, str) else Path(family).stem
-    return Kernel(fam, name, tuple(full.items()), xp, fn)
+    k = Kernel(fam.name, name, tuple(full.items()), xp, fn, fam.signatures.get(name))
+    _kernel_cache[key] = k
+    return k
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,25 +628,21 @@ _cuda_attrs: dict[int, dict[str, Any]] = {}
 
 
 def device_attributes(xp) -> dict[str, Any]:
-    """What the grid arithmetic needs to know about the device that runs ``xp``'s kernels.
+    """What the grid arithmetic needs to know about the device that runs ``xp``'s kernels (read
+    once per device; the returned dict is shared, do not modify it).
 
     Keys: ``sm_count``, ``max_threads_per_block``, ``max_block_dims``, ``max_grid_dims``,
     ``max_shared_memory_per_block`` (48 KiB without opt-in), ``max_shared_memory_per_block_optin``,
-    ``max_shared_memory_per_sm``, ``max_threads_per_sm``, ``max_blocks_per_sm``, ``warp_size``, ``l2_bytes``,
-    ``compute_capability``, ``name``.
+    ``max_shared_memory_per_sm``, ``max_threads_per_sm``, ``max_blocks_per_sm``, ``warp_size``,
+    ``l2_bytes``, ``compute_capability``, ``name``.
 
     >>> device_attributes(np)["sm_count"]      # the emulated device
     4
     """
     if _is_numpy(xp):
-        attrs = dict(EMULATED_DEVICE)
-        sm = os.environ.get("GPU_EMULATOR_SM_COUNT")
-        if sm:
-            if not sm.isdigit() or int(sm) < 1:
-                raise ValueError(f"GPU_EMULATOR_SM_COUNT={sm!r}: expected a positive integer")
-            attrs["sm_count"] = int(sm)
-        return attrs
-    dev = xp.cuda.Device().id
+        from gpu import _emulator
+        return _emulator.device_attributes()
+    dev = xp.cuda.runtime.getDevice()
     attrs = _cuda_attrs.get(dev)
     if attrs is None:
         p = xp.cuda.runtime.getDeviceProperties(dev)
@@ -472,7 +662,7 @@ def device_attributes(xp) -> dict[str, Any]:
             "compute_capability": (p["major"], p["minor"]),
         }
         _cuda_attrs[dev] = attrs
-    return dict(attrs)
+    return attrs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -480,14 +670,20 @@ def device_attributes(xp) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 def _dims(value, name: str, limits: Sequence[int]) -> tuple[int, int, int]:
-    t = (value,) if isinstance(value, (int, np.integer)) else tuple(value)
-    if not 1 <= len(t) <= 3 or not all(isinstance(v, (int, np.integer)) for v in t):
-        raise TypeError(f"{name}: expected an int or a tuple of 1 to 3 ints, got {value!r}")
-    t = tuple(int(v) for v in t) + (1,) * (3 - len(t))
+    if type(value) is int:                       # the common case, without the general checks
+        t = (value, 1, 1)
+    else:
+        t = (value,) if isinstance(value, (int, np.integer)) else tuple(value)
+        if not 1 <= len(t) <= 3 or not all(isinstance(v, (int, np.integer)) for v in t):
+            raise TypeError(f"{name}: expected an int or a tuple of 1 to 3 ints, got {value!r}")
+        t = tuple(int(v) for v in t) + (1,) * (3 - len(t))
     for v, lim, axis in zip(t, limits, "xyz"):
         if not 1 <= v <= lim:
             raise ValueError(f"{name}.{axis} = {v} is outside [1, {lim}]")
     return t  # type: ignore[return-value]
+
+
+_SCALARS = (np.generic, int, float, bool)
 
 
 def _check_args(kernel: Kernel, args: Sequence[Any]) -> tuple:
@@ -495,11 +691,12 @@ def _check_args(kernel: Kernel, args: Sequence[Any]) -> tuple:
         raise TypeError(f"args: expected a tuple, got {type(args).__name__}")
     array_type = np.ndarray if _is_numpy(kernel.xp) else kernel.xp.ndarray
     for i, a in enumerate(args):
-        if isinstance(a, (np.ndarray, array_type)):
-            if not isinstance(a, array_type):
-                raise TypeError(f"{kernel.name} argument {i}: a {type(a).__module__} array given to a kernel "
-                                f"built for {kernel.xp.__name__}")
-        elif not isinstance(a, (np.generic, int, float, bool)):
+        if isinstance(a, array_type):
+            continue
+        if isinstance(a, np.ndarray):
+            raise TypeError(f"{kernel.name} argument {i}: a {type(a).__module__} array given to a kernel "
+                            f"built for {kernel.xp.__name__}")
+        if not isinstance(a, _SCALARS):
             raise TypeError(f"{kernel.name} argument {i}: expected an array or a NumPy scalar, "
                             f"got {type(a).__name__}")
     return tuple(args)
@@ -522,24 +719,29 @@ def _check_shared_mem(shared_mem) -> int:
 def _opt_in(kernel: Kernel, shared_mem: int, dev) -> None:
     """Check static + dynamic shared memory against the device; above 48 KiB, set the CuPy
     kernel's opt-in attribute (once, to the most the device allows)."""
-    fn = kernel.function
+    if shared_mem == 0 or shared_mem <= kernel._opted_in:
+        return
     limit = dev["max_shared_memory_per_block_optin"]
     if _is_numpy(kernel.xp):
         if shared_mem > limit:
             raise ValueError(f"shared_mem={shared_mem} exceeds the device's {limit} bytes per block")
+        kernel._opted_in = shared_mem
         return
-    static = fn.shared_size_bytes
+    static = kernel.static_smem
     if static + shared_mem > limit:
         raise ValueError(f"{kernel.name}: {static} bytes static + {shared_mem} dynamic shared memory "
                          f"exceed the device's {limit} bytes per block")
-    if static + shared_mem > dev["max_shared_memory_per_block"] and fn.max_dynamic_shared_size_bytes < shared_mem:
-        fn.max_dynamic_shared_size_bytes = limit - static
+    if static + shared_mem > dev["max_shared_memory_per_block"]:
+        kernel.function.max_dynamic_shared_size_bytes = limit - static
+        kernel._opted_in = limit - static
+    else:
+        kernel._opted_in = shared_mem
 
 
 def max_cooperative_grid(kernel: Kernel, block, shared_mem: int = 0) -> int:
     """The most blocks of ``block`` threads with ``shared_mem`` bytes of dynamic shared memory that
     can be resident at once: the largest grid ``launch(..., cooperative=True)`` accepts (0 if the
-    block cannot run at all).
+    block cannot run at all). Computed once per (kernel, block, shared_mem).
 
     On CuPy: CUDA's occupancy calculator (registers, shared memory, threads) times the SM count.
     On the emulator: the same limits without registers (the CPU has no register file): threads,
@@ -550,17 +752,22 @@ def max_cooperative_grid(kernel: Kernel, block, shared_mem: int = 0) -> int:
     32
     """
     dev = device_attributes(kernel.xp)
+    key = (block, shared_mem, dev["sm_count"])
+    most = kernel._coop.get(key)
+    if most is not None:
+        return most
     _, threads = _block_threads(block, dev)
     shared_mem = _check_shared_mem(shared_mem)
     _opt_in(kernel, shared_mem, dev)
     fn = kernel.function
     if _is_numpy(kernel.xp):
-        smem = fn.shared_size_bytes + shared_mem + RESERVED_SHARED_MEM_PER_BLOCK
+        smem = kernel.static_smem + shared_mem + RESERVED_SHARED_MEM_PER_BLOCK
         per_sm = min(dev["max_threads_per_sm"] // threads, dev["max_blocks_per_sm"],
                      dev["max_shared_memory_per_sm"] // smem)
     else:
         per_sm = kernel.xp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.kernel.ptr, threads, shared_mem)
-    return per_sm * dev["sm_count"]
+    most = kernel._coop[key] = per_sm * dev["sm_count"]
+    return most
 
 
 def launch(kernel: Kernel, grid, block, args: Sequence[Any], shared_mem: int = 0, cooperative: bool = False) -> None:
@@ -575,14 +782,15 @@ def launch(kernel: Kernel, grid, block, args: Sequence[Any], shared_mem: int = 0
     ``ValueError``.
 
     >>> x = np.arange(256, dtype=np.float32); y = np.empty_like(x)       # doctest: +SKIP
-    >>> launch(get_kernel("softmax", "softmax_fwd", np, np.float32),     # doctest: +SKIP
-    ...        1, 256, (y, x, np.int64(1), np.int32(256)))
+    >>> k = get_kernel("softmax", "softmax_block", np, np.float32)      # doctest: +SKIP
+    >>> launch(k, 1, 256, k.args(out=y, z=x, rows=np.int64(1), C=np.int32(256), ...))  # doctest: +SKIP
     """
     dev = device_attributes(kernel.xp)
     g = _dims(grid, "grid", dev["max_grid_dims"])
     b, _ = _block_threads(block, dev)
-    shared_mem = _check_shared_mem(shared_mem)
-    _opt_in(kernel, shared_mem, dev)
+    if shared_mem:
+        shared_mem = _check_shared_mem(shared_mem)
+        _opt_in(kernel, shared_mem, dev)
     args = _check_args(kernel, args)
     if cooperative:
         most = max_cooperative_grid(kernel, b, shared_mem)
@@ -590,12 +798,12 @@ def launch(kernel: Kernel, grid, block, args: Sequence[Any], shared_mem: int = 0
             raise ValueError(f"{kernel.name}: a cooperative grid of {g[0] * g[1] * g[2]} blocks of {b} threads "
                              f"({shared_mem} bytes of dynamic shared memory) exceeds the {most} the device "
                              f"holds at once")
-    fn = kernel.function
     log = _launch_log
     if log is not None:
         log.launches.append((kernel.name, g, b))
         if not log.run:
             return
+    fn = kernel.function
     if _is_numpy(kernel.xp):
         fn(g, b, args, shared_mem, cooperative=cooperative)
     elif cooperative:
@@ -634,7 +842,7 @@ def recording_launches(run: bool = False) -> Iterator[LaunchLog]:
 
     >>> with recording_launches() as log:                                # doctest: +SKIP
     ...     gpu.softmax(z)
-    >>> log.count
+    >>> log.count                                                        # doctest: +SKIP
     1
     """
     global _launch_log
@@ -670,13 +878,12 @@ def warmup(xp=None) -> int:
     """
     xp = _default_xp() if xp is None else xp
     count = 0
-    for fam in families():
-        for dt in family_dtypes(fam):
-            for variant in family_variants(fam):
-                _, full = _all_defines(fam, dt, variant)
-                mod = _module(fam, xp, full)
+    for name in families():
+        fam = family(name)
+        for dt in fam.dtypes:
+            for variant in fam.variants:
+                mod = _module(fam, xp, _all_defines(fam, dt, variant))
                 if not _is_numpy(xp):
                     mod.compile()
                 count += 1
     return count
-

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import gpu
-from gpu import _backend
+from gpu import _backend, _cpu
 
 API = ["batch_stats", "batch_norm_forward", "batch_norm_backward", "batch_norm_inference", "batch_norm",
        "softmax", "log_softmax", "hardmax", "softmax_cross_entropy", "softmax_cross_entropy_backward",
@@ -98,8 +98,7 @@ def test_numpy_path_is_independent_of_thread_count(monkeypatch):
     rng = np.random.default_rng(5)
     x = rng.standard_normal((64, 48)).astype(np.float32)
     t = rng.integers(0, 48, 64)
-    monkeypatch.setattr(bn, "_BLOCK_BYTES", 8 * 48 * 4)
-    monkeypatch.setattr(sm, "_BLOCK_BYTES", 8 * 48 * 4)
+    monkeypatch.setattr(_cpu, "BLOCK_BYTES", 8 * 48 * 4)
     runs = []
     for n in ("1", "3"):
         monkeypatch.setenv("GPU_CPU_THREADS", n)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import gpu
+from gpu import _cpu
 import reference as ref
 from conftest import DTYPES, TOL, assert_close, dtype_id, random, rel_err, to_numpy
 
@@ -341,7 +342,7 @@ def test_numpy_path_row_blocks(monkeypatch, rng, shape, axis):
     # the NumPy path works on row blocks sized for the cache; force many tiny blocks (2 rows each),
     # both where blocks share features (axis 0 reduced) and where each holds whole ones (kept)
     bn = importlib.import_module("gpu.ops.batch_norm")
-    monkeypatch.setattr(bn, "_BLOCK_BYTES", 2 * 4 * int(np.prod(shape[1:])))
+    monkeypatch.setattr(_cpu, "BLOCK_BYTES", 2 * 4 * int(np.prod(shape[1:])))
     x, x64 = random(rng, shape, np.float32, offset=100.0)
     dy, dy64 = random(rng, shape, np.float32)
     keep = _keepdims(shape, axis)

@@ -367,7 +367,7 @@ def test_no_channels_launches_nothing(launches):
     assert y.shape == dx.shape == yi.shape == (4, 0) and mean.shape == m.shape == dg.shape == (0,)
 
 
-_ROWS_MAX = bn._BN_ONCHIP_THREADS * bn._BN_ONCHIP_ROWS   # rows of one 1-lane-wide tile on chip
+_ROWS_MAX = _kernels.constants("batch_norm")["BN_ONCHIP_THREADS"] * _kernels.constants("batch_norm")["BN_ONCHIP_ROWS"]   # rows of one 1-lane-wide tile on chip
 
 
 @pytest.mark.kernel
@@ -388,7 +388,7 @@ def test_persistent_switch_boundary(monkeypatch, launches, rng):
     monkeypatch.setenv("GPU_EMULATOR_SM_COUNT", "1")
     k = _kernels.get_kernel("batch_norm", "batch_norm_forward_onchip", np, np.float32, {"BN_VECTOR": 1})
     most = _kernels.max_cooperative_grid(k, 32, 32 * (1 + 2 * 4) * 4)  # the reductions' smem: T*(1+2*VEC) floats
-    rows = most * 32 * bn._BN_ONCHIP_ROWS
+    rows = most * 32 * _kernels.constants("batch_norm")["BN_ONCHIP_ROWS"]
     for n, path in ((rows, "batch_norm_forward_onchip"), (rows + 1, "batch_norm_stats")):
         x, x64 = _rand(rng, (n, 4), np.float32, 2.0, 3.0)
         launches.clear()

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import gpu
+from gpu import _cpu
 import reference as ref
 from conftest import DTYPES, TOL, assert_close, dtype_id, random, rel_err, to_numpy
 
@@ -254,7 +255,7 @@ def test_bad_target_raises_on_every_backend(backend):
 def test_numpy_path_row_blocks(monkeypatch, rng, shape, axis):
     # the NumPy path works on row blocks sized for the cache; force blocks of about 2 rows
     sm = importlib.import_module("gpu.ops.softmax")
-    monkeypatch.setattr(sm, "_BLOCK_BYTES", 2 * 4 * shape[axis])
+    monkeypatch.setattr(_cpu, "BLOCK_BYTES", 2 * 4 * shape[axis])
     z, z64, target, kw = _ce_inputs(rng, shape, axis, np.float32, dict(ignore=True, weight=True,
                                                                          label_smoothing=0.1))
     loss, dz = gpu.softmax_cross_entropy(z, target, axis=axis, return_grad=True, **kw)

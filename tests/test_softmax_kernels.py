@@ -90,7 +90,7 @@ def test_softmax_paths(rng, rows, C, path, dtype):
 def test_natural_switches():
     """The default thresholds: which path each shape takes on the emulated device."""
     dev_rows = lambda C, inner=1: S._plan(np, S._layout(np, np.empty((2, C, inner), np.float32), 1), 4,
-                                           (0, 0))
+                                           True, True)
     assert dev_rows(1024).path == "warp" and dev_rows(1024).n == 32
     assert dev_rows(33).n == 2 and dev_rows(32).lanes == 32 and dev_rows(5).lanes == 8
     assert dev_rows(1025).path == "block" and dev_rows(1025).cached

@@ -63,9 +63,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from gpu._kernels import KernelBuildError
+from gpu._errors import KernelBuildError
 
-__all__ = ["EmulatorError", "EmulatedKernel", "Module", "build_module", "build_flavour", "cache_dir"]
+__all__ = ["EmulatorError", "EmulatedKernel", "Module", "build_module", "build_flavour", "cache_dir", "DEVICE",
+           "device_attributes"]
 
 _HERE = Path(__file__).resolve().parent
 # cuda_fp16.h, cuda_bf16.h, cuda_runtime.h: empty stand-ins (cuda_emulator.h declares it all);
@@ -78,6 +79,47 @@ _BUILD_VERSION = "1"
 _KERNEL_RE = re.compile(
     r'extern\s+"C"\s+__attribute__\s*\(\(\s*noinline\s*,\s*used\s*,\s*section\s*\(\s*"\.text\.gpuemu_kernels"\s*\)\s*\)\)'
     r"\s+void\s+(\w+)\s*\(")
+
+
+#: Dynamic shared memory a kernel gets without opting in (CUDA's limit on every architecture).
+DEFAULT_SHARED_MEM = 48 * 1024
+
+#: The emulated device: H100 limits, but few SMs so that small inputs take multi-block paths
+#: (``GPU_EMULATOR_SM_COUNT`` overrides the SM count).
+DEVICE = {
+    "name": "gpu emulator (CPU)",
+    "sm_count": 4,
+    "max_threads_per_block": 1024,
+    "max_block_dims": (1024, 1024, 64),
+    "max_grid_dims": (2**31 - 1, 65535, 65535),
+    "max_shared_memory_per_block": DEFAULT_SHARED_MEM,
+    "max_shared_memory_per_block_optin": 227 * 1024,
+    "max_shared_memory_per_sm": 228 * 1024,
+    "max_threads_per_sm": 2048,
+    "max_blocks_per_sm": 32,
+    "warp_size": 32,
+    "l2_bytes": 50 * 1024 * 1024,
+    "compute_capability": (9, 0),
+}
+
+_device_cache: dict[str, dict] = {}
+
+
+def device_attributes() -> dict:
+    """The emulated device's attributes (the same keys as ``gpu._kernels.device_attributes``).
+
+    The returned dict is shared: callers must not modify it.
+    """
+    sm = os.environ.get("GPU_EMULATOR_SM_COUNT", "")
+    attrs = _device_cache.get(sm)
+    if attrs is None:
+        attrs = dict(DEVICE)
+        if sm:
+            if not sm.isdigit() or int(sm) < 1:
+                raise ValueError(f"GPU_EMULATOR_SM_COUNT={sm!r}: expected a positive integer")
+            attrs["sm_count"] = int(sm)
+        _device_cache[sm] = attrs
+    return attrs
 
 
 class EmulatorError(RuntimeError):

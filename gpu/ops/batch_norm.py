@@ -30,8 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from .. import _backend as B
-from .. import _threads
-from .. import _kernels
+from .. import _cpu, _kernels, _launch
 
 @dataclass(frozen=True)
 class _Layout:
@@ -200,29 +199,21 @@ def batch_norm(x, gamma=None, beta=None, *, axis: int | Sequence[int] = 0, eps: 
 # NumPy reference path (any array module with NumPy's API: NumPy, or CuPy until kernels land)
 # ---------------------------------------------------------------------------------------------
 
-#: Row blocks of about this many bytes (in the accumulation dtype) keep a block and its
-#: temporaries in the CPU caches (1 MiB: L2 or L3): each NumPy operation on a block then reads it from cache, and the
-#: arrays cross memory the fewest times (statistics 2 reads, forward 3 reads + 1 write, backward
-#: 4 reads + 1 write, inference 1 read + 1 write; when axis 0 is kept, every block holds whole
-#: features and each array is read once).
-_BLOCK_BYTES = 1 << 20
-
-
 class _Blocks:
-    """x cut into row blocks along axis 0, with scratch buffers of one block reused across blocks
-    (a fresh temporary per block would cost page faults that outweigh the arithmetic)."""
+    """x cut into row blocks along axis 0 (``gpu._cpu``'s engine), with per-thread scratch
+    buffers of one block. The arrays cross memory the fewest times: statistics 2 reads, forward
+    3 reads + 1 write, backward 4 reads + 1 write, inference 1 read + 1 write; when axis 0 is kept,
+    every block holds whole features and each array is read once."""
 
     def __init__(self, xp, x, lay: _Layout):
         self.xp, self.x, self.lay = xp, x, lay
         self.acc = B.compute_dtype(x.dtype)
         n = x.shape[0]
-        row_bytes = max(1, (x.size // max(n, 1)) * self.acc.itemsize)
-        self.step = max(1, n if xp is not np else _BLOCK_BYTES // row_bytes)
-        self._scratch: dict[tuple[int, int], object] = {}
+        self.step = _cpu.block_rows(xp, n, (x.size // max(n, 1)) * self.acc.itemsize)
 
     def map(self, fn, slices) -> list:
         """[fn(sl) for sl in slices], on the NumPy path's threads; results in block order."""
-        return _threads.map_ordered(fn, slices) if self.xp is np else [fn(sl) for sl in slices]
+        return _cpu.map_ordered(fn, slices, self.xp)
 
     def each_group(self, fn) -> None:
         """fn(p, slices) for every group: groups in parallel when there are several (each then runs
@@ -247,11 +238,7 @@ class _Blocks:
     def scratch(self, i: int, sl):
         """Scratch buffer `i` of the calling thread in the accumulation dtype, shaped like block
         `sl` of x."""
-        key = (threading.get_ident(), i)
-        buf = self._scratch.get(key)
-        if buf is None:
-            buf = self._scratch[key] = self.xp.empty((self.step,) + self.x.shape[1:], self.acc)
-        return buf[: self.x[sl].shape[0]]
+        return _cpu.scratch(self.xp, (len(range(*sl.indices(self.x.shape[0]))),) + self.x.shape[1:], self.acc, i)
 
     def affine(self, y, slices, center, scale, shift) -> None:
         """y = (x - center) * scale (+ shift) over the blocks `slices`, per-feature operands."""
@@ -416,15 +403,13 @@ def _cpu_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps):
 # contiguous (reduced..., kept...) copy), the launch plan, and the per-channel arrays, which the
 # kernels take in the accumulation dtype (mixed parameter dtypes are converted here).
 
-# Constants of cuda_src/batch_norm.cu that the launch arithmetic must agree with.
-_BN_MAX_THREADS = 512   # BN_MAX_THREADS
-_BN_ONCHIP_ROWS = 8     # BN_ONCHIP_ROWS
-_BN_ONCHIP_THREADS = 256  # BN_ONCHIP_THREADS
-_BN_MAX_COLS = 64       # BN_MAX_COLS
-_HAS_GAMMA, _HAS_BETA, _RUNNING = 1, 2, 4
+def _k(name: str) -> int:
+    """A constant of cuda_src/batch_norm.cu (its ``#define``): the one source of block sizes,
+    row counts and flags that the launch arithmetic must agree with."""
+    return _kernels.constants("batch_norm")[name]
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Tuning:
     """Launch knobs; tests override them (``_tuned``) to force every path at small sizes."""
 
@@ -486,10 +471,6 @@ def _view(xp, x, lay: _Layout) -> _View:
     return _View(x3, outer, C, inner, shape, perm)
 
 
-def _data_ptr(a) -> int:
-    return a.ctypes.data if isinstance(a, np.ndarray) else a.data.ptr
-
-
 @dataclass(frozen=True)
 class _Plan:
     vector: bool      # BN_VECTOR module: 16-byte vectors
@@ -509,81 +490,121 @@ class _Plan:
     def parts(self) -> int:
         return self.chunks * self.grid_rows
 
+    @property
+    def defines(self) -> dict[str, int]:
+        return {"BN_VECTOR": int(self.vector)}
 
-def _pow2_ceil(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
 
-
-def _plan(xp, v: _View, itemsize: int, acc, arrays, threads: int | None = None,
-          grid_rows: int | None = None) -> _Plan:
-    """Block shape and grid for the (outer, C, inner) view; `arrays` are the element-wise operands
-    whose alignment decides between the vector and the scalar module."""
-    tune = _TUNING
-    dev = _kernels.device_attributes(xp)
+def _plan(dev, outer: int, C: int, inner: int, itemsize: int, acc, vector: bool, tune: _Tuning) -> _Plan:
+    """Block shape and grid of the streaming kernels for an (outer, C, inner) view; ``vector``:
+    every element-wise operand is 16-byte aligned."""
     vmax = 16 // itemsize
-    n = v.C if v.inner == 1 else v.inner          # contiguous run: a row of channels, or a plane
-    vector = n % vmax == 0 and all(_data_ptr(a) % 16 == 0 for a in arrays)
+    n = C if inner == 1 else inner                 # contiguous run: a row of channels, or a plane
+    vector = vector and n % vmax == 0
     if tune.vector is not None:
         vector = vector and tune.vector
     vec = vmax if vector else 1
-    w = -(-n // vec)                                 # vectors per run
-    T = threads or tune.threads
-    if v.inner == 1:
+    w = _launch.ceil_div(n, vec)                   # vectors per run
+    T = tune.threads
+    if inner == 1:
         # channels-last: a warp reads bx vectors of a row, 32/bx rows at once (bx < 32 for few
         # channels keeps every lane busy: C = 3 reads 8 rows per warp instruction)
-        bx = min(_pow2_ceil(w), tune.max_cols, T)
-        tiles, chunks = -(-w // bx), 1
+        bx = min(_launch.pow2_ceil(w), tune.max_cols, T)
+        tiles, chunks = _launch.ceil_div(w, bx), 1
     else:
         # channels-first: pick the chunk width wasting the fewest lanes on the plane's tail
         # (inner = 3136 floats = 784 vectors: 32 lanes x 25 chunks use 98%, 256 x 4 only 77%)
-        hi = min(_pow2_ceil(w), T)
+        hi = min(_launch.pow2_ceil(w), T)
         cands = [b for b in (1 << k for k in range(11)) if min(32, hi) <= b <= hi]
-        bx = max(cands, key=lambda b: (w / (b * -(-w // b)) + 0.02 * math.log2(b)))
-        tiles, chunks = v.C, -(-w // bx)
-    by = max(32 // bx, min(T // bx, _pow2_ceil(v.outer)))
+        bx = max(cands, key=lambda b: (w / (b * _launch.ceil_div(w, b)) + 0.02 * math.log2(b)))
+        tiles, chunks = C, _launch.ceil_div(w, bx)
+    by = max(32 // bx, min(T // bx, _launch.pow2_ceil(outer)))
     T = bx * by
-    if grid_rows is None:
-        grid_rows = tune.grid_rows
+    grid_rows = tune.grid_rows
     if grid_rows is None:
         per_sm = tune.blocks_per_sm or max(1, dev["max_threads_per_sm"] // T)
         grid_rows = (dev["sm_count"] * per_sm) // (tiles * chunks)
-    grid_rows = max(1, min(grid_rows, -(-v.outer // by), dev["max_grid_dims"][1]))
+    grid_rows = max(1, min(grid_rows, _launch.ceil_div(outer, by), dev["max_grid_dims"][1]))
     return _Plan(vector, vec, bx, T, tiles, chunks, grid_rows, T * (1 + 2 * vec) * acc.itemsize)
 
 
-def _onchip_plan(p: _Plan, v: _View, acc, dev) -> _Plan | None:
-    """batch_norm_forward_onchip's plan: one block per tile holding all its rows, or None if they do not
-    fit in BN_ONCHIP_ROWS rows per thread of a block of at most BN_ONCHIP_THREADS threads."""
-    if p.chunks != 1 or (v.inner == 1 and p.bx > _BN_MAX_COLS):
+def _onchip_plan(p: _Plan, outer: int, inner: int, acc) -> _Plan | None:
+    """batch_norm_forward_onchip's plan: one block per tile holding all its rows, or None if they
+    do not fit in BN_ONCHIP_ROWS rows per thread of a block of at most BN_ONCHIP_THREADS threads."""
+    if p.chunks != 1 or (inner == 1 and p.bx > _k("BN_MAX_COLS")):
         return None
-    by = max(32 // p.bx, _pow2_ceil(-(-v.outer // _BN_ONCHIP_ROWS)))
+    by = max(32 // p.bx, _launch.pow2_ceil(_launch.ceil_div(outer, _k("BN_ONCHIP_ROWS"))))
     T = p.bx * by
-    if T > _BN_ONCHIP_THREADS:
+    if T > _k("BN_ONCHIP_THREADS"):
         return None
     return _Plan(p.vector, p.vec, p.bx, T, p.tiles, 1, 1, T * (1 + 2 * p.vec) * acc.itemsize)
 
 
-def _persistent_plan(xp, p: _Plan, v: _View, acc, dtype) -> _Plan | None:
-    """batch_norm_forward_onchip's cooperative plan: a tile's rows (and, channels-first, its chunks) spread
-    over gy blocks of at most BN_ONCHIP_THREADS threads (capped by the ``threads`` knob) holding
-    BN_ONCHIP_ROWS rows per thread; None if a block cannot hold its share or the grid does not fit
-    the device at once (``max_cooperative_grid``). ``grid_rows`` forces gy."""
-    if v.inner == 1 and p.bx > _BN_MAX_COLS:
+def _persistent_plan(xp, p: _Plan, outer: int, inner: int, acc, dtype, tune: _Tuning) -> _Plan | None:
+    """batch_norm_forward_onchip's cooperative plan: a tile's rows (and, channels-first, its chunks)
+    spread over gy blocks of at most BN_ONCHIP_THREADS threads (capped by the ``threads`` knob)
+    holding BN_ONCHIP_ROWS rows per thread; None if a block cannot hold its share or the grid does
+    not fit the device at once (``max_cooperative_grid``). ``grid_rows`` forces gy."""
+    rows, most_threads = _k("BN_ONCHIP_ROWS"), _k("BN_ONCHIP_THREADS")
+    if inner == 1 and p.bx > _k("BN_MAX_COLS"):
         return None
-    per_block = max(1, min(_TUNING.threads, _BN_ONCHIP_THREADS) // p.bx) * _BN_ONCHIP_ROWS
-    gy = _TUNING.grid_rows or -(-v.outer // per_block)
-    by = max(32 // p.bx, _pow2_ceil(-(-v.outer // (gy * _BN_ONCHIP_ROWS))))
+    per_block = max(1, min(tune.threads, most_threads) // p.bx) * rows
+    gy = tune.grid_rows or _launch.ceil_div(outer, per_block)
+    by = max(32 // p.bx, _launch.pow2_ceil(_launch.ceil_div(outer, gy * rows)))
     T = p.bx * by
-    if T > _BN_ONCHIP_THREADS:
+    if T > most_threads:
         return None
-    gy = min(gy, -(-v.outer // by))        # no block without rows
+    gy = min(gy, _launch.ceil_div(outer, by))        # no block without rows
     plan = _Plan(p.vector, p.vec, p.bx, T, p.tiles, p.chunks, gy, T * (1 + 2 * p.vec) * acc.itemsize)
-    fits = _kernels.max_cooperative_grid(_kernel(xp, "batch_norm_forward_onchip", dtype, plan), T, plan.smem)
+    k = _kernels.get_kernel("batch_norm", "batch_norm_forward_onchip", xp, dtype, plan.defines)
+    fits = _kernels.max_cooperative_grid(k, T, plan.smem)
     return plan if plan.tiles * plan.parts <= fits else None
 
 
+def _onchip_choice(xp, dev, p: _Plan, outer: int, inner: int, acc, dtype, tune: _Tuning) -> _Plan | None:
+    """The training forward's on-chip plan (x read once), or None for the two-pass path.
+
+    ``auto``: one block per tile when that costs no parallelism (the two-pass grid has one block
+    per tile anyway, or there are tiles enough to fill every SM); else the persistent grid if x fits
+    on chip across the blocks the device holds at once; else two-pass. ``onchip``/``persistent``
+    force one of the two (ValueError if it does not fit), ``twopass`` the two-pass path.
+    """
+    path = tune.path
+    if path == "twopass":
+        return None
+    if path in ("auto", "onchip"):
+        plan = _onchip_plan(p, outer, inner, acc)
+        if path == "onchip" and plan is None:
+            raise ValueError(f"path='onchip': a tile of {outer} rows does not fit one block")
+        if plan is not None and (path == "onchip" or p.grid_rows == 1 or p.tiles >= dev["sm_count"]):
+            return plan
+    plan = _persistent_plan(xp, p, outer, inner, acc, dtype, tune)
+    if path == "persistent" and plan is None:
+        raise ValueError(f"path='persistent': {outer} rows x {p.tiles} tiles do not fit on chip across "
+                         "the blocks the device holds at once")
+    return plan
+
+
+_PLANS = _launch.PlanCache()
+
+
+def _plans(xp, v: _View, dtype, vector: bool, forward: bool) -> tuple[_Plan, _Plan | None]:
+    """(streaming plan, on-chip plan or None) for this view, kept per shape, dtype, alignment,
+    device and knobs."""
+    dev = _launch.device(xp)
+    tune = _TUNING
+    key = (v.outer, v.C, v.inner, dtype, vector, forward, id(dev), tune)
+
+    def make():
+        acc = B.compute_dtype(dtype)
+        p = _plan(dev, v.outer, v.C, v.inner, dtype.itemsize, acc, vector, tune)
+        return p, (_onchip_choice(xp, dev, p, v.outer, v.inner, acc, dtype, tune) if forward else None)
+
+    return _PLANS.get(key, make)
+
+
 def _kernel(xp, name: str, dtype, p: _Plan):
-    return _kernels.get_kernel("batch_norm", name, xp, dtype=dtype, defines={"BN_VECTOR": int(p.vector)})
+    return _kernels.get_kernel("batch_norm", name, xp, dtype, p.defines)
 
 
 def _as_acc(xp, p, acc):
@@ -599,8 +620,14 @@ def _workspace(xp, p: _Plan, words: int, C: int, acc):
     return B.empty(xp, (words * p.parts * C,), acc), xp.zeros(p.tiles, np.uint32)
 
 
-def _geometry(v: _View, p: _Plan):
-    return (np.int64(v.outer), np.int32(v.C), np.int64(v.inner), np.int32(p.bx))
+def _geometry(v: _View, p: _Plan) -> dict:
+    return dict(outer=np.int64(v.outer), C=np.int32(v.C), inner=np.int64(v.inner), bx=np.int32(p.bx),
+                chunks=np.int32(p.chunks))
+
+
+def _flags(gamma=None, beta=None, running=None) -> np.int32:
+    return np.int32((_k("BN_HAS_GAMMA") if gamma is not None else 0) | (_k("BN_HAS_BETA") if beta is not None else 0)
+                    | (_k("BN_RUNNING") if running is not None else 0))
 
 
 def _stats_launch(xp, x, gamma, beta, running_mean, running_var, lay, eps, momentum, normalize):
@@ -615,26 +642,24 @@ def _stats_launch(xp, x, gamma, beta, running_mean, running_var, lay, eps, momen
         return y, mean, var, invstd
     g, b = _as_acc(xp, gamma, acc), _as_acc(xp, beta, acc)
     rm, rv = _as_acc(xp, running_mean, acc), _as_acc(xp, running_var, acc)
-    flags = (_HAS_GAMMA if g is not None else 0) | (_HAS_BETA if b is not None else 0) | (
-        _RUNNING if rm is not None else 0)
-    # absent arrays: a valid pointer the kernel never reads (the flags say so)
-    g, b, rm_k, rv_k = (a if a is not None else mean for a in (g, b, rm, rv))
     y3 = B.empty(xp, v.x.shape, x.dtype) if normalize else None
-    scalars = (acc.type(1.0 / lay.m), acc.type(lay.m / (lay.m - 1) if lay.m > 1 else 0.0),
-               acc.type(eps), acc.type(momentum), np.int32(flags))
-    p = _plan(xp, v, x.dtype.itemsize, acc, [v.x] + ([y3] if normalize else []))
-    onchip = _onchip_choice(xp, p, v, acc, x.dtype) if normalize else None
+    p, onchip = _plans(xp, v, x.dtype, _launch.aligned(v.x, *([y3] if normalize else [])), normalize)
+    # absent arrays: a valid pointer the kernel never reads (the flags say so)
+    common = dict(mean=mean, var=var, invstd=invstd, scale=scale, shift=shift,
+                  running_mean=rm if rm is not None else mean, running_var=rv if rv is not None else mean,
+                  x=v.x, gamma=g if g is not None else mean, beta=b if b is not None else mean,
+                  inv_m=acc.type(1.0 / lay.m), unbias=acc.type(lay.m / (lay.m - 1) if lay.m > 1 else 0.0),
+                  eps=acc.type(eps), momentum=acc.type(momentum), flags=_flags(g, b, rm))
     if onchip is not None:
         ws, _ = _workspace(xp, onchip, 3, C, acc)
-        _kernels.launch(_kernel(xp, "batch_norm_forward_onchip", x.dtype, onchip), onchip.grid, onchip.threads,
-                        (y3, mean, var, invstd, scale, shift, rm_k, rv_k, ws, v.x, g, b,
-                         *_geometry(v, onchip), np.int32(onchip.chunks), *scalars), shared_mem=onchip.smem,
-                        cooperative=onchip.parts > 1)
+        k = _kernel(xp, "batch_norm_forward_onchip", x.dtype, onchip)
+        _kernels.launch(k, onchip.grid, onchip.threads, k.args(y=y3, ws=ws, **common, **_geometry(v, onchip)),
+                        shared_mem=onchip.smem, cooperative=onchip.parts > 1)
     else:
         ws, counters = _workspace(xp, p, 3, C, acc)
-        _kernels.launch(_kernel(xp, "batch_norm_stats", x.dtype, p), p.grid, p.threads,
-                        (mean, var, invstd, scale, shift, rm_k, rv_k, ws, counters, v.x, g, b,
-                         *_geometry(v, p), np.int32(p.chunks), *scalars), shared_mem=p.smem)
+        k = _kernel(xp, "batch_norm_stats", x.dtype, p)
+        _kernels.launch(k, p.grid, p.threads, k.args(ws=ws, counters=counters, **common, **_geometry(v, p)),
+                        shared_mem=p.smem)
         if normalize:
             _apply(xp, y3, v, mean, scale, shift, p)
     for r, r_k in ((running_mean, rm), (running_var, rv)):
@@ -643,39 +668,15 @@ def _stats_launch(xp, x, gamma, beta, running_mean, running_var, lay, eps, momen
     return (v.restore(y3) if normalize else None), mean, var, invstd
 
 
-def _onchip_choice(xp, p: _Plan, v: _View, acc, dtype) -> _Plan | None:
-    """The training forward's on-chip plan (x read once), or None for the two-pass path.
-
-    ``auto``: one block per tile when that costs no parallelism (the two-pass grid has one block
-    per tile anyway, or there are tiles enough to fill every SM); else the persistent grid if x fits
-    on chip across the blocks the device holds at once; else two-pass. ``onchip``/``persistent``
-    force one of the two (ValueError if it does not fit), ``twopass`` the two-pass path.
-    """
-    path = _TUNING.path
-    if path == "twopass":
-        return None
-    if path in ("auto", "onchip"):
-        plan = _onchip_plan(p, v, acc, _kernels.device_attributes(xp))
-        if path == "onchip" and plan is None:
-            raise ValueError(f"path='onchip': a tile of {v.outer} rows does not fit one block")
-        if plan is not None and (path == "onchip" or p.grid_rows == 1
-                                 or p.tiles >= _kernels.device_attributes(xp)["sm_count"]):
-            return plan
-    plan = _persistent_plan(xp, p, v, acc, dtype)
-    if path == "persistent" and plan is None:
-        raise ValueError(f"path='persistent': {v.outer} rows x {v.C} channels do not fit on chip across "
-                         "the blocks the device holds at once")
-    return plan
-
-
 def _same_memory(a, b) -> bool:
-    return _data_ptr(a) == _data_ptr(b) and a.dtype == b.dtype and a.size == b.size
+    return _launch.data_ptr(a) == _launch.data_ptr(b) and a.dtype == b.dtype and a.size == b.size
 
 
 def _apply(xp, y3, v: _View, center, scale, shift, p: _Plan):
     """y = (x - center) * scale + shift per channel (forward second pass, inference)."""
-    _kernels.launch(_kernel(xp, "batch_norm_apply", v.x.dtype, p), p.grid, p.threads,
-                    (y3, v.x, center, scale, shift, *_geometry(v, p), np.int32(p.chunks)))
+    k = _kernel(xp, "batch_norm_apply", v.x.dtype, p)
+    _kernels.launch(k, p.grid, p.threads, k.args(y=y3, x=v.x, center=center, scale=scale, shift=shift,
+                                                 **_geometry(v, p)))
 
 
 def _gpu_batch_stats(xp, x, lay):
@@ -698,12 +699,13 @@ def _gpu_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps):
     scale, shift = B.empty(xp, (v.C,), acc), B.empty(xp, (v.C,), acc)
     g, b = _as_acc(xp, gamma, acc), _as_acc(xp, beta, acc)
     rm, rv = _as_acc(xp, running_mean, acc), _as_acc(xp, running_var, acc)
-    flags = (_HAS_GAMMA if g is not None else 0) | (_HAS_BETA if b is not None else 0)
-    p = _plan(xp, v, x.dtype.itemsize, acc, [v.x, y3])
+    p, _ = _plans(xp, v, x.dtype, _launch.aligned(v.x, y3), False)
     T = 256
-    _kernels.launch(_kernel(xp, "batch_norm_inference_params", x.dtype, p), -(-v.C // T), T,
-                    (scale, shift, g if g is not None else rv, b if b is not None else rv, rv,
-                     np.int32(v.C), acc.type(eps), np.int32(flags)))
+    k = _kernel(xp, "batch_norm_inference_params", x.dtype, p)
+    _kernels.launch(k, _launch.ceil_div(v.C, T), T,
+                    k.args(scale=scale, shift=shift, gamma=g if g is not None else rv,
+                           beta=b if b is not None else rv, running_var=rv, C=np.int32(v.C), eps=acc.type(eps),
+                           flags=_flags(g, b)))
     _apply(xp, y3, v, rm, scale, shift, p)
     return v.restore(y3)
 
@@ -718,15 +720,15 @@ def _gpu_backward(xp, dy, x, gamma, mean, invstd, lay):
     dgamma, dbeta, k, a, b = (B.empty(xp, (C,), acc) for _ in range(5))
     if C > 0:
         mu, istd, g = _as_acc(xp, mean, acc), _as_acc(xp, invstd, acc), _as_acc(xp, gamma, acc)
-        flags = _HAS_GAMMA if g is not None else 0
-        p = _plan(xp, v, x.dtype.itemsize, acc, [v.x, vg.x, dx3])
+        p, _ = _plans(xp, v, x.dtype, _launch.aligned(v.x, vg.x, dx3), False)
         ws, counters = _workspace(xp, p, 2, C, acc)
         geo = _geometry(v, p)
-        _kernels.launch(_kernel(xp, "batch_norm_backward_reduce", x.dtype, p), p.grid, p.threads,
-                        (dgamma, dbeta, k, a, b, ws, counters, vg.x, v.x, mu, istd,
-                         g if g is not None else istd, *geo, np.int32(p.chunks),
-                         acc.type(1.0 / lay.m), np.int32(flags)), shared_mem=p.smem)
-        _kernels.launch(_kernel(xp, "batch_norm_backward_apply", x.dtype, p), p.grid, p.threads,
-                        (dx3, vg.x, v.x, mu, k, a, b, *geo, np.int32(p.chunks)))
+        kr = _kernel(xp, "batch_norm_backward_reduce", x.dtype, p)
+        _kernels.launch(kr, p.grid, p.threads,
+                        kr.args(dgamma=dgamma, dbeta=dbeta, k=k, a=a, b=b, ws=ws, counters=counters, dy=vg.x,
+                                x=v.x, mean=mu, invstd=istd, gamma=g if g is not None else istd,
+                                inv_m=acc.type(1.0 / lay.m), flags=_flags(g), **geo), shared_mem=p.smem)
+        ka = _kernel(xp, "batch_norm_backward_apply", x.dtype, p)
+        _kernels.launch(ka, p.grid, p.threads, ka.args(dx=dx3, dy=vg.x, x=v.x, mean=mu, k=k, a=a, b=b, **geo))
     return (v.restore(dx3), dgamma.reshape(lay.kept_shape).astype(out_dtype),
             dbeta.reshape(lay.kept_shape).astype(out_dtype))

@@ -20,14 +20,12 @@ from __future__ import annotations
 import contextlib
 import math
 import operator
-import threading
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .. import _backend as B
-from .. import _threads
-from .. import _kernels
+from .. import _cpu, _kernels, _launch
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -196,37 +194,10 @@ def softmax_cross_entropy_backward(z, target, dloss=1.0, *, axis: int = -1, redu
 # NumPy reference path (any array module with NumPy's API)
 # ---------------------------------------------------------------------------------------------
 
-#: Row blocks of about this many bytes (in the accumulation dtype) keep a block and its temporaries
-#: in the CPU caches (1 MiB: L2 or L3): z crosses memory once, dz once, however many NumPy operations a row takes.
-_BLOCK_BYTES = 1 << 20
-
-
-def _row_blocks(xp, rows: int, row_len: int, acc) -> list[slice]:
-    """Slices of about _BLOCK_BYTES along the first axis; one slice (everything) on CuPy."""
-    step = rows if xp is not np else _BLOCK_BYTES // max(1, row_len * np.dtype(acc).itemsize)
-    step = max(1, step)
-    return [slice(i, i + step) for i in range(0, rows, step)] or [slice(0, 0)]
-
-
 def _blocked(a, class_last_ndim: int):
     """View of a (rows..., C) or (rows...) array with leading unit axes, so that axis 1 is a row
     axis to cut blocks along: (1, rows..., C), or (1, 1, C) for a single row."""
     return a[(None,) * (2 if class_last_ndim == 1 else 1)]
-
-
-_scratch_local = threading.local()
-
-
-def _scratch(xp, shape, dtype):
-    """A scratch array for one row block, kept per thread and reused by the next call of the same
-    size (a fresh temporary per block would cost page faults that outweigh the arithmetic)."""
-    if xp is not np:
-        return xp.empty(shape, dtype)
-    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    buf = getattr(_scratch_local, "buf", None)
-    if buf is None or buf.nbytes < n:
-        buf = _scratch_local.buf = np.empty(n, np.uint8)
-    return buf[:n].view(dtype).reshape(shape)
 
 
 def _quiet(xp):
@@ -239,7 +210,7 @@ def _cpu_softmax(xp, z, ax, log):
     moved = xp.moveaxis(z, ax, -1)
     zr = _blocked(moved, z.ndim)
     out = xp.empty(zr.shape, z.dtype)
-    for sl in _row_blocks(xp, zr.shape[1], zr.shape[-1], acc):
+    for sl in _cpu.row_blocks(xp, zr.shape[1], zr.shape[-1] * acc.itemsize):
         zb = zr[:, sl].astype(acc, copy=False)
         with _quiet(xp):  # a row of -inf gives NaN, as in PyTorch, without a warning
             sh = zb - zb.max(axis=-1, keepdims=True)
@@ -306,7 +277,7 @@ def _cpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
         zb = z[:, sl].astype(acc, copy=False)
         # sh is C-contiguous whatever z's layout (so the loss rounds the same with or without the
         # gradient); the gradient is computed over it in place: right in dz when dtypes allow
-        into = dz[:, sl] if g is not None and dz.dtype == acc else _scratch(xp, zb.shape, acc)
+        into = dz[:, sl] if g is not None and dz.dtype == acc else _cpu.scratch(xp, zb.shape, acc)
         with _quiet(xp):
             sh = xp.subtract(zb, zb.max(axis=-1, keepdims=True), out=into)  # log p = sh - lse
         if ce.probs:
@@ -351,8 +322,7 @@ def _cpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
         if dz.dtype != acc:   # else e already is this block of dz
             dz[:, sl] = e
 
-    blocks = _row_blocks(xp, z.shape[1], C, acc)
-    _threads.map_ordered(block, blocks) if xp is np else [block(sl) for sl in blocks]
+    _cpu.map_ordered(block, _cpu.row_blocks(xp, z.shape[1], C * acc.itemsize), xp)
 
     loss = None
     if want_loss:
@@ -396,8 +366,13 @@ class _Tuning:
 
 
 _TUNING = _Tuning()
-_WARP_BLOCK = 128
-_WARP_NS = (1, 2, 4, 8, 16, 32)
+_WARP_BLOCK = 128                           # the warp kernels' __launch_bounds__
+_WARP_NS = (1, 2, 4, 8, 16, 32)             # their values per lane: *_warp_n{N}
+
+
+def _k(name: str) -> int:
+    """A constant of cuda_src/softmax.cu or rows.cuh (its ``#define``)."""
+    return _kernels.constants("softmax")[name]
 
 
 @contextlib.contextmanager
@@ -410,14 +385,6 @@ def _tuning(**changes):
         yield
     finally:
         _TUNING = saved
-
-
-def _ptr(a) -> int:
-    return a.ctypes.data if isinstance(a, np.ndarray) else a.data.ptr
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
 
 
 @dataclass(frozen=True)
@@ -449,14 +416,6 @@ def _layout(xp, z, ax) -> _Layout:
     return _Layout(z, ax, math.prod(z.shape[:ax]), z.shape[ax], math.prod(z.shape[ax + 1:]), flip, copied)
 
 
-def _resident_blocks(dev, threads: int, smem: int) -> int:
-    """One wave: blocks of `threads` threads and `smem` bytes of shared memory resident at once."""
-    per_sm = min(32, dev["max_threads_per_sm"] // threads)
-    if smem:
-        per_sm = min(per_sm, dev["max_shared_memory_per_sm"] // (smem + 1024))  # + per-block reserve
-    return dev["sm_count"] * max(1, per_sm)
-
-
 @dataclass(frozen=True)
 class _Plan:
     path: str        # "warp", "block" or "strided"
@@ -468,70 +427,93 @@ class _Plan:
     vec: int = 0     # 16-byte vector loads
     cached: int = 0  # block/strided: row (tile) kept in shared memory
 
+    def kernel(self, xp, op: str, dtype):
+        """The kernel of this path for ``op`` (softmax, hardmax or softmax_cross_entropy)."""
+        suffix = f"_warp_n{self.n}" if self.path == "warp" else f"_{self.path}"
+        return _kernels.get_kernel("softmax", op + suffix, xp, dtype)
 
-def _plan(xp, lay: _Layout, itemsize: int, ptrs, *, dense_target=False, cache=True, max_n=32) -> _Plan:
-    """Which kernel path runs (lay.outer, lay.C, lay.inner) rows, and its launch shape."""
-    dev = _kernels.device_attributes(xp)
+    def sizes(self, lay: _Layout, rows: str | None = "rows", cached: bool = True) -> dict:
+        """The size arguments of this path's kernels, by name (``rows=None``: the kernel takes the
+        row count under another name)."""
+        C = np.int32(lay.C)
+        if self.path == "strided":
+            out = dict(outer=np.int64(lay.outer), C=C, inner=np.int64(lay.inner))
+        else:
+            out = dict(C=C, vec=np.int32(self.vec))
+            if self.path == "warp":
+                out["lanes"] = np.int32(self.lanes)
+            if rows:
+                out[rows] = np.int64(lay.rows)
+        if cached and self.path != "warp":
+            out["cached"] = np.int32(self.cached)
+        return out
+
+
+_PLANS = _launch.PlanCache()
+
+
+def _plan(xp, lay: _Layout, itemsize: int, aligned: bool, vec_first: bool, *, dense_target=False, cache=True,
+          max_n=32) -> _Plan:
+    """Which kernel path runs (lay.outer, lay.C, lay.inner) rows, and its launch shape; kept per
+    shape, dtype size, alignment, options, device and knobs. ``aligned``: every operand has the same
+    address modulo 16; ``vec_first``: z itself is 16-byte aligned."""
+    dev = _launch.device(xp)
+    key = (lay.outer, lay.C, lay.inner, itemsize, aligned, vec_first, dense_target, cache, max_n, id(dev), _TUNING)
+    return _PLANS.get(key, lambda: _make_plan(dev, lay, itemsize, aligned, vec_first, dense_target, cache, max_n))
+
+
+def _make_plan(dev, lay: _Layout, itemsize: int, aligned: bool, vec_first: bool, dense_target: bool, cache: bool,
+               max_n: int) -> _Plan:
     C, regions = lay.C, 2 if dense_target else 1
     pack = 16 // itemsize
     limit = dev["max_shared_memory_per_block_optin"] - 4096   # leave room for static scratch
     budget = min(limit, _TUNING.smem_bytes if _TUNING.smem_bytes is not None else limit)
     if lay.inner > 1:
-        ty = min(8, _next_pow2(C))
+        ty = min(_k("SM_STRIDED_MAX_TY"), _launch.pow2_ceil(C))
         smem = C * 32 * itemsize * regions
         cached = int(cache and smem <= min(budget, _TUNING.strided_cache_bytes))
         smem = smem if cached else 0
-        tiles = lay.outer * -(-lay.inner // 32)
+        tiles = lay.outer * _launch.ceil_div(lay.inner, 32)
         if tiles >= 2**31:   # the kernel counts tiles in 32 bits
             raise ValueError(f"z: {tiles} tiles of 32 positions along the axes after axis {lay.axis} "
                              "exceed the strided kernel's 2^31")
-        return _Plan("strided", min(tiles, _resident_blocks(dev, 32 * ty, smem)), (32, ty), smem, cached=cached)
+        return _Plan("strided", min(tiles, _launch.resident_blocks(dev, 32 * ty, smem)), (32, ty), smem,
+                     cached=cached)
 
-    aligned = len({p % 16 for p in ptrs}) == 1
     warp_max = _TUNING.warp_max_cols if _TUNING.warp_max_cols is not None else 32 * max_n
     if C <= min(warp_max, 32 * max_n):
         n = next(n for n in _WARP_NS if 32 * n >= C)
-        lanes = 32 if C > 32 else _next_pow2(C)
-        vec = int(aligned and ptrs[0] % 16 == 0 and C % pack == 0)
-        groups = -(-lay.rows // (_WARP_BLOCK // lanes))
-        return _Plan("warp", min(groups, _resident_blocks(dev, _WARP_BLOCK, 0)), (_WARP_BLOCK,),
+        lanes = 32 if C > 32 else _launch.pow2_ceil(C)
+        vec = int(aligned and vec_first and C % pack == 0)
+        groups = _launch.ceil_div(lay.rows, _WARP_BLOCK // lanes)
+        return _Plan("warp", min(groups, _launch.resident_blocks(dev, _WARP_BLOCK)), (_WARP_BLOCK,),
                      n=n, lanes=lanes, vec=vec)
 
     # About four 16-byte vectors per thread per pass; 512 at most for float64 (its registers).
     threads = _TUNING.block_threads or max(128, min(1024 if itemsize < 8 else 512,
-                                                     _next_pow2(-(-C // (4 * pack)))))
-    region = -(-(C + pack) // pack) * 16
+                                                     _launch.pow2_ceil(_launch.ceil_div(C, 4 * pack))))
+    region = _launch.ceil_div(C + pack, pack) * 16
     smem = region * regions
     cached = int(cache and smem <= budget)
     smem = smem if cached else 0
-    return _Plan("block", min(lay.rows, _resident_blocks(dev, threads, smem)), (threads,), smem,
+    return _Plan("block", min(lay.rows, _launch.resident_blocks(dev, threads, smem)), (threads,), smem,
                  vec=int(aligned), cached=cached)
 
 
-def _run(xp, family_kernel: str, plan: _Plan, dtype, args) -> None:
-    name = family_kernel + (f"_warp_n{plan.n}" if plan.path == "warp" else f"_{plan.path}")
-    k = _kernels.get_kernel("softmax", name, xp, dtype=dtype)
-    _kernels.launch(k, plan.grid, plan.block, tuple(args), shared_mem=plan.smem)
-
-
-def _path_args(plan: _Plan, lay: _Layout, with_rows: bool = True) -> tuple:
-    """The size arguments after a kernel's pointers, per path."""
-    C = np.int32(lay.C)
-    if plan.path == "warp":
-        head = (np.int64(lay.rows), C) if with_rows else (C,)
-        return head + (np.int32(plan.lanes), np.int32(plan.vec))
-    if plan.path == "block":
-        head = (np.int64(lay.rows), C) if with_rows else (C,)
-        return head + (np.int32(plan.cached), np.int32(plan.vec))
-    return (np.int64(lay.outer), C, np.int64(lay.inner), np.int32(plan.cached))
+def _alignment(*arrays) -> tuple[bool, bool]:
+    """(every array at the same address modulo 16, the first 16-byte aligned)."""
+    ptrs = [_launch.data_ptr(a) for a in arrays]
+    return len({p % 16 for p in ptrs}) == 1, ptrs[0] % 16 == 0
 
 
 def _gpu_softmax(xp, z, ax, log):
     lay = _layout(xp, z, ax)
     out = B.empty(xp, lay.z.shape, z.dtype)
     if lay.z.size:
-        plan = _plan(xp, lay, z.dtype.itemsize, (_ptr(lay.z), _ptr(out)))
-        _run(xp, "softmax", plan, z.dtype, (out, lay.z) + _path_args(plan, lay) + (np.int32(log),))
+        plan = _plan(xp, lay, z.dtype.itemsize, *_alignment(lay.z, out))
+        k = plan.kernel(xp, "softmax", z.dtype)
+        _kernels.launch(k, plan.grid, plan.block, k.args(out=out, z=lay.z, log=np.int32(log), **plan.sizes(lay)),
+                        shared_mem=plan.smem)
     return lay.orient(out)
 
 
@@ -539,20 +521,14 @@ def _gpu_hardmax(xp, z, ax):
     lay = _layout(xp, z, ax)
     out = B.empty(xp, lay.z.shape, z.dtype)
     if lay.z.size:
-        plan = _plan(xp, lay, z.dtype.itemsize, (_ptr(lay.z), _ptr(out)), cache=False)
-        args = _path_args(plan, lay)
-        if plan.path == "block":   # hardmax_block(out, z, rows, C, vec): never cached
-            args = args[:2] + args[3:]
-        elif plan.path == "strided":
-            args = args[:3]
-        _run(xp, "hardmax", plan, z.dtype, (out, lay.z) + args)
+        plan = _plan(xp, lay, z.dtype.itemsize, *_alignment(lay.z, out), cache=False)
+        k = plan.kernel(xp, "hardmax", z.dtype)
+        _kernels.launch(k, plan.grid, plan.block, k.args(out=out, z=lay.z, **plan.sizes(lay, cached=False)),
+                        shared_mem=plan.smem)
     return lay.orient(out)
 
 
-# flags and reduction codes of the cross-entropy kernels (cuda_src/softmax.cu CE_*)
-_CE_GRAD, _CE_ROWS, _CE_PROBS, _CE_WEIGHT, _CE_DENOM = 1, 2, 4, 8, 16
-_CE_RED = {"none": 0, "sum": 1, "mean": 2}
-_CE_RED_MEAN_ROWS = 3
+_CE_RED = {"none": "CE_RED_NONE", "sum": "CE_RED_SUM", "mean": "CE_RED_MEAN"}
 
 
 def _bad_target_error(target, pos: tuple, n_classes: int, ignore_index: int) -> ValueError:
@@ -582,7 +558,7 @@ def _gpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
     one = lambda dt: xp.empty(1, dt)   # stands in for an unused pointer argument
     flags = 0
     if ce.probs:
-        flags |= _CE_PROBS
+        flags |= _k("CE_PROBS")
         y = xp.ascontiguousarray(lay.orient(ce.target).astype(z.dtype, copy=False))
         target = one(np.int64)
     else:
@@ -590,12 +566,12 @@ def _gpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
         target = xp.ascontiguousarray(lay.orient(ce.target).astype(np.int64, copy=False))
     weight = one(acc)
     if ce.weight is not None:
-        flags |= _CE_WEIGHT
+        flags |= _k("CE_WEIGHT")
         weight = xp.ascontiguousarray(ce.weight.astype(acc, copy=False))
 
     dz, dl, dl_stride, inv_denom = one(z.dtype), one(acc), 0, one(acc)
     if grad:
-        flags |= _CE_GRAD
+        flags |= _k("CE_GRAD")
         dz = lay.z if inplace else B.empty(xp, lay.z.shape, z.dtype)
         dl = xp.asarray(dloss, dtype=acc)
         if dl.ndim:   # 'none' with one upstream gradient per row
@@ -605,29 +581,31 @@ def _gpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
         if red == "mean" and ce.probs:
             dl = dl / acc.type(R)
         elif red == "mean":
-            flags |= _CE_DENOM
+            flags |= _k("CE_DENOM")
             inv_denom = B.empty(xp, 1, acc)
-            dev = _kernels.device_attributes(xp)
-            grid = min(-(-R // 256), 4 * dev["sm_count"])
-            k = _kernels.get_kernel("softmax", "softmax_cross_entropy_weight_sum", xp, dtype=z.dtype)
-            _kernels.launch(k, grid, 256, (inv_denom, B.empty(xp, grid, acc), xp.zeros(1, np.uint32),
-                                           target, weight, np.int32(ce.weight is not None), np.int64(R),
-                                           np.int32(C), np.int64(ce.ignore_index)))
+            grid = min(_launch.ceil_div(R, 256), 4 * _launch.device(xp)["sm_count"])
+            k = _kernels.get_kernel("softmax", "softmax_cross_entropy_weight_sum", xp, z.dtype)
+            _kernels.launch(k, grid, 256, k.args(
+                inv_denom=inv_denom, part=B.empty(xp, grid, acc), ticket=xp.zeros(1, np.uint32), target=target,
+                weight=weight, has_weight=np.int32(ce.weight is not None), rows=np.int64(R), C=np.int32(C),
+                ignore_index=np.int64(ce.ignore_index)))
     loss_rows = one(z.dtype)
     if want_loss and red == "none":
-        flags |= _CE_ROWS
+        flags |= _k("CE_ROWS")
         loss_rows = B.empty(xp, R, z.dtype)
-    code = _CE_RED_MEAN_ROWS if red == "mean" and ce.probs else _CE_RED[red]
+    code = _k("CE_RED_MEAN_ROWS") if red == "mean" and ce.probs else _k(_CE_RED[red])
 
-    ptrs = (_ptr(lay.z), _ptr(dz)) + ((_ptr(y),) if ce.probs else ())
-    plan = _plan(xp, lay, z.dtype.itemsize, ptrs, dense_target=ce.probs,
-                 max_n=8 if z.dtype == np.float64 else 32)
+    plan = _plan(xp, lay, z.dtype.itemsize, *_alignment(lay.z, dz, *((y,) if ce.probs else ())),
+                 dense_target=ce.probs, max_n=8 if z.dtype == np.float64 else 32)
     loss_out, bad = B.empty(xp, 1, z.dtype), B.empty(xp, 1, np.int64)
-    args = (dz, loss_rows, loss_out, bad, B.empty(xp, plan.grid, acc), B.empty(xp, plan.grid, acc),
-            B.empty(xp, plan.grid, np.int64), xp.zeros(1, np.uint32), lay.z, target, y, weight, dl,
-            np.int64(dl_stride), inv_denom, np.int64(ce.ignore_index), acc.type(ce.label_smoothing),
-            np.int32(flags), np.int32(code), np.int64(R))
-    _run(xp, "softmax_cross_entropy", plan, z.dtype, args + _path_args(plan, lay, with_rows=False))
+    k = plan.kernel(xp, "softmax_cross_entropy", z.dtype)
+    args = k.args(dz=dz, loss_rows=loss_rows, loss_out=loss_out, bad_out=bad, part_loss=B.empty(xp, plan.grid, acc),
+                  part_w=B.empty(xp, plan.grid, acc), part_bad=B.empty(xp, plan.grid, np.int64),
+                  ticket=xp.zeros(1, np.uint32), z=lay.z, target=target, y=y, weight=weight, dloss=dl,
+                  dloss_stride=np.int64(dl_stride), inv_denom=inv_denom, ignore_index=np.int64(ce.ignore_index),
+                  label_smoothing=acc.type(ce.label_smoothing), flags=np.int32(flags), reduction=np.int32(code),
+                  n_rows=np.int64(R), **plan.sizes(lay, rows=None))
+    _kernels.launch(k, plan.grid, plan.block, args, shared_mem=plan.smem)
 
     first_bad = int(bad[0])   # the one synchronization: the error must be raised here
     if first_bad >= 0:

@@ -1,0 +1,78 @@
+"""Launch planning shared by the op modules: grid and block arithmetic, one wave of resident
+blocks, 16-byte alignment, and the cache that keeps a plan per (shape, dtype, layout, device,
+knobs) so that a warm call computes nothing twice.
+
+A plan is the op's own frozen dataclass (which kernel path, grid, block, shared memory); this
+module holds what every op's planning uses. Nothing here launches: ``gpu._kernels`` does.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Hashable
+
+import numpy as np
+
+from gpu import _kernels
+
+__all__ = ["ceil_div", "pow2_ceil", "device", "resident_blocks", "data_ptr", "aligned", "PlanCache"]
+
+#: Shared memory the CUDA driver reserves per resident block (sm_80 and later).
+RESERVED_SHARED_MEM = _kernels.RESERVED_SHARED_MEM_PER_BLOCK
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def pow2_ceil(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def device(xp) -> dict[str, Any]:
+    """The attributes of the device that runs ``xp``'s kernels (read once; do not modify)."""
+    return _kernels.device_attributes(xp)
+
+
+def resident_blocks(dev, threads: int, smem: int = 0) -> int:
+    """One wave: how many blocks of ``threads`` threads and ``smem`` bytes of dynamic shared memory
+    the device holds at once (registers aside), at least one per SM."""
+    per_sm = min(dev["max_blocks_per_sm"], dev["max_threads_per_sm"] // threads)
+    if smem:
+        per_sm = min(per_sm, dev["max_shared_memory_per_sm"] // (smem + RESERVED_SHARED_MEM))
+    return dev["sm_count"] * max(1, per_sm)
+
+
+def data_ptr(a) -> int:
+    """The address of an array's first element (NumPy or CuPy)."""
+    return a.ctypes.data if isinstance(a, np.ndarray) else a.data.ptr
+
+
+def aligned(*arrays, to: int = 16) -> bool:
+    """Whether every array starts on a ``to``-byte boundary (16: one vector load)."""
+    return all(data_ptr(a) % to == 0 for a in arrays)
+
+
+class PlanCache:
+    """Plans kept by key. The key must hold everything the plan depends on: shapes, dtype,
+    alignment, the device (``id`` of its attribute dict, which lives as long as the process) and
+    the op's tuning knobs (a frozen dataclass). Bounded: cleared when full."""
+
+    def __init__(self, maxsize: int = 4096):
+        self._plans: dict[Hashable, Any] = {}
+        self._maxsize = maxsize
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = make()
+            with self._lock:
+                if len(self._plans) >= self._maxsize:
+                    self._plans.clear()
+                self._plans[key] = plan
+        return plan
+
+    def clear(self) -> None:
+        with self._lock:
+            self._plans.clear()
