@@ -195,15 +195,18 @@ def check_real(value: object, name: str, lo: float | None = None, hi: float | No
 # Output allocation for the kernel path
 # ---------------------------------------------------------------------------------------------
 
+_POISON = os.environ.get("GPU_POISON", "0") not in ("", "0")
+
+
 def poisoning() -> bool:
-    """True when kernel outputs are filled with NaN before launch (``GPU_POISON=1``; the test
-    suite sets it), so an element a kernel forgets to write shows up as NaN."""
-    return os.environ.get("GPU_POISON", "0") not in ("", "0")
+    """True when kernel outputs are filled with NaN before launch (``GPU_POISON=1`` when ``gpu`` is
+    imported; the test suite sets it), so an element a kernel forgets to write shows up as NaN."""
+    return _POISON
 
 
 def empty(xp, shape, dtype):
     """An output array for a kernel to fill: uninitialized, or NaN-filled when `poisoning()`."""
     out = xp.empty(shape, dtype=dtype)
-    if poisoning():
+    if _POISON:
         out.fill(np.nan if np.dtype(dtype).kind == "f" or np.dtype(dtype) == BFLOAT16 else -1)
     return out

@@ -102,6 +102,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import operator
 import os
 import re
 import threading
@@ -502,10 +503,12 @@ class Kernel:
     xp: Any
     function: Any                    # cupy.RawKernel, or gpu._emulator.EmulatedKernel
     params: tuple[str, ...] | None   # parameter names from the source (None: not found)
+    device: dict                     # device_attributes of the device it was built for
     _static_smem: int | None = field(default=None, repr=False)
     _opted_in: int = field(default=0, repr=False)
     _coop: dict = field(default_factory=dict, repr=False)
-    _index: dict | None = field(default=None, repr=False)
+    _pick: Any = field(default=None, repr=False)
+    _shapes: dict = field(default_factory=dict, repr=False)
 
     def __repr__(self) -> str:
         d = " ".join(f"{k}={v}" for k, v in self.defines)
@@ -516,22 +519,23 @@ class Kernel:
 
         >>> k.args(y=y, x=x, n=np.int64(n))                        # doctest: +SKIP
         """
-        index = self._index
-        if index is None:
+        pick = self._pick
+        if pick is None:
             if self.params is None:
                 raise TypeError(f"{self.name}: no signature found in the {self.family} source")
-            index = self._index = {n: i for i, n in enumerate(self.params)}
-        if len(named) != len(index) or not named.keys() <= index.keys():
-            missing = [n for n in self.params if n not in named]
-            unknown = [n for n in named if n not in index]
-            raise TypeError(f"{self.name}({', '.join(self.params)}): "
-                            + (f"missing {', '.join(missing)}" if missing else "")
-                            + ("; " if missing and unknown else "")
-                            + (f"no parameter {', '.join(unknown)}" if unknown else ""))
-        out = [None] * len(index)
-        for n, v in named.items():
-            out[index[n]] = v
-        return tuple(out)
+            pick = self._pick = operator.itemgetter(*self.params) if len(self.params) > 1 else (
+                lambda d: (d[self.params[0]],) if self.params else ())
+        try:
+            if len(named) == len(self.params):
+                return pick(named)
+        except KeyError:
+            pass
+        missing = [n for n in self.params if n not in named]
+        unknown = [n for n in named if n not in self.params]
+        raise TypeError(f"{self.name}({', '.join(self.params)}): "
+                        + (f"missing {', '.join(missing)}" if missing else "")
+                        + ("; " if missing and unknown else "")
+                        + (f"no parameter {', '.join(unknown)}" if unknown else ""))
 
     @property
     def static_smem(self) -> int:
@@ -551,6 +555,16 @@ def _is_numpy(xp) -> bool:
 
 
 def _device_key(xp) -> tuple:
+    """What a kernel object depends on besides its source: the device (for the emulator, its
+    attribute dict, one per SM-count override and build flavour)."""
+    if _is_numpy(xp):
+        from gpu import _emulator
+        return ("emulator", id(_emulator.device_attributes()))
+    return ("cuda", xp.cuda.runtime.getDevice())
+
+
+def _module_key(xp) -> tuple:
+    """What a built module depends on besides its source and defines."""
     if _is_numpy(xp):
         from gpu import _emulator
         return ("emulator", _emulator.build_flavour())
@@ -570,7 +584,7 @@ def _all_defines(fam: Family, dtype, defines) -> dict[str, str]:
 
 
 def _module(fam: Family, xp, defines: dict[str, str]):
-    key = (str(fam.path), tuple(defines.items()), _device_key(xp))
+    key = (str(fam.path), tuple(defines.items()), _module_key(xp))
     with _modules_lock:
         mod = _modules.get(key)
         if mod is None:
@@ -615,7 +629,7 @@ def get_kernel(family_name: str | os.PathLike, name: str, xp, dtype=None,
     except Exception as e:
         raise KernelBuildError(f"{fam.path.name}: no kernel {name!r} "
                                f"(it must be an extern \"C\" __global__ function): {e}") from e
-    k = Kernel(fam.name, name, tuple(full.items()), xp, fn, fam.signatures.get(name))
+    k = Kernel(fam.name, name, tuple(full.items()), xp, fn, fam.signatures.get(name), device_attributes(xp))
     _kernel_cache[key] = k
     return k
 
@@ -687,11 +701,13 @@ _SCALARS = (np.generic, int, float, bool)
 
 
 def _check_args(kernel: Kernel, args: Sequence[Any]) -> tuple:
-    if not isinstance(args, (tuple, list)):
-        raise TypeError(f"args: expected a tuple, got {type(args).__name__}")
+    if type(args) is not tuple:
+        if not isinstance(args, (tuple, list)):
+            raise TypeError(f"args: expected a tuple, got {type(args).__name__}")
+        args = tuple(args)
     array_type = np.ndarray if _is_numpy(kernel.xp) else kernel.xp.ndarray
     for i, a in enumerate(args):
-        if isinstance(a, array_type):
+        if type(a) is array_type or isinstance(a, array_type):
             continue
         if isinstance(a, np.ndarray):
             raise TypeError(f"{kernel.name} argument {i}: a {type(a).__module__} array given to a kernel "
@@ -699,7 +715,7 @@ def _check_args(kernel: Kernel, args: Sequence[Any]) -> tuple:
         if not isinstance(a, _SCALARS):
             raise TypeError(f"{kernel.name} argument {i}: expected an array or a NumPy scalar, "
                             f"got {type(a).__name__}")
-    return tuple(args)
+    return args
 
 
 def _block_threads(block, dev) -> tuple[tuple[int, int, int], int]:
@@ -751,8 +767,8 @@ def max_cooperative_grid(kernel: Kernel, block, shared_mem: int = 0) -> int:
     >>> max_cooperative_grid(k, 256, 4096)                        # doctest: +SKIP
     32
     """
-    dev = device_attributes(kernel.xp)
-    key = (block, shared_mem, dev["sm_count"])
+    dev = kernel.device
+    key = (block, shared_mem)
     most = kernel._coop.get(key)
     if most is not None:
         return most
@@ -770,6 +786,23 @@ def max_cooperative_grid(kernel: Kernel, block, shared_mem: int = 0) -> int:
     return most
 
 
+def _check_launch(kernel: Kernel, grid, block, shared_mem, cooperative: bool) -> tuple[tuple, tuple]:
+    """(grid, block) as 3-tuples, after checking them and the shared memory against the device
+    (and the opt-in above 48 KiB set)."""
+    dev = kernel.device
+    g = _dims(grid, "grid", dev["max_grid_dims"])
+    b, _ = _block_threads(block, dev)
+    shared_mem = _check_shared_mem(shared_mem)
+    _opt_in(kernel, shared_mem, dev)
+    if cooperative:
+        most = max_cooperative_grid(kernel, b, shared_mem)
+        if g[0] * g[1] * g[2] > most:
+            raise ValueError(f"{kernel.name}: a cooperative grid of {g[0] * g[1] * g[2]} blocks of {b} threads "
+                             f"({shared_mem} bytes of dynamic shared memory) exceeds the {most} the device "
+                             f"holds at once")
+    return g, b
+
+
 def launch(kernel: Kernel, grid, block, args: Sequence[Any], shared_mem: int = 0, cooperative: bool = False) -> None:
     """Launch ``kernel`` with ``grid`` blocks of ``block`` threads (ints or 1-3 tuples).
 
@@ -785,19 +818,19 @@ def launch(kernel: Kernel, grid, block, args: Sequence[Any], shared_mem: int = 0
     >>> k = get_kernel("softmax", "softmax_block", np, np.float32)      # doctest: +SKIP
     >>> launch(k, 1, 256, k.args(out=y, z=x, rows=np.int64(1), C=np.int32(256), ...))  # doctest: +SKIP
     """
-    dev = device_attributes(kernel.xp)
-    g = _dims(grid, "grid", dev["max_grid_dims"])
-    b, _ = _block_threads(block, dev)
-    if shared_mem:
-        shared_mem = _check_shared_mem(shared_mem)
-        _opt_in(kernel, shared_mem, dev)
+    try:
+        key = (grid, block, shared_mem, cooperative)
+        shape = kernel._shapes.get(key)
+    except TypeError:          # a list for grid or block: checked every time
+        key, shape = None, None
+    if shape is None:          # checked once per launch shape and kept
+        shape = _check_launch(kernel, grid, block, shared_mem, cooperative)
+        if key is not None:
+            if len(kernel._shapes) > 1024:
+                kernel._shapes.clear()
+            kernel._shapes[key] = shape
+    g, b = shape
     args = _check_args(kernel, args)
-    if cooperative:
-        most = max_cooperative_grid(kernel, b, shared_mem)
-        if g[0] * g[1] * g[2] > most:
-            raise ValueError(f"{kernel.name}: a cooperative grid of {g[0] * g[1] * g[2]} blocks of {b} threads "
-                             f"({shared_mem} bytes of dynamic shared memory) exceeds the {most} the device "
-                             f"holds at once")
     log = _launch_log
     if log is not None:
         log.launches.append((kernel.name, g, b))

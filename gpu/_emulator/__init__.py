@@ -111,14 +111,15 @@ def device_attributes() -> dict:
     The returned dict is shared: callers must not modify it.
     """
     sm = os.environ.get("GPU_EMULATOR_SM_COUNT", "")
-    attrs = _device_cache.get(sm)
+    key = sm + "/" + build_flavour()   # one dict per build flavour too: plans keep their kernels by it
+    attrs = _device_cache.get(key)
     if attrs is None:
         attrs = dict(DEVICE)
         if sm:
             if not sm.isdigit() or int(sm) < 1:
                 raise ValueError(f"GPU_EMULATOR_SM_COUNT={sm!r}: expected a positive integer")
             attrs["sm_count"] = int(sm)
-        _device_cache[sm] = attrs
+        _device_cache[key] = attrs
     return attrs
 
 

@@ -38,22 +38,48 @@ class _Layout:
     kept_shape: tuple[int, ...]      # shape of per-feature arrays
     keepdims_shape: tuple[int, ...]  # the same with reduced axes kept as 1 (broadcasts with x)
     m: int                           # elements reduced per feature
+    kept_axes: tuple[int, ...]
+    # the kernels' (outer, C, inner) view: a reshape when the kept axes are adjacent (axes of length
+    # 1 do not count), else a (reduced..., kept...) transposed copy (perm)
+    outer: int
+    C: int
+    inner: int
+    perm: tuple[int, ...] | None
 
-    @property
-    def kept_axes(self) -> tuple[int, ...]:
-        return tuple(i for i in range(len(self.keepdims_shape)) if i not in self.axes)
+
+_LAYOUTS: dict[tuple, _Layout] = {}
 
 
 def _layout(x, axis, name: str = "x") -> _Layout:
-    if x.ndim == 0:
+    key = (x.shape, axis if isinstance(axis, int) else tuple(axis) if isinstance(axis, (tuple, list)) else None)
+    lay = _LAYOUTS.get(key) if key[1] is not None else None
+    if lay is None:
+        lay = _make_layout(x.shape, axis, name)
+        if key[1] is not None and len(_LAYOUTS) < 4096:
+            _LAYOUTS[key] = lay
+    return lay
+
+
+def _make_layout(shape: tuple[int, ...], axis, name: str) -> _Layout:
+    if len(shape) == 0:
         raise ValueError(f"{name}: expected an array with at least one dimension, got a scalar")
-    axes = B.normalize_axes(axis, x.ndim)
-    kept = tuple(n for i, n in enumerate(x.shape) if i not in axes)
-    keep = tuple(1 if i in axes else n for i, n in enumerate(x.shape))
-    m = math.prod(x.shape[i] for i in axes)
+    axes = B.normalize_axes(axis, len(shape))
+    kept = tuple(n for i, n in enumerate(shape) if i not in axes)
+    keep = tuple(1 if i in axes else n for i, n in enumerate(shape))
+    m = math.prod(shape[i] for i in axes)
     if m == 0:
-        raise ValueError(f"{name}: empty reduction: axis {axes} of shape {x.shape} has no elements")
-    return _Layout(axes, kept, keep, m)
+        raise ValueError(f"{name}: empty reduction: axis {axes} of shape {shape} has no elements")
+    kept_axes = tuple(i for i in range(len(shape)) if i not in axes)
+    nontrivial = [i for i in kept_axes if shape[i] != 1]
+    C, perm = math.prod(kept), None
+    if not nontrivial:               # one channel: one row of M elements
+        outer, inner = 1, m
+    elif all(i in nontrivial or shape[i] == 1 for i in range(nontrivial[0], nontrivial[-1] + 1)):
+        outer, inner = math.prod(shape[:nontrivial[0]]), math.prod(shape[nontrivial[-1] + 1:])
+    else:
+        perm = axes + kept_axes
+        outer, inner = m, 1
+    return _Layout(axes, kept, keep, m, kept_axes, outer, C, inner, perm)
 
 
 def _params(xp, lay: _Layout, **params):
@@ -453,22 +479,12 @@ class _View:
 
 
 def _view(xp, x, lay: _Layout) -> _View:
-    """x as a C-contiguous (outer, C, inner) array: a reshape when the kept axes are adjacent
-    (axes of length 1 do not count), else a (reduced..., kept...) transposed copy."""
-    kept = [i for i in lay.kept_axes if x.shape[i] != 1]
-    C = math.prod(x.shape[i] for i in lay.kept_axes)
-    perm = None
-    if not kept:                     # one channel: one row of M elements
-        outer, inner = 1, lay.m
-    elif all(i in kept or x.shape[i] == 1 for i in range(kept[0], kept[-1] + 1)):
-        outer, inner = math.prod(x.shape[:kept[0]]), math.prod(x.shape[kept[-1] + 1:])
-    else:
-        perm = tuple(lay.axes) + tuple(lay.kept_axes)
-        x = x.transpose(perm)
-        outer, inner = lay.m, 1
+    """x as the C-contiguous (outer, C, inner) array of its layout."""
+    if lay.perm is not None:
+        x = x.transpose(lay.perm)
     shape = x.shape
-    x3 = xp.ascontiguousarray(x).reshape(outer, C, inner)
-    return _View(x3, outer, C, inner, shape, perm)
+    x3 = xp.ascontiguousarray(x).reshape(lay.outer, lay.C, lay.inner)
+    return _View(x3, lay.outer, lay.C, lay.inner, shape, lay.perm)
 
 
 @dataclass(frozen=True)
@@ -585,12 +601,27 @@ def _onchip_choice(xp, dev, p: _Plan, outer: int, inner: int, acc, dtype, tune: 
     return plan
 
 
+class _Plans:
+    """The launch plans of one (view, dtype, alignment, device, knobs): the streaming plan, the
+    training forward's on-chip plan (or None), and the kernels they launch, fetched once."""
+
+    __slots__ = ("p", "onchip", "_xp", "_dtype", "_kernels")
+
+    def __init__(self, xp, dtype, p: _Plan, onchip: _Plan | None):
+        self.p, self.onchip, self._xp, self._dtype, self._kernels = p, onchip, xp, dtype, {}
+
+    def kernel(self, name: str, plan: _Plan):
+        k = self._kernels.get(name)
+        if k is None:
+            k = self._kernels[name] = _kernels.get_kernel("batch_norm", name, self._xp, self._dtype, plan.defines)
+        return k
+
+
 _PLANS = _launch.PlanCache()
 
 
-def _plans(xp, v: _View, dtype, vector: bool, forward: bool) -> tuple[_Plan, _Plan | None]:
-    """(streaming plan, on-chip plan or None) for this view, kept per shape, dtype, alignment,
-    device and knobs."""
+def _plans(xp, v: _View, dtype, vector: bool, forward: bool) -> _Plans:
+    """The plans for this view, kept per shape, dtype, alignment, device and knobs."""
     dev = _launch.device(xp)
     tune = _TUNING
     key = (v.outer, v.C, v.inner, dtype, vector, forward, id(dev), tune)
@@ -598,13 +629,10 @@ def _plans(xp, v: _View, dtype, vector: bool, forward: bool) -> tuple[_Plan, _Pl
     def make():
         acc = B.compute_dtype(dtype)
         p = _plan(dev, v.outer, v.C, v.inner, dtype.itemsize, acc, vector, tune)
-        return p, (_onchip_choice(xp, dev, p, v.outer, v.inner, acc, dtype, tune) if forward else None)
+        onchip = _onchip_choice(xp, dev, p, v.outer, v.inner, acc, dtype, tune) if forward else None
+        return _Plans(xp, dtype, p, onchip)
 
     return _PLANS.get(key, make)
-
-
-def _kernel(xp, name: str, dtype, p: _Plan):
-    return _kernels.get_kernel("batch_norm", name, xp, dtype, p.defines)
 
 
 def _as_acc(xp, p, acc):
@@ -643,7 +671,9 @@ def _stats_launch(xp, x, gamma, beta, running_mean, running_var, lay, eps, momen
     g, b = _as_acc(xp, gamma, acc), _as_acc(xp, beta, acc)
     rm, rv = _as_acc(xp, running_mean, acc), _as_acc(xp, running_var, acc)
     y3 = B.empty(xp, v.x.shape, x.dtype) if normalize else None
-    p, onchip = _plans(xp, v, x.dtype, _launch.aligned(v.x, *([y3] if normalize else [])), normalize)
+    # outputs come from the array library's allocator, 16-byte aligned: only x decides
+    plans = _plans(xp, v, x.dtype, _launch.aligned(v.x), normalize)
+    p, onchip = plans.p, plans.onchip
     # absent arrays: a valid pointer the kernel never reads (the flags say so)
     common = dict(mean=mean, var=var, invstd=invstd, scale=scale, shift=shift,
                   running_mean=rm if rm is not None else mean, running_var=rv if rv is not None else mean,
@@ -652,29 +682,26 @@ def _stats_launch(xp, x, gamma, beta, running_mean, running_var, lay, eps, momen
                   eps=acc.type(eps), momentum=acc.type(momentum), flags=_flags(g, b, rm))
     if onchip is not None:
         ws, _ = _workspace(xp, onchip, 3, C, acc)
-        k = _kernel(xp, "batch_norm_forward_onchip", x.dtype, onchip)
+        k = plans.kernel("batch_norm_forward_onchip", onchip)
         _kernels.launch(k, onchip.grid, onchip.threads, k.args(y=y3, ws=ws, **common, **_geometry(v, onchip)),
                         shared_mem=onchip.smem, cooperative=onchip.parts > 1)
     else:
         ws, counters = _workspace(xp, p, 3, C, acc)
-        k = _kernel(xp, "batch_norm_stats", x.dtype, p)
+        k = plans.kernel("batch_norm_stats", p)
         _kernels.launch(k, p.grid, p.threads, k.args(ws=ws, counters=counters, **common, **_geometry(v, p)),
                         shared_mem=p.smem)
         if normalize:
-            _apply(xp, y3, v, mean, scale, shift, p)
+            _apply(plans, y3, v, mean, scale, shift)
     for r, r_k in ((running_mean, rm), (running_var, rv)):
-        if r_k is not None and not _same_memory(r, r_k):
+        if r_k is not None and not (r.dtype == acc and r.flags.c_contiguous):   # else r_k is r's memory
             r[...] = r_k.reshape(r.shape)   # written back in the caller's dtype
     return (v.restore(y3) if normalize else None), mean, var, invstd
 
 
-def _same_memory(a, b) -> bool:
-    return _launch.data_ptr(a) == _launch.data_ptr(b) and a.dtype == b.dtype and a.size == b.size
-
-
-def _apply(xp, y3, v: _View, center, scale, shift, p: _Plan):
+def _apply(plans: _Plans, y3, v: _View, center, scale, shift):
     """y = (x - center) * scale + shift per channel (forward second pass, inference)."""
-    k = _kernel(xp, "batch_norm_apply", v.x.dtype, p)
+    p = plans.p
+    k = plans.kernel("batch_norm_apply", p)
     _kernels.launch(k, p.grid, p.threads, k.args(y=y3, x=v.x, center=center, scale=scale, shift=shift,
                                                  **_geometry(v, p)))
 
@@ -699,14 +726,14 @@ def _gpu_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps):
     scale, shift = B.empty(xp, (v.C,), acc), B.empty(xp, (v.C,), acc)
     g, b = _as_acc(xp, gamma, acc), _as_acc(xp, beta, acc)
     rm, rv = _as_acc(xp, running_mean, acc), _as_acc(xp, running_var, acc)
-    p, _ = _plans(xp, v, x.dtype, _launch.aligned(v.x, y3), False)
+    plans = _plans(xp, v, x.dtype, _launch.aligned(v.x), False)
     T = 256
-    k = _kernel(xp, "batch_norm_inference_params", x.dtype, p)
+    k = plans.kernel("batch_norm_inference_params", plans.p)
     _kernels.launch(k, _launch.ceil_div(v.C, T), T,
                     k.args(scale=scale, shift=shift, gamma=g if g is not None else rv,
                            beta=b if b is not None else rv, running_var=rv, C=np.int32(v.C), eps=acc.type(eps),
                            flags=_flags(g, b)))
-    _apply(xp, y3, v, rm, scale, shift, p)
+    _apply(plans, y3, v, rm, scale, shift)
     return v.restore(y3)
 
 
@@ -720,15 +747,16 @@ def _gpu_backward(xp, dy, x, gamma, mean, invstd, lay):
     dgamma, dbeta, k, a, b = (B.empty(xp, (C,), acc) for _ in range(5))
     if C > 0:
         mu, istd, g = _as_acc(xp, mean, acc), _as_acc(xp, invstd, acc), _as_acc(xp, gamma, acc)
-        p, _ = _plans(xp, v, x.dtype, _launch.aligned(v.x, vg.x, dx3), False)
+        plans = _plans(xp, v, x.dtype, _launch.aligned(v.x, vg.x), False)
+        p = plans.p
         ws, counters = _workspace(xp, p, 2, C, acc)
         geo = _geometry(v, p)
-        kr = _kernel(xp, "batch_norm_backward_reduce", x.dtype, p)
+        kr = plans.kernel("batch_norm_backward_reduce", p)
         _kernels.launch(kr, p.grid, p.threads,
                         kr.args(dgamma=dgamma, dbeta=dbeta, k=k, a=a, b=b, ws=ws, counters=counters, dy=vg.x,
                                 x=v.x, mean=mu, invstd=istd, gamma=g if g is not None else istd,
                                 inv_m=acc.type(1.0 / lay.m), flags=_flags(g), **geo), shared_mem=p.smem)
-        ka = _kernel(xp, "batch_norm_backward_apply", x.dtype, p)
+        ka = plans.kernel("batch_norm_backward_apply", p)
         _kernels.launch(ka, p.grid, p.threads, ka.args(dx=dx3, dy=vg.x, x=v.x, mean=mu, k=k, a=a, b=b, **geo))
     return (v.restore(dx3), dgamma.reshape(lay.kept_shape).astype(out_dtype),
             dbeta.reshape(lay.kept_shape).astype(out_dtype))
