@@ -116,7 +116,7 @@ from gpu._backend import BFLOAT16
 from gpu._errors import KernelBuildError
 
 __all__ = [
-    "Family", "Kernel", "KernelBuildError", "LaunchLog", "get_kernel", "launch", "recording_launches",
+    "Family", "Kernel", "KernelBuildError", "LaunchLog", "get_kernel", "launch", "launches_run", "recording_launches",
     "max_cooperative_grid", "device_attributes", "warmup", "family", "constants",
     "families", "family_headers", "family_source", "family_variants", "family_dtypes", "dtype_defines",
     "cuda_src_dir", "cuda_include_dir", "cccl_include_dir", "nvrtc_include_options",
@@ -865,6 +865,13 @@ class LaunchLog:
 
 
 _launch_log: LaunchLog | None = None
+
+
+def launches_run() -> bool:
+    """False inside ``recording_launches(run=False)``: kernels do not run, so their outputs hold
+    nothing to read back."""
+    log = _launch_log
+    return log is None or log.run
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ import numpy as np
 
 from gpu import _kernels
 
-__all__ = ["ceil_div", "pow2_ceil", "device", "resident_blocks", "data_ptr", "aligned", "PlanCache"]
+__all__ = ["ceil_div", "pow2_ceil", "device", "resident_blocks", "data_ptr", "aligned", "dummy", "PlanCache"]
 
 #: Shared memory the CUDA driver reserves per resident block (sm_80 and later).
 RESERVED_SHARED_MEM = _kernels.RESERVED_SHARED_MEM_PER_BLOCK
@@ -45,12 +45,25 @@ def resident_blocks(dev, threads: int, smem: int = 0) -> int:
 
 def data_ptr(a) -> int:
     """The address of an array's first element (NumPy or CuPy)."""
-    return a.ctypes.data if isinstance(a, np.ndarray) else a.data.ptr
+    return a.__array_interface__["data"][0] if isinstance(a, np.ndarray) else a.data.ptr
 
 
 def aligned(*arrays, to: int = 16) -> bool:
     """Whether every array starts on a ``to``-byte boundary (16: one vector load)."""
     return all(data_ptr(a) % to == 0 for a in arrays)
+
+
+_dummies: dict[tuple, Any] = {}
+
+
+def dummy(xp, dtype):
+    """A one-element array of ``dtype`` that stands in for a pointer argument the kernel does not
+    touch (its flags say so): one per device and dtype, allocated once."""
+    key = (id(device(xp)), np.dtype(dtype))
+    a = _dummies.get(key)
+    if a is None:
+        a = _dummies[key] = xp.empty(1, dtype)
+    return a
 
 
 class PlanCache:

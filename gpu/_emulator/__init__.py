@@ -104,13 +104,30 @@ DEVICE = {
 
 _device_cache: dict[str, dict] = {}
 
+# os.environ.get costs about 0.7 us (the key is encoded, the value decoded); the device and the
+# build flavour are looked up on every emulated op call, so read CPython's mapping behind
+# os.environ directly (it is kept in step with every os.environ change), bytes keys and values.
+try:
+    _ENV_DATA = os.environ._data      # type: ignore[attr-defined]
+    _ENV_BYTES = isinstance(next(iter(_ENV_DATA), b""), bytes)
+except AttributeError:               # pragma: no cover - not CPython's os._Environ
+    _ENV_DATA, _ENV_BYTES = None, False
+
+
+def _env(name: str, key: bytes, default: str = "") -> str:
+    """``os.environ.get(name, default)``, without the encoding round trip where possible."""
+    if _ENV_DATA is None or not _ENV_BYTES:
+        return os.environ.get(name, default)
+    v = _ENV_DATA.get(key)
+    return default if v is None else os.fsdecode(v)
+
 
 def device_attributes() -> dict:
     """The emulated device's attributes (the same keys as ``gpu._kernels.device_attributes``).
 
     The returned dict is shared: callers must not modify it.
     """
-    sm = os.environ.get("GPU_EMULATOR_SM_COUNT", "")
+    sm = _env("GPU_EMULATOR_SM_COUNT", b"GPU_EMULATOR_SM_COUNT")
     key = sm + "/" + build_flavour()   # one dict per build flavour too: plans keep their kernels by it
     attrs = _device_cache.get(key)
     if attrs is None:
@@ -132,11 +149,11 @@ class EmulatorError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 
 def _asan() -> bool:
-    return os.environ.get("GPU_EMULATOR_ASAN", "") not in ("", "0")
+    return _env("GPU_EMULATOR_ASAN", b"GPU_EMULATOR_ASAN") not in ("", "0")
 
 
 def _fibers() -> str:
-    v = os.environ.get("GPU_EMULATOR_FIBERS", "asm") or "asm"
+    v = _env("GPU_EMULATOR_FIBERS", b"GPU_EMULATOR_FIBERS", "asm") or "asm"
     if v not in ("asm", "ucontext"):
         raise ValueError(f"GPU_EMULATOR_FIBERS={v!r}: expected 'asm' or 'ucontext'")
     return v

@@ -448,7 +448,7 @@ class _Tuning:
     vector: bool | None = None     # False forces the scalar module; None: vectors where aligned
 
 
-_TUNING = _Tuning()
+_TUNING = _DEFAULT_TUNING = _Tuning()
 
 
 @contextlib.contextmanager
@@ -624,7 +624,8 @@ def _plans(xp, v: _View, dtype, vector: bool, forward: bool) -> _Plans:
     """The plans for this view, kept per shape, dtype, alignment, device and knobs."""
     dev = _launch.device(xp)
     tune = _TUNING
-    key = (v.outer, v.C, v.inner, dtype, vector, forward, id(dev), tune)
+    # the default knobs by identity (hashing the dataclass costs more than the rest of the key)
+    key = (v.outer, v.C, v.inner, dtype, vector, forward, id(dev), None if tune is _DEFAULT_TUNING else tune)
 
     def make():
         acc = B.compute_dtype(dtype)

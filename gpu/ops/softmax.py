@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import operator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -365,7 +365,7 @@ class _Tuning:
     block_threads: int | None = None        # None: by row length
 
 
-_TUNING = _Tuning()
+_TUNING = _DEFAULT_TUNING = _Tuning()
 _WARP_BLOCK = 128                           # the warp kernels' __launch_bounds__
 _WARP_NS = (1, 2, 4, 8, 16, 32)             # their values per lane: *_warp_n{N}
 
@@ -426,11 +426,15 @@ class _Plan:
     lanes: int = 32  # warp: lanes per row
     vec: int = 0     # 16-byte vector loads
     cached: int = 0  # block/strided: row (tile) kept in shared memory
+    kernels: dict = field(default_factory=dict, compare=False, repr=False)   # fetched once
 
     def kernel(self, xp, op: str, dtype):
         """The kernel of this path for ``op`` (softmax, hardmax or softmax_cross_entropy)."""
-        suffix = f"_warp_n{self.n}" if self.path == "warp" else f"_{self.path}"
-        return _kernels.get_kernel("softmax", op + suffix, xp, dtype)
+        k = self.kernels.get((op, dtype))
+        if k is None:
+            suffix = f"_warp_n{self.n}" if self.path == "warp" else f"_{self.path}"
+            k = self.kernels[(op, dtype)] = _kernels.get_kernel("softmax", op + suffix, xp, dtype)
+        return k
 
     def sizes(self, lay: _Layout, rows: str | None = "rows", cached: bool = True) -> dict:
         """The size arguments of this path's kernels, by name (``rows=None``: the kernel takes the
@@ -458,7 +462,8 @@ def _plan(xp, lay: _Layout, itemsize: int, aligned: bool, vec_first: bool, *, de
     shape, dtype size, alignment, options, device and knobs. ``aligned``: every operand has the same
     address modulo 16; ``vec_first``: z itself is 16-byte aligned."""
     dev = _launch.device(xp)
-    key = (lay.outer, lay.C, lay.inner, itemsize, aligned, vec_first, dense_target, cache, max_n, id(dev), _TUNING)
+    tune = None if _TUNING is _DEFAULT_TUNING else _TUNING   # hashing the dataclass costs more than the key
+    key = (lay.outer, lay.C, lay.inner, itemsize, aligned, vec_first, dense_target, cache, max_n, id(dev), tune)
     return _PLANS.get(key, lambda: _make_plan(dev, lay, itemsize, aligned, vec_first, dense_target, cache, max_n))
 
 
@@ -555,7 +560,7 @@ def _gpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
                     else xp.asarray(0 if red == "sum" else np.nan, dtype=z.dtype))
         return loss, (xp.empty(z.shape, z.dtype) if grad else None)
 
-    one = lambda dt: xp.empty(1, dt)   # stands in for an unused pointer argument
+    one = lambda dt: _launch.dummy(xp, dt)   # stands in for a pointer argument the flags leave unused
     flags = 0
     if ce.probs:
         flags |= _k("CE_PROBS")
@@ -607,7 +612,8 @@ def _gpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
                   n_rows=np.int64(R), **plan.sizes(lay, rows=None))
     _kernels.launch(k, plan.grid, plan.block, args, shared_mem=plan.smem)
 
-    first_bad = int(bad[0])   # the one synchronization: the error must be raised here
+    # the one synchronization: the error must be raised here
+    first_bad = int(bad[0]) if _kernels.launches_run() else -1
     if first_bad >= 0:
         pos = tuple(int(i) for i in np.unravel_index(first_bad, _row_shape_of(lay)))
         raise _bad_target_error(ce.target, pos[::-1] if lay.flip else pos, C, ce.ignore_index)
