@@ -323,6 +323,17 @@ def _per_feature(p, lay: _Layout, acc, sl):
     return None if p is None else p.reshape(lay.keepdims_shape).astype(acc, copy=False)[sl]
 
 
+def _invstd(xp, var, eps: float, acc):
+    return 1 / xp.sqrt(var + acc.type(eps))
+
+
+def _coefficients(invstd, gamma, beta, lay: _Layout, acc, p):
+    """(scale, shift) of y = (x - center) * scale + shift: the batch-norm affine, written once for
+    the training forward (center = mean) and inference (center = running_mean)."""
+    scale = invstd if gamma is None else invstd * _per_feature(gamma, lay, acc, p)
+    return scale, _per_feature(beta, lay, acc, p)
+
+
 def _cpu_stats(xp, x, lay: _Layout):
     blocks = _Blocks(xp, x, lay)
     mean, var = xp.empty(lay.keepdims_shape, blocks.acc), xp.empty(lay.keepdims_shape, blocks.acc)
@@ -350,11 +361,8 @@ def _cpu_forward(xp, x, gamma, beta, running_mean, running_var, lay, eps, moment
 
     def group(p, slices):
         mean[p], var[p] = _group_stats(blocks, slices)
-        invstd[p] = 1 / xp.sqrt(var[p] + acc.type(eps))
-        scale = invstd[p] if gamma is None else invstd[p] * _per_feature(gamma, lay, acc, p)
-        shift = _per_feature(beta, lay, acc, p)
-
-        blocks.affine(y, slices, mean[p], scale, shift)   # y = (x - mean) * invstd * gamma + beta
+        invstd[p] = _invstd(xp, var[p], eps, acc)
+        blocks.affine(y, slices, mean[p], *_coefficients(invstd[p], gamma, beta, lay, acc, p))
 
     blocks.each_group(group)
     mean, var, invstd = (a.reshape(lay.kept_shape) for a in (mean, var, invstd))
@@ -407,12 +415,7 @@ def _cpu_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps):
 
     def group(p, slices):
         rm, rv = _per_feature(running_mean, lay, acc, p), _per_feature(running_var, lay, acc, p)
-        scale = 1 / xp.sqrt(rv + acc.type(eps))
-        if gamma is not None:
-            scale = scale * _per_feature(gamma, lay, acc, p)
-        shift = _per_feature(beta, lay, acc, p)
-
-        blocks.affine(y, slices, rm, scale, shift)
+        blocks.affine(y, slices, rm, *_coefficients(_invstd(xp, rv, eps, acc), gamma, beta, lay, acc, p))
 
     blocks.each_group(group)
     return y
