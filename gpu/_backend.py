@@ -86,7 +86,10 @@ def array_module(**arrays: object):
     Raises TypeError naming the arguments when NumPy and CuPy arrays are mixed in one call.
     Objects that are neither (lists, scalars) count as NumPy.
     """
-    on_gpu = [name for name, a in arrays.items() if a is not None and is_cupy_array(a)]
+    cp = sys.modules.get("cupy")
+    if cp is None:                   # no CuPy imported: no CuPy array can exist
+        return np
+    on_gpu = [name for name, a in arrays.items() if a is not None and isinstance(a, cp.ndarray)]
     if not on_gpu:
         return np
     on_cpu = [name for name, a in arrays.items()
@@ -123,9 +126,12 @@ def as_float_array(xp, a: object, name: str):
     return a
 
 
+_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+
+
 def compute_dtype(dtype) -> np.dtype:
     """Accumulation dtype: float64 for float64, float32 for everything narrower."""
-    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+    return _F64 if dtype == _F64 else _F32
 
 
 def normalize_axes(axis: int | Sequence[int], ndim: int, name: str = "axis") -> tuple[int, ...]:

@@ -519,6 +519,10 @@ class Kernel:
 
         >>> k.args(y=y, x=x, n=np.int64(n))                        # doctest: +SKIP
         """
+        return self.args_from(named)
+
+    def args_from(self, named: Mapping[str, Any]) -> tuple:
+        """``args`` from a mapping of parameter name -> value (exactly the kernel's parameters)."""
         pick = self._pick
         if pick is None:
             if self.params is None:
@@ -554,20 +558,30 @@ def _is_numpy(xp) -> bool:
     return xp is np
 
 
+_emulator_module = None
+
+
+def _emulator():
+    """gpu._emulator, imported on first use (CuPy-only processes never load it)."""
+    global _emulator_module
+    if _emulator_module is None:
+        from gpu import _emulator as module
+        _emulator_module = module
+    return _emulator_module
+
+
 def _device_key(xp) -> tuple:
     """What a kernel object depends on besides its source: the device (for the emulator, its
     attribute dict, one per SM-count override and build flavour)."""
     if _is_numpy(xp):
-        from gpu import _emulator
-        return ("emulator", id(_emulator.device_attributes()))
+        return ("emulator", id(_emulator().device_attributes()))
     return ("cuda", xp.cuda.runtime.getDevice())
 
 
 def _module_key(xp) -> tuple:
     """What a built module depends on besides its source and defines."""
     if _is_numpy(xp):
-        from gpu import _emulator
-        return ("emulator", _emulator.build_flavour())
+        return ("emulator", _emulator().build_flavour())
     return ("cuda", xp.cuda.runtime.getDevice())
 
 
@@ -595,8 +609,7 @@ def _module(fam: Family, xp, defines: dict[str, str]):
 
 def _build_module(fam: Family, xp, defines: dict[str, str]):
     if _is_numpy(xp):
-        from gpu import _emulator
-        return _emulator.build_module(fam.source, _define_flags(defines), name=fam.name)
+        return _emulator().build_module(fam.source, _define_flags(defines), name=fam.name)
     options = ("-std=c++17", *nvrtc_include_options(), *_define_flags(defines))
     try:
         return xp.RawModule(code=fam.source, options=options)
@@ -654,8 +667,7 @@ def device_attributes(xp) -> dict[str, Any]:
     4
     """
     if _is_numpy(xp):
-        from gpu import _emulator
-        return _emulator.device_attributes()
+        return _emulator().device_attributes()
     dev = xp.cuda.runtime.getDevice()
     attrs = _cuda_attrs.get(dev)
     if attrs is None:
@@ -700,14 +712,21 @@ def _dims(value, name: str, limits: Sequence[int]) -> tuple[int, int, int]:
 _SCALARS = (np.generic, int, float, bool)
 
 
+#: The scalar types a kernel argument may have (NumPy scalars of C types, and Python's).
+_SCALAR_TYPES = frozenset({np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
+                           np.float16, np.float32, np.float64, np.bool_, int, float, bool})
+
+
 def _check_args(kernel: Kernel, args: Sequence[Any]) -> tuple:
     if type(args) is not tuple:
         if not isinstance(args, (tuple, list)):
             raise TypeError(f"args: expected a tuple, got {type(args).__name__}")
         args = tuple(args)
     array_type = np.ndarray if _is_numpy(kernel.xp) else kernel.xp.ndarray
+    if {type(a) for a in args} <= _SCALAR_TYPES | {array_type}:   # the common case, in one pass
+        return args
     for i, a in enumerate(args):
-        if type(a) is array_type or isinstance(a, array_type):
+        if isinstance(a, array_type):
             continue
         if isinstance(a, np.ndarray):
             raise TypeError(f"{kernel.name} argument {i}: a {type(a).__module__} array given to a kernel "

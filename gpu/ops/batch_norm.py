@@ -25,7 +25,7 @@ import dataclasses
 import math
 import threading
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -435,7 +435,7 @@ def _cpu_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps):
 def _k(name: str) -> int:
     """A constant of cuda_src/batch_norm.cu (its ``#define``): the one source of block sizes,
     row counts and flags that the launch arithmetic must agree with."""
-    return _kernels.constants("batch_norm")[name]
+    return _kernels.family("batch_norm").constants[name]
 
 
 @dataclass(frozen=True)
@@ -466,8 +466,9 @@ def _tuned(**knobs):
         _TUNING = saved
 
 
-@dataclass(frozen=True)
-class _View:
+class _View(NamedTuple):
+    """x as the kernels see it (a tuple: built on every call, and cheaper than a dataclass)."""
+
     x: object                        # C-contiguous (outer, C, inner) array
     outer: int
     C: int
@@ -608,10 +609,18 @@ class _Plans:
     """The launch plans of one (view, dtype, alignment, device, knobs): the streaming plan, the
     training forward's on-chip plan (or None), and the kernels they launch, fetched once."""
 
-    __slots__ = ("p", "onchip", "_xp", "_dtype", "_kernels")
+    __slots__ = ("p", "onchip", "_xp", "_dtype", "_kernels", "_geometry")
 
     def __init__(self, xp, dtype, p: _Plan, onchip: _Plan | None):
-        self.p, self.onchip, self._xp, self._dtype, self._kernels = p, onchip, xp, dtype, {}
+        self.p, self.onchip, self._xp, self._dtype, self._kernels, self._geometry = p, onchip, xp, dtype, {}, {}
+
+    def geometry(self, v: "_View", plan: _Plan) -> dict:
+        """The size arguments of the streaming kernels (the view's shape is part of the key)."""
+        g = self._geometry.get(id(plan))
+        if g is None:
+            g = self._geometry[id(plan)] = dict(outer=np.int64(v.outer), C=np.int32(v.C), inner=np.int64(v.inner),
+                                                bx=np.int32(plan.bx), chunks=np.int32(plan.chunks))
+        return g
 
     def kernel(self, name: str, plan: _Plan):
         k = self._kernels.get(name)
@@ -641,7 +650,9 @@ def _plans(xp, v: _View, dtype, vector: bool, forward: bool) -> _Plans:
 
 def _as_acc(xp, p, acc):
     """A per-channel array (or None) as a contiguous array of the accumulation dtype."""
-    return None if p is None else xp.ascontiguousarray(p.reshape(-1), dtype=acc)
+    if p is None or (p.ndim == 1 and p.dtype == acc and p.flags.c_contiguous):
+        return p
+    return xp.ascontiguousarray(p.reshape(-1), dtype=acc)
 
 
 def _workspace(xp, p: _Plan, words: int, C: int, acc):
@@ -650,11 +661,6 @@ def _workspace(xp, p: _Plan, words: int, C: int, acc):
     if p.parts == 1:
         return xp.empty(1, acc), xp.zeros(1, np.uint32)
     return B.empty(xp, (words * p.parts * C,), acc), xp.zeros(p.tiles, np.uint32)
-
-
-def _geometry(v: _View, p: _Plan) -> dict:
-    return dict(outer=np.int64(v.outer), C=np.int32(v.C), inner=np.int64(v.inner), bx=np.int32(p.bx),
-                chunks=np.int32(p.chunks))
 
 
 def _flags(gamma=None, beta=None, running=None) -> np.int32:
@@ -668,7 +674,7 @@ def _stats_launch(xp, x, gamma, beta, running_mean, running_var, lay, eps, momen
     acc = B.compute_dtype(x.dtype)
     v = _view(xp, x, lay)
     C = v.C
-    mean, var, invstd, scale, shift = (B.empty(xp, (C,), acc) for _ in range(5))
+    mean, var, invstd, scale, shift = B.empty(xp, (5, C), acc)    # one allocation, five rows
     if C == 0:                                  # nothing to launch over
         y = xp.empty(x.shape, x.dtype) if normalize else None
         return y, mean, var, invstd
@@ -679,7 +685,7 @@ def _stats_launch(xp, x, gamma, beta, running_mean, running_var, lay, eps, momen
     plans = _plans(xp, v, x.dtype, _launch.aligned(v.x), normalize)
     p, onchip = plans.p, plans.onchip
     # absent arrays: a valid pointer the kernel never reads (the flags say so)
-    common = dict(mean=mean, var=var, invstd=invstd, scale=scale, shift=shift,
+    named = dict(mean=mean, var=var, invstd=invstd, scale=scale, shift=shift,
                   running_mean=rm if rm is not None else mean, running_var=rv if rv is not None else mean,
                   x=v.x, gamma=g if g is not None else mean, beta=b if b is not None else mean,
                   inv_m=acc.type(1.0 / lay.m), unbias=acc.type(lay.m / (lay.m - 1) if lay.m > 1 else 0.0),
@@ -687,13 +693,14 @@ def _stats_launch(xp, x, gamma, beta, running_mean, running_var, lay, eps, momen
     if onchip is not None:
         ws, _ = _workspace(xp, onchip, 3, C, acc)
         k = plans.kernel("batch_norm_forward_onchip", onchip)
-        _kernels.launch(k, onchip.grid, onchip.threads, k.args(y=y3, ws=ws, **common, **_geometry(v, onchip)),
-                        shared_mem=onchip.smem, cooperative=onchip.parts > 1)
+        named.update(plans.geometry(v, onchip), y=y3, ws=ws)
+        _kernels.launch(k, onchip.grid, onchip.threads, k.args_from(named), shared_mem=onchip.smem,
+                        cooperative=onchip.parts > 1)
     else:
         ws, counters = _workspace(xp, p, 3, C, acc)
         k = plans.kernel("batch_norm_stats", p)
-        _kernels.launch(k, p.grid, p.threads, k.args(ws=ws, counters=counters, **common, **_geometry(v, p)),
-                        shared_mem=p.smem)
+        named.update(plans.geometry(v, p), ws=ws, counters=counters)
+        _kernels.launch(k, p.grid, p.threads, k.args_from(named), shared_mem=p.smem)
         if normalize:
             _apply(plans, y3, v, mean, scale, shift)
     for r, r_k in ((running_mean, rm), (running_var, rv)):
@@ -707,7 +714,7 @@ def _apply(plans: _Plans, y3, v: _View, center, scale, shift):
     p = plans.p
     k = plans.kernel("batch_norm_apply", p)
     _kernels.launch(k, p.grid, p.threads, k.args(y=y3, x=v.x, center=center, scale=scale, shift=shift,
-                                                 **_geometry(v, p)))
+                                                 **plans.geometry(v, p)))
 
 
 def _gpu_batch_stats(xp, x, lay):
@@ -727,7 +734,7 @@ def _gpu_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps):
     y3 = B.empty(xp, v.x.shape, x.dtype)
     if v.C == 0:
         return v.restore(y3)
-    scale, shift = B.empty(xp, (v.C,), acc), B.empty(xp, (v.C,), acc)
+    scale, shift = B.empty(xp, (2, v.C), acc)
     g, b = _as_acc(xp, gamma, acc), _as_acc(xp, beta, acc)
     rm, rv = _as_acc(xp, running_mean, acc), _as_acc(xp, running_var, acc)
     plans = _plans(xp, v, x.dtype, _launch.aligned(v.x), False)
@@ -748,13 +755,13 @@ def _gpu_backward(xp, dy, x, gamma, mean, invstd, lay):
     vg = _view(xp, dy.astype(x.dtype, copy=False), lay)
     C = v.C
     dx3 = B.empty(xp, v.x.shape, x.dtype)
-    dgamma, dbeta, k, a, b = (B.empty(xp, (C,), acc) for _ in range(5))
+    dgamma, dbeta, k, a, b = B.empty(xp, (5, C), acc)              # one allocation, five rows
     if C > 0:
         mu, istd, g = _as_acc(xp, mean, acc), _as_acc(xp, invstd, acc), _as_acc(xp, gamma, acc)
         plans = _plans(xp, v, x.dtype, _launch.aligned(v.x, vg.x), False)
         p = plans.p
         ws, counters = _workspace(xp, p, 2, C, acc)
-        geo = _geometry(v, p)
+        geo = plans.geometry(v, p)
         kr = plans.kernel("batch_norm_backward_reduce", p)
         _kernels.launch(kr, p.grid, p.threads,
                         kr.args(dgamma=dgamma, dbeta=dbeta, k=k, a=a, b=b, ws=ws, counters=counters, dy=vg.x,

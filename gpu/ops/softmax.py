@@ -372,7 +372,7 @@ _WARP_NS = (1, 2, 4, 8, 16, 32)             # their values per lane: *_warp_n{N}
 
 def _k(name: str) -> int:
     """A constant of cuda_src/softmax.cu or rows.cuh (its ``#define``)."""
-    return _kernels.constants("softmax")[name]
+    return _kernels.family("softmax").constants[name]
 
 
 @contextlib.contextmanager
