@@ -14,7 +14,7 @@ import numpy as np
 
 from gpu import _kernels
 
-__all__ = ["ceil_div", "pow2_ceil", "device", "resident_blocks", "data_ptr", "aligned", "dummy", "PlanCache"]
+__all__ = ["ceil_div", "pow2_ceil", "device", "resident_blocks", "data_ptr", "aligned", "dummy", "constant", "PlanCache"]
 
 #: Shared memory the CUDA driver reserves per resident block (sm_80 and later).
 RESERVED_SHARED_MEM = _kernels.RESERVED_SHARED_MEM_PER_BLOCK
@@ -54,15 +54,33 @@ def aligned(*arrays, to: int = 16) -> bool:
 
 
 _dummies: dict[tuple, Any] = {}
+_constants: dict[tuple, Any] = {}
+
+
+def _device_id(xp):
+    return None if xp is np else xp.cuda.runtime.getDevice()
 
 
 def dummy(xp, dtype):
     """A one-element array of ``dtype`` that stands in for a pointer argument the kernel does not
     touch (its flags say so): one per device and dtype, allocated once."""
-    key = (id(device(xp)), np.dtype(dtype))
+    key = (_device_id(xp), dtype)
     a = _dummies.get(key)
     if a is None:
         a = _dummies[key] = xp.empty(1, dtype)
+    return a
+
+
+def constant(xp, dtype, value: float):
+    """A one-element device array holding ``value``, kept per (device, dtype, value): a scalar a
+    kernel reads through a pointer (an upstream gradient of 1.0, say) is uploaded once, not on
+    every call. Kernels only read it."""
+    key = (_device_id(xp), dtype, value)
+    a = _constants.get(key)
+    if a is None:
+        if len(_constants) >= 256:
+            _constants.clear()
+        a = _constants[key] = xp.full(1, value, dtype)
     return a
 
 

@@ -21,6 +21,7 @@ import contextlib
 import math
 import operator
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -387,8 +388,9 @@ def _tuning(**changes):
         _TUNING = saved
 
 
-@dataclass(frozen=True)
-class _Layout:
+class _Layout(NamedTuple):
+    """z as the kernels see it (a tuple: built on every call, cheaper than a dataclass)."""
+
     z: object      # C-contiguous: z itself, z.T (flip) or a contiguous copy
     axis: int      # the class axis of `z`
     outer: int
@@ -428,11 +430,12 @@ class _Plan:
     cached: int = 0  # block/strided: row (tile) kept in shared memory
     kernels: dict = field(default_factory=dict, compare=False, repr=False)   # fetched once
 
-    def kernel(self, xp, op: str, dtype):
-        """The kernel of this path for ``op`` (softmax, hardmax or softmax_cross_entropy)."""
+    def kernel(self, xp, op: str, dtype, exact: bool = False):
+        """The kernel of this path for ``op`` (softmax, hardmax or softmax_cross_entropy), or the
+        kernel named ``op`` with ``exact``; fetched once per plan."""
         k = self.kernels.get((op, dtype))
         if k is None:
-            suffix = f"_warp_n{self.n}" if self.path == "warp" else f"_{self.path}"
+            suffix = "" if exact else f"_warp_n{self.n}" if self.path == "warp" else f"_{self.path}"
             k = self.kernels[(op, dtype)] = _kernels.get_kernel("softmax", op + suffix, xp, dtype)
         return k
 
@@ -578,22 +581,17 @@ def _gpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
     if grad:
         flags |= _k("CE_GRAD")
         dz = lay.z if inplace else B.empty(xp, lay.z.shape, z.dtype)
-        dl = xp.asarray(dloss, dtype=acc)
-        if dl.ndim:   # 'none' with one upstream gradient per row
-            dl, dl_stride = xp.ascontiguousarray(lay.orient(dl)).reshape(-1), 1
-        else:
-            dl = dl.reshape(1)
-        if red == "mean" and ce.probs:
-            dl = dl / acc.type(R)
-        elif red == "mean":
-            flags |= _k("CE_DENOM")
-            inv_denom = B.empty(xp, 1, acc)
-            grid = min(_launch.ceil_div(R, 256), 4 * _launch.device(xp)["sm_count"])
-            k = _kernels.get_kernel("softmax", "softmax_cross_entropy_weight_sum", xp, z.dtype)
-            _kernels.launch(k, grid, 256, k.args(
-                inv_denom=inv_denom, part=B.empty(xp, grid, acc), ticket=xp.zeros(1, np.uint32), target=target,
-                weight=weight, has_weight=np.int32(ce.weight is not None), rows=np.int64(R), C=np.int32(C),
-                ignore_index=np.int64(ce.ignore_index)))
+        scale = acc.type(1 / R) if red == "mean" and ce.probs else None   # 'mean' over rows: known here
+        if B.is_cupy_array(dloss) or getattr(dloss, "ndim", 0):
+            dl = xp.asarray(dloss, dtype=acc)
+            if dl.ndim:   # 'none' with one upstream gradient per row
+                dl, dl_stride = xp.ascontiguousarray(lay.orient(dl)).reshape(-1), 1
+            else:
+                dl = dl.reshape(1)
+            if scale is not None:
+                dl = dl * scale
+        else:         # a host scalar: a kept device constant, not an upload per call
+            dl = _launch.constant(xp, acc, float(dloss) * (1.0 if scale is None else float(scale)))
     loss_rows = one(z.dtype)
     if want_loss and red == "none":
         flags |= _k("CE_ROWS")
@@ -602,15 +600,26 @@ def _gpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
 
     plan = _plan(xp, lay, z.dtype.itemsize, *_alignment(lay.z, dz, *((y,) if ce.probs else ())),
                  dense_target=ce.probs, max_n=8 if z.dtype == np.float64 else 32)
-    loss_out, bad = B.empty(xp, 1, z.dtype), B.empty(xp, 1, np.int64)
     k = plan.kernel(xp, "softmax_cross_entropy", z.dtype)
-    args = k.args(dz=dz, loss_rows=loss_rows, loss_out=loss_out, bad_out=bad, part_loss=B.empty(xp, plan.grid, acc),
-                  part_w=B.empty(xp, plan.grid, acc), part_bad=B.empty(xp, plan.grid, np.int64),
-                  ticket=xp.zeros(1, np.uint32), z=lay.z, target=target, y=y, weight=weight, dloss=dl,
-                  dloss_stride=np.int64(dl_stride), inv_denom=inv_denom, ignore_index=np.int64(ce.ignore_index),
-                  label_smoothing=acc.type(ce.label_smoothing), flags=np.int32(flags), reduction=np.int32(code),
-                  n_rows=np.int64(R), **plan.sizes(lay, rows=None))
-    _kernels.launch(k, plan.grid, plan.block, args, shared_mem=plan.smem)
+    if grad and red == "mean" and not ce.probs:
+        # 1 / (sum of the target weights), which every gradient element needs before it is written
+        flags |= _k("CE_DENOM")
+        inv_denom = B.empty(xp, 1, acc)
+        kw = plan.kernel(xp, "softmax_cross_entropy_weight_sum", z.dtype, exact=True)
+        grid = min(_launch.ceil_div(R, 256), 4 * kw.device["sm_count"])
+        _kernels.launch(kw, grid, 256, kw.args(
+            inv_denom=inv_denom, part=B.empty(xp, grid, acc), ticket=xp.zeros(1, np.uint32), target=target,
+            weight=weight, has_weight=np.int32(ce.weight is not None), rows=np.int64(R), C=np.int32(C),
+            ignore_index=np.int64(ce.ignore_index)))
+    loss_out, bad = B.empty(xp, 1, z.dtype), B.empty(xp, 1, np.int64)
+    parts = B.empty(xp, (2, plan.grid), acc)
+    named = plan.sizes(lay, rows=None)
+    named.update(dz=dz, loss_rows=loss_rows, loss_out=loss_out, bad_out=bad, part_loss=parts[0], part_w=parts[1],
+                 part_bad=B.empty(xp, plan.grid, np.int64), ticket=xp.zeros(1, np.uint32), z=lay.z, target=target,
+                 y=y, weight=weight, dloss=dl, dloss_stride=np.int64(dl_stride), inv_denom=inv_denom,
+                 ignore_index=np.int64(ce.ignore_index), label_smoothing=acc.type(ce.label_smoothing),
+                 flags=np.int32(flags), reduction=np.int32(code), n_rows=np.int64(R))
+    _kernels.launch(k, plan.grid, plan.block, k.args_from(named), shared_mem=plan.smem)
 
     # the one synchronization: the error must be raised here
     first_bad = int(bad[0]) if _kernels.launches_run() else -1
