@@ -225,3 +225,15 @@ def test_host_measures_every_host_case(tmp_path):
         assert isinstance(r["meets_goal"], bool)
         assert r["torch_status"] == "ok" or r["torch_status"].startswith("unavailable")
     assert ops["softmax"]["shape"] == [64, 1000] and ops["batch_norm_forward"]["shape"] == [64, 256]
+
+
+def test_json_is_written_when_the_plot_fails(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from gpu.bench import report
+
+    def broken_plot(rows, device, path):
+        raise RuntimeError("no display")
+    monkeypatch.setattr(report, "plot", broken_plot)
+    rc, written = run(tmp_path, "--op", "batch_stats", "--plot", str(tmp_path / "bench.png"))
+    assert rc == 1   # a report that could not be written fails the run
+    assert {r["op"] for r in written["rows"]} == {"batch_stats"}

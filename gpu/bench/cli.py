@@ -82,7 +82,7 @@ def _csv(choices: Sequence[str]):
     return parse
 
 
-def _output_problem(path: str, needs: str | None = None) -> str | None:
+def _output_problem(path: str) -> str | None:
     """Why `path` cannot be written (checked before any benchmarking), or None."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
@@ -91,9 +91,11 @@ def _output_problem(path: str, needs: str | None = None) -> str | None:
         return f"no directory {folder}"
     if not os.access(folder, os.W_OK) or os.path.exists(path) and not os.access(path, os.W_OK):
         return f"{path} is not writable"
-    if needs and importlib.util.find_spec(needs) is None:
-        return f"needs {needs}, which is not installed"
     return None
+
+
+def _no_matplotlib() -> bool:
+    return importlib.util.find_spec("matplotlib") is None
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -142,10 +144,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             p.error(f"--host runs its own cases on the CPU: drop {', '.join(given)}")
         if args.op and not host_cases(args.op):
             p.error(f"--host: none of {', '.join(args.op)} has a host case")
-    for flag, path, needs in (("--json", args.json, None), ("--plot", args.plot, "matplotlib")):
-        problem = path and _output_problem(path, needs)
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        problem = path and _output_problem(path)
         if problem:
             p.error(f"{flag} {path}: {problem}")
+    if args.plot and _no_matplotlib():   # the rows and the JSON are still worth the run
+        print(f"gpu-bench: --plot {args.plot}: matplotlib is not installed; the run goes on without the plot",
+              file=sys.stderr)
     return args
 
 
@@ -267,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         written &= _write("the CPU check", cpu_check)
     if args.json:
         written &= _write(args.json, lambda: report.write_json(out, args.json))
-    if args.plot:
+    if args.plot and not _no_matplotlib():
         written &= _write(args.plot, lambda: report.plot(rows, device, args.plot))
 
     wrong = [r for r in rows if r.status == "WRONG" or (r.peer == "ours" and r.status == "error")]
