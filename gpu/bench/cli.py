@@ -285,10 +285,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def main_host(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     """`gpu-bench --host`: per op, us and launches per public call, PyTorch CPU beside it."""
     started = time.perf_counter()
-    if args.threads:
-        with contextlib.suppress(ImportError):
-            import torch
-            torch.set_num_threads(args.threads)
+    # one PyTorch thread unless asked: at these sizes its pool adds only wake-up noise on a busy host
+    args.threads = args.threads or 1
+    with contextlib.suppress(ImportError):
+        import torch
+        torch.set_num_threads(args.threads)
     calls = args.repeat or HOST["calls"]
     warmup = HOST["warmup"] if args.warmup is None else args.warmup
     cases = host_cases(args.op)
