@@ -142,7 +142,7 @@ import json, sys
 r = json.load(open(sys.argv[1]))
 d = r["device"]
 print(f"\nheadline: {d['name']}, copy {d['copy_gbps'] or 0:.0f} GB/s measured, spec {d['spec_gbps'] or '-'} GB/s")
-print(f"{'op':<16} {'largest case':<26} {'ours GB/s':>9} {'%copy':>6} {'vs best':>8}")
+print(f"{'op':<28} {'largest case':<26} {'ours GB/s':>9} {'%copy':>6} {'vs best':>8}")
 for op in dict.fromkeys(x["op"] for x in r["rows"]):
     ours = [x for x in r["rows"] if x["op"] == op and x["peer"] == "ours" and x["dtype"] == "float32"]
     if not ours:
@@ -150,10 +150,10 @@ for op in dict.fromkeys(x["op"] for x in r["rows"]):
     big = max(ours, key=lambda x: x["bytes"])
     case = " ".join(filter(None, ("x".join(map(str, big["shape"])), big["layout"])))
     if big["status"] != "ok":
-        print(f"{op:<16} {case:<26} {big['status']}: {big['detail'][:60]}")
+        print(f"{op:<28} {case:<26} {big['status']}: {big['detail'][:60]}")
         continue
     vs = f"{big['speedup']:.2f}x" if big["speedup"] else "-"
-    print(f"{op:<16} {case:<26} {big['gbps']:>9.0f} {big['pct_copy']:>6.0f} {vs:>8}")
+    print(f"{op:<28} {case:<26} {big['gbps']:>9.0f} {big['pct_copy']:>6.0f} {vs:>8}")
 bad = [x for x in r["rows"] if x["status"] in ("WRONG", "error")]
 print(f"{len(r['rows'])} rows, {sum(x['status'] == 'ok' for x in r['rows'])} ok, "
       f"{sum(x['status'] == 'WRONG' for x in r['rows'])} WRONG, {sum(x['status'] == 'error' for x in r['rows'])} error, "

@@ -1,4 +1,4 @@
-"""Batch statistics and batch norm on every backend, against the float64 formulas of reference.py."""
+"""Batch statistics and batch norm on every backend, against the float64 formulas of gpu/bench/reference.py."""
 from __future__ import annotations
 
 import importlib
@@ -8,7 +8,7 @@ import pytest
 
 import gpu
 from gpu import _cpu
-import reference as ref
+from gpu.bench import reference as ref
 from conftest import DTYPES, TOL, assert_close, dtype_id, random, rel_err, to_numpy
 
 # (shape, axis): the layouts users have, and the awkward sizes, each with its reason.
@@ -59,7 +59,7 @@ def _params(rng, shape, axis, dtype=np.float64):
 def test_batch_stats(backend, rng, shape, axis, dtype):
     x, x64 = random(rng, shape, dtype, scale=2.0, offset=3.0)
     mean, var = backend.call(gpu.batch_stats, x, axis=axis)
-    rmean, rvar = ref.batch_norm_stats(x64, _axes(axis))
+    rmean, rvar = ref.batch_stats(x64, _axes(axis))
     assert to_numpy(mean).dtype == dtype and to_numpy(var).dtype == dtype
     assert_close(mean, rmean.reshape(_kept(shape, axis)), dtype, "mean")
     assert_close(var, rvar.reshape(_kept(shape, axis)), dtype, "var", factor=4)
@@ -83,7 +83,7 @@ def test_forward_with_running_stats(backend, rng, shape, axis, dtype):
     y, mean, invstd = backend.call(gpu.batch_norm_forward, x, gamma, beta, running_mean=rm,
                                    running_var=rv, **kw)
     keep = _keepdims(shape, axis)
-    ry, rmean, rinvstd, rvar = ref.bn_forward(x64, gamma.reshape(keep), beta.reshape(keep), _axes(axis), eps)
+    ry, rmean, rinvstd, rvar = ref.batch_norm_forward(x64, gamma.reshape(keep), beta.reshape(keep), _axes(axis), eps)
     assert to_numpy(y).dtype == dtype
     acc = np.float64 if dtype == np.float64 else np.float32
     assert to_numpy(mean).dtype == acc and to_numpy(invstd).dtype == acc
@@ -105,13 +105,13 @@ def test_backward(backend, rng, shape, axis, dtype):
     dy, dy64 = random(rng, shape, dtype)
     gamma, _ = _params(rng, shape, axis)
     keep, kept = _keepdims(shape, axis), _kept(shape, axis)
-    _, rmean, rinvstd, _ = ref.bn_forward(x64, None, None, _axes(axis), 1e-5)
+    _, rmean, rinvstd, _ = ref.batch_norm_forward(x64, None, None, _axes(axis), 1e-5)
     # the saved statistics as the forward returns them, in the accumulation dtype
     acc = np.float64 if dtype == np.float64 else np.float32
     mean, invstd = rmean.reshape(kept).astype(acc), rinvstd.reshape(kept).astype(acc)
     dx, dgamma, dbeta = backend.call(gpu.batch_norm_backward, dy, x, gamma.astype(np.float32), mean,
                                      invstd, axis=axis)
-    rdx, rdgamma, rdbeta = ref.bn_backward(dy64, x64, gamma.astype(np.float32).astype(np.float64).reshape(keep),
+    rdx, rdgamma, rdbeta = ref.batch_norm_backward(dy64, x64, gamma.astype(np.float32).astype(np.float64).reshape(keep),
                                            mean.astype(np.float64).reshape(keep),
                                            invstd.astype(np.float64).reshape(keep), _axes(axis))
     assert to_numpy(dx).dtype == dtype
@@ -228,10 +228,10 @@ def test_non_contiguous_inputs(backend, rng, view):
     x = {"transposed": base.T, "strided": base[::2, 1::3], "negative-stride": base[::-1]}[view]
     x64 = np.ascontiguousarray(x).astype(np.float64)
     y, mean, invstd = backend.call(gpu.batch_norm_forward, x, axis=0)
-    assert_close(y, ref.bn_forward(x64, None, None, (0,), 1e-5)[0], np.float32, "y")
+    assert_close(y, ref.batch_norm_forward(x64, None, None, (0,), 1e-5)[0], np.float32, "y")
     dy, dy64 = random(rng, x.shape, np.float32)
     dx = backend.call(gpu.batch_norm_backward, dy[::1], x, None, mean, invstd, axis=0)[0]
-    rdx = ref.bn_backward(dy64, x64, None, to_numpy(mean).astype(np.float64)[None],
+    rdx = ref.batch_norm_backward(dy64, x64, None, to_numpy(mean).astype(np.float64)[None],
                           to_numpy(invstd).astype(np.float64)[None], (0,))[0]
     assert_close(dx, rdx, np.float32, "dx", factor=8)
 
@@ -242,7 +242,7 @@ def test_seed_layout_with_column_parameters(backend, rng):
     gamma, beta = rng.standard_normal((5, 1)).astype(np.float32), rng.standard_normal((5, 1)).astype(np.float32)
     y, mean, invstd = backend.call(gpu.batch_norm_forward, z, gamma, beta, axis=1)
     assert to_numpy(mean).shape == (5,)
-    assert_close(y, ref.bn_forward(z64, gamma, beta, (1,), 1e-5)[0], np.float32, "y")
+    assert_close(y, ref.batch_norm_forward(z64, gamma, beta, (1,), 1e-5)[0], np.float32, "y")
 
 
 def test_inputs_are_not_modified(backend, rng):
@@ -348,10 +348,10 @@ def test_numpy_path_row_blocks(monkeypatch, rng, shape, axis):
     keep = _keepdims(shape, axis)
     gamma, beta = _params(rng, shape, axis, np.float32)
     y, mean, invstd = gpu.batch_norm_forward(x, gamma, beta, axis=axis)
-    ry, rmean, rinvstd, _ = ref.bn_forward(x64, gamma.reshape(keep), beta.reshape(keep), _axes(axis), 1e-5)
+    ry, rmean, rinvstd, _ = ref.batch_norm_forward(x64, gamma.reshape(keep), beta.reshape(keep), _axes(axis), 1e-5)
     assert_close(y, ry, np.float32, "y")
     dx, dgamma, dbeta = gpu.batch_norm_backward(dy, x, gamma, mean, invstd, axis=axis)
-    rdx, rdg, rdb = ref.bn_backward(dy64, x64, gamma.reshape(keep), rmean, rinvstd, _axes(axis))
+    rdx, rdg, rdb = ref.batch_norm_backward(dy64, x64, gamma.reshape(keep), rmean, rinvstd, _axes(axis))
     assert_close(dx, rdx, np.float32, "dx", factor=8)
     assert_close(dgamma, rdg.reshape(gamma.shape), np.float32, "dgamma", factor=8)
     rm, rv = np.zeros(gamma.shape), np.ones(gamma.shape)

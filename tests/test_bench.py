@@ -1,5 +1,6 @@
-"""gpu-bench on the CPU: it runs end to end, its JSON has the documented fields, and a wrong
-result is reported as WRONG (never timed), whichever peer returns it."""
+"""gpu-bench on the CPU: it runs end to end, its JSON has the documented fields, a wrong result
+is reported as WRONG (never timed) whichever peer returns it, every op record's reference agrees
+with this library, and `--host` measures every host case."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 
 import gpu
-from gpu import bench
+from gpu.bench import cli, harness, main, records
+from gpu.bench.report import cpu_check_report
 
 # A fast CPU run: the quick suite, our NumPy path and the seed's formulas, two timed calls a row.
 FAST = ["--quick", "--device", "cpu", "--peer", "ours,seed", "--repeat", "2", "--warmup", "0"]
@@ -17,7 +19,7 @@ FAST = ["--quick", "--device", "cpu", "--peer", "ours,seed", "--repeat", "2", "-
 
 def run(tmp_path, *extra: str) -> tuple[int, dict]:
     path = tmp_path / "bench.json"
-    rc = bench.main(FAST + ["--json", str(path), *extra])
+    rc = main(FAST + ["--json", str(path), *extra])
     return rc, json.loads(path.read_text())
 
 
@@ -31,16 +33,16 @@ def test_quick_suite_runs_and_writes_the_documented_json(tmp_path):
     assert {"schema", "date", "commit", "device", "versions", "peers", "settings", "rows"} <= set(report)
     assert {"kind", "name", "copy_gbps", "spec_gbps"} <= set(report["device"])
     assert report["device"]["kind"] == "cpu" and report["device"]["copy_gbps"] > 0
-    assert {r["op"] for r in report["rows"]} == set(bench.OPS)
+    assert {r["op"] for r in report["rows"]} == set(records.OPS)
     assert {r["peer"] for r in report["rows"]} == {"ours", "seed"}
     for r in report["rows"]:
         assert r["status"] == "ok", r
         assert r["time_ms"] > 0 and r["gbps"] > 0 and r["pct_copy"] > 0 and r["speedup"] > 0
         assert r["pct_spec"] is None  # no datasheet bandwidth for a CPU
-        assert r["max_rel_err"] <= bench.TOLERANCE[np.dtype(r["dtype"])]
+        assert r["max_rel_err"] <= harness.TOLERANCE[np.dtype(r["dtype"])]
         assert r["samples"] == 2
     # the bytes model is the one written next to the op: BN forward reads x and writes y once
-    (fwd,) = rows_of(report, op="bn_forward", layout="nchw", peer="ours")
+    (fwd,) = rows_of(report, op="batch_norm_forward", layout="nchw", peer="ours")
     elements, channels = math.prod(fwd["shape"]), fwd["shape"][1]
     assert fwd["axis"] == [0, 2, 3]
     assert fwd["bytes"] == 2 * 4 * elements + 32 * channels
@@ -49,12 +51,12 @@ def test_quick_suite_runs_and_writes_the_documented_json(tmp_path):
 def test_a_wrong_result_from_this_library_is_reported_wrong_not_timed(tmp_path, monkeypatch):
     right = gpu.softmax
     monkeypatch.setattr(gpu, "softmax", lambda z, axis=-1: right(z, axis=axis) * np.float32(1.01))
-    rc, report = run(tmp_path, "--op", "softmax_forward,log_softmax")
+    rc, report = run(tmp_path, "--op", "softmax.softmax,log_softmax")
     assert rc == 1
-    (ours,) = rows_of(report, op="softmax_forward", peer="ours")
+    (ours,) = rows_of(report, op="softmax", peer="ours")
     assert ours["status"] == "WRONG" and "relative error" in ours["detail"]
     assert ours["time_ms"] is None and ours["gbps"] is None
-    (seed,) = rows_of(report, op="softmax_forward", peer="seed")
+    (seed,) = rows_of(report, op="softmax", peer="seed")
     assert seed["status"] == "ok" and seed["speedup"] is None  # nothing correct to compare with
     assert all(r["status"] == "ok" for r in rows_of(report, op="log_softmax"))
 
@@ -68,8 +70,8 @@ def test_a_wrong_result_from_this_library_is_reported_wrong_not_timed(tmp_path, 
     (lambda c, i: lambda: gpu.softmax_cross_entropy(i["z"], i["target"]), "items"),
 ])
 def test_an_injected_peer_is_checked_before_it_is_timed(tmp_path, monkeypatch, broken, detail):
-    monkeypatch.setattr(bench, "PEERS", bench.PEERS + [bench.FunctionPeer("broken", "any", {"ce_train": broken})])
-    rc, report = run(tmp_path, "--op", "ce_train", "--peer", "ours,broken")
+    monkeypatch.setattr(harness, "PEERS", harness.PEERS + [harness.FunctionPeer("broken", "any", {"softmax_cross_entropy_train": broken})])
+    rc, report = run(tmp_path, "--op", "softmax_cross_entropy_train", "--peer", "ours,broken")
     (row,) = rows_of(report, peer="broken")
     if detail is None:
         assert rc == 0 and row["status"] == "ok"
@@ -87,10 +89,10 @@ def test_a_peer_that_raises_is_reported_and_the_run_goes_on(tmp_path, monkeypatc
         def run_():
             raise RuntimeError("launch failed")
         return run_
-    monkeypatch.setattr(bench, "PEERS", bench.PEERS + [
-        bench.FunctionPeer("missing", "any", {"batch_norm_stats": missing}),
-        bench.FunctionPeer("failing", "any", {"batch_norm_stats": failing})])
-    rc, report = run(tmp_path, "--op", "batch_norm_stats", "--peer", "ours,missing,failing")
+    monkeypatch.setattr(harness, "PEERS", harness.PEERS + [
+        harness.FunctionPeer("missing", "any", {"batch_stats": missing}),
+        harness.FunctionPeer("failing", "any", {"batch_stats": failing})])
+    rc, report = run(tmp_path, "--op", "batch_stats", "--peer", "ours,missing,failing")
     assert rc == 0  # only WRONG results and failures of this library fail the run
     assert {r["status"] for r in rows_of(report, peer="missing")} == {"unavailable"}
     assert {r["detail"] for r in rows_of(report, peer="failing")} == {"RuntimeError: launch failed"}
@@ -98,7 +100,7 @@ def test_a_peer_that_raises_is_reported_and_the_run_goes_on(tmp_path, monkeypatc
 
 
 def test_time_limit_skips_rows_and_still_reports(tmp_path):
-    rc, report = run(tmp_path, "--op", "batchnorm", "--time-limit", "0")
+    rc, report = run(tmp_path, "--op", "batch_norm", "--time-limit", "0")
     assert rc == 0 and report["rows"]
     assert {r["status"] for r in report["rows"]} == {"skipped"}
 
@@ -106,41 +108,132 @@ def test_time_limit_skips_rows_and_still_reports(tmp_path):
 def test_plot_is_written(tmp_path):
     pytest.importorskip("matplotlib")
     png = tmp_path / "bench.png"
-    assert bench.main(FAST + ["--op", "softmax_forward,bn_inference", "--plot", str(png)]) == 0
+    assert main(FAST + ["--op", "softmax.softmax,batch_norm_inference", "--plot", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_shape_option_and_layouts():
-    assert bench.parse_shape("32x112x112x64:nhwc") == ((32, 112, 112, 64), "nhwc")
-    assert bench.parse_shape("4096,1000") == ((4096, 1000), None)
+    assert cli.parse_shape("32x112x112x64:nhwc") == ((32, 112, 112, 64), "nhwc")
+    assert cli.parse_shape("4096,1000") == ((4096, 1000), None)
     for bad in ("4096", "0x3", "axb", "8x8:nhwc", "8x8x8:nc"):
         with pytest.raises(Exception):
-            bench.parse_shape(bad)
-    args = bench.parse_args(["--op", "bn_forward,ce_train", "--shape", "8x16x4x4", "--shape", "8x4x4x16:nhwc",
+            cli.parse_shape(bad)
+    args = cli.parse_args(["--op", "batch_norm_forward,softmax_cross_entropy_train", "--shape", "8x16x4x4", "--shape", "8x4x4x16:nhwc",
                              "--dtype", "float16"])
-    cases = bench.build_cases(args, "cpu")
+    cases = cli.build_cases(args, "cpu")
     assert [(c.op.name, c.layout, c.axes) for c in cases] == [
-        ("bn_forward", "nchw", (0, 2, 3)), ("bn_forward", "nhwc", (0, 1, 2)),
-        ("ce_train", "", (3,)), ("ce_train", "", (3,))]
+        ("batch_norm_forward", "nchw", (0, 2, 3)), ("batch_norm_forward", "nhwc", (0, 1, 2)),
+        ("softmax_cross_entropy_train", "", (3,)), ("softmax_cross_entropy_train", "", (3,))]
     assert {c.dtype for c in cases} == {np.dtype(np.float16)}
 
 
 def test_spec_bandwidth_by_device_name():
-    assert bench.spec_bandwidth_gbps("NVIDIA H100 80GB HBM3") == 3350
-    assert bench.spec_bandwidth_gbps("NVIDIA H100 PCIe") == 2000
-    assert bench.spec_bandwidth_gbps("NVIDIA H200") == 4800
-    assert bench.spec_bandwidth_gbps("NVIDIA GH200 480GB") is None
-    assert bench.spec_bandwidth_gbps("Some Future GPU") is None
+    assert harness.spec_bandwidth_gbps("NVIDIA H100 80GB HBM3") == 3350
+    assert harness.spec_bandwidth_gbps("NVIDIA H100 PCIe") == 2000
+    assert harness.spec_bandwidth_gbps("NVIDIA H200") == 4800
+    assert harness.spec_bandwidth_gbps("NVIDIA GH200 480GB") is None
+    assert harness.spec_bandwidth_gbps("Some Future GPU") is None
 
 
 def test_cpu_check_report_states_the_targets():
     def row(op, shape, peer, ms):
-        return bench.Row(op, "", shape, "", (0,), "float32", "cpu", peer, time_ms=ms)
-    rows = [row("bn_train", (4096, 1024), "ours", 5.0), row("bn_train", (4096, 1024), "seed", 30.0),
-            row("bn_train", (4096, 1024), "torch-cpu", 1.0),
-            row("ce_train", (4096, 1000), "ours", 7.0), row("ce_train", (4096, 1000), "seed", 12.6)]
-    text, summary = bench.cpu_check_report(rows)
+        return harness.Row(op, "", shape, "", (0,), "float32", "cpu", peer, time_ms=ms)
+    rows = [row("batch_norm_train", (4096, 1024), "ours", 5.0), row("batch_norm_train", (4096, 1024), "seed", 30.0),
+            row("batch_norm_train", (4096, 1024), "torch-cpu", 1.0),
+            row("softmax_cross_entropy_train", (4096, 1000), "ours", 7.0), row("softmax_cross_entropy_train", (4096, 1000), "seed", 12.6)]
+    text, summary = cpu_check_report(rows)
     bn, ce = summary
     assert bn["seed_over_ours"] == 6.0 and bn["ours_over_torch"] == 5.0
     assert ce["ours_over_torch"] is None  # PyTorch is optional
     assert "6.00x ok" in text and "5.00x MISSED" in text and "n/a" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# The op records
+# ---------------------------------------------------------------------------------------------
+
+SMALL = {"batch_norm": [((33, 8), "nc"), ((4, 6, 3, 5), "nchw"), ((4, 3, 5, 6), "nhwc")],
+         "softmax": [((17, 50), "")]}
+
+
+def test_every_op_is_named_after_its_public_function_and_has_a_family():
+    for name, op in records.OPS.items():
+        public = name[:-len("_train")] if name.endswith("_train") else name   # forward + backward
+        assert public in gpu.__all__, name
+        assert name in records.FAMILIES[op.family]
+    assert set(records.FAMILIES) == {"batch_norm", "softmax"}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("name", list(records.OPS))
+def test_every_record_has_a_bytes_formula_and_a_reference_that_agrees_with_gpu(name, dtype):
+    op = records.OPS[name]
+    for shape, layout in SMALL[op.family]:
+        case = records.Case(op, shape, layout, np.dtype(dtype))
+        # the minimum bytes read every input element and write at least one output of them
+        assert case.elements * case.itemsize <= op.min_bytes(case) <= 6 * case.elements * case.itemsize + 64 * (
+            case.channels + case.rows)
+        inputs = records.make_inputs(np, np.random.default_rng(1), case)
+        reference = op.reference(case, {k: v.copy() for k, v in inputs.items()}, np.float64)
+        assert len(reference) == len(op.outputs)
+        ours = op.ours(case, inputs)()
+        assert harness.check(ours, reference, case, np) <= harness.TOLERANCE[case.dtype]
+
+
+def test_reference_is_one_module_for_numpy_and_the_tests():
+    from gpu.bench import reference as ref
+    z = np.random.default_rng(0).standard_normal((6, 5))
+    t = np.array([0, 4, 2, -100, 1, 3])
+    loss, dz = ref.softmax_cross_entropy(z, t)
+    assert ref.softmax_cross_entropy(z, t, grad=False) == (loss, None)
+    assert ref.array_module(z) is np and dz.shape == z.shape
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: op names, output paths, --host
+# ---------------------------------------------------------------------------------------------
+
+def test_op_names_and_families():
+    assert cli.parse_ops("batch_norm") == list(records.FAMILIES["batch_norm"])
+    assert cli.parse_ops("softmax") == list(records.FAMILIES["softmax"])     # the family wins
+    assert cli.parse_ops("softmax.softmax,log_softmax,softmax.softmax") == ["softmax", "log_softmax"]
+    with pytest.raises(Exception):
+        cli.parse_ops("bn_forward")
+
+
+@pytest.mark.parametrize("flag", ["--json", "--plot"])
+def test_unwritable_output_paths_fail_before_any_work(tmp_path, flag, capsys):
+    for path in (tmp_path / "missing" / "out", tmp_path):
+        with pytest.raises(SystemExit) as e:
+            main(["--quick", flag, str(path)])
+        assert e.value.code == 2
+        assert flag in capsys.readouterr().err
+
+
+def test_host_measures_every_host_case(tmp_path):
+    path = tmp_path / "host.json"
+    assert main(["--host", "--repeat", "3", "--warmup", "1", "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    assert report["mode"] == "host" and report["goal_us_per_call"] == 25
+    ops = {r["op"]: r for r in report["ops"]}
+    assert set(ops) == {n for n, op in records.OPS.items() if op.host_shape}
+    assert {"batch_norm_forward", "batch_norm_backward", "batch_norm_inference", "softmax",
+            "softmax_cross_entropy_train"} <= set(ops)
+    for r in ops.values():
+        assert r["status"] == "ok", r
+        assert r["us_per_call"] > 0 and r["launches_per_call"] > 0
+        assert isinstance(r["meets_goal"], bool)
+        assert r["torch_status"] == "ok" or r["torch_status"].startswith("unavailable")
+    assert ops["softmax"]["shape"] == [64, 1000] and ops["batch_norm_forward"]["shape"] == [64, 256]
+
+
+def test_json_is_written_when_the_plot_fails(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from gpu.bench import report
+
+    def broken_plot(rows, device, path):
+        raise RuntimeError("no display")
+    monkeypatch.setattr(report, "plot", broken_plot)
+    rc, written = run(tmp_path, "--op", "batch_stats", "--plot", str(tmp_path / "bench.png"))
+    assert rc == 1   # a report that could not be written fails the run
+    assert {r["op"] for r in written["rows"]} == {"batch_stats"}

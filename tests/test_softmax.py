@@ -1,4 +1,4 @@
-"""Softmax, log-softmax, hardmax and softmax + cross-entropy on every backend, against reference.py."""
+"""Softmax, log-softmax, hardmax and softmax + cross-entropy on every backend, against gpu/bench/reference.py."""
 from __future__ import annotations
 
 import importlib
@@ -8,7 +8,7 @@ import pytest
 
 import gpu
 from gpu import _cpu
-import reference as ref
+from gpu.bench import reference as ref
 from conftest import DTYPES, TOL, assert_close, dtype_id, random, rel_err, to_numpy
 
 # (shape, class axis): the layouts users have and the awkward sizes, each with its reason.
@@ -136,7 +136,7 @@ def _ce_inputs(rng, shape, axis, dtype, opts):
 @pytest.mark.parametrize("shape,axis", CE_CASES, ids=[f"{s}-ax{a}" for s, a in CE_CASES])
 def test_cross_entropy(backend, rng, shape, axis, dtype, opts):
     z, z64, target, kw = _ce_inputs(rng, shape, axis, dtype, opts)
-    want_loss, want_dz = ref.cross_entropy(z64, target, axis=axis, **kw)
+    want_loss, want_dz = ref.softmax_cross_entropy(z64, target, axis=axis, **kw)
     loss = backend.call(gpu.softmax_cross_entropy, z, target, axis=axis, **kw)
     loss2, dz = backend.call(gpu.softmax_cross_entropy, z, target, axis=axis, return_grad=True, **kw)
     dz_only = backend.call(gpu.softmax_cross_entropy_backward, z, target, axis=axis, **kw)
@@ -157,7 +157,7 @@ def test_backward_scales_by_dloss(backend, rng, reduction):
     dloss = rng.standard_normal((5, 4)) if reduction == "none" else np.float64(rng.standard_normal())
     dz = backend.call(gpu.softmax_cross_entropy_backward, z, target, dloss, axis=1, reduction=reduction,
                       label_smoothing=0.1)
-    _, want = ref.cross_entropy(z64, target, axis=1, reduction=reduction, label_smoothing=0.1, dloss=dloss)
+    _, want = ref.softmax_cross_entropy(z64, target, axis=1, reduction=reduction, label_smoothing=0.1, dloss=dloss)
     assert_close(dz, want, np.float64, "dz")
 
 
@@ -176,7 +176,7 @@ def test_ignore_index_inside_class_range(backend, rng):
     z, z64 = random(rng, (6, 4), np.float64)
     target = np.array([0, 1, 2, 3, 0, 1])
     loss = backend.call(gpu.softmax_cross_entropy, z, target, ignore_index=0)
-    want, _ = ref.cross_entropy(z64, target, ignore_index=0)
+    want, _ = ref.softmax_cross_entropy(z64, target, ignore_index=0)
     assert_close(loss, want, np.float64, "loss")
 
 
@@ -259,7 +259,7 @@ def test_numpy_path_row_blocks(monkeypatch, rng, shape, axis):
     z, z64, target, kw = _ce_inputs(rng, shape, axis, np.float32, dict(ignore=True, weight=True,
                                                                          label_smoothing=0.1))
     loss, dz = gpu.softmax_cross_entropy(z, target, axis=axis, return_grad=True, **kw)
-    want, want_dz = ref.cross_entropy(z64, target, axis=axis, **kw)
+    want, want_dz = ref.softmax_cross_entropy(z64, target, axis=axis, **kw)
     assert_close(loss, want, np.float32, "loss")
     assert_close(dz, want_dz, np.float32, "dz")
     assert_close(gpu.softmax(z, axis), ref.softmax(z64, axis), np.float32, "softmax")

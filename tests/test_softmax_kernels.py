@@ -19,7 +19,7 @@ import pytest
 
 import gpu
 import importlib
-import reference as ref
+from gpu.bench import reference as ref
 from conftest import DTYPES, assert_close, dtype_id, random, to_numpy
 
 S = importlib.import_module("gpu.ops.softmax")   # the module: gpu.softmax is the function
@@ -203,7 +203,7 @@ def _check_ce(z, t, dtype, axis=-1, path="warp", probs_axis=None, **opts):
                        path=path, **opts)
         loss_only = emu(gpu.softmax_cross_entropy, z, t, axis=axis, reduction=red, path=path, **opts)
         w = opts.get("weight")
-        want_loss, want_dz = ref.cross_entropy(z64, t, axis=axis, reduction=red,
+        want_loss, want_dz = ref.softmax_cross_entropy(z64, t, axis=axis, reduction=red,
                                                ignore_index=opts.get("ignore_index", -100),
                                                label_smoothing=opts.get("label_smoothing", 0.0),
                                                weight=None if w is None else w.astype(np.float64))
@@ -295,7 +295,7 @@ def test_ce_extreme_logits(path):
             loss, dz = emu(gpu.softmax_cross_entropy, z, t, reduction="none", return_grad=True,
                            label_smoothing=ls, path=path)
             # oracle: the NumPy path (PyTorch's values: a -inf logit off the target is a finite
-            # loss; tests/reference.py's -(Y log p) gives 0 * -inf = NaN there)
+            # loss; the reference's -(Y log p) would give 0 * -inf = NaN there)
             want_loss, want_dz = gpu.softmax_cross_entropy(z.astype(np.float64), t, reduction="none",
                                                            return_grad=True, label_smoothing=ls)
             np.testing.assert_array_equal(np.isnan(loss), np.isnan(want_loss))
@@ -323,7 +323,7 @@ def test_ce_bad_target_raises_first_position(rng, path):
 def test_ce_inplace(rng):
     z, z64 = random(rng, (5, 40), F32)
     t = rng.integers(0, 40, 5)
-    want_loss, want_dz = ref.cross_entropy(z64, t)
+    want_loss, want_dz = ref.softmax_cross_entropy(z64, t)
     for path in PATHS:
         zz = z.copy()
         loss, dz = emu(gpu.softmax_cross_entropy, zz, t, return_grad=True, inplace=True, path=path)
@@ -345,10 +345,10 @@ def test_ce_backward_dloss_per_row(rng):
     dl = rng.standard_normal((2, 3)).astype(np.float32)
     for path in ("warp", "block_online"):
         dz = emu(gpu.softmax_cross_entropy_backward, z, t, dl, reduction="none", path=path)
-        _, want = ref.cross_entropy(z64, t, reduction="none", dloss=dl.astype(np.float64))
+        _, want = ref.softmax_cross_entropy(z64, t, reduction="none", dloss=dl.astype(np.float64))
         assert_close(dz, want, F32, f"dloss per row {path}")
     dz = emu(gpu.softmax_cross_entropy_backward, z, t, 2.5, reduction="mean", weight=np.arange(1, 10.0))
-    _, want = ref.cross_entropy(z64, t, weight=np.arange(1, 10.0), dloss=2.5)
+    _, want = ref.softmax_cross_entropy(z64, t, weight=np.arange(1, 10.0), dloss=2.5)
     assert_close(dz, want, F32, "dloss scalar, mean, weight")
 
 
@@ -360,4 +360,4 @@ def test_ce_loss_is_deterministic(rng):
     runs = [emu(gpu.softmax_cross_entropy, z, t) for _ in range(2)]
     runs.append(emu(gpu.softmax_cross_entropy, z, t, return_grad=True)[0])
     assert len({r.tobytes() for r in runs}) == 1
-    assert_close(runs[0], ref.cross_entropy(z64, t)[0], F32, "loss")
+    assert_close(runs[0], ref.softmax_cross_entropy(z64, t)[0], F32, "loss")

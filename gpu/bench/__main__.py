@@ -1,0 +1,6 @@
+"""python -m gpu.bench: the same as gpu-bench."""
+import sys
+
+from .cli import main
+
+sys.exit(main())
