@@ -363,8 +363,7 @@ OPS: dict[str, Op] = {op.name: op for op in (
                                                                            dtype=dt)[:1],
        ours=lambda c, i: lambda: (gpu.softmax_cross_entropy(i["z"], i["target"], axis=-1),),
        seed=lambda c, i: lambda: _seed_ce(c, i["z"], i["target"], grad=False),
-       # no host case: with the launch skipped, the op reads the kernel's bad-target flag unset
-       torch=_torch_ce(grad=False)),
+       torch=_torch_ce(grad=False), host_shape=(64, 256)),
 
     Op("softmax_cross_entropy_train", "softmax", "softmax + CE forward+backward", ("loss", "dz"), ("z", "target"),
        # read z and targets once, write dz (loss and gradient in one pass)

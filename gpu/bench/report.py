@@ -123,7 +123,7 @@ def format_host_table(rows: Sequence[HostRow]) -> str:
         if r.status != "ok":
             verdict = f"{r.status}: {r.detail}"
         else:
-            verdict = "met" if r.meets_goal else f"MISSED ({r.us_per_call / r.goal_us:.0f}x the goal)"
+            verdict = "met" if r.meets_goal else f"MISSED ({r.us_per_call / r.goal_us:.1f}x the goal)"
         torch = _fmt(r.torch_us_per_call, ".1f", 17) if r.torch_status == "ok" else r.torch_status[:17].rjust(17)
         lines.append(f"{r.op:<28} {shape:<9} {_fmt(r.us_per_call, '.1f', 9)} {_fmt(r.launches_per_call, '.2f', 13)}"
                      f" {torch}   {verdict}")
