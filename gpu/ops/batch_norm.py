@@ -622,6 +622,14 @@ class _Plans:
                                                 bx=np.int32(plan.bx), chunks=np.int32(plan.chunks))
         return g
 
+    def scalars(self, v: "_View", acc) -> dict:
+        """1/M and the unbiasing factor M/(M-1) of the statistics kernels (M = outer * inner)."""
+        sc = self._geometry.get("scalars")
+        if sc is None:
+            m = v.outer * v.inner
+            sc = self._geometry["scalars"] = dict(inv_m=acc.type(1.0 / m), unbias=acc.type(m / (m - 1) if m > 1 else 0.0))
+        return sc
+
     def kernel(self, name: str, plan: _Plan):
         k = self._kernels.get(name)
         if k is None:
@@ -663,9 +671,17 @@ def _workspace(xp, p: _Plan, words: int, C: int, acc):
     return B.empty(xp, (words * p.parts * C,), acc), xp.zeros(p.tiles, np.uint32)
 
 
+_FLAGS: dict[tuple[bool, bool, bool], np.int32] = {}
+
+
 def _flags(gamma=None, beta=None, running=None) -> np.int32:
-    return np.int32((_k("BN_HAS_GAMMA") if gamma is not None else 0) | (_k("BN_HAS_BETA") if beta is not None else 0)
-                    | (_k("BN_RUNNING") if running is not None else 0))
+    """The kernels' BN_HAS_GAMMA | BN_HAS_BETA | BN_RUNNING flags for the arrays present."""
+    key = (gamma is not None, beta is not None, running is not None)
+    f = _FLAGS.get(key)
+    if f is None:
+        f = _FLAGS[key] = np.int32((_k("BN_HAS_GAMMA") if key[0] else 0) | (_k("BN_HAS_BETA") if key[1] else 0)
+                                   | (_k("BN_RUNNING") if key[2] else 0))
+    return f
 
 
 def _stats_launch(xp, x, gamma, beta, running_mean, running_var, lay, eps, momentum, normalize):
@@ -688,8 +704,7 @@ def _stats_launch(xp, x, gamma, beta, running_mean, running_var, lay, eps, momen
     named = dict(mean=mean, var=var, invstd=invstd, scale=scale, shift=shift,
                   running_mean=rm if rm is not None else mean, running_var=rv if rv is not None else mean,
                   x=v.x, gamma=g if g is not None else mean, beta=b if b is not None else mean,
-                  inv_m=acc.type(1.0 / lay.m), unbias=acc.type(lay.m / (lay.m - 1) if lay.m > 1 else 0.0),
-                  eps=acc.type(eps), momentum=acc.type(momentum), flags=_flags(g, b, rm))
+                  eps=acc.type(eps), momentum=acc.type(momentum), flags=_flags(g, b, rm), **plans.scalars(v, acc))
     if onchip is not None:
         ws, _ = _workspace(xp, onchip, 3, C, acc)
         k = plans.kernel("batch_norm_forward_onchip", onchip)
