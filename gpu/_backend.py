@@ -101,6 +101,14 @@ def array_module(**arrays: object):
     return sys.modules["cupy"]
 
 
+def kernel_path_key(x) -> str | None:
+    """For the op argument ``x``: None when the call takes the NumPy path (a NumPy array on the
+    numpy backend), else a tag of the path ("cupy" or "emulate") for a signature of valid calls."""
+    if type(x) is np.ndarray:
+        return "emulate" if current_backend() == "emulate" else None
+    return "cupy" if is_cupy_array(x) else None
+
+
 def dispatch(**arrays: object) -> tuple[object, bool]:
     """(xp, use_kernels): the array module of the inputs and whether the kernel path runs them."""
     xp = array_module(**arrays)

@@ -509,6 +509,7 @@ class Kernel:
     _coop: dict = field(default_factory=dict, repr=False)
     _pick: Any = field(default=None, repr=False)
     _shapes: dict = field(default_factory=dict, repr=False)
+    _types_ok: set = field(default_factory=set, repr=False)
 
     def __repr__(self) -> str:
         d = " ".join(f"{k}={v}" for k, v in self.defines)
@@ -722,8 +723,13 @@ def _check_args(kernel: Kernel, args: Sequence[Any]) -> tuple:
         if not isinstance(args, (tuple, list)):
             raise TypeError(f"args: expected a tuple, got {type(args).__name__}")
         args = tuple(args)
+    types = tuple(map(type, args))
+    if types in kernel._types_ok:    # these argument types passed before
+        return args
     array_type = np.ndarray if _is_numpy(kernel.xp) else kernel.xp.ndarray
-    if {type(a) for a in args} <= _SCALAR_TYPES | {array_type}:   # the common case, in one pass
+    if set(types) <= _SCALAR_TYPES | {array_type}:
+        if len(kernel._types_ok) < 64:
+            kernel._types_ok.add(types)
         return args
     for i, a in enumerate(args):
         if isinstance(a, array_type):

@@ -14,7 +14,7 @@ import numpy as np
 
 from gpu import _kernels
 
-__all__ = ["ceil_div", "pow2_ceil", "device", "resident_blocks", "data_ptr", "aligned", "dummy", "constant", "PlanCache"]
+__all__ = ["ceil_div", "pow2_ceil", "device", "resident_blocks", "data_ptr", "aligned", "signature", "ValidCalls", "dummy", "constant", "PlanCache"]
 
 #: Shared memory the CUDA driver reserves per resident block (sm_80 and later).
 RESERVED_SHARED_MEM = _kernels.RESERVED_SHARED_MEM_PER_BLOCK
@@ -49,8 +49,49 @@ def data_ptr(a) -> int:
 
 
 def aligned(*arrays, to: int = 16) -> bool:
-    """Whether every array starts on a ``to``-byte boundary (16: one vector load)."""
-    return all(data_ptr(a) % to == 0 for a in arrays)
+    """Whether every array starts on a ``to``-byte boundary (16: one vector load). A NumPy array
+    that owns its data came from NumPy's allocator (malloc: 16-byte aligned on 64-bit platforms),
+    so only views need their address read (``__array_interface__`` costs a microsecond)."""
+    for a in arrays:
+        if not (to <= 16 and type(a) is np.ndarray and a.base is None) and data_ptr(a) % to:
+            return False
+    return True
+
+
+def signature(*arrays) -> tuple | None:
+    """What the argument checks of an op depend on, per array: (type, shape, strides, dtype), or
+    None for an absent one; None if an argument is not an array. Ops keep the signatures of calls
+    that passed their checks (``ValidCalls``) and skip the checks for the next call like them."""
+    out = []
+    for a in arrays:
+        if a is None:
+            out.append(None)
+            continue
+        try:
+            out.append((type(a), a.shape, a.strides, a.dtype))
+        except AttributeError:
+            return None
+    return tuple(out)
+
+
+class ValidCalls:
+    """Signatures of kernel-path calls whose argument checks passed, with what the checks
+    produced (the layout): a call with the same signature passes them too, so it skips them.
+    Value checks (eps, momentum) and writeability are not in a signature: ops still make them."""
+
+    def __init__(self, maxsize: int = 4096):
+        self._calls: dict[Hashable, Any] = {}
+        self._maxsize = maxsize
+
+    def get(self, key: Hashable | None) -> Any:
+        return None if key is None else self._calls.get(key)
+
+    def put(self, key: Hashable | None, value: Any) -> None:
+        if key is None:
+            return
+        if len(self._calls) >= self._maxsize:
+            self._calls.clear()
+        self._calls[key] = value
 
 
 _dummies: dict[tuple, Any] = {}

@@ -82,8 +82,31 @@ def _make_layout(shape: tuple[int, ...], axis, name: str) -> _Layout:
     return _Layout(axes, kept, keep, m, kept_axes, outer, C, inner, perm)
 
 
+_VALID = _launch.ValidCalls()
+
+
+def _valid_key(op: str, axis, x, *arrays):
+    """The signature of a kernel-path call (None on the NumPy path, or for arguments that are not
+    arrays): a call whose signature passed the checks before skips them."""
+    path = B.kernel_path_key(x)
+    if path is None:
+        return None
+    ax = axis if type(axis) is int else tuple(axis) if type(axis) in (tuple, list) else None
+    sig = _launch.signature(x, *arrays)
+    return None if ax is None or sig is None else (op, path, ax, sig)
+
+
+def _xp_of(x):
+    return np if type(x) is np.ndarray else B.array_module(x=x)
+
+
 def _params(xp, lay: _Layout, **params):
     return [B.check_param(xp, p, name, lay.kept_shape, lay.keepdims_shape) for name, p in params.items()]
+
+
+def _writeable(*arrays) -> bool:
+    """Whether arrays updated in place may be written (CuPy arrays always may)."""
+    return all(a.flags.writeable for a in arrays if type(a) is np.ndarray)
 
 
 def _check_running(xp, lay: _Layout, running_mean, running_var):
@@ -113,11 +136,17 @@ def batch_stats(x, axis: int | Sequence[int] = 0):
     >>> x = np.random.default_rng(0).standard_normal((256, 8)).astype(np.float32)
     >>> mean, var = gpu.batch_stats(x, axis=0)      # shapes (8,), (8,)
     """
+    key = _valid_key("stats", axis, x)
+    lay = _VALID.get(key)
+    if lay is not None:
+        return _gpu_batch_stats(_xp_of(x), x, lay)
     xp, kernels = B.dispatch(x=x)
     x = B.as_float_array(xp, x, "x")
     lay = _layout(x, axis)
     if kernels:
-        return _gpu_batch_stats(xp, x, lay)
+        out = _gpu_batch_stats(xp, x, lay)
+        _VALID.put(key, lay)
+        return out
     mean, var = _cpu_stats(xp, x, lay)
     return mean.astype(x.dtype), var.astype(x.dtype)
 
@@ -140,6 +169,11 @@ def batch_norm_forward(x, gamma=None, beta=None, *, axis: int | Sequence[int] = 
     >>> rm, rv = np.zeros(16, np.float32), np.ones(16, np.float32)
     >>> y, mean, invstd = gpu.batch_norm_forward(x, axis=(0, 2, 3), running_mean=rm, running_var=rv)
     """
+    key = _valid_key("forward", axis, x, gamma, beta, running_mean, running_var)
+    lay = _VALID.get(key)
+    if lay is not None and (running_mean is None or _writeable(running_mean, running_var)):
+        return _gpu_forward(_xp_of(x), x, gamma, beta, running_mean, running_var, lay,
+                            B.check_real(eps, "eps", lo=0.0), B.check_real(momentum, "momentum"))
     xp, kernels = B.dispatch(x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
     x = B.as_float_array(xp, x, "x")
     lay = _layout(x, axis)
@@ -151,7 +185,9 @@ def batch_norm_forward(x, gamma=None, beta=None, *, axis: int | Sequence[int] = 
         raise ValueError("x: expected more than 1 value per feature when training with running stats "
                          f"(axis {lay.axes} of shape {x.shape} reduces 1 element)")
     if kernels:
-        return _gpu_forward(xp, x, gamma, beta, running_mean, running_var, lay, eps, momentum)
+        out = _gpu_forward(xp, x, gamma, beta, running_mean, running_var, lay, eps, momentum)
+        _VALID.put(key, lay)
+        return out
     return _cpu_forward(xp, x, gamma, beta, running_mean, running_var, lay, eps, momentum)
 
 
@@ -171,6 +207,10 @@ def batch_norm_backward(dy, x, gamma, mean, invstd, *, axis: int | Sequence[int]
     >>> y, mean, invstd = gpu.batch_norm_forward(x)
     >>> dx, dgamma, dbeta = gpu.batch_norm_backward(np.ones_like(y), x, None, mean, invstd)
     """
+    key = _valid_key("backward", axis, x, dy, gamma, mean, invstd)
+    lay = _VALID.get(key)
+    if lay is not None:
+        return _gpu_backward(_xp_of(x), dy, x, gamma, mean, invstd, lay)
     xp, kernels = B.dispatch(dy=dy, x=x, gamma=gamma, mean=mean, invstd=invstd)
     x = B.as_float_array(xp, x, "x")
     dy = B.as_float_array(xp, dy, "dy")
@@ -181,7 +221,9 @@ def batch_norm_backward(dy, x, gamma, mean, invstd, *, axis: int | Sequence[int]
     if mean is None or invstd is None:
         raise TypeError("mean, invstd: required (pass those returned by batch_norm_forward)")
     if kernels:
-        return _gpu_backward(xp, dy, x, gamma, mean, invstd, lay)
+        out = _gpu_backward(xp, dy, x, gamma, mean, invstd, lay)
+        _VALID.put(key, lay)
+        return out
     return _cpu_backward(xp, dy, x, gamma, mean, invstd, lay)
 
 
@@ -194,6 +236,11 @@ def batch_norm_inference(x, gamma, beta, running_mean, running_var, *, axis: int
     >>> x = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
     >>> y = gpu.batch_norm_inference(x, None, None, np.zeros(4, np.float32), np.ones(4, np.float32))
     """
+    key = _valid_key("inference", axis, x, gamma, beta, running_mean, running_var)
+    lay = _VALID.get(key)
+    if lay is not None:
+        return _gpu_inference(_xp_of(x), x, gamma, beta, running_mean, running_var, lay,
+                              B.check_real(eps, "eps", lo=0.0))
     xp, kernels = B.dispatch(x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
     x = B.as_float_array(xp, x, "x")
     lay = _layout(x, axis)
@@ -203,7 +250,9 @@ def batch_norm_inference(x, gamma, beta, running_mean, running_var, *, axis: int
         raise TypeError("running_mean, running_var: required for inference")
     eps = B.check_real(eps, "eps", lo=0.0)
     if kernels:
-        return _gpu_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps)
+        out = _gpu_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps)
+        _VALID.put(key, lay)
+        return out
     return _cpu_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps)
 
 
@@ -475,6 +524,7 @@ class _View(NamedTuple):
     inner: int
     shape: tuple[int, ...]           # shape of the array x3 was reshaped from
     perm: tuple[int, ...] | None     # transpose applied before the copy, if any
+    aligned: bool                    # x starts on a 16-byte boundary
 
     def restore(self, y3):
         """An output of the view's shape back in the caller's layout."""
@@ -487,8 +537,9 @@ def _view(xp, x, lay: _Layout) -> _View:
     if lay.perm is not None:
         x = x.transpose(lay.perm)
     shape = x.shape
-    x3 = xp.ascontiguousarray(x).reshape(lay.outer, lay.C, lay.inner)
-    return _View(x3, lay.outer, lay.C, lay.inner, shape, lay.perm)
+    xc = xp.ascontiguousarray(x)
+    return _View(xc.reshape(lay.outer, lay.C, lay.inner), lay.outer, lay.C, lay.inner, shape, lay.perm,
+                 _launch.aligned(xc))
 
 
 @dataclass(frozen=True)
@@ -698,13 +749,14 @@ def _stats_launch(xp, x, gamma, beta, running_mean, running_var, lay, eps, momen
     rm, rv = _as_acc(xp, running_mean, acc), _as_acc(xp, running_var, acc)
     y3 = B.empty(xp, v.x.shape, x.dtype) if normalize else None
     # outputs come from the array library's allocator, 16-byte aligned: only x decides
-    plans = _plans(xp, v, x.dtype, _launch.aligned(v.x), normalize)
+    plans = _plans(xp, v, x.dtype, v.aligned, normalize)
     p, onchip = plans.p, plans.onchip
     # absent arrays: a valid pointer the kernel never reads (the flags say so)
-    named = dict(mean=mean, var=var, invstd=invstd, scale=scale, shift=shift,
-                  running_mean=rm if rm is not None else mean, running_var=rv if rv is not None else mean,
-                  x=v.x, gamma=g if g is not None else mean, beta=b if b is not None else mean,
-                  eps=acc.type(eps), momentum=acc.type(momentum), flags=_flags(g, b, rm), **plans.scalars(v, acc))
+    named = {"mean": mean, "var": var, "invstd": invstd, "scale": scale, "shift": shift,
+             "running_mean": rm if rm is not None else mean, "running_var": rv if rv is not None else mean,
+             "x": v.x, "gamma": g if g is not None else mean, "beta": b if b is not None else mean,
+             "eps": acc.type(eps), "momentum": acc.type(momentum), "flags": _flags(g, b, rm)}
+    named.update(plans.scalars(v, acc))
     if onchip is not None:
         ws, _ = _workspace(xp, onchip, 3, C, acc)
         k = plans.kernel("batch_norm_forward_onchip", onchip)
@@ -752,7 +804,7 @@ def _gpu_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps):
     scale, shift = B.empty(xp, (2, v.C), acc)
     g, b = _as_acc(xp, gamma, acc), _as_acc(xp, beta, acc)
     rm, rv = _as_acc(xp, running_mean, acc), _as_acc(xp, running_var, acc)
-    plans = _plans(xp, v, x.dtype, _launch.aligned(v.x), False)
+    plans = _plans(xp, v, x.dtype, v.aligned, False)
     T = 256
     k = plans.kernel("batch_norm_inference_params", plans.p)
     _kernels.launch(k, _launch.ceil_div(v.C, T), T,
@@ -773,7 +825,7 @@ def _gpu_backward(xp, dy, x, gamma, mean, invstd, lay):
     dgamma, dbeta, k, a, b = B.empty(xp, (5, C), acc)              # one allocation, five rows
     if C > 0:
         mu, istd, g = _as_acc(xp, mean, acc), _as_acc(xp, invstd, acc), _as_acc(xp, gamma, acc)
-        plans = _plans(xp, v, x.dtype, _launch.aligned(v.x, vg.x), False)
+        plans = _plans(xp, v, x.dtype, v.aligned and vg.aligned, False)
         p = plans.p
         ws, counters = _workspace(xp, p, 2, C, acc)
         geo = plans.geometry(v, p)

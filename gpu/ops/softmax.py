@@ -135,6 +135,36 @@ class _CE:
                 raise ValueError(f"weight: expected shape ({c},), one weight per class; got {weight.shape}")
         self.weight = weight
 
+    _FACTS = ("axis", "reduction", "ignore_index", "label_smoothing", "n_classes", "row_shape", "probs")
+
+    @classmethod
+    def checked(cls, z, target, axis, reduction, ignore_index, label_smoothing, weight):
+        """(xp, kernels, the checked arguments). On the kernel path a call whose signature (arrays'
+        type, shape, strides, dtype and the options) passed the checks before skips them."""
+        key, path = None, B.kernel_path_key(z)
+        if path is not None:
+            sig = _launch.signature(z, target, weight)
+            if sig is not None:
+                key = (path, sig, axis, reduction, ignore_index, label_smoothing)
+                try:
+                    facts = _VALID.get(key)
+                except TypeError:            # an unhashable option: checked every time
+                    key = facts = None
+                if facts is not None:
+                    ce = cls.__new__(cls)
+                    ce.xp, ce.z, ce.target, ce.weight = (np if path == "emulate" else B.array_module(z=z)), z, target, weight
+                    for name, value in zip(cls._FACTS, facts):
+                        setattr(ce, name, value)
+                    return ce.xp, True, ce
+        xp, kernels = B.dispatch(z=z, target=target, weight=weight)
+        ce = cls(xp, z, target, axis, reduction, ignore_index, label_smoothing, weight, check_targets=not kernels)
+        if kernels:
+            _VALID.put(key, tuple(getattr(ce, name) for name in cls._FACTS))
+        return xp, kernels, ce
+
+
+_VALID = _launch.ValidCalls()
+
 
 def softmax_cross_entropy(z, target, *, axis: int = -1, reduction: str = "mean", ignore_index: int = -100,
                           label_smoothing: float = 0.0, weight=None, return_grad: bool = False,
@@ -156,8 +186,7 @@ def softmax_cross_entropy(z, target, *, axis: int = -1, reduction: str = "mean",
     >>> z = np.random.default_rng(0).standard_normal((4, 10)).astype(np.float32)
     >>> loss, dz = gpu.softmax_cross_entropy(z, np.array([1, 2, 3, 4]), return_grad=True)
     """
-    xp, kernels = B.dispatch(z=z, target=target, weight=weight)
-    ce = _CE(xp, z, target, axis, reduction, ignore_index, label_smoothing, weight, check_targets=not kernels)
+    xp, kernels, ce = _CE.checked(z, target, axis, reduction, ignore_index, label_smoothing, weight)
     if inplace and not return_grad:
         raise ValueError("inplace: writing the gradient over z needs return_grad=True")
     if inplace and not getattr(ce.z.flags, "writeable", True):
@@ -441,7 +470,14 @@ class _Plan:
 
     def sizes(self, lay: _Layout, rows: str | None = "rows", cached: bool = True) -> dict:
         """The size arguments of this path's kernels, by name (``rows=None``: the kernel takes the
-        row count under another name)."""
+        row count under another name). Kept per plan, whose key holds the sizes; a fresh dict."""
+        key = ("sizes", rows, cached)
+        out = self.kernels.get(key)
+        if out is None:
+            out = self.kernels[key] = self._sizes(lay, rows, cached)
+        return dict(out)
+
+    def _sizes(self, lay: _Layout, rows: str | None, cached: bool) -> dict:
         C = np.int32(lay.C)
         if self.path == "strided":
             out = dict(outer=np.int64(lay.outer), C=C, inner=np.int64(lay.inner))
@@ -614,11 +650,12 @@ def _gpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
     loss_out, bad = B.empty(xp, 1, z.dtype), B.empty(xp, 1, np.int64)
     parts = B.empty(xp, (2, plan.grid), acc)
     named = plan.sizes(lay, rows=None)
-    named.update(dz=dz, loss_rows=loss_rows, loss_out=loss_out, bad_out=bad, part_loss=parts[0], part_w=parts[1],
-                 part_bad=B.empty(xp, plan.grid, np.int64), ticket=xp.zeros(1, np.uint32), z=lay.z, target=target,
-                 y=y, weight=weight, dloss=dl, dloss_stride=np.int64(dl_stride), inv_denom=inv_denom,
-                 ignore_index=np.int64(ce.ignore_index), label_smoothing=acc.type(ce.label_smoothing),
-                 flags=np.int32(flags), reduction=np.int32(code), n_rows=np.int64(R))
+    named.update({"dz": dz, "loss_rows": loss_rows, "loss_out": loss_out, "bad_out": bad, "part_loss": parts[0],
+                  "part_w": parts[1], "part_bad": B.empty(xp, plan.grid, np.int64), "ticket": xp.zeros(1, np.uint32),
+                  "z": lay.z, "target": target, "y": y, "weight": weight, "dloss": dl,
+                  "dloss_stride": np.int64(dl_stride), "inv_denom": inv_denom,
+                  "ignore_index": np.int64(ce.ignore_index), "label_smoothing": acc.type(ce.label_smoothing),
+                  "flags": np.int32(flags), "reduction": np.int32(code), "n_rows": np.int64(R)})
     _kernels.launch(k, plan.grid, plan.block, k.args_from(named), shared_mem=plan.smem)
 
     # the one synchronization: the error must be raised here
