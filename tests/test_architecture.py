@@ -163,3 +163,37 @@ def test_warm_calls_do_no_file_io_parsing_or_builds(monkeypatch):
         monkeypatch.setattr(_emulator, "build_module", refuse("an emulator build"))
         for call in calls:
             call()
+
+
+@pytest.mark.kernel
+def test_repeated_calls_skip_shape_checks_but_not_value_checks():
+    # a kernel-path call like one that passed its checks skips them; what a signature does not
+    # hold (eps, momentum, label_smoothing's range, writeability) is still checked every call
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((16, 6)).astype(np.float32)
+    rm, rv = np.zeros(6, np.float32), np.ones(6, np.float32)
+    t = rng.integers(0, 6, 16)
+    with gpu.use_backend("emulate"):
+        gpu.batch_norm_forward(x, running_mean=rm, running_var=rv)
+        with pytest.raises(ValueError, match="eps"):
+            gpu.batch_norm_forward(x, running_mean=rm, running_var=rv, eps=-1.0)
+        with pytest.raises(ValueError, match="momentum"):
+            gpu.batch_norm_forward(x, running_mean=rm, running_var=rv, momentum=float("nan"))
+        rv.flags.writeable = False
+        with pytest.raises(ValueError, match="running_var: must be writeable"):
+            gpu.batch_norm_forward(x, running_mean=rm, running_var=rv)
+        rv.flags.writeable = True
+        gpu.batch_norm_inference(x, None, None, rm, rv)
+        with pytest.raises(ValueError, match="eps"):
+            gpu.batch_norm_inference(x, None, None, rm, rv, eps=-1.0)
+        gpu.softmax_cross_entropy(x, t, label_smoothing=0.1)
+        with pytest.raises(ValueError, match="label_smoothing"):
+            gpu.softmax_cross_entropy(x, t, label_smoothing=1.5)
+        # the same arrays with a bad target value: found by the kernel, not by a signature
+        t_bad = t.copy()
+        t_bad[3] = 6
+        with pytest.raises(ValueError, match=r"target: class index 6 at position \(3,\)"):
+            gpu.softmax_cross_entropy(x, t_bad)
+    # the same signature on the NumPy path is checked there, not taken from the kernel path's calls
+    with pytest.raises(ValueError, match="target: class index 6"):
+        gpu.softmax_cross_entropy(x, t_bad)
