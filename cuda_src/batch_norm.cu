@@ -86,9 +86,6 @@
                                // (bfloat16 at sm_90: 157, as the row cache and its float copies stay live)
 #define BN_MAX_COLS 64       // largest bx of a channels-last tile (bounds batch_norm_forward_onchip's smem)
 
-typedef SCALAR_T scalar_t;
-typedef ACC_T acc_t;
-
 #if BN_VECTOR
 typedef Pack<scalar_t> Vec;
 #else

@@ -56,9 +56,6 @@
 // No tuning defines: path thresholds are host-side (gpu/ops/softmax.py), so tests can force each path
 // at small sizes without building another module.
 
-typedef SCALAR_T scalar_t;
-typedef ACC_T acc_t;
-
 #define SM_PACK (Pack<scalar_t>::size)   // elements in one 16-byte vector
 #define SM_STRIDED_MAX_TY 8              // thread rows of the strided path's (32, TY) block
 #define SM_NO_ROW 0x7fffffffffffffffLL   // "no bad row" in the per-block minimum
