@@ -128,9 +128,9 @@ __device__ __forceinline__ void finalize_tile(const BnWelford<L>& w, const Tile&
 // batch_norm_stats: block reduce, grid merge through the counter, finalize.
 template <int L>
 __device__ __forceinline__ void finish_stats(BnWelford<L> w, const Tile& t, int C, const StatsOut& o,
-                                             acc_t* ws, unsigned int* counters, acc_t* smem, int* is_last) {
+                                             acc_t* ws, unsigned int* counters, acc_t* smem) {
     w = reduce_columns(w, t.ncols, smem);
-    if (!merge_grid(w, t, C, ws, counters, smem, is_last)) return;
+    if (!merge_grid(w, t, C, ws, counters, smem)) return;
     finalize_tile(w, t, o, true, nullptr);
 }
 
@@ -156,7 +156,6 @@ batch_norm_stats(acc_t* mean, acc_t* var, acc_t* invstd, acc_t* scale, acc_t* sh
          index_t inner, int bx, int chunks, acc_t inv_m, acc_t unbias, acc_t eps, acc_t momentum,
          int flags) {
     extern __shared__ acc_t bn_smem[];
-    __shared__ int is_last;
     const Tile t = make_tile(outer, C, inner, bx, chunks);
     const StatsOut o = {mean, var, invstd, scale, shift, running_mean, running_var,
                         gamma, beta, inv_m, unbias, eps, momentum, flags};
@@ -174,9 +173,9 @@ batch_norm_stats(acc_t* mean, acc_t* var, acc_t* invstd, acc_t* scale, acc_t* sh
         }
     }
     if (inner == 1)
-        finish_stats<VEC>(w, t, C, o, ws, counters, bn_smem, &is_last);
+        finish_stats<VEC>(w, t, C, o, ws, counters, bn_smem);
     else
-        finish_stats<1>(w.fold(), t, C, o, ws, counters, bn_smem, &is_last);
+        finish_stats<1>(w.fold(), t, C, o, ws, counters, bn_smem);
 }
 
 // Every row of the grid in registers: grid = (tiles * chunks, gy), by * gy * BN_ONCHIP_ROWS >= outer.
@@ -312,9 +311,9 @@ struct GradOut {
 
 template <int L>
 __device__ __forceinline__ void finish_grad(BnGradSums<L> s, const Tile& t, int C, const GradOut& o,
-                                            acc_t* ws, unsigned int* counters, acc_t* smem, int* is_last) {
+                                            acc_t* ws, unsigned int* counters, acc_t* smem) {
     s = reduce_columns(s, t.ncols, smem);
-    if (!merge_grid(s, t, C, ws, counters, smem, is_last)) return;
+    if (!merge_grid(s, t, C, ws, counters, smem)) return;
     if ((int)threadIdx.x < t.ncols && t.col_active) {
 #pragma unroll
         for (int j = 0; j < L; ++j) {
@@ -338,7 +337,6 @@ batch_norm_backward_reduce(acc_t* dgamma, acc_t* dbeta, acc_t* k, acc_t* a, acc_
                    const acc_t* __restrict__ gamma, index_t outer, int C, index_t inner, int bx,
                    int chunks, acc_t inv_m, int flags) {
     extern __shared__ acc_t bn_smem[];
-    __shared__ int is_last;
     const Tile t = make_tile(outer, C, inner, bx, chunks);
     const GradOut o = {dgamma, dbeta, k, a, b, invstd, gamma, inv_m, flags};
     BnGradSums<VEC> s;
@@ -362,7 +360,7 @@ batch_norm_backward_reduce(acc_t* dgamma, acc_t* dbeta, acc_t* k, acc_t* a, acc_
         }
     }
     if (inner == 1)
-        finish_grad<VEC>(s, t, C, o, ws, counters, bn_smem, &is_last);
+        finish_grad<VEC>(s, t, C, o, ws, counters, bn_smem);
     else
-        finish_grad<1>(s.fold(), t, C, o, ws, counters, bn_smem, &is_last);
+        finish_grad<1>(s.fold(), t, C, o, ws, counters, bn_smem);
 }

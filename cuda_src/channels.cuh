@@ -17,8 +17,9 @@
 //   store_tile_partial, merge_tile_partials
 //                                       a tile's block partials through the workspace, merged in
 //                                       partition order (any block may merge: same bits)
-//   merge_grid                          store, then the block that arrives last at the tile's
-//                                       counter merges: it holds the tile's final partial
+//   merge_grid                          store, then the block that takes the tile's last ticket
+//                                       (common.cuh's last_block_ticket) merges: it holds the
+//                                       tile's final partial
 // A partial type A provides init, merge, shfl_down, save / load (shared memory) and
 // store_partial / load_partial (workspace), and kWords, its words per thread.
 //
@@ -373,15 +374,10 @@ __device__ __forceinline__ A merge_tile_partials(const Tile& t, int C, const acc
 // the block holding the tile's final states (in threads threadIdx.x < S).
 template <class A>
 __device__ __forceinline__ bool merge_grid(A& a, const Tile& t, int C, acc_t* ws, unsigned int* counters,
-                                           acc_t* smem, int* is_last) {
+                                           acc_t* smem) {
     if (t.nparts == 1) return true;
     store_tile_partial(a, t, C, ws);
-    __threadfence();  // partials visible device-wide before the counter says so
-    __syncthreads();
-    if (threadIdx.x == 0) *is_last = atomicAdd(&counters[t.tile], 1u) == (unsigned int)(t.nparts - 1);
-    __syncthreads();
-    if (!*is_last) return false;
-    __threadfence();
+    if (!last_block_ticket(&counters[t.tile], (unsigned int)t.nparts)) return false;
     a = merge_tile_partials<A>(t, C, ws, smem);
     return true;
 }

@@ -10,7 +10,11 @@
 //   exactly one of SCALAR_IS_HALF, SCALAR_IS_BF16, SCALAR_IS_FLOAT, SCALAR_IS_DOUBLE
 //
 // Only what every family uses lives here: the index type and ceil_div; scalar_t / acc_t;
-// conversions to_acc / from_acc; warp and block reductions; 128-bit vector loads and stores.
+// conversions to_acc / from_acc; warp and block reductions; 128-bit vector loads and stores; the
+// last-block ticket that ends a deterministic grid reduction. The engines a family builds on are
+// separate headers it declares with `// @headers` (pasted after this one):
+//   rows.cuh      row reductions (softmax, log-softmax, hardmax, cross-entropy)
+//   channels.cuh  per-channel reductions over (outer, inner) (batch norm)
 //
 // Reductions run in a fixed order (butterfly within a warp, then warp partials in warp order), so
 // a launch with the same shape gives bitwise the same result every time.
@@ -111,6 +115,27 @@ __device__ __forceinline__ T block_reduce(T v, T* scratch, Op op) {
 }
 template <typename T> __device__ __forceinline__ T block_reduce_sum(T v, T* scratch) {
     return block_reduce(v, scratch, SumOp());
+}
+
+// ---------------------------------------------------------------------------------------------
+// The last-block ticket: how a grid reduction ends in one launch, in a fixed order
+// ---------------------------------------------------------------------------------------------
+
+// Call once this block's partial is stored (by any of its threads); every thread of the block
+// calls. True, in every thread, in the one block that takes the last of `blocks` tickets from
+// `counter` (zero before the launch): every other block's partial is visible to it then, so it
+// merges them in an order of its choosing (block or partition order), never in the order the
+// blocks finished. Read the partials through volatile or L2 (__ldcg) loads: L1 is not coherent.
+// No floating-point atomics, so the result is bitwise reproducible.
+__device__ __forceinline__ bool last_block_ticket(unsigned int* counter, unsigned int blocks) {
+    __shared__ int is_last;
+    __threadfence();   // this block's partial visible device-wide before its ticket is taken
+    __syncthreads();
+    if (block_thread_rank() == 0) is_last = atomicAdd(counter, 1u) == blocks - 1;
+    __syncthreads();
+    if (!is_last) return false;   // block-uniform
+    __threadfence();   // the other blocks' partials are read after their tickets
+    return true;
 }
 
 // ---------------------------------------------------------------------------------------------

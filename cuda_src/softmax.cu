@@ -43,7 +43,7 @@
 //   softmax_cross_entropy_weight_sum          8 R
 //
 // Cross-entropy reductions are deterministic: each block sums its rows in a fixed order, writes a
-// partial, and the last block to finish (atomic ticket) sums the partials in block order. An
+// partial, and the last block to finish (last_block_ticket) sums the partials in block order. An
 // integer target outside [0, C) that is not ignore_index is never used as an index: the row is
 // treated as ignored and the first such row is reported through bad_out (-1 when none).
 //
@@ -287,7 +287,6 @@ struct MinLL {
 __device__ __forceinline__ void CrossEntropyOp::end_block() {
     __shared__ acc_t scratch[32];
     __shared__ long long scratch_ll[32];
-    __shared__ int is_last;
     const int tid = block_thread_rank();
     const int nt = block_num_threads();
     acc_t l = block_reduce_sum(sum_loss, scratch);
@@ -297,12 +296,8 @@ __device__ __forceinline__ void CrossEntropyOp::end_block() {
         part_loss[blockIdx.x] = l;
         part_w[blockIdx.x] = w;
         part_bad[blockIdx.x] = b;
-        __threadfence();   // partials visible device-wide before the ticket is taken
-        is_last = atomicAdd(ticket, 1u) == gridDim.x - 1;
     }
-    __syncthreads();
-    if (!is_last) return;   // block-uniform
-    __threadfence();
+    if (!last_block_ticket(ticket, gridDim.x)) return;
     l = acc_t(0);
     w = acc_t(0);
     b = SM_NO_ROW;
@@ -420,7 +415,6 @@ extern "C" __global__ void __launch_bounds__(256)
 softmax_cross_entropy_weight_sum(acc_t* inv_denom, acc_t* part, unsigned int* ticket, const long long* __restrict__ target,
               const acc_t* __restrict__ weight, int has_weight, index_t rows, int C, long long ignore_index) {
     __shared__ acc_t scratch[32];
-    __shared__ int is_last;
     const int tid = threadIdx.x;
     acc_t w = 0;
     for (index_t r = (index_t)blockIdx.x * blockDim.x + tid; r < rows; r += (index_t)gridDim.x * blockDim.x) {
@@ -428,14 +422,8 @@ softmax_cross_entropy_weight_sum(acc_t* inv_denom, acc_t* part, unsigned int* ti
         if (t != ignore_index && t >= 0 && t < (long long)C) w += has_weight ? weight[t] : acc_t(1);
     }
     w = block_reduce_sum(w, scratch);
-    if (tid == 0) {
-        part[blockIdx.x] = w;
-        __threadfence();
-        is_last = atomicAdd(ticket, 1u) == gridDim.x - 1;
-    }
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
+    if (tid == 0) part[blockIdx.x] = w;
+    if (!last_block_ticket(ticket, gridDim.x)) return;
     w = 0;
     for (int i = tid; i < (int)gridDim.x; i += blockDim.x) w += ((volatile acc_t*)part)[i];
     w = block_reduce_sum(w, scratch);

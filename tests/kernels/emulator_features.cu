@@ -21,23 +21,17 @@ extern "C" __global__ void block_sum(float* partials, const float* __restrict__ 
 }
 
 // The whole sum in one launch: per-block partials in a workspace, and the last block to take a
-// ticket sums them in block order (fixed order, whatever order the blocks finish in). The
-// counter is reset for the next launch.
+// ticket (common.cuh's last_block_ticket) sums them in block order (fixed order, whatever order
+// the blocks finish in). The counter is reset for the next launch.
 extern "C" __global__ void grid_sum(double* out, double* partials, unsigned int* counter,
                                     const float* __restrict__ x, index_t n) {
     __shared__ double scratch[32];
-    __shared__ bool is_last;
     double v = 0.0;
     const index_t stride = (index_t)gridDim.x * blockDim.x;
     for (index_t i = blockIdx.x * (index_t)blockDim.x + threadIdx.x; i < n; i += stride) v += x[i];
     v = block_reduce_sum(v, scratch);
-    if (threadIdx.x == 0) {
-        partials[blockIdx.x] = v;
-        __threadfence();  // the partial is visible to every block before the ticket is
-        is_last = atomicAdd(counter, 1u) == gridDim.x - 1;
-    }
-    __syncthreads();
-    if (!is_last) return;
+    if (threadIdx.x == 0) partials[blockIdx.x] = v;
+    if (!last_block_ticket(counter, gridDim.x)) return;
     double s = 0.0;
     for (unsigned int b = threadIdx.x; b < gridDim.x; b += blockDim.x) s += __ldcg(partials + b);
     s = block_reduce_sum(s, scratch);
