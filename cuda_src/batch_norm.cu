@@ -69,6 +69,32 @@
 #define BN_RUNNING 4         // update running_mean / running_var
 
 // ---------------------------------------------------------------------------------------------
+// The normalization of a channel as an affine map: y = (x - center) * scale + shift
+// ---------------------------------------------------------------------------------------------
+// Spelled once: the statistics finalize, the inference parameters and the backward's k build the
+// coefficients here, and the on-chip forward and the apply passes normalize here, so every path
+// gives the same bits for the same statistics.
+
+struct Affine { acc_t scale, shift; };
+
+__device__ __forceinline__ acc_t bn_invstd(acc_t var, acc_t eps) { return acc_t(1) / sqrt(var + eps); }
+
+// scale = gamma * invstd, shift = beta; an absent gamma is 1 and an absent beta 0 (flags).
+__device__ __forceinline__ Affine bn_affine(acc_t invstd, const acc_t* gamma, const acc_t* beta, int c,
+                                            int flags) {
+    Affine f;
+    f.scale = (flags & BN_HAS_GAMMA) ? gamma[c] * invstd : invstd;
+    f.shift = (flags & BN_HAS_BETA) ? beta[c] : acc_t(0);
+    return f;
+}
+
+// center: the batch mean (training) or the running mean (inference). The backward's
+// a*(x - mean) + b is the same map with its own coefficients.
+__device__ __forceinline__ acc_t bn_apply(acc_t x, acc_t center, acc_t scale, acc_t shift) {
+    return (x - center) * scale + shift;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Statistics and training forward
 // ---------------------------------------------------------------------------------------------
 
@@ -85,18 +111,17 @@ __device__ __forceinline__ void finalize_channel(const StatsOut& o, int c, acc_t
                                                  acc_t* coef) {
     acc_t var = m2 * o.inv_m;
     var = var < acc_t(0) ? acc_t(0) : var;  // keeps NaN (fmax would not)
-    const acc_t invstd = acc_t(1) / sqrt(var + o.eps);
-    const acc_t scale = (o.flags & BN_HAS_GAMMA) ? o.gamma[c] * invstd : invstd;
-    const acc_t shift = (o.flags & BN_HAS_BETA) ? o.beta[c] : acc_t(0);
+    const acc_t invstd = bn_invstd(var, o.eps);
+    const Affine f = bn_affine(invstd, o.gamma, o.beta, c, o.flags);
     coef[0] = mu;
-    coef[1] = scale;
-    coef[2] = shift;
+    coef[1] = f.scale;
+    coef[2] = f.shift;
     if (!write) return;
     o.mean[c] = mu;
     o.var[c] = var;
     o.invstd[c] = invstd;
-    o.scale[c] = scale;
-    o.shift[c] = shift;
+    o.scale[c] = f.scale;
+    o.shift[c] = f.shift;
     if (o.flags & BN_RUNNING) {
         const acc_t keep = acc_t(1) - o.momentum;
         o.running_mean[c] = keep * o.running_mean[c] + o.momentum * mu;
@@ -223,7 +248,8 @@ batch_norm_forward_onchip(scalar_t* y, acc_t* mean, acc_t* var, acc_t* invstd, a
         if (t.row + u * t.step < t.rows) {
             Vec out;
 #pragma unroll
-            for (int j = 0; j < VEC; ++j) out.v[j] = from_acc<scalar_t>((to_acc(v[u].v[j]) - mu[j]) * sc[j] + sh[j]);
+            for (int j = 0; j < VEC; ++j)
+                out.v[j] = from_acc<scalar_t>(bn_apply(to_acc(v[u].v[j]), mu[j], sc[j], sh[j]));
             store_vec(y + (t.row + u * t.step) * t.stride + t.base, out);
         }
     }
@@ -262,7 +288,7 @@ __device__ __forceinline__ void apply_rows(scalar_t* out, const scalar_t* __rest
                 Vec o;
 #pragma unroll
                 for (int j = 0; j < VEC; ++j) {
-                    acc_t v = (to_acc(vx[u].v[j]) - mu[j]) * ca[j] + cb[j];
+                    acc_t v = bn_apply(to_acc(vx[u].v[j]), mu[j], ca[j], cb[j]);
                     if (BACKWARD) v += ck[j] * to_acc(vg[u].v[j]);
                     o.v[j] = from_acc<scalar_t>(v);
                 }
@@ -293,9 +319,9 @@ extern "C" __global__ void batch_norm_inference_params(acc_t* scale, acc_t* shif
                                                int flags) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
-    const acc_t invstd = acc_t(1) / sqrt(running_var[c] + eps);
-    scale[c] = (flags & BN_HAS_GAMMA) ? gamma[c] * invstd : invstd;
-    shift[c] = (flags & BN_HAS_BETA) ? beta[c] : acc_t(0);
+    const Affine f = bn_affine(bn_invstd(running_var[c], eps), gamma, beta, c, flags);
+    scale[c] = f.scale;
+    shift[c] = f.shift;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -320,7 +346,8 @@ __device__ __forceinline__ void finish_grad(BnGradSums<L> s, const Tile& t, int 
             const int c = t.c0 + j;
             const acc_t istd = o.invstd[c];
             const acc_t dbeta = s.dy[j], dgamma = s.dyx[j] * istd;
-            const acc_t k = (o.flags & BN_HAS_GAMMA) ? o.gamma[c] * istd : istd;
+            // k is the forward's scale; beta plays no part in dx
+            const acc_t k = bn_affine(istd, o.gamma, nullptr, c, o.flags & BN_HAS_GAMMA).scale;
             o.dgamma[c] = dgamma;
             o.dbeta[c] = dbeta;
             o.k[c] = k;
