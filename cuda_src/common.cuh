@@ -9,10 +9,10 @@
 //   ACC_T      accumulation type: double for double, float for everything else
 //   exactly one of SCALAR_IS_HALF, SCALAR_IS_BF16, SCALAR_IS_FLOAT, SCALAR_IS_DOUBLE
 //
-// Only what every family uses lives here: the index type and ceil_div; scalar_t / acc_t;
-// conversions to_acc / from_acc; warp and block reductions; 128-bit vector loads and stores; the
-// last-block ticket that ends a deterministic grid reduction. The engines a family builds on are
-// separate headers it declares with `// @headers` (pasted after this one):
+// Shared basics only: the index type and ceil_div; scalar_t / acc_t; conversions to_acc /
+// from_acc; warp and block reductions; 128-bit vector loads and stores; the last-block ticket that
+// ends a deterministic grid reduction. What one engine alone needs lives in its own header, which
+// a family declares with `// @headers` (pasted after this one, in the order given):
 //   rows.cuh      row reductions (softmax, log-softmax, hardmax, cross-entropy)
 //   channels.cuh  per-channel reductions over (outer, inner) (batch norm)
 //
