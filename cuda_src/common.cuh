@@ -9,8 +9,12 @@
 //   ACC_T      accumulation type: double for double, float for everything else
 //   exactly one of SCALAR_IS_HALF, SCALAR_IS_BF16, SCALAR_IS_FLOAT, SCALAR_IS_DOUBLE
 //
-// Contents: index type and ceil_div; conversions to_acc / from_acc; warp and block reductions (sum,
-// max); Welford statistics with Chan's merge; 128-bit vector loads and stores.
+// Shared basics only: the index type and ceil_div; scalar_t / acc_t; conversions to_acc /
+// from_acc; warp and block reductions; 128-bit vector loads and stores; the last-block ticket that
+// ends a deterministic grid reduction. What one engine alone needs lives in its own header, which
+// a family declares with `// @headers` (pasted after this one, in the order given):
+//   rows.cuh      row reductions (softmax, log-softmax, hardmax, cross-entropy)
+//   channels.cuh  per-channel reductions over (outer, inner) (batch norm)
 //
 // Reductions run in a fixed order (butterfly within a warp, then warp partials in warp order), so
 // a launch with the same shape gives bitwise the same result every time.
@@ -35,7 +39,7 @@ typedef long long index_t;
 #endif
 
 #define GPU_WARP 32             // warpSize as a constant expression (loop bounds, array sizes)
-#define GPU_FULL_MASK 0xffffffffu
+#define GPU_FULL_MASK 0xffffffffu   // every lane of the warp takes part in a shuffle
 
 template <typename T>
 __host__ __device__ __forceinline__ constexpr T ceil_div(T a, T b) { return (a + b - 1) / b; }
@@ -47,8 +51,14 @@ __device__ __forceinline__ int block_thread_rank() {
 __device__ __forceinline__ int block_num_threads() { return blockDim.x * blockDim.y * blockDim.z; }
 
 // ---------------------------------------------------------------------------------------------
-// Conversions between the storage type and the accumulation type
+// Storage and accumulation types, and conversions between them
 // ---------------------------------------------------------------------------------------------
+
+// Families built without a dtype (test kernels declared `// @dtypes none`) have neither.
+#if defined(SCALAR_T)
+typedef SCALAR_T scalar_t;
+typedef ACC_T acc_t;
+#endif
 
 __device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
@@ -66,27 +76,17 @@ template <typename T> __device__ __forceinline__ T from_acc(double x);
 template <> __device__ __forceinline__ double from_acc<double>(double x) { return x; }
 
 // ---------------------------------------------------------------------------------------------
-// Reduction operators
+// Warp and block reductions
 // ---------------------------------------------------------------------------------------------
 
-// fmaxf/fmax return the other operand for a NaN, in any order: the result does not depend on
-// which lane holds the NaN. Callers that must propagate NaN check for it separately.
+// An Op is a symmetric binary operator with a static identity<T>(): what the lanes past the
+// block's last warp contribute in block_reduce.
 struct SumOp {
     template <typename T> __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
     template <typename T> __device__ __forceinline__ static T identity() { return T(0); }
 };
-struct MaxOp {
-    __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
-    __device__ __forceinline__ double operator()(double a, double b) const { return fmax(a, b); }
-    __device__ __forceinline__ int operator()(int a, int b) const { return a > b ? a : b; }
-    template <typename T> __device__ __forceinline__ static T identity() { return -T(INFINITY); }
-};
 
-// ---------------------------------------------------------------------------------------------
-// Warp and block reductions
-// ---------------------------------------------------------------------------------------------
-
-// All 32 lanes of the warp must call these (full mask). The result is in every lane.
+// All 32 lanes of the warp must call this (full mask). The result is in every lane.
 template <typename T, typename Op>
 __device__ __forceinline__ T warp_reduce(T v, Op op) {
 #pragma unroll
@@ -94,8 +94,6 @@ __device__ __forceinline__ T warp_reduce(T v, Op op) {
         v = op(v, __shfl_xor_sync(GPU_FULL_MASK, v, offset));
     return v;
 }
-template <typename T> __device__ __forceinline__ T warp_reduce_sum(T v) { return warp_reduce(v, SumOp()); }
-template <typename T> __device__ __forceinline__ T warp_reduce_max(T v) { return warp_reduce(v, MaxOp()); }
 
 // Reduce over the whole block; the result is returned to every thread.
 // `scratch` is a __shared__ array of at least 32 elements. The block size must be a multiple of
@@ -118,72 +116,26 @@ __device__ __forceinline__ T block_reduce(T v, T* scratch, Op op) {
 template <typename T> __device__ __forceinline__ T block_reduce_sum(T v, T* scratch) {
     return block_reduce(v, scratch, SumOp());
 }
-template <typename T> __device__ __forceinline__ T block_reduce_max(T v, T* scratch) {
-    return block_reduce(v, scratch, MaxOp());
-}
 
 // ---------------------------------------------------------------------------------------------
-// Welford statistics (count, mean, M2) and Chan's parallel merge
+// The last-block ticket: how a grid reduction ends in one launch, in a fixed order
 // ---------------------------------------------------------------------------------------------
 
-// Count is kept in T: with T = float it is exact up to 2^24 per partial, which bounds what one
-// thread or block may accumulate before merging; merge across blocks in double if counts grow.
-// Trivially constructible, so it may live in __shared__ memory.
-template <typename T>
-struct Welford {
-    T count, mean, m2;
-
-    __device__ __forceinline__ static Welford empty() { return Welford{T(0), T(0), T(0)}; }
-
-    __device__ __forceinline__ void push(T x) {
-        count += T(1);
-        const T delta = x - mean;
-        mean += delta / count;
-        m2 += delta * (x - mean);
-    }
-
-    // Chan et al.: combine two partials; either may be empty.
-    __device__ __forceinline__ void merge(const Welford& o) {
-        const T n = count + o.count;
-        if (n == T(0)) return;
-        const T delta = o.mean - mean;
-        const T ratio = o.count / n;
-        mean += delta * ratio;
-        m2 += o.m2 + delta * delta * count * ratio;
-        count = n;
-    }
-
-    __device__ __forceinline__ T var_biased() const { return count > T(0) ? m2 / count : T(0); }
-};
-
-template <typename T>
-__device__ __forceinline__ Welford<T> warp_reduce_welford(Welford<T> w) {
-#pragma unroll
-    for (int offset = GPU_WARP / 2; offset > 0; offset >>= 1) {
-        Welford<T> o;
-        o.count = __shfl_xor_sync(GPU_FULL_MASK, w.count, offset);
-        o.mean = __shfl_xor_sync(GPU_FULL_MASK, w.mean, offset);
-        o.m2 = __shfl_xor_sync(GPU_FULL_MASK, w.m2, offset);
-        w.merge(o);
-    }
-    return w;
-}
-
-// Same contract as block_reduce: `scratch` holds at least 32 entries, every thread calls, the
-// block size is a multiple of 32, the result is in every thread.
-template <typename T>
-__device__ __forceinline__ Welford<T> block_reduce_welford(Welford<T> w, Welford<T>* scratch) {
-    const int tid = block_thread_rank();
-    const int lane = tid % GPU_WARP;
-    const int warp = tid / GPU_WARP;
-    const int num_warps = block_num_threads() / GPU_WARP;
-    w = warp_reduce_welford(w);
-    if (lane == 0) scratch[warp] = w;
+// Call once this block's partial is stored (by any of its threads); every thread of the block
+// calls. True, in every thread, in the one block that takes the last of `blocks` tickets from
+// `counter` (zero before the launch): every other block's partial is visible to it then, so it
+// merges them in an order of its choosing (block or partition order), never in the order the
+// blocks finished. Read the partials through volatile or L2 (__ldcg) loads: L1 is not coherent.
+// No floating-point atomics, so the result is bitwise reproducible.
+__device__ __forceinline__ bool last_block_ticket(unsigned int* counter, unsigned int blocks) {
+    __shared__ int is_last;
+    __threadfence();   // this block's partial visible device-wide before its ticket is taken
     __syncthreads();
-    w = lane < num_warps ? scratch[lane] : Welford<T>::empty();
-    w = warp_reduce_welford(w);
+    if (block_thread_rank() == 0) is_last = atomicAdd(counter, 1u) == blocks - 1;
     __syncthreads();
-    return w;
+    if (!is_last) return false;   // block-uniform
+    __threadfence();   // the other blocks' partials are read after their tickets
+    return true;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -191,17 +143,13 @@ __device__ __forceinline__ Welford<T> block_reduce_welford(Welford<T> w, Welford
 // ---------------------------------------------------------------------------------------------
 
 // Pack<T>: the elements of one 16-byte transaction (8 halves or bfloat16s, 4 floats, 2 doubles).
-// The pointer must be 16-byte aligned (check with is_aligned16 and run a scalar tail/head for the
-// rest): a misaligned vector access faults on the GPU and in the emulator alike.
+// The pointer must be 16-byte aligned (callers run a scalar head/tail for the rest, or take a
+// scalar path): a misaligned vector access faults on the GPU and in the emulator alike.
 template <typename T>
 struct alignas(16) Pack {
     static constexpr int size = 16 / sizeof(T);
     T v[16 / sizeof(T)];
 };
-
-__device__ __forceinline__ bool is_aligned16(const void* p) {
-    return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0;
-}
 
 template <typename T>
 __device__ __forceinline__ Pack<T> load_pack(const T* __restrict__ p) {

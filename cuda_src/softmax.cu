@@ -1,5 +1,7 @@
 // softmax.cu: softmax, log-softmax, hardmax and fused softmax + cross-entropy (loss and dZ).
 //
+// @headers rows.cuh
+//
 // Formulas (rows along the class axis, C classes, M = row max, s = sum_c exp(z_c - M)):
 //   softmax      p_j    = exp(z_j - M) / s
 //   log-softmax  logp_j = (z_j - M) - log s
@@ -12,26 +14,22 @@
 //     loss = L sum_c wy_c - sum_c wy_c sh_c,   dz_j = g (p_j sum_c wy_c - wy_j)
 //   g = dloss (per row for reduction 'none'), divided by the 'mean' denominator.
 //
-// Row statistics are gathered in ONE pass with an online (max, sum) pair, so a row is read once
-// when it stays on chip and twice when it does not; exp is exp2 of a log2(e)-prescaled difference.
+// Every kernel is one path of the row engine (rows.cuh: the paths, their launch shapes and the Op
+// interface) run with one of the ops below. Row statistics are gathered in ONE pass with an online
+// (max, sum) pair, so a row is read once when it stays on chip and twice when it does not.
 // sum_c w_c sh_c is accumulated against a pivot P (the row's first logit, 0 if not finite):
 // q = sum w_c (z_c - P), then sum w_c sh_c = q + (P - M) W, which needs no rescaling on merge and
 // keeps the precision of the shifted sum for logits far from 0.
 //
 // Paths (chosen by gpu/ops/softmax.py; z viewed as a C-contiguous (outer, C, inner) array):
-//   *_warp_n{N}  inner == 1, C <= 32 N: a group of `lanes` lanes per row (lanes = 32, or the power
-//                of two >= C when C <= 32, so several short rows share a warp); the row lives in
-//                registers, N values per lane, 16-byte vector loads when rows are aligned.
-//                Block 128 threads, grid = min(row groups, resident blocks), grid-stride over rows.
-//   *_block      inner == 1, longer rows: one block per row. cached=1 keeps the row (and the
-//                probability target) in dynamic shared memory, so it is read once from DRAM;
+//   *_warp_n{N}  rows_warp: inner == 1, C <= 32 N, the row in registers, `lanes` lanes per row.
+//                Block 128 threads, grid = min(row groups, resident blocks).
+//   *_block      rows_block: inner == 1, longer rows, one block per row. cached=1 keeps the row
+//                (and the probability target) in shared memory, so it is read once from DRAM;
 //                cached=0 (rows past the shared-memory limit, e.g. 128K-256K vocabularies) reads
-//                it a second time, ideally from L2. Scalar head up to 16-byte alignment, vector
-//                body, scalar tail. Block 128..1024 threads by row length.
-//   *_strided    inner > 1 (classes on axis 0 of (C, m), or axis 1 of NCHW): a block of (32, TY)
-//                threads handles a tile of 32 inner positions (coalesced along inner); the TY
-//                thread rows split the classes and merge their statistics through shared memory.
-//                cached=1 keeps the (C, 32) tile in shared memory.
+//                it a second time, ideally from L2. Block 128..1024 threads by row length.
+//   *_strided    rows_strided: inner > 1 (classes on axis 0 of (C, m), or axis 1 of NCHW), a
+//                (32, TY) block per tile of 32 inner positions (coalesced along inner).
 //   softmax_cross_entropy_weight_sum  integer targets, reduction 'mean' with a gradient: the denominator
 //                sum of w_t over non-ignored targets, needed before any dz is written, from the
 //                targets alone (8 bytes a row), reduced deterministically.
@@ -45,7 +43,7 @@
 //   softmax_cross_entropy_weight_sum          8 R
 //
 // Cross-entropy reductions are deterministic: each block sums its rows in a fixed order, writes a
-// partial, and the last block to finish (atomic ticket) sums the partials in block order. An
+// partial, and the last block to finish (last_block_ticket) sums the partials in block order. An
 // integer target outside [0, C) that is not ignore_index is never used as an index: the row is
 // treated as ignored and the first such row is reported through bad_out (-1 when none).
 //
@@ -56,112 +54,12 @@
 // No tuning defines: path thresholds are host-side (gpu/ops/softmax.py), so tests can force each path
 // at small sizes without building another module.
 
-typedef SCALAR_T scalar_t;
-typedef ACC_T acc_t;
-
-#define SM_PACK (Pack<scalar_t>::size)   // elements in one 16-byte vector
-#define SM_STRIDED_MAX_TY 8              // thread rows of the strided path's (32, TY) block
 #define SM_NO_ROW 0x7fffffffffffffffLL   // "no bad row" in the per-block minimum
 
 // ---------------------------------------------------------------------------------------------
-// Scalar helpers
+// Ops: what a row kernel accumulates (Stats), holds per row (Ctx), and writes (out_value)
 // ---------------------------------------------------------------------------------------------
-
-#if defined(SCALAR_IS_DOUBLE)
-// exp(d) for d <= 0 (every call here passes a difference to the running maximum) or NaN.
-// CUDA's exp(double) calls an out-of-line slow path, which costs callee-saved spills in these
-// register-heavy kernels; this one is inline: d = k ln2 + r (Cody-Waite), |r| <= ln2/2, a
-// degree-12 Taylor polynomial (truncation < 1e-15 relative), then 2^k in two normal factors so
-// subnormal results come out right.
-__device__ __forceinline__ acc_t acc_exp(acc_t d) {
-    if (!(d > -745.2)) return d != d ? d : 0.0;            // NaN stays NaN; -inf and underflow: 0
-    const double k = rint(d * 1.4426950408889634);
-    double r = fma(k, -6.93147180369123816490e-01, d);     // ln2 high part (exact k * hi)
-    r = fma(k, -1.90821492927058770002e-10, r);            // ln2 low part
-    double p = 1.0 / 479001600.0;
-    p = fma(p, r, 1.0 / 39916800.0);
-    p = fma(p, r, 1.0 / 3628800.0);
-    p = fma(p, r, 1.0 / 362880.0);
-    p = fma(p, r, 1.0 / 40320.0);
-    p = fma(p, r, 1.0 / 5040.0);
-    p = fma(p, r, 1.0 / 720.0);
-    p = fma(p, r, 1.0 / 120.0);
-    p = fma(p, r, 1.0 / 24.0);
-    p = fma(p, r, 1.0 / 6.0);
-    p = fma(p, r, 0.5);
-    p = fma(p, r, 1.0);
-    p = fma(p, r, 1.0);
-    const long long k1 = (long long)k / 2, k2 = (long long)k - k1;   // both in [-538, 0]
-    return p * __longlong_as_double((k1 + 1023) << 52) * __longlong_as_double((k2 + 1023) << 52);
-}
-__device__ __forceinline__ acc_t acc_log(acc_t x) { return log(x); }
-// 1/x for the sums of exps (x in [1, C], or 0 / NaN for rows that come out NaN): a float
-// reciprocal refined by two Newton steps (24 -> 48 -> 96 bits), inline where a double division
-// would call its out-of-line slow path.
-__device__ __forceinline__ acc_t acc_rcp(acc_t x) {
-    double r = (double)__fdividef(1.0f, (float)x);
-    r = fma(r, fma(-x, r, 1.0), r);
-    return fma(r, fma(-x, r, 1.0), r);
-}
-#else
-// exp(d) = 2^(d log2 e): one MUFU.EX2 after one multiply. d = z - M is formed first, so logits
-// far from 0 (1e4) lose nothing to the prescale.
-__device__ __forceinline__ acc_t acc_exp(acc_t d) { return exp2f(d * 1.4426950408889634f); }
-// x in [1, C]: MUFU.LG2 (absolute error ~1e-7 here); logf calls a slow path that spills.
-__device__ __forceinline__ acc_t acc_log(acc_t x) { return __logf(x); }
-// 1/x for x in [1, C] (the sums of exps): MUFU.RCP, inline; IEEE division and __frcp_rn call an
-// out-of-line slow path on sm_80, which spills in these kernels.
-__device__ __forceinline__ acc_t acc_rcp(acc_t x) { return __fdividef(1.0f, x); }
-#endif
-
-__device__ __forceinline__ acc_t acc_inf() { return acc_t(INFINITY); }
-__device__ __forceinline__ scalar_t scalar_zero() { return from_acc<scalar_t>(acc_t(0)); }
-
-// A coherent 16-byte load (not __ldg): in-place cross-entropy writes dz over z during the
-// kernel, which the read-only (non-coherent) path does not allow; it also lets the uncached
-// paths' first read leave the row in L2 for the second.
-__device__ __forceinline__ Pack<scalar_t> load_pack_coherent(const scalar_t* p) {
-    return *reinterpret_cast<const Pack<scalar_t>*>(p);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Online (max, sum of exp) statistics
-// ---------------------------------------------------------------------------------------------
-
-// s = sum exp(x - m) over the values seen. Special values come out as in the reference:
-// +inf anywhere or NaN anywhere makes s NaN (the row's outputs NaN); an all -inf row keeps
-// m = -inf, s = 0 and its outputs (z - M = NaN) are NaN, as PyTorch's.
-__device__ __forceinline__ void online_add(acc_t& m, acc_t& s, acc_t x) {
-    const bool up = x > m;
-    acc_t e = acc_exp(up ? m - x : x - m);     // one exp per element either way
-    if (x == -acc_inf()) e = acc_t(0);         // -inf - (-inf) would be NaN
-    s = up ? s * e + (acc_t(1) + (x - x)) : s + e;   // x - x: NaN for x = +inf, else 0
-    m = up ? x : m;
-}
-
-// Symmetric in its operands (IEEE + and * commute), so a butterfly leaves every lane equal.
-__device__ __forceinline__ void online_merge(acc_t& m, acc_t& s, acc_t m2, acc_t s2) {
-    const acc_t mm = m > m2 ? m : m2;
-    if (mm == -acc_inf()) {
-        s = s + s2;                            // both 0 (or NaN, kept)
-    } else {
-        s = s * acc_exp(m - mm) + s2 * acc_exp(m2 - mm);
-    }
-    m = mm;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Ops: what a row kernel accumulates (Stats), holds per row (Ctx), and writes (out)
-// ---------------------------------------------------------------------------------------------
-//
-// Each op provides:
-//   Stats init(); void add(Stats&, const Ctx&, acc_t x, acc_t y, int col);
-//   static void merge(Stats&, const Stats&) (symmetric); static Stats shfl_xor(Stats, int, int);
-//   Ctx begin(index_t row, bool active, acc_t pivot);
-//   Fin finish(const Stats&, const Ctx&, index_t row, bool leader);  // leader: once per row
-//   acc_t out(const Fin&, acc_t x, acc_t y, int col);
-//   void end_block();                                                 // after the last row
-//   kReadsX (out needs x), kHasY (a dense target may be read), kStream (streaming stores)
+// The interface the row engine calls is described at the top of rows.cuh.
 
 struct SoftmaxOp {
     scalar_t* out;
@@ -389,7 +287,6 @@ struct MinLL {
 __device__ __forceinline__ void CrossEntropyOp::end_block() {
     __shared__ acc_t scratch[32];
     __shared__ long long scratch_ll[32];
-    __shared__ int is_last;
     const int tid = block_thread_rank();
     const int nt = block_num_threads();
     acc_t l = block_reduce_sum(sum_loss, scratch);
@@ -399,12 +296,8 @@ __device__ __forceinline__ void CrossEntropyOp::end_block() {
         part_loss[blockIdx.x] = l;
         part_w[blockIdx.x] = w;
         part_bad[blockIdx.x] = b;
-        __threadfence();   // partials visible device-wide before the ticket is taken
-        is_last = atomicAdd(ticket, 1u) == gridDim.x - 1;
     }
-    __syncthreads();
-    if (!is_last) return;   // block-uniform
-    __threadfence();
+    if (!last_block_ticket(ticket, gridDim.x)) return;
     l = acc_t(0);
     w = acc_t(0);
     b = SM_NO_ROW;
@@ -426,284 +319,8 @@ __device__ __forceinline__ void CrossEntropyOp::end_block() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Stats reductions across a lane group and a block (fixed butterfly, then warps in order)
-// ---------------------------------------------------------------------------------------------
-
-template <class Op>
-__device__ __forceinline__ typename Op::Stats group_allreduce(typename Op::Stats st, int width) {
-    for (int off = width / 2; off > 0; off >>= 1) Op::merge(st, Op::shfl_xor(st, off, width));
-    return st;
-}
-
-// Every thread gets the block's result. Blocks are a multiple of 32 threads; ends with a barrier.
-template <class Op>
-__device__ __forceinline__ typename Op::Stats block_allreduce(typename Op::Stats st, typename Op::Stats* scratch) {
-    const int tid = block_thread_rank();
-    const int nw = block_num_threads() / GPU_WARP;
-    st = group_allreduce<Op>(st, GPU_WARP);
-    if (tid % GPU_WARP == 0) scratch[tid / GPU_WARP] = st;
-    __syncthreads();
-    st = scratch[0];
-    for (int w = 1; w < nw; ++w) Op::merge(st, scratch[w]);   // same order in every thread
-    __syncthreads();
-    return st;
-}
-
-template <class Op>
-__device__ __forceinline__ void store_out(scalar_t* p, acc_t v) {
-    if (Op::kStream) __stcs(p, from_acc<scalar_t>(v));
-    else *p = from_acc<scalar_t>(v);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Path 1: a lane group per row, the row in registers (inner == 1, C <= 32 N)
-// ---------------------------------------------------------------------------------------------
-// Lane l of a group holds columns (k lanes + l) V + i, k < N/V, i < V: each k is one coalesced
-// (vector) load across the group. `vec`: C % SM_PACK == 0 and z/out/y 16-byte aligned.
-
-template <int N, class Op>
-__device__ __forceinline__ void rows_warp(Op op, const scalar_t* z, index_t rows, int C, int lanes,
-                                          int vec) {
-    constexpr int V = N >= SM_PACK ? SM_PACK : 1;
-    constexpr int K = N / V;
-    const int lane = threadIdx.x % lanes;
-    const int groups = blockDim.x / lanes;
-    const int group = threadIdx.x / lanes;
-    scalar_t* const out = op.dest();
-    const scalar_t* const yp = op.ysrc();
-    const bool use_vec = V > 1 && vec;
-
-    // The loop bound is the same for the whole block, so every lane reaches every shuffle.
-    for (index_t row0 = (index_t)blockIdx.x * groups; row0 < rows; row0 += (index_t)gridDim.x * groups) {
-        const index_t row = row0 + group;
-        const bool active = row < rows;
-        const index_t base = (active ? row : 0) * (index_t)C;
-        acc_t x[N], yv[N];
-#pragma unroll
-        for (int j = 0; j < N; ++j) x[j] = yv[j] = acc_t(0);
-#pragma unroll
-        for (int k = 0; k < K; ++k) {
-            const int col0 = (k * lanes + lane) * V;
-            if (use_vec) {
-                if (active && col0 < C) {
-                    const Pack<scalar_t> p = load_pack_coherent(z + base + col0);
-#pragma unroll
-                    for (int i = 0; i < V; ++i) x[k * V + i] = to_acc(p.v[i]);
-                    if (Op::kHasY && yp) {
-                        const Pack<scalar_t> q = load_pack_coherent(yp + base + col0);
-#pragma unroll
-                        for (int i = 0; i < V; ++i) yv[k * V + i] = to_acc(q.v[i]);
-                    }
-                }
-            } else {
-#pragma unroll
-                for (int i = 0; i < V; ++i) {
-                    const int col = col0 + i;
-                    if (active && col < C) {
-                        x[k * V + i] = to_acc(z[base + col]);
-                        if (Op::kHasY && yp) yv[k * V + i] = to_acc(yp[base + col]);
-                    }
-                }
-            }
-        }
-        // Pivot: the row's first logit, held by lane 0 of the group in x[0].
-        const acc_t pivot = __shfl_sync(GPU_FULL_MASK, x[0], 0, lanes);
-        const typename Op::Ctx ctx = op.begin(row, active, pivot);
-        typename Op::Stats st = op.init();
-#pragma unroll
-        for (int j = 0; j < N; ++j) {
-            const int col = ((j / V) * lanes + lane) * V + j % V;
-            if (active && col < C) op.add(st, ctx, x[j], Op::kHasY && yp ? yv[j] : acc_t(0), col);
-        }
-        st = group_allreduce<Op>(st, lanes);
-        const typename Op::Fin fin = op.finish(st, ctx, row, active && lane == 0);
-        if (out == nullptr || !active) continue;
-#pragma unroll
-        for (int k = 0; k < K; ++k) {
-            const int col0 = (k * lanes + lane) * V;
-            if (use_vec) {
-                if (col0 < C) {
-                    Pack<scalar_t> p;
-#pragma unroll
-                    for (int i = 0; i < V; ++i)
-                        p.v[i] = from_acc<scalar_t>(op.out_value(fin, x[k * V + i], Op::kHasY && yp ? yv[k * V + i] : acc_t(0), col0 + i));
-                    if (Op::kStream) store_pack_stream(out + base + col0, p);
-                    else store_pack(out + base + col0, p);
-                }
-            } else {
-#pragma unroll
-                for (int i = 0; i < V; ++i) {
-                    const int col = col0 + i;
-                    if (col < C)
-                        store_out<Op>(out + base + col, op.out_value(fin, x[k * V + i], Op::kHasY && yp ? yv[k * V + i] : acc_t(0), col));
-                }
-            }
-        }
-    }
-    op.end_block();
-}
-
-// ---------------------------------------------------------------------------------------------
-// Path 2: a block per row (inner == 1), the row cached in shared memory when it fits
-// ---------------------------------------------------------------------------------------------
-// Columns [0, head) and [head + nvec V, C) are scalar, [head, head + nvec V) are 16-byte vectors
-// (head: elements up to the row's first 16-byte boundary; vec=0 makes every column scalar).
-// Shared memory holds column c at c + shift, shift = (V - head) % V, so cached vectors are aligned
-// too: (C + V) elements for z, the same again for y.
-
-extern __shared__ Pack<scalar_t> sm_dynamic[];
-
-template <class Op>
-__device__ __forceinline__ void rows_block(Op op, const scalar_t* z, index_t rows, int C,
-                                           int cached, int vec) {
-    constexpr int V = SM_PACK;
-    __shared__ typename Op::Stats scratch[32];
-    const int tid = threadIdx.x;
-    const int nt = blockDim.x;
-    scalar_t* const out = op.dest();
-    const scalar_t* const yp = op.ysrc();
-    const bool has_y = Op::kHasY && yp != nullptr;
-    scalar_t* const zc = reinterpret_cast<scalar_t*>(sm_dynamic);
-    scalar_t* const yc = zc + (C + V + V - 1) / V * V;
-
-    for (index_t row = blockIdx.x; row < rows; row += gridDim.x) {
-        const index_t base = row * (index_t)C;
-        int head = C, nvec = 0;
-        if (vec) {
-            const int mis = (int)((reinterpret_cast<unsigned long long>(z + base) & 15ull) / sizeof(scalar_t));
-            head = (V - mis) % V < C ? (V - mis) % V : C;
-            nvec = (C - head) / V;
-        }
-        const int shift = (V - head % V) % V;
-        const int tail0 = head + nvec * V;
-
-        const typename Op::Ctx ctx = op.begin(row, true, to_acc(z[base]));
-        typename Op::Stats st = op.init();
-        // pass 1: statistics (and the shared-memory copy)
-        for (int c = tid; c < head; c += nt) {
-            const scalar_t xs = z[base + c];
-            const scalar_t ys = has_y ? yp[base + c] : scalar_zero();
-            if (cached) { zc[c + shift] = xs; if (has_y) yc[c + shift] = ys; }
-            op.add(st, ctx, to_acc(xs), to_acc(ys), c);
-        }
-        for (int k = tid; k < nvec; k += nt) {
-            const int c0 = head + k * V;
-            const Pack<scalar_t> p = load_pack_coherent(z + base + c0);
-            Pack<scalar_t> q;
-            if (has_y) q = load_pack_coherent(yp + base + c0);
-            if (cached) {
-                *reinterpret_cast<Pack<scalar_t>*>(zc + c0 + shift) = p;
-                if (has_y) *reinterpret_cast<Pack<scalar_t>*>(yc + c0 + shift) = q;
-            }
-#pragma unroll
-            for (int i = 0; i < V; ++i) op.add(st, ctx, to_acc(p.v[i]), has_y ? to_acc(q.v[i]) : acc_t(0), c0 + i);
-        }
-        for (int c = tail0 + tid; c < C; c += nt) {
-            const scalar_t xs = z[base + c];
-            const scalar_t ys = has_y ? yp[base + c] : scalar_zero();
-            if (cached) { zc[c + shift] = xs; if (has_y) yc[c + shift] = ys; }
-            op.add(st, ctx, to_acc(xs), to_acc(ys), c);
-        }
-        st = block_allreduce<Op>(st, scratch);   // its barriers also publish the cached row
-        const typename Op::Fin fin = op.finish(st, ctx, row, tid == 0);
-
-        if (out != nullptr) {
-            // pass 2: outputs; uncached rows are read again (last use: streaming loads)
-            const bool from_smem = cached != 0;
-            for (int c = tid; c < head; c += nt) {
-                acc_t xv = 0, yv = 0;
-                if (Op::kReadsX) xv = to_acc(from_smem ? zc[c + shift] : __ldcs(z + base + c));
-                if (has_y) yv = to_acc(from_smem ? yc[c + shift] : __ldcs(yp + base + c));
-                store_out<Op>(out + base + c, op.out_value(fin, xv, yv, c));
-            }
-            for (int k = tid; k < nvec; k += nt) {
-                const int c0 = head + k * V;
-                Pack<scalar_t> p, q, o;
-                if (Op::kReadsX)
-                    p = from_smem ? *reinterpret_cast<const Pack<scalar_t>*>(zc + c0 + shift) : load_pack_stream(z + base + c0);
-                if (has_y)
-                    q = from_smem ? *reinterpret_cast<const Pack<scalar_t>*>(yc + c0 + shift) : load_pack_stream(yp + base + c0);
-#pragma unroll
-                for (int i = 0; i < V; ++i)
-                    o.v[i] = from_acc<scalar_t>(op.out_value(fin, Op::kReadsX ? to_acc(p.v[i]) : acc_t(0),
-                                                             has_y ? to_acc(q.v[i]) : acc_t(0), c0 + i));
-                if (Op::kStream) store_pack_stream(out + base + c0, o);
-                else store_pack(out + base + c0, o);
-            }
-            for (int c = tail0 + tid; c < C; c += nt) {
-                acc_t xv = 0, yv = 0;
-                if (Op::kReadsX) xv = to_acc(from_smem ? zc[c + shift] : __ldcs(z + base + c));
-                if (has_y) yv = to_acc(from_smem ? yc[c + shift] : __ldcs(yp + base + c));
-                store_out<Op>(out + base + c, op.out_value(fin, xv, yv, c));
-            }
-        }
-        if (cached) __syncthreads();   // the next row overwrites the cache
-    }
-    op.end_block();
-}
-
-// ---------------------------------------------------------------------------------------------
-// Path 3: classes strided by `inner` (inner > 1): a (32, TY) block per tile of 32 inner positions
-// ---------------------------------------------------------------------------------------------
-// Thread (tx, ty) owns inner position i0 + tx and classes ty, ty + TY, ...: each class is one
-// coalesced 32-wide load along inner. Cache: z[c][tx] (then y) in shared memory, (C, 32) each.
-
-template <class Op>
-__device__ __forceinline__ void rows_strided(Op op, const scalar_t* z, index_t outer, int C,
-                                             index_t inner, int cached) {
-    __shared__ typename Op::Stats part[SM_STRIDED_MAX_TY][GPU_WARP];
-    const int tx = threadIdx.x, ty = threadIdx.y, TY = blockDim.y;
-    scalar_t* const out = op.dest();
-    const scalar_t* const yp = op.ysrc();
-    const bool has_y = Op::kHasY && yp != nullptr;
-    scalar_t* const zc = reinterpret_cast<scalar_t*>(sm_dynamic);
-    scalar_t* const yc = zc + (index_t)C * GPU_WARP;
-    // Tiles are counted in 32 bits (the host checks outer * tiles_per_outer < 2^31): a 64-bit
-    // division calls an out-of-line routine, and its saved registers show up as spills.
-    const int tiles_per_outer = (int)((inner + GPU_WARP - 1) / GPU_WARP);
-    const int tiles = (int)(outer * tiles_per_outer);
-
-    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-        const index_t o = tile / tiles_per_outer;
-        const index_t i = (index_t)(tile % tiles_per_outer) * GPU_WARP + tx;
-        const bool active = i < inner;
-        const index_t base = o * (index_t)C * inner + (active ? i : 0);
-        const index_t row = o * inner + i;
-
-        const typename Op::Ctx ctx = op.begin(row, active, active ? to_acc(z[base]) : acc_t(0));
-        typename Op::Stats st = op.init();
-        if (active) {
-            for (int c = ty; c < C; c += TY) {
-                const scalar_t xs = z[base + c * inner];
-                const scalar_t ys = has_y ? yp[base + c * inner] : scalar_zero();
-                if (cached) { zc[c * GPU_WARP + tx] = xs; if (has_y) yc[c * GPU_WARP + tx] = ys; }
-                op.add(st, ctx, to_acc(xs), to_acc(ys), c);
-            }
-        }
-        part[ty][tx] = st;
-        __syncthreads();
-        st = part[0][tx];
-        for (int r = 1; r < TY; ++r) Op::merge(st, part[r][tx]);   // same order in every thread
-        const typename Op::Fin fin = op.finish(st, ctx, row, active && ty == 0);
-
-        if (out != nullptr && active) {
-            for (int c = ty; c < C; c += TY) {
-                acc_t xv = 0, yv = 0;
-                if (Op::kReadsX) xv = to_acc(cached ? zc[c * GPU_WARP + tx] : __ldcs(z + base + c * inner));
-                if (has_y) yv = to_acc(cached ? yc[c * GPU_WARP + tx] : __ldcs(yp + base + c * inner));
-                store_out<Op>(out + base + c * inner, op.out_value(fin, xv, yv, c));
-            }
-        }
-        __syncthreads();   // `part` and the cache are rewritten by the next tile
-    }
-    op.end_block();
-}
-
-// ---------------------------------------------------------------------------------------------
 // Kernels
 // ---------------------------------------------------------------------------------------------
-// Warp kernels: 128 threads; N (values per lane) in {1, 2, 4, 8, 16, 32}, the smallest with
-// 32 N >= C (N = 1 with lanes < 32 for C <= 32).
 
 // The cross-entropy kernels share one argument list: outputs, workspace, inputs, options.
 #define CE_PARAMS                                                                                       \
@@ -798,7 +415,6 @@ extern "C" __global__ void __launch_bounds__(256)
 softmax_cross_entropy_weight_sum(acc_t* inv_denom, acc_t* part, unsigned int* ticket, const long long* __restrict__ target,
               const acc_t* __restrict__ weight, int has_weight, index_t rows, int C, long long ignore_index) {
     __shared__ acc_t scratch[32];
-    __shared__ int is_last;
     const int tid = threadIdx.x;
     acc_t w = 0;
     for (index_t r = (index_t)blockIdx.x * blockDim.x + tid; r < rows; r += (index_t)gridDim.x * blockDim.x) {
@@ -806,14 +422,8 @@ softmax_cross_entropy_weight_sum(acc_t* inv_denom, acc_t* part, unsigned int* ti
         if (t != ignore_index && t >= 0 && t < (long long)C) w += has_weight ? weight[t] : acc_t(1);
     }
     w = block_reduce_sum(w, scratch);
-    if (tid == 0) {
-        part[blockIdx.x] = w;
-        __threadfence();
-        is_last = atomicAdd(ticket, 1u) == gridDim.x - 1;
-    }
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
+    if (tid == 0) part[blockIdx.x] = w;
+    if (!last_block_ticket(ticket, gridDim.x)) return;
     w = 0;
     for (int i = tid; i < (int)gridDim.x; i += blockDim.x) w += ((volatile acc_t*)part)[i];
     w = block_reduce_sum(w, scratch);

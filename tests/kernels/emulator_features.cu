@@ -21,23 +21,17 @@ extern "C" __global__ void block_sum(float* partials, const float* __restrict__ 
 }
 
 // The whole sum in one launch: per-block partials in a workspace, and the last block to take a
-// ticket sums them in block order (fixed order, whatever order the blocks finish in). The
-// counter is reset for the next launch.
+// ticket (common.cuh's last_block_ticket) sums them in block order (fixed order, whatever order
+// the blocks finish in). The counter is reset for the next launch.
 extern "C" __global__ void grid_sum(double* out, double* partials, unsigned int* counter,
                                     const float* __restrict__ x, index_t n) {
     __shared__ double scratch[32];
-    __shared__ bool is_last;
     double v = 0.0;
     const index_t stride = (index_t)gridDim.x * blockDim.x;
     for (index_t i = blockIdx.x * (index_t)blockDim.x + threadIdx.x; i < n; i += stride) v += x[i];
     v = block_reduce_sum(v, scratch);
-    if (threadIdx.x == 0) {
-        partials[blockIdx.x] = v;
-        __threadfence();  // the partial is visible to every block before the ticket is
-        is_last = atomicAdd(counter, 1u) == gridDim.x - 1;
-    }
-    __syncthreads();
-    if (!is_last) return;
+    if (threadIdx.x == 0) partials[blockIdx.x] = v;
+    if (!last_block_ticket(counter, gridDim.x)) return;
     double s = 0.0;
     for (unsigned int b = threadIdx.x; b < gridDim.x; b += blockDim.x) s += __ldcg(partials + b);
     s = block_reduce_sum(s, scratch);
@@ -45,6 +39,67 @@ extern "C" __global__ void grid_sum(double* out, double* partials, unsigned int*
         *out = s;
         *counter = 0;
     }
+}
+
+// Welford statistics (count, mean, M2) with Chan's parallel merge, for row_moments (batch norm
+// has its own, vectorized). Count is kept in T: with T = float it is
+// exact up to 2^24 per partial, which bounds what one thread or block may accumulate before
+// merging. Trivially constructible, so it may live in __shared__ memory.
+template <typename T>
+struct Welford {
+    T count, mean, m2;
+
+    __device__ __forceinline__ static Welford empty() { return Welford{T(0), T(0), T(0)}; }
+
+    __device__ __forceinline__ void push(T x) {
+        count += T(1);
+        const T delta = x - mean;
+        mean += delta / count;
+        m2 += delta * (x - mean);
+    }
+
+    // Chan et al.: combine two partials; either may be empty.
+    __device__ __forceinline__ void merge(const Welford& o) {
+        const T n = count + o.count;
+        if (n == T(0)) return;
+        const T delta = o.mean - mean;
+        const T ratio = o.count / n;
+        mean += delta * ratio;
+        m2 += o.m2 + delta * delta * count * ratio;
+        count = n;
+    }
+
+    __device__ __forceinline__ T var_biased() const { return count > T(0) ? m2 / count : T(0); }
+};
+
+template <typename T>
+__device__ __forceinline__ Welford<T> warp_reduce_welford(Welford<T> w) {
+#pragma unroll
+    for (int offset = GPU_WARP / 2; offset > 0; offset >>= 1) {
+        Welford<T> o;
+        o.count = __shfl_xor_sync(GPU_FULL_MASK, w.count, offset);
+        o.mean = __shfl_xor_sync(GPU_FULL_MASK, w.mean, offset);
+        o.m2 = __shfl_xor_sync(GPU_FULL_MASK, w.m2, offset);
+        w.merge(o);
+    }
+    return w;
+}
+
+// Same contract as block_reduce: `scratch` holds at least 32 entries, every thread calls, the
+// block size is a multiple of 32, the result is in every thread.
+template <typename T>
+__device__ __forceinline__ Welford<T> block_reduce_welford(Welford<T> w, Welford<T>* scratch) {
+    const int tid = block_thread_rank();
+    const int lane = tid % GPU_WARP;
+    const int warp = tid / GPU_WARP;
+    const int num_warps = block_num_threads() / GPU_WARP;
+    w = warp_reduce_welford(w);
+    if (lane == 0) scratch[warp] = w;
+    __syncthreads();
+    w = lane < num_warps ? scratch[lane] : Welford<T>::empty();
+    w = warp_reduce_welford(w);
+    __syncthreads();
+    return w;
 }
 
 // Welford mean/variance of each row, one block per row.
@@ -58,6 +113,17 @@ extern "C" __global__ void row_moments(ACC_T* mean, ACC_T* var, const SCALAR_T* 
         mean[blockIdx.x] = w.mean;
         var[blockIdx.x] = w.var_biased();
     }
+}
+
+// fmaxf/fmax return the other operand for a NaN, in any order: the result does not depend on
+// which lane holds the NaN.
+struct MaxOp {
+    __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+    __device__ __forceinline__ double operator()(double a, double b) const { return fmax(a, b); }
+    template <typename T> __device__ __forceinline__ static T identity() { return -T(INFINITY); }
+};
+template <typename T> __device__ __forceinline__ T block_reduce_max(T v, T* scratch) {
+    return block_reduce(v, scratch, MaxOp());
 }
 
 // Softmax of each row, one block per row: the shape of the project's softmax launches.
