@@ -67,6 +67,7 @@
 #define BN_HAS_GAMMA 1       // gamma given (else 1)
 #define BN_HAS_BETA 2        // beta given (else 0)
 #define BN_RUNNING 4         // update running_mean / running_var
+#define BN_PARAMS_THREADS 256  // block of batch_norm_inference_params (one thread per channel)
 
 // ---------------------------------------------------------------------------------------------
 // The normalization of a channel as an affine map: y = (x - center) * scale + shift
@@ -313,10 +314,9 @@ batch_norm_backward_apply(scalar_t* dx, const scalar_t* __restrict__ dy, const s
     apply_rows<true>(dx, dy, x, mean, a, b, k, outer, C, inner, bx, chunks);
 }
 
-extern "C" __global__ void batch_norm_inference_params(acc_t* scale, acc_t* shift, const acc_t* __restrict__ gamma,
-                                               const acc_t* __restrict__ beta,
-                                               const acc_t* __restrict__ running_var, int C, acc_t eps,
-                                               int flags) {
+extern "C" __global__ void __launch_bounds__(BN_PARAMS_THREADS)
+batch_norm_inference_params(acc_t* scale, acc_t* shift, const acc_t* __restrict__ gamma, const acc_t* __restrict__ beta,
+                            const acc_t* __restrict__ running_var, int C, acc_t eps, int flags) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
     const Affine f = bn_affine(bn_invstd(running_var[c], eps), gamma, beta, c, flags);

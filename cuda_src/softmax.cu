@@ -56,6 +56,13 @@
 
 #define SM_NO_ROW 0x7fffffffffffffffLL   // "no bad row" in the per-block minimum
 
+// Block sizes the host plans with (gpu/ops/softmax.py reads these lines): each kernel's
+// __launch_bounds__, so a launch past them fails instead of running with too few registers.
+#define SM_WARP_THREADS 128       // warp path: rows of `lanes` lanes, 128 / lanes rows per block
+#define SM_BLOCK_MAX_THREADS 1024 // block path: one block per row, at most this many threads
+#define SM_BLOCK_MAX_THREADS_F64 512  // ... for float64 (its registers)
+#define SM_WEIGHT_SUM_THREADS 256 // softmax_cross_entropy_weight_sum
+
 // ---------------------------------------------------------------------------------------------
 // Ops: what a row kernel accumulates (Stats), holds per row (Ctx), and writes (out_value)
 // ---------------------------------------------------------------------------------------------
@@ -352,19 +359,19 @@ __device__ __forceinline__ CrossEntropyOp make_ce(
 // Warp kernels: 128 threads; N (values per lane) in {1, 2, 4, 8, 16, 32}, the smallest with
 // 32 N >= C (N = 1 with lanes < 32 for C <= 32).
 #define SM_WARP_KERNELS(N)                                                                              \
-    extern "C" __global__ void __launch_bounds__(128)                                                   \
+    extern "C" __global__ void __launch_bounds__(SM_WARP_THREADS)                                       \
     softmax_warp_n##N(scalar_t* __restrict__ out, const scalar_t* __restrict__ z, index_t rows, int C,   \
                       int lanes, int vec, int log) {                                                     \
         rows_warp<N>(SoftmaxOp{out, log}, z, rows, C, lanes, vec);                                       \
     }                                                                                                    \
-    extern "C" __global__ void __launch_bounds__(128)                                                   \
+    extern "C" __global__ void __launch_bounds__(SM_WARP_THREADS)                                       \
     hardmax_warp_n##N(scalar_t* __restrict__ out, const scalar_t* __restrict__ z, index_t rows, int C,   \
                       int lanes, int vec) {                                                              \
         rows_warp<N>(HardmaxOp{out}, z, rows, C, lanes, vec);                                            \
     }
 // MIN_BLOCKS: ptxas's register target; without it, N = 16 saves a register to the stack on sm_90.
 #define CE_WARP_KERNEL(N, MIN_BLOCKS)                                                                   \
-    extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS)                                       \
+    extern "C" __global__ void __launch_bounds__(SM_WARP_THREADS, MIN_BLOCKS)                           \
     softmax_cross_entropy_warp_n##N(CE_PARAMS, int C, int lanes, int vec) {                                                 \
         rows_warp<N>(make_ce(CE_ARGS, C), z, n_rows, C, lanes, vec);                                     \
     }
@@ -378,32 +385,32 @@ CE_WARP_KERNEL(1, 4) CE_WARP_KERNEL(2, 4) CE_WARP_KERNEL(4, 4) CE_WARP_KERNEL(8,
 CE_WARP_KERNEL(16, 4) CE_WARP_KERNEL(32, 1)
 #endif
 
-extern "C" __global__ void __launch_bounds__(1024)
+extern "C" __global__ void __launch_bounds__(SM_BLOCK_MAX_THREADS)
 softmax_block(scalar_t* __restrict__ out, const scalar_t* __restrict__ z, index_t rows, int C, int cached,
               int vec, int log) {
     rows_block(SoftmaxOp{out, log}, z, rows, C, cached, vec);
 }
-extern "C" __global__ void __launch_bounds__(1024)
+extern "C" __global__ void __launch_bounds__(SM_BLOCK_MAX_THREADS)
 hardmax_block(scalar_t* __restrict__ out, const scalar_t* __restrict__ z, index_t rows, int C, int vec) {
     rows_block(HardmaxOp{out}, z, rows, C, 0, vec);
 }
 // z is not __restrict__ in the cross-entropy kernels: dz may be written over it (in place).
-extern "C" __global__ void __launch_bounds__(1024)
+extern "C" __global__ void __launch_bounds__(SM_BLOCK_MAX_THREADS)
 softmax_cross_entropy_block(CE_PARAMS, int C, int cached, int vec) {
     rows_block(make_ce(CE_ARGS, C), z, n_rows, C, cached, vec);
 }
 
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(GPU_WARP * SM_STRIDED_MAX_TY)
 softmax_strided(scalar_t* __restrict__ out, const scalar_t* __restrict__ z, index_t outer, int C,
                 index_t inner, int cached, int log) {
     rows_strided(SoftmaxOp{out, log}, z, outer, C, inner, cached);
 }
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(GPU_WARP * SM_STRIDED_MAX_TY)
 hardmax_strided(scalar_t* __restrict__ out, const scalar_t* __restrict__ z, index_t outer, int C, index_t inner) {
     rows_strided(HardmaxOp{out}, z, outer, C, inner, 0);
 }
 // (256, 4): ptxas's register target; without it NVRTC 12 saves a register to the stack on sm_80.
-extern "C" __global__ void __launch_bounds__(256, 4)
+extern "C" __global__ void __launch_bounds__(GPU_WARP * SM_STRIDED_MAX_TY, 4)
 softmax_cross_entropy_strided(CE_PARAMS, index_t outer, int C, index_t inner, int cached) {
     rows_strided(make_ce(CE_ARGS, C), z, outer, C, inner, cached);
 }
@@ -411,7 +418,7 @@ softmax_cross_entropy_strided(CE_PARAMS, index_t outer, int C, index_t inner, in
 // 1 / (sum of w_t over rows whose target is in range and not ignore_index), 0 when that sum is 0:
 // the inverse 'mean' denominator a gradient needs before any dz is written. Grid-stride,
 // fixed-order block sums, the last block sums the partials in block order. Block: 256 threads.
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(SM_WEIGHT_SUM_THREADS)
 softmax_cross_entropy_weight_sum(acc_t* inv_denom, acc_t* part, unsigned int* ticket, const long long* __restrict__ target,
               const acc_t* __restrict__ weight, int has_weight, index_t rows, int C, long long ignore_index) {
     __shared__ acc_t scratch[32];

@@ -197,3 +197,26 @@ def test_repeated_calls_skip_shape_checks_but_not_value_checks():
     # the same signature on the NumPy path is checked there, not taken from the kernel path's calls
     with pytest.raises(ValueError, match="target: class index 6"):
         gpu.softmax_cross_entropy(x, t_bad)
+
+
+def test_planning_defaults_fit_the_kernels_bounds():
+    # the host's knobs and the .cu's limits come from one place each; these tie the defaults to the
+    # limits they must respect (a default past a __launch_bounds__ would fail at launch)
+    from gpu.ops import batch_norm as bn, softmax as sm
+    c = _kernels.constants("batch_norm")
+    assert bn._Tuning().threads <= c["BN_MAX_THREADS"] and bn._Tuning().threads % 32 == 0
+    assert bn._Tuning().max_cols <= c["BN_MAX_COLS"]
+    s = _kernels.constants("softmax")
+    assert s["SM_WARP_THREADS"] % 32 == 0 and s["SM_BLOCK_MAX_THREADS_F64"] <= s["SM_BLOCK_MAX_THREADS"]
+
+
+@pytest.mark.kernel
+def test_cross_entropy_warp_kernels_match_the_planner():
+    # float64 rows past 8 values per lane take the block path (registers): the planner's max_n
+    # and the kernels the module holds must agree
+    from gpu.ops import softmax as sm
+    fam = _kernels.family("softmax")
+    for dtype, max_n in ((np.float32, 32), (np.float64, 8)):
+        mod = _kernels._module(fam, np, _kernels._all_defines(fam, np.dtype(dtype), {}))
+        have = {n for n in sm._WARP_NS if f"softmax_cross_entropy_warp_n{n}" in mod.kernels}
+        assert have == {n for n in sm._WARP_NS if n <= max_n}, dtype

@@ -805,7 +805,7 @@ def _gpu_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps):
     g, b = _as_acc(xp, gamma, acc), _as_acc(xp, beta, acc)
     rm, rv = _as_acc(xp, running_mean, acc), _as_acc(xp, running_var, acc)
     plans = _plans(xp, v, x.dtype, v.aligned, False)
-    T = 256
+    T = _k("BN_PARAMS_THREADS")
     k = plans.kernel("batch_norm_inference_params", plans.p)
     _kernels.launch(k, _launch.ceil_div(v.C, T), T,
                     k.args(scale=scale, shift=shift, gamma=g if g is not None else rv,

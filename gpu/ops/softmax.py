@@ -396,8 +396,7 @@ class _Tuning:
 
 
 _TUNING = _DEFAULT_TUNING = _Tuning()
-_WARP_BLOCK = 128                           # the warp kernels' __launch_bounds__
-_WARP_NS = (1, 2, 4, 8, 16, 32)             # their values per lane: *_warp_n{N}
+_WARP_NS = (1, 2, 4, 8, 16, 32)             # the warp kernels' values per lane: *_warp_n{N}
 
 
 def _k(name: str) -> int:
@@ -529,12 +528,14 @@ def _make_plan(dev, lay: _Layout, itemsize: int, aligned: bool, vec_first: bool,
         n = next(n for n in _WARP_NS if 32 * n >= C)
         lanes = 32 if C > 32 else _launch.pow2_ceil(C)
         vec = int(aligned and vec_first and C % pack == 0)
-        groups = _launch.ceil_div(lay.rows, _WARP_BLOCK // lanes)
-        return _Plan("warp", min(groups, _launch.resident_blocks(dev, _WARP_BLOCK)), (_WARP_BLOCK,),
+        block = _k("SM_WARP_THREADS")
+        groups = _launch.ceil_div(lay.rows, block // lanes)
+        return _Plan("warp", min(groups, _launch.resident_blocks(dev, block)), (block,),
                      n=n, lanes=lanes, vec=vec)
 
     # About four 16-byte vectors per thread per pass; 512 at most for float64 (its registers).
-    threads = _TUNING.block_threads or max(128, min(1024 if itemsize < 8 else 512,
+    most = _k("SM_BLOCK_MAX_THREADS" if itemsize < 8 else "SM_BLOCK_MAX_THREADS_F64")
+    threads = _TUNING.block_threads or max(128, min(most,
                                                      _launch.pow2_ceil(_launch.ceil_div(C, 4 * pack))))
     region = _launch.ceil_div(C + pack, pack) * 16
     smem = region * regions
@@ -644,8 +645,9 @@ def _gpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
         flags |= _k("CE_DENOM")
         inv_denom = B.empty(xp, 1, acc)
         kw = plan.kernel(xp, "softmax_cross_entropy_weight_sum", z.dtype, exact=True)
-        grid = min(_launch.ceil_div(R, 256), 4 * kw.device["sm_count"])
-        _kernels.launch(kw, grid, 256, kw.args(
+        block = _k("SM_WEIGHT_SUM_THREADS")
+        grid = min(_launch.ceil_div(R, block), 4 * kw.device["sm_count"])
+        _kernels.launch(kw, grid, block, kw.args(
             inv_denom=inv_denom, part=B.empty(xp, grid, acc), ticket=xp.zeros(1, np.uint32), target=target,
             weight=weight, has_weight=np.int32(ce.weight is not None), rows=np.int64(R), C=np.int32(C),
             ignore_index=np.int64(ce.ignore_index)))
