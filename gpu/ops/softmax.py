@@ -51,11 +51,7 @@ def softmax(z, axis: int = -1):
     >>> import numpy as np, gpu
     >>> p = gpu.softmax(np.array([[1.0, 2.0, 3.0]], np.float32))     # rows sum to 1
     """
-    xp, kernels = B.dispatch(z=z)
-    z, ax = _check_z(xp, z, axis)
-    if kernels:
-        return _gpu_softmax(xp, z, ax, log=False)
-    return _cpu_softmax(xp, z, ax, log=False)
+    return _softmax(z, axis, log=False)
 
 
 def log_softmax(z, axis: int = -1):
@@ -64,11 +60,15 @@ def log_softmax(z, axis: int = -1):
     >>> import numpy as np, gpu
     >>> logp = gpu.log_softmax(np.array([[1e4, 0.0]], np.float32))   # [[0, -1e4]], no overflow
     """
+    return _softmax(z, axis, log=True)
+
+
+def _softmax(z, axis: int, log: bool):
     xp, kernels = B.dispatch(z=z)
     z, ax = _check_z(xp, z, axis)
     if kernels:
-        return _gpu_softmax(xp, z, ax, log=True)
-    return _cpu_softmax(xp, z, ax, log=True)
+        return _gpu_softmax(xp, z, ax, log)
+    return _cpu_softmax(xp, z, ax, log)
 
 
 def hardmax(z, axis: int = -1):
