@@ -52,7 +52,12 @@
 // SCALAR_T; every per-channel array (gamma, beta, running stats, mean, invstd, coefficients,
 // workspace) in ACC_T (the Python side converts mixed parameter dtypes). Element offsets are
 // index_t (64 bits); C < 2^31. Blocks: 1-D, a multiple of 32 threads, <= BN_MAX_THREADS; bx a
-// power of two; dynamic shared memory = blockDim.x * (1 + 2*VEC) * sizeof(ACC_T).
+// power of two; dynamic shared memory = blockDim.x * (1 + 3*VEC) * sizeof(ACC_T).
+//
+// Special values (PyTorch's answers unless said): statistics stay finite whenever the true
+// variance is (channels.cuh's scaled Welford); an inf in a channel gives mean inf, var NaN; a NaN,
+// or +inf with -inf, NaN; var + eps == 0 (eps = 0, a constant channel) gives invstd 0, so y = beta
+// (PyTorch's native op; in inference too, where PyTorch gives NaN).
 
 #include <cooperative_groups.h>
 
@@ -67,6 +72,7 @@
 #define BN_HAS_GAMMA 1       // gamma given (else 1)
 #define BN_HAS_BETA 2        // beta given (else 0)
 #define BN_RUNNING 4         // update running_mean / running_var
+#define BN_CUMULATIVE 8      // momentum = 1 / batches[0] (PyTorch's momentum=None)
 #define BN_PARAMS_THREADS 256  // block of batch_norm_inference_params (one thread per channel)
 
 // ---------------------------------------------------------------------------------------------
@@ -78,7 +84,11 @@
 
 struct Affine { acc_t scale, shift; };
 
-__device__ __forceinline__ acc_t bn_invstd(acc_t var, acc_t eps) { return acc_t(1) / sqrt(var + eps); }
+// 0 when var + eps == 0 (eps = 0, a constant channel): y = beta, as PyTorch's native op.
+__device__ __forceinline__ acc_t bn_invstd(acc_t var, acc_t eps) {
+    const acc_t v = var + eps;
+    return v == acc_t(0) ? acc_t(0) : acc_t(1) / sqrt(v);
+}
 
 // scale = gamma * invstd, shift = beta; an absent gamma is 1 and an absent beta 0 (flags).
 __device__ __forceinline__ Affine bn_affine(acc_t invstd, const acc_t* gamma, const acc_t* beta, int c,
@@ -102,16 +112,15 @@ __device__ __forceinline__ acc_t bn_apply(acc_t x, acc_t center, acc_t scale, ac
 struct StatsOut {
     acc_t *mean, *var, *invstd, *scale, *shift, *running_mean, *running_var;
     const acc_t *gamma, *beta;
+    const long long* batches;
     acc_t inv_m, unbias, eps, momentum;
     int flags;
 };
 
-// Final values of channel c from its merged (mean, m2), written out when `write`; returns
-// (mean, scale, shift) for reuse.
-__device__ __forceinline__ void finalize_channel(const StatsOut& o, int c, acc_t mu, acc_t m2, bool write,
+// Final values of channel c from its merged mean and biased variance, written out when `write`;
+// returns (mean, scale, shift) for reuse.
+__device__ __forceinline__ void finalize_channel(const StatsOut& o, int c, acc_t mu, acc_t var, bool write,
                                                  acc_t* coef) {
-    acc_t var = m2 * o.inv_m;
-    var = var < acc_t(0) ? acc_t(0) : var;  // keeps NaN (fmax would not)
     const acc_t invstd = bn_invstd(var, o.eps);
     const Affine f = bn_affine(invstd, o.gamma, o.beta, c, o.flags);
     coef[0] = mu;
@@ -124,9 +133,11 @@ __device__ __forceinline__ void finalize_channel(const StatsOut& o, int c, acc_t
     o.scale[c] = f.scale;
     o.shift[c] = f.shift;
     if (o.flags & BN_RUNNING) {
-        const acc_t keep = acc_t(1) - o.momentum;
-        o.running_mean[c] = keep * o.running_mean[c] + o.momentum * mu;
-        o.running_var[c] = keep * o.running_var[c] + o.momentum * (var * o.unbias);
+        // momentum=None: the cumulative average, from the count the host incremented (no sync)
+        const acc_t momentum = (o.flags & BN_CUMULATIVE) ? acc_t(1) / acc_t(o.batches[0]) : o.momentum;
+        const acc_t keep = acc_t(1) - momentum;
+        o.running_mean[c] = keep * o.running_mean[c] + momentum * mu;
+        o.running_var[c] = keep * o.running_var[c] + momentum * (var * o.unbias);
     }
 }
 
@@ -140,7 +151,7 @@ __device__ __forceinline__ void finalize_tile(const BnWelford<L>& w, const Tile&
 #pragma unroll
         for (int j = 0; j < L; ++j) {
             acc_t coef[3];
-            finalize_channel(o, t.c0 + j, w.mean[j], w.m2[j], write, coef);
+            finalize_channel(o, t.c0 + j, w.mean[j], w.variance(j, o.inv_m), write, coef);
             if (coef_smem) {
                 const int q = threadIdx.x * L + j;
                 coef_smem[q] = coef[0];
@@ -178,13 +189,14 @@ __device__ __forceinline__ void onchip_stats(BnWelford<L> w, const Tile& t, int 
 extern "C" __global__ void __launch_bounds__(BN_MAX_THREADS)
 batch_norm_stats(acc_t* mean, acc_t* var, acc_t* invstd, acc_t* scale, acc_t* shift, acc_t* running_mean,
          acc_t* running_var, acc_t* ws, unsigned int* counters, const scalar_t* __restrict__ x,
+         const long long* __restrict__ batches,
          const acc_t* __restrict__ gamma, const acc_t* __restrict__ beta, index_t outer, int C,
          index_t inner, int bx, int chunks, acc_t inv_m, acc_t unbias, acc_t eps, acc_t momentum,
          int flags) {
     extern __shared__ acc_t bn_smem[];
     const Tile t = make_tile(outer, C, inner, bx, chunks);
     const StatsOut o = {mean, var, invstd, scale, shift, running_mean, running_var,
-                        gamma, beta, inv_m, unbias, eps, momentum, flags};
+                        gamma, beta, batches, inv_m, unbias, eps, momentum, flags};
     BnWelford<VEC> w;
     w.init();
     if (t.active) {
@@ -210,6 +222,7 @@ batch_norm_stats(acc_t* mean, acc_t* var, acc_t* invstd, acc_t* scale, acc_t* sh
 extern "C" __global__ void __launch_bounds__(BN_ONCHIP_THREADS, 1)
 batch_norm_forward_onchip(scalar_t* y, acc_t* mean, acc_t* var, acc_t* invstd, acc_t* scale, acc_t* shift,
                   acc_t* running_mean, acc_t* running_var, acc_t* ws, const scalar_t* __restrict__ x,
+                  const long long* __restrict__ batches,
                   const acc_t* __restrict__ gamma, const acc_t* __restrict__ beta, index_t outer,
                   int C, index_t inner, int bx, int chunks, acc_t inv_m, acc_t unbias, acc_t eps,
                   acc_t momentum, int flags) {
@@ -217,7 +230,7 @@ batch_norm_forward_onchip(scalar_t* y, acc_t* mean, acc_t* var, acc_t* invstd, a
     __shared__ acc_t coef_smem[3 * BN_MAX_COLS * VEC];
     const Tile t = make_tile(outer, C, inner, bx, chunks);
     const StatsOut o = {mean, var, invstd, scale, shift, running_mean, running_var,
-                        gamma, beta, inv_m, unbias, eps, momentum, flags};
+                        gamma, beta, batches, inv_m, unbias, eps, momentum, flags};
     Vec v[BN_ONCHIP_ROWS];
     BnWelford<VEC> w;
     w.init();

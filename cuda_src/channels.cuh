@@ -11,7 +11,8 @@
 //   Tile, make_tile                     which vector a thread owns and which rows it visits
 //   load_channel_values                 per-channel values (mean, coefficients) of a thread's lanes
 //   BnWelford<L>, BnGradSums<L>         per-thread partials of L lanes (L = VEC, or 1 after fold()):
-//                                       Welford (count, mean, M2) with Chan's merge, and the backward
+//                                       overflow-safe Welford (count, mean, M2 in a power-of-two
+//                                       unit) with Chan's merge, and the backward
 //                                       sums sum(dy), sum(dy * (x - mean))
 //   reduce_columns                      a block's partials of each column merged
 //   store_tile_partial, merge_tile_partials
@@ -39,7 +40,7 @@
 // channels-first tiles = C, chunks = ceil(inner / (bx*VEC)). Rows are split over grid.y (gy blocks
 // per tile), grid-stride. Blocks: 1-D, a multiple of 32 threads; bx threads along the contiguous
 // axis, a power of two; by = blockDim.x / bx rows at a time. Dynamic shared memory for
-// reduce_columns: blockDim.x * kWords * sizeof(acc_t). Workspace (when gy * chunks > 1): 3 words
+// reduce_columns: blockDim.x * kWords * sizeof(acc_t). Workspace (when gy * chunks > 1): 4 words
 // (Welford) or 2 (gradient sums) per channel and partial, nparts = gy * chunks partials; one
 // counter per tile, zero before the launch. The vector path needs the row length (C, or inner) to
 // be a multiple of VEC and 16-byte aligned pointers; otherwise the family's BN_VECTOR=0 module runs
@@ -144,15 +145,48 @@ __device__ __forceinline__ void load_channel_values(acc_t* out, const acc_t* __r
 // ---------------------------------------------------------------------------------------------
 
 // Welford states of L lanes that saw the same rows: one count.
+//
+// Overflow-safe. M2 = sum (x - mean)^2 overflows float long before the variance does (1024 values
+// of standard deviation 3e18: var 9.4e36 fits, M2 9.6e39 does not), and so can one product
+// d * (x - mean). Each lane therefore keeps M2 in units of sc^-2: m2 = M2 * sc^2, sc a power of
+// two (1 until needed) and every product is taken on d * sc. When a scaled deviation passes
+// BN_SCALE_LIMIT the lane rescales (sc = 2^-ilogb(d), m2 *= (sc_new / sc_old)^2, exact but for
+// underflow of what is then negligible): |d * sc| <= 2^40 keeps n * (2 * 2^40)^2 < 2^128 for
+// n < 2^44 values per channel. var = m2 / n / sc / sc is then finite whenever the true variance
+// is. The mean needs no scaling (|mean| <= max |x|); a deviation that overflows (|x - mean| past
+// FLT_MAX) means an infinite variance.
+//
+// Non-finite data follow PyTorch (its mean is a sum): an inf makes the mean inf and the variance
+// NaN; +inf and -inf, or a NaN, make both NaN. The mean of a lane that saw one is kept by the
+// convex form mean * (1 - 1/n) + x / n, which keeps inf where mean + (x - mean) / n would give
+// inf - inf. Both are the rare branch of one compare per element.
+//
+// Words: n, then per lane mean, m2, sc (kWords = 1 + 3L).
+#define BN_SCALE_LIMIT (sizeof(acc_t) == 4 ? acc_t(1099511627776.0) : acc_t(1e146))  // 2^40 (float)
+
+// 2^-e for |d| = 1.f * 2^e (d finite, |d| > 2^40), from the exponent bits: no libm call in the
+// loop. e is capped so that the result stays a normal number (|d * s| < 4 at the top of the range).
+__device__ __forceinline__ float bn_pow2_inv(float d) {
+    const int e = min((__float_as_int(d) >> 23) & 0xff, 253);
+    return __int_as_float((254 - e) << 23);
+}
+__device__ __forceinline__ double bn_pow2_inv(double d) {
+    const long long e = min((__double_as_longlong(d) >> 52) & 0x7ffLL, 2045LL);
+    return __longlong_as_double((2046LL - e) << 52);
+}
+
 template <int L>
 struct BnWelford {
-    static constexpr int kWords = 1 + 2 * L;
-    acc_t n, mean[L], m2[L];
+    static constexpr int kWords = 1 + 3 * L;
+    acc_t n, mean[L], m2[L], sc[L];
 
     __device__ __forceinline__ void init() {
         n = acc_t(0);
 #pragma unroll
-        for (int j = 0; j < L; ++j) mean[j] = m2[j] = acc_t(0);
+        for (int j = 0; j < L; ++j) {
+            mean[j] = m2[j] = acc_t(0);
+            sc[j] = acc_t(1);
+        }
     }
     __device__ __forceinline__ void push(const Vec& v) {
         n += acc_t(1);
@@ -161,19 +195,58 @@ struct BnWelford {
         for (int j = 0; j < L; ++j) {
             const acc_t xj = to_acc(v.v[j]);
             const acc_t d = xj - mean[j];
-            mean[j] += d * rn;
-            m2[j] += d * (xj - mean[j]);
+            const acc_t ds = d * sc[j];
+            if (fabs(ds) <= BN_SCALE_LIMIT) {   // false for inf and NaN too
+                mean[j] += d * rn;
+                m2[j] += ds * ((xj - mean[j]) * sc[j]);
+            } else if (isfinite(d)) {           // a large deviation: rescale the lane to it
+                const acc_t s = bn_pow2_inv(d);
+                const acc_t f = s / sc[j];      // a power of two < 1
+                m2[j] = (m2[j] * f) * f;
+                sc[j] = s;
+                mean[j] += d * rn;
+                m2[j] += (d * s) * ((xj - mean[j]) * s);
+            } else {                            // inf or NaN, or x - mean past the range
+                const bool data_finite = isfinite(xj) && isfinite(mean[j]);
+                mean[j] = mean[j] * (acc_t(1) - rn) + xj * rn;
+                m2[j] = data_finite ? m2[j] + acc_t(INFINITY) : acc_t(NAN);
+            }
         }
     }
-    // Chan et al.; either side may be empty (n == 0, mean == m2 == 0).
+    // Chan et al.; either side may be empty (n == 0).
     __device__ __forceinline__ void merge(const BnWelford& o) {
+        if (o.n == acc_t(0)) return;
+        if (n == acc_t(0)) {
+            *this = o;
+            return;
+        }
         const acc_t n_ab = n + o.n;
-        const acc_t w = n_ab > acc_t(0) ? o.n / n_ab : acc_t(0);
+        const acc_t w = o.n / n_ab;
 #pragma unroll
         for (int j = 0; j < L; ++j) {
+            // both sides in the coarser unit
+            const acc_t s = sc[j] < o.sc[j] ? sc[j] : o.sc[j];
+            const acc_t fa = s / sc[j], fb = s / o.sc[j];
+            const acc_t a2 = (m2[j] * fa) * fa, b2 = (o.m2[j] * fb) * fb;
             const acc_t d = o.mean[j] - mean[j];
-            mean[j] += d * w;
-            m2[j] += o.m2[j] + d * d * n * w;
+            acc_t ds = d * s;
+            if (fabs(ds) <= BN_SCALE_LIMIT) {
+                mean[j] += d * w;
+                m2[j] = a2 + b2 + ds * ds * n * w;
+                sc[j] = s;
+            } else if (isfinite(d)) {  // rescale to d
+                const acc_t s2 = bn_pow2_inv(d);
+                const acc_t f = s2 / s;
+                ds = d * s2;
+                mean[j] += d * w;
+                m2[j] = (a2 * f) * f + (b2 * f) * f + ds * ds * n * w;
+                sc[j] = s2;
+            } else {                   // a non-finite mean, or their difference overflows
+                const bool data_finite = isfinite(mean[j]) && isfinite(o.mean[j]);
+                mean[j] = mean[j] * (acc_t(1) - w) + o.mean[j] * w;
+                m2[j] = data_finite ? a2 + b2 + acc_t(INFINITY) : acc_t(NAN);
+                sc[j] = s;
+            }
         }
         n = n_ab;
     }
@@ -182,15 +255,23 @@ struct BnWelford {
         r.n = n;
         r.mean[0] = mean[0];
         r.m2[0] = m2[0];
+        r.sc[0] = sc[0];
 #pragma unroll
         for (int j = 1; j < L; ++j) {
             BnWelford<1> o;
             o.n = n;
             o.mean[0] = mean[j];
             o.m2[0] = m2[j];
+            o.sc[0] = sc[j];
             r.merge(o);
         }
         return r;
+    }
+    // The biased variance of lane j in the data's units (inf when it does not fit).
+    __device__ __forceinline__ acc_t variance(int j, acc_t inv_m) const {
+        acc_t v = m2[j] * inv_m;
+        v = v < acc_t(0) ? acc_t(0) : v;  // keeps NaN (fmax would not)
+        return v / sc[j] / sc[j];          // two divides: sc * sc may underflow
     }
     __device__ __forceinline__ BnWelford shfl_down(int off) const {
         BnWelford o;
@@ -199,6 +280,7 @@ struct BnWelford {
         for (int j = 0; j < L; ++j) {
             o.mean[j] = __shfl_down_sync(GPU_FULL_MASK, mean[j], off);
             o.m2[j] = __shfl_down_sync(GPU_FULL_MASK, m2[j], off);
+            o.sc[j] = __shfl_down_sync(GPU_FULL_MASK, sc[j], off);
         }
         return o;
     }
@@ -209,6 +291,7 @@ struct BnWelford {
         for (int j = 0; j < L; ++j) {
             s[(1 + j) * nslots + i] = mean[j];
             s[(1 + L + j) * nslots + i] = m2[j];
+            s[(1 + 2 * L + j) * nslots + i] = sc[j];
         }
     }
     __device__ __forceinline__ void load(const acc_t* s, int i, int nslots) {
@@ -217,6 +300,7 @@ struct BnWelford {
         for (int j = 0; j < L; ++j) {
             mean[j] = s[(1 + j) * nslots + i];
             m2[j] = s[(1 + L + j) * nslots + i];
+            sc[j] = s[(1 + 2 * L + j) * nslots + i];
         }
     }
     // Workspace: word w of (partial p, channel c) at ws[w * P * C + p * C + c]; lane j is channel
@@ -227,6 +311,7 @@ struct BnWelford {
             ws[idx + j] = n;
             ws[pc + idx + j] = mean[j];
             ws[2 * pc + idx + j] = m2[j];
+            ws[3 * pc + idx + j] = sc[j];
         }
     }
     __device__ __forceinline__ void load_partial(const volatile acc_t* ws, index_t idx, index_t pc) {
@@ -235,6 +320,7 @@ struct BnWelford {
         for (int j = 0; j < L; ++j) {
             mean[j] = ws[pc + idx + j];
             m2[j] = ws[2 * pc + idx + j];
+            sc[j] = ws[3 * pc + idx + j];
         }
     }
 };

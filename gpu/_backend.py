@@ -128,6 +128,11 @@ def as_float_array(xp, a: object, name: str):
     if xp is np and not isinstance(a, np.ndarray):
         a = np.asarray(a)
     dt = a.dtype
+    if not dt.isnative and dt.newbyteorder("=") in FLOAT_DTYPES:
+        # big-endian data (from a file, a network buffer): computed as a native copy, as NumPy's
+        # own functions do (PyTorch refuses it); results are native-endian
+        a = a.astype(dt.newbyteorder("="))
+        dt = a.dtype
     if dt not in FLOAT_DTYPES:
         kinds = ", ".join(str(d) for d in FLOAT_DTYPES)
         raise TypeError(f"{name}: dtype {dt} is not supported; expected a floating dtype ({kinds})")

@@ -8,6 +8,7 @@ their timing. Each op module cuts its arrays into blocks with ``block_rows``, ru
 """
 from __future__ import annotations
 
+import contextvars
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -58,7 +59,9 @@ def map_ordered(fn: Callable[[T], R], items: Iterable[T], xp=np) -> list[R]:
     n = threads()
     if n == 1 or len(items) < 2 or getattr(_local, "worker", False):
         return [fn(item) for item in items]
-    return list(_get_pool(n).map(lambda item: _as_worker(fn, item), items))
+    # workers run in a copy of the caller's context: NumPy's errstate (a context variable) holds
+    ctx = contextvars.copy_context()
+    return list(_get_pool(n).map(lambda item: ctx.copy().run(_as_worker, fn, item), items))
 
 
 def _as_worker(fn, item):

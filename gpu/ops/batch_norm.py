@@ -50,24 +50,26 @@ class _Layout:
 _LAYOUTS: dict[tuple, _Layout] = {}
 
 
-def _layout(x, axis, name: str = "x") -> _Layout:
+def _layout(x, axis, name: str = "x", allow_empty: bool = False) -> _Layout:
     key = (x.shape, axis if isinstance(axis, int) else tuple(axis) if isinstance(axis, (tuple, list)) else None)
     lay = _LAYOUTS.get(key) if key[1] is not None else None
     if lay is None:
-        lay = _make_layout(x.shape, axis, name)
+        lay = _make_layout(x.shape, axis, name, True)
         if key[1] is not None and len(_LAYOUTS) < 4096:
             _LAYOUTS[key] = lay
+    if lay.m == 0 and not allow_empty:
+        _make_layout(x.shape, axis, name)           # raises, naming the argument
     return lay
 
 
-def _make_layout(shape: tuple[int, ...], axis, name: str) -> _Layout:
+def _make_layout(shape: tuple[int, ...], axis, name: str, allow_empty: bool = False) -> _Layout:
     if len(shape) == 0:
         raise ValueError(f"{name}: expected an array with at least one dimension, got a scalar")
     axes = B.normalize_axes(axis, len(shape))
     kept = tuple(n for i, n in enumerate(shape) if i not in axes)
     keep = tuple(1 if i in axes else n for i, n in enumerate(shape))
     m = math.prod(shape[i] for i in axes)
-    if m == 0:
+    if m == 0 and not allow_empty:
         raise ValueError(f"{name}: empty reduction: axis {axes} of shape {shape} has no elements")
     kept_axes = tuple(i for i in range(len(shape)) if i not in axes)
     nontrivial = [i for i in kept_axes if shape[i] != 1]
@@ -109,6 +111,28 @@ def _writeable(*arrays) -> bool:
     return all(a.flags.writeable for a in arrays if type(a) is np.ndarray)
 
 
+def _check_batches(xp, num_batches_tracked, momentum, running_mean):
+    """num_batches_tracked (an int64 array of one element, or None) and momentum (a real, or None
+    for the cumulative average) checked together."""
+    if num_batches_tracked is not None:
+        n = num_batches_tracked
+        if not isinstance(n, xp.ndarray) or n.dtype != np.int64 or n.size != 1:
+            raise TypeError("num_batches_tracked: expected an int64 array of one element (it is updated in place, "
+                            f"as torch's BatchNorm buffer), got {type(n).__name__}"
+                            + (f" of dtype {n.dtype} and size {n.size}" if hasattr(n, "dtype") else ""))
+        if running_mean is None:
+            raise ValueError("num_batches_tracked: counts running-statistics updates: pass running_mean and "
+                             "running_var too")
+        if xp is np and not n.flags.writeable:
+            raise ValueError("num_batches_tracked: must be writeable (it is updated in place)")
+    if momentum is None:
+        if running_mean is not None and num_batches_tracked is None:
+            raise TypeError("momentum=None (the cumulative average, as torch) needs num_batches_tracked: an int64 "
+                            "array of one element, incremented in place at every update")
+        return None
+    return B.check_real(momentum, "momentum")
+
+
 def _check_running(xp, lay: _Layout, running_mean, running_var):
     for name, r in (("running_mean", running_mean), ("running_var", running_var)):
         if r is not None and not isinstance(r, xp.ndarray):
@@ -147,18 +171,29 @@ def batch_stats(x, axis: int | Sequence[int] = 0):
         out = _gpu_batch_stats(xp, x, lay)
         _VALID.put(key, lay)
         return out
-    mean, var = _cpu_stats(xp, x, lay)
+    with np.errstate(all="ignore"):   # special values are results here (PyTorch's), not warnings
+        mean, var = _cpu_stats(xp, x, lay)
     return mean.astype(x.dtype), var.astype(x.dtype)
 
 
 def batch_norm_forward(x, gamma=None, beta=None, *, axis: int | Sequence[int] = 0, eps: float = 1e-5,
-                       running_mean=None, running_var=None, momentum: float = 0.1):
+                       running_mean=None, running_var=None, momentum: float | None = 0.1,
+                       num_batches_tracked=None):
     """Training-mode batch norm: y = gamma * (x - mean) * invstd + beta over `axis`.
 
     invstd = 1 / sqrt(var + eps) with the biased variance. gamma=None means 1, beta=None means 0.
     When running_mean and running_var are given they are updated in place, as PyTorch does:
     r_mean = (1 - momentum) * r_mean + momentum * mean,
     r_var = (1 - momentum) * r_var + momentum * var * M / (M - 1), M the elements per feature.
+    ``momentum=None`` is PyTorch's cumulative average: it needs ``num_batches_tracked``, an int64
+    array of one element (torch's ``BatchNorm.num_batches_tracked`` buffer) that is incremented in
+    place first, and momentum = 1 / num_batches_tracked. Given with a float momentum it is just
+    incremented, as torch's module does. On CuPy the increment and the division stay on the device
+    (no synchronization).
+
+    Special values follow PyTorch: the statistics are finite whenever the true variance fits the
+    dtype (overflow-safe accumulation); an inf in a feature gives mean inf and var NaN, a NaN (or
+    +inf with -inf) NaN; with eps = 0 a constant feature gets invstd 0 and y = beta.
 
     Returns (y, mean, invstd): y of x's shape and dtype; mean and invstd of the kept axes' shape
     in the accumulation dtype (float32 for float16/bfloat16 input, like PyTorch's save_mean and
@@ -171,24 +206,32 @@ def batch_norm_forward(x, gamma=None, beta=None, *, axis: int | Sequence[int] = 
     """
     key = _valid_key("forward", axis, x, gamma, beta, running_mean, running_var)
     lay = _VALID.get(key)
-    if lay is not None and (running_mean is None or _writeable(running_mean, running_var)):
+    if lay is not None and num_batches_tracked is None and momentum is not None and (
+            running_mean is None or _writeable(running_mean, running_var)):
         return _gpu_forward(_xp_of(x), x, gamma, beta, running_mean, running_var, lay,
-                            B.check_real(eps, "eps", lo=0.0), B.check_real(momentum, "momentum"))
+                            B.check_real(eps, "eps", lo=0.0), B.check_real(momentum, "momentum"), None)
     xp, kernels = B.dispatch(x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
     x = B.as_float_array(xp, x, "x")
     lay = _layout(x, axis)
     gamma, beta = _params(xp, lay, gamma=gamma, beta=beta)
     running_mean, running_var = _check_running(xp, lay, running_mean, running_var)
     eps = B.check_real(eps, "eps", lo=0.0)
-    momentum = B.check_real(momentum, "momentum")
+    momentum = _check_batches(xp, num_batches_tracked, momentum, running_mean)
     if running_mean is not None and lay.m == 1:
         raise ValueError("x: expected more than 1 value per feature when training with running stats "
                          f"(axis {lay.axes} of shape {x.shape} reduces 1 element)")
+    if num_batches_tracked is not None:
+        num_batches_tracked += 1            # before the update, as torch's module
     if kernels:
-        out = _gpu_forward(xp, x, gamma, beta, running_mean, running_var, lay, eps, momentum)
-        _VALID.put(key, lay)
+        out = _gpu_forward(xp, x, gamma, beta, running_mean, running_var, lay, eps, momentum,
+                           num_batches_tracked)
+        if num_batches_tracked is None and momentum is not None:
+            _VALID.put(key, lay)
         return out
-    return _cpu_forward(xp, x, gamma, beta, running_mean, running_var, lay, eps, momentum)
+    if momentum is None and running_mean is not None:
+        momentum = 1.0 / float(num_batches_tracked.reshape(-1)[0])
+    with np.errstate(all="ignore"):
+        return _cpu_forward(xp, x, gamma, beta, running_mean, running_var, lay, eps, momentum or 0.0)
 
 
 def batch_norm_backward(dy, x, gamma, mean, invstd, *, axis: int | Sequence[int] = 0):
@@ -224,7 +267,8 @@ def batch_norm_backward(dy, x, gamma, mean, invstd, *, axis: int | Sequence[int]
         out = _gpu_backward(xp, dy, x, gamma, mean, invstd, lay)
         _VALID.put(key, lay)
         return out
-    return _cpu_backward(xp, dy, x, gamma, mean, invstd, lay)
+    with np.errstate(all="ignore"):
+        return _cpu_backward(xp, dy, x, gamma, mean, invstd, lay)
 
 
 def batch_norm_inference(x, gamma, beta, running_mean, running_var, *, axis: int | Sequence[int] = 0,
@@ -243,21 +287,25 @@ def batch_norm_inference(x, gamma, beta, running_mean, running_var, *, axis: int
                               B.check_real(eps, "eps", lo=0.0))
     xp, kernels = B.dispatch(x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
     x = B.as_float_array(xp, x, "x")
-    lay = _layout(x, axis)
+    lay = _layout(x, axis, allow_empty=True)     # an empty batch gives an empty y, as torch
     gamma, beta, running_mean, running_var = _params(
         xp, lay, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
     if running_mean is None or running_var is None:
         raise TypeError("running_mean, running_var: required for inference")
     eps = B.check_real(eps, "eps", lo=0.0)
+    if x.size == 0:
+        return xp.empty(x.shape, x.dtype)
     if kernels:
         out = _gpu_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps)
         _VALID.put(key, lay)
         return out
-    return _cpu_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps)
+    with np.errstate(all="ignore"):
+        return _cpu_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps)
 
 
 def batch_norm(x, gamma=None, beta=None, *, axis: int | Sequence[int] = 0, eps: float = 1e-5,
-               running_mean=None, running_var=None, momentum: float = 0.1, training: bool = True):
+               running_mean=None, running_var=None, momentum: float | None = 0.1, training: bool = True,
+               num_batches_tracked=None):
     """Batch norm, the convenience form: `batch_norm_forward`'s y when training (updating running
     stats if given), else `batch_norm_inference` with the running stats (then required).
 
@@ -266,7 +314,8 @@ def batch_norm(x, gamma=None, beta=None, *, axis: int | Sequence[int] = 0, eps: 
     """
     if training:
         return batch_norm_forward(x, gamma, beta, axis=axis, eps=eps, running_mean=running_mean,
-                                  running_var=running_var, momentum=momentum)[0]
+                                  running_var=running_var, momentum=momentum,
+                                  num_batches_tracked=num_batches_tracked)[0]
     return batch_norm_inference(x, gamma, beta, running_mean, running_var, axis=axis, eps=eps)
 
 
@@ -358,7 +407,40 @@ def _group_stats(blocks: _Blocks, slices):
     parts = blocks.map(centered, slices)
     c_sum, c_sq = sum(p[0] for p in parts), sum(p[1] for p in parts)
     c_mean = c_sum / m
-    return mean0 + c_mean, xp.maximum(c_sq / m - c_mean * c_mean, 0)
+    mean, var = mean0 + c_mean, xp.maximum(c_sq / m - c_mean * c_mean, 0)
+    if not (xp.isfinite(mean).all() and xp.isfinite(var).all()):    # O(C): the rare path below
+        mean, var = _scaled_stats(blocks, slices, mean, var)
+    return mean, var
+
+
+def _scaled_stats(blocks: _Blocks, slices, mean, var):
+    """The statistics again for features whose fast result is not finite, overflow-safe, with
+    PyTorch's special values (its mean is a sum):
+
+    - finite data: the same two-pass on x * 2^-e, e the exponent of the feature's max |x| (exact,
+      |x * 2^-e| < 1, so no sum or square overflows), then mean * 2^e and var * 2^2e: var is finite
+      whenever the true variance fits the dtype (the kernels: a scaled Welford, channels.cuh);
+    - an inf: mean inf (or NaN for +inf with -inf), var NaN; a NaN: both NaN.
+    """
+    xp, x, lay, acc = blocks.xp, blocks.x, blocks.lay, blocks.acc
+    m = acc.type(lay.m)
+    sl = slice(None) if 0 in lay.axes else slice(slices[0].start, slices[-1].stop)
+    xs = x[sl].astype(acc)                           # a copy: this path is for broken data only
+    with np.errstate(over="ignore", invalid="ignore"):
+        amax = xp.abs(xs).max(axis=lay.axes, keepdims=True)
+        finite = xp.isfinite(amax)
+        e = xp.frexp(xp.where(finite & (amax > 0), amax, acc.type(1)))[1]
+        z = xp.ldexp(xs, -e)
+        mean_s = z.sum(axis=lay.axes, keepdims=True) / m
+        z -= mean_s
+        c_mean = z.sum(axis=lay.axes, keepdims=True) / m
+        var_s = xp.maximum((z * z).sum(axis=lay.axes, keepdims=True) / m - c_mean * c_mean, 0)
+        s_mean = xp.ldexp(mean_s + c_mean, e)
+        s_var = xp.ldexp(var_s, 2 * e)               # inf exactly when it does not fit
+        s_mean = xp.where(finite, s_mean, xs.sum(axis=lay.axes, keepdims=True) / m)
+        s_var = xp.where(finite, s_var, acc.type(np.nan))
+    bad = ~(xp.isfinite(mean) & xp.isfinite(var))
+    return xp.where(bad, s_mean, mean), xp.where(bad, s_var, var)
 
 
 def _store(out, block):
@@ -373,7 +455,13 @@ def _per_feature(p, lay: _Layout, acc, sl):
 
 
 def _invstd(xp, var, eps: float, acc):
-    return 1 / xp.sqrt(var + acc.type(eps))
+    """1 / sqrt(var + eps); 0 where var + eps == 0 (eps = 0 and a constant feature), as PyTorch's
+    native op (the kernels' bn_invstd): y = beta there."""
+    v = var + acc.type(eps)
+    if acc.type(eps) > 0:
+        return 1 / xp.sqrt(v)
+    with np.errstate(divide="ignore"):
+        return xp.where(v == 0, acc.type(0), 1 / xp.sqrt(v))
 
 
 def _coefficients(invstd, gamma, beta, lay: _Layout, acc, p):
@@ -566,6 +654,12 @@ class _Plan:
         return {"BN_VECTOR": int(self.vector)}
 
 
+def _smem(threads: int, vec: int, acc) -> int:
+    """Dynamic shared memory of the reductions: a BnWelford<VEC> per thread, 1 + 3 VEC words
+    (the backward's sums take 2 VEC)."""
+    return threads * (1 + 3 * vec) * acc.itemsize
+
+
 def _plan(dev, outer: int, C: int, inner: int, itemsize: int, acc, vector: bool, tune: _Tuning) -> _Plan:
     """Block shape and grid of the streaming kernels for an (outer, C, inner) view; ``vector``:
     every element-wise operand is 16-byte aligned."""
@@ -596,7 +690,7 @@ def _plan(dev, outer: int, C: int, inner: int, itemsize: int, acc, vector: bool,
         per_sm = tune.blocks_per_sm or max(1, dev["max_threads_per_sm"] // T)
         grid_rows = (dev["sm_count"] * per_sm) // (tiles * chunks)
     grid_rows = max(1, min(grid_rows, _launch.ceil_div(outer, by), dev["max_grid_dims"][1]))
-    return _Plan(vector, vec, bx, T, tiles, chunks, grid_rows, T * (1 + 2 * vec) * acc.itemsize)
+    return _Plan(vector, vec, bx, T, tiles, chunks, grid_rows, _smem(T, vec, acc))
 
 
 def _onchip_plan(p: _Plan, outer: int, inner: int, acc) -> _Plan | None:
@@ -608,7 +702,7 @@ def _onchip_plan(p: _Plan, outer: int, inner: int, acc) -> _Plan | None:
     T = p.bx * by
     if T > _k("BN_ONCHIP_THREADS"):
         return None
-    return _Plan(p.vector, p.vec, p.bx, T, p.tiles, 1, 1, T * (1 + 2 * p.vec) * acc.itemsize)
+    return _Plan(p.vector, p.vec, p.bx, T, p.tiles, 1, 1, _smem(T, p.vec, acc))
 
 
 def _persistent_plan(xp, p: _Plan, outer: int, inner: int, acc, dtype, tune: _Tuning) -> _Plan | None:
@@ -626,7 +720,7 @@ def _persistent_plan(xp, p: _Plan, outer: int, inner: int, acc, dtype, tune: _Tu
     if T > most_threads:
         return None
     gy = min(gy, _launch.ceil_div(outer, by))        # no block without rows
-    plan = _Plan(p.vector, p.vec, p.bx, T, p.tiles, p.chunks, gy, T * (1 + 2 * p.vec) * acc.itemsize)
+    plan = _Plan(p.vector, p.vec, p.bx, T, p.tiles, p.chunks, gy, _smem(T, p.vec, acc))
     k = _kernels.get_kernel("batch_norm", "batch_norm_forward_onchip", xp, dtype, plan.defines)
     fits = _kernels.max_cooperative_grid(k, T, plan.smem)
     return plan if plan.tiles * plan.parts <= fits else None
@@ -722,20 +816,32 @@ def _workspace(xp, p: _Plan, words: int, C: int, acc):
     return B.empty(xp, (words * p.parts * C,), acc), xp.zeros(p.tiles, np.uint32)
 
 
-_FLAGS: dict[tuple[bool, bool, bool], np.int32] = {}
+_FLAGS: dict[tuple[bool, bool, bool, bool], np.int32] = {}
 
 
-def _flags(gamma=None, beta=None, running=None) -> np.int32:
-    """The kernels' BN_HAS_GAMMA | BN_HAS_BETA | BN_RUNNING flags for the arrays present."""
-    key = (gamma is not None, beta is not None, running is not None)
+def _flags(gamma=None, beta=None, running=None, cumulative: bool = False) -> np.int32:
+    """The kernels' BN_HAS_GAMMA | BN_HAS_BETA | BN_RUNNING | BN_CUMULATIVE flags."""
+    key = (gamma is not None, beta is not None, running is not None, cumulative)
     f = _FLAGS.get(key)
     if f is None:
         f = _FLAGS[key] = np.int32((_k("BN_HAS_GAMMA") if key[0] else 0) | (_k("BN_HAS_BETA") if key[1] else 0)
-                                   | (_k("BN_RUNNING") if key[2] else 0))
+                                   | (_k("BN_RUNNING") if key[2] else 0) | (_k("BN_CUMULATIVE") if key[3] else 0))
     return f
 
 
-def _stats_launch(xp, x, gamma, beta, running_mean, running_var, lay, eps, momentum, normalize):
+_NO_BATCHES: dict = {}
+
+
+def _no_batches(xp):
+    """The stand-in for the kernels' ``batches`` pointer when momentum is a number (never read)."""
+    key = (xp.__name__, id(_launch.device(xp)))      # one per device
+    a = _NO_BATCHES.get(key)
+    if a is None:
+        a = _NO_BATCHES[key] = xp.zeros(1, np.int64)
+    return a
+
+
+def _stats_launch(xp, x, gamma, beta, running_mean, running_var, lay, eps, momentum, normalize, batches=None):
     """Statistics, optionally the normalized output: (y or None, mean, var, invstd), per-channel
     arrays flat in the accumulation dtype; running stats updated in place."""
     acc = B.compute_dtype(x.dtype)
@@ -755,16 +861,18 @@ def _stats_launch(xp, x, gamma, beta, running_mean, running_var, lay, eps, momen
     named = {"mean": mean, "var": var, "invstd": invstd, "scale": scale, "shift": shift,
              "running_mean": rm if rm is not None else mean, "running_var": rv if rv is not None else mean,
              "x": v.x, "gamma": g if g is not None else mean, "beta": b if b is not None else mean,
-             "eps": acc.type(eps), "momentum": acc.type(momentum), "flags": _flags(g, b, rm)}
+             "eps": acc.type(eps), "momentum": acc.type(momentum or 0.0),
+             "flags": _flags(g, b, rm, momentum is None and rm is not None),
+             "batches": batches if batches is not None else _no_batches(xp)}
     named.update(plans.scalars(v, acc))
     if onchip is not None:
-        ws, _ = _workspace(xp, onchip, 3, C, acc)
+        ws, _ = _workspace(xp, onchip, 4, C, acc)
         k = plans.kernel("batch_norm_forward_onchip", onchip)
         named.update(plans.geometry(v, onchip), y=y3, ws=ws)
         _kernels.launch(k, onchip.grid, onchip.threads, k.args_from(named), shared_mem=onchip.smem,
                         cooperative=onchip.parts > 1)
     else:
-        ws, counters = _workspace(xp, p, 3, C, acc)
+        ws, counters = _workspace(xp, p, 4, C, acc)
         k = plans.kernel("batch_norm_stats", p)
         named.update(plans.geometry(v, p), ws=ws, counters=counters)
         _kernels.launch(k, p.grid, p.threads, k.args_from(named), shared_mem=p.smem)
@@ -789,9 +897,10 @@ def _gpu_batch_stats(xp, x, lay):
     return mean.reshape(lay.kept_shape).astype(x.dtype), var.reshape(lay.kept_shape).astype(x.dtype)
 
 
-def _gpu_forward(xp, x, gamma, beta, running_mean, running_var, lay, eps, momentum):
+def _gpu_forward(xp, x, gamma, beta, running_mean, running_var, lay, eps, momentum, batches):
+    # momentum None: the kernel reads the (already incremented) count itself, so CuPy never syncs
     y, mean, _, invstd = _stats_launch(xp, x, gamma, beta, running_mean, running_var, lay, eps, momentum,
-                                       normalize=True)
+                                       normalize=True, batches=None if batches is None else batches.reshape(-1))
     return y, mean.reshape(lay.kept_shape), invstd.reshape(lay.kept_shape)
 
 
