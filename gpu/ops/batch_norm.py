@@ -471,7 +471,48 @@ def _coefficients(invstd, gamma, beta, lay: _Layout, acc, p):
     return scale, _per_feature(beta, lay, acc, p)
 
 
+def _one_block(xp, x, lay: _Layout) -> bool:
+    """Whether x is one row block of the NumPy path: then the block engine (threads, closures,
+    scratch) costs more than it saves, and the direct functions below run instead."""
+    return xp is np and x.size * B.compute_dtype(x.dtype).itemsize <= _cpu.BLOCK_BYTES
+
+
+def _direct_stats(xp, x, lay: _Layout, acc):
+    """(mean, var, c, c_mean) for an x of one block: the corrected two-pass of `_group_stats`,
+    keeping c = x - mean0 (accumulation dtype) for the caller to normalize in place; None if a
+    statistic is not finite (the blocked path's overflow-safe recomputation takes over)."""
+    m = acc.type(lay.m)
+    mean0 = x.sum(axis=lay.axes, keepdims=True, dtype=acc) / m
+    c = xp.subtract(x, mean0, dtype=acc)
+    c_mean = c.sum(axis=lay.axes, keepdims=True) / m
+    var = xp.maximum(_reduce(xp, lay, c, c) / m - c_mean * c_mean, 0)
+    mean = mean0 + c_mean
+    if not (xp.isfinite(mean).all() and xp.isfinite(var).all()):
+        return None
+    return mean, var, c, c_mean
+
+
+def _direct_forward(xp, x, gamma, beta, lay: _Layout, eps: float):
+    acc = B.compute_dtype(x.dtype)
+    stats = _direct_stats(xp, x, lay, acc)
+    if stats is None:
+        return None
+    mean, var, c, c_mean = stats
+    invstd = _invstd(xp, var, eps, acc)
+    scale, shift = _coefficients(invstd, gamma, beta, lay, acc, slice(None))
+    c -= c_mean                                  # x - mean, in place: y = c * scale + shift
+    c *= scale
+    if shift is not None:
+        c += shift
+    y = c if x.dtype == acc else c.astype(x.dtype)
+    return y, mean.reshape(lay.kept_shape), var.reshape(lay.kept_shape), invstd.reshape(lay.kept_shape)
+
+
 def _cpu_stats(xp, x, lay: _Layout):
+    if _one_block(xp, x, lay):
+        stats = _direct_stats(xp, x, lay, B.compute_dtype(x.dtype))
+        if stats is not None:
+            return stats[0].reshape(lay.kept_shape), stats[1].reshape(lay.kept_shape)
     blocks = _Blocks(xp, x, lay)
     mean, var = xp.empty(lay.keepdims_shape, blocks.acc), xp.empty(lay.keepdims_shape, blocks.acc)
 
@@ -491,6 +532,11 @@ def _update_running(lay, mean, var, running_mean, running_var, momentum):
 
 
 def _cpu_forward(xp, x, gamma, beta, running_mean, running_var, lay, eps, momentum):
+    direct = _direct_forward(xp, x, gamma, beta, lay, eps) if _one_block(xp, x, lay) else None
+    if direct is not None:
+        y, mean, var, invstd = direct
+        _update_running(lay, mean, var, running_mean, running_var, momentum)
+        return y, mean, invstd
     blocks = _Blocks(xp, x, lay)
     acc = blocks.acc
     y = xp.empty(x.shape, x.dtype)
@@ -511,6 +557,8 @@ def _cpu_backward(xp, dy, x, gamma, mean, invstd, lay):
     # dx = k * (dy - dbeta/M - x_hat * dgamma/M) with k = gamma * invstd, x_hat = (x - mean) * invstd,
     # dbeta = sum(dy), dgamma = sum(dy * x_hat): dx = k * dy + a * (x - mean) + b, where
     # a = -k * invstd * dgamma / M and b = -k * dbeta / M.
+    if _one_block(xp, x, lay):
+        return _direct_backward(xp, dy, x, gamma, mean, invstd, lay)
     blocks = _Blocks(xp, x, lay)
     acc = blocks.acc
     out_dtype = gamma.dtype if gamma is not None else x.dtype
@@ -545,7 +593,34 @@ def _cpu_backward(xp, dy, x, gamma, mean, invstd, lay):
             dbeta.reshape(lay.kept_shape).astype(out_dtype))
 
 
+def _direct_backward(xp, dy, x, gamma, mean, invstd, lay: _Layout):
+    """`_cpu_backward` for an x of one block, the same formulas without the block engine."""
+    acc = B.compute_dtype(x.dtype)
+    out_dtype = gamma.dtype if gamma is not None else x.dtype
+    inv_m = acc.type(1.0 / lay.m)
+    mu, istd = _per_feature(mean, lay, acc, slice(None)), _per_feature(invstd, lay, acc, slice(None))
+    xmu = xp.subtract(x, mu, dtype=acc)
+    dbeta = dy.sum(axis=lay.axes, keepdims=True, dtype=acc)
+    dgamma = _reduce(xp, lay, dy, xmu) * istd
+    k = istd if gamma is None else istd * _per_feature(gamma, lay, acc, slice(None))
+    xmu *= -k * istd * dgamma * inv_m                        # dx = a (x - mean) + b + k dy
+    xmu += -k * dbeta * inv_m
+    xmu += xp.multiply(dy, k, dtype=acc)
+    dx = xmu if x.dtype == acc else xmu.astype(x.dtype)
+    return (dx, dgamma.reshape(lay.kept_shape).astype(out_dtype),
+            dbeta.reshape(lay.kept_shape).astype(out_dtype))
+
+
 def _cpu_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps):
+    if _one_block(xp, x, lay):
+        acc = B.compute_dtype(x.dtype)
+        rm, rv = _per_feature(running_mean, lay, acc, slice(None)), _per_feature(running_var, lay, acc, slice(None))
+        scale, shift = _coefficients(_invstd(xp, rv, eps, acc), gamma, beta, lay, acc, slice(None))
+        y = xp.subtract(x, rm, dtype=acc)
+        y *= scale
+        if shift is not None:
+            y += shift
+        return y if x.dtype == acc else y.astype(x.dtype)
     blocks = _Blocks(xp, x, lay)
     acc = blocks.acc
     y = xp.empty(x.shape, x.dtype)
