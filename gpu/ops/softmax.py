@@ -295,30 +295,35 @@ def _exp_rows(xp, za, into):
     return sh, e, _row_sum(xp, e)
 
 
+def _softmax_rows(xp, za, ob, log: bool) -> None:
+    """Softmax (log-softmax) of the rows of za (..., C), in the accumulation dtype, into ob."""
+    acc = za.dtype
+    # log-softmax needs za after exp: exp goes to scratch unless ob can hold it
+    e = ob if ob.dtype == acc else _cpu.scratch(xp, za.shape, acc)
+    with _quiet(xp):
+        sh, e, s = _exp_rows(xp, za, e)
+        if log:   # one rounding: sh - log s, log s per row
+            xp.subtract(sh, xp.log(s)[..., None], out=ob)
+            return
+        e *= xp.reciprocal(s)[..., None]
+    if e is not ob:
+        ob[...] = e
+
+
 def _cpu_softmax(xp, z, ax, log):
     acc = B.compute_dtype(z.dtype)
-    moved = xp.moveaxis(z, ax, -1)
+    last = ax == z.ndim - 1
+    moved = z if last else xp.moveaxis(z, ax, -1)
     out = xp.empty(moved.shape, z.dtype)
     if out.size == 0:                      # no rows, or no classes: empty, as PyTorch
-        return xp.moveaxis(out, -1, ax)
-    zr, outr = _blocked(moved, z.ndim), _blocked(out, z.ndim)
-
-    def block(sl):
-        za = zr[:, sl].astype(acc, copy=False)
-        ob = outr[:, sl]
-        # log-softmax needs z after exp: exp goes to scratch unless out can hold it
-        e = ob if ob.dtype == acc else _cpu.scratch(xp, za.shape, acc)
-        with _quiet(xp):
-            sh, e, s = _exp_rows(xp, za, e)
-            if log:   # one rounding: sh - log s, log s per row
-                xp.subtract(sh, xp.log(s)[..., None], out=ob)
-                return
-            e *= xp.reciprocal(s)[..., None]
-        if e is not ob:
-            ob[...] = e
-
-    _run_rows(xp, block, zr.shape[1], zr.shape[-1] * acc.itemsize)
-    return xp.moveaxis(out, -1, ax)
+        pass
+    elif xp is not np or out.size * acc.itemsize <= DIRECT_BYTES:
+        _softmax_rows(xp, moved.astype(acc, copy=False), out, log)
+    else:
+        zr, outr = _blocked(moved, z.ndim), _blocked(out, z.ndim)
+        _run_rows(xp, lambda sl: _softmax_rows(xp, zr[:, sl].astype(acc, copy=False), outr[:, sl], log),
+                  zr.shape[1], zr.shape[-1] * acc.itemsize)
+    return out if last else xp.moveaxis(out, -1, ax)
 
 
 def _cpu_hardmax(xp, z, ax):
