@@ -115,7 +115,9 @@ class _CE:
             if t.shape != self.row_shape:
                 raise ValueError(f"target: class indices must have z's shape without axis {ax}, "
                                  f"{self.row_shape}; got {t.shape}")
-            bad = ((t < 0) | (t >= c)) & (t != self.ignore_index) if check_targets else None
+            # two reductions decide the common case (every index in range); else the full test
+            in_range = not check_targets or t.size == 0 or (int(t.min()) >= 0 and int(t.max()) < c)
+            bad = None if in_range else ((t < 0) | (t >= c)) & (t != self.ignore_index)
             if bad is not None and bool(bad.any()):
                 pos = tuple(int(i) for i in np.unravel_index(int(bad.ravel().argmax()), t.shape))
                 raise _bad_target_error(t, pos, c, self.ignore_index)
@@ -378,7 +380,8 @@ def _cpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
     if C == 0:
         return _ce_no_classes(ce, want_loss, dloss, inplace)
     acc, f64 = B.compute_dtype(ce.z.dtype), np.dtype(np.float64)
-    moved = xp.moveaxis(ce.z, ce.axis, -1)
+    last = ce.axis == ce.z.ndim - 1
+    moved = ce.z if last else xp.moveaxis(ce.z, ce.axis, -1)
     z = _blocked(moved, moved.ndim)                   # blocks of rows along axis 1
     row_shape = z.shape[:-1]
     w = None if ce.weight is None else ce.weight.astype(acc)
@@ -386,7 +389,7 @@ def _cpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
 
     # Per-row target terms, and the 'mean' denominator: known before any logit is read.
     if ce.probs:
-        y = _blocked(xp.moveaxis(ce.target, ce.axis, -1), moved.ndim)
+        y = _blocked(ce.target if last else xp.moveaxis(ce.target, ce.axis, -1), moved.ndim)
         denom = float(z.size // C)
     else:
         t = _blocked(ce.target, moved.ndim)
@@ -428,7 +431,7 @@ def _cpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
         else:
             w_tb = w_t[:, sl]
             if want_loss:
-                picked = xp.take_along_axis(sh, tt[:, sl, ..., None], axis=-1)[..., 0]
+                picked = sh[_row_index(xp, sh.shape[:-1]) + (tt[:, sl],)]   # sh_t
                 r = w_tb * (lse - picked)
                 if ls:
                     smooth_sh = _row_sum(xp, sh) if w is None else _row_dot(xp, sh, w)   # sum_c w_c sh_c
@@ -465,7 +468,7 @@ def _cpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
         loss = xp.asarray(rows).astype(ce.z.dtype)
     if g is None:
         return loss, None
-    dz = xp.moveaxis(dz.reshape(moved.shape), -1, ce.axis)
+    dz = dz.reshape(moved.shape) if last else xp.moveaxis(dz.reshape(moved.shape), -1, ce.axis)
     if inplace:
         ce.z[...] = dz
         dz = ce.z
