@@ -9,8 +9,14 @@ shape), `weight`, `ignore_index`, `label_smoothing`, reduction 'mean' | 'sum' | 
 only ignored targets is NaN. Its gradient is dZ = (softmax(Z) - Y) * scale, Y the (smoothed,
 weighted) target distribution, computed in the same pass as the loss.
 
-All are stable for logits of any magnitude: the row maximum is subtracted before exp. As in
+All are stable for logits of any magnitude: the row maximum is subtracted before exp (the NumPy
+path skips that pass when exp(z) cannot overflow or lose precision, UNSHIFTED_SUMS). As in
 PyTorch, a row whose logits are all -inf (or hold +inf or NaN) gives NaN.
+
+Corner cases follow PyTorch (tests/test_numerics_softmax.py): an empty class axis gives empty
+arrays (hardmax too); cross-entropy with no classes gives torch's losses (_ce_no_classes);
+label_smoothing < 0 means no smoothing (only > 1 is rejected); with reduction 'mean' and target
+weights summing to 0 the loss is NaN and every non-ignored row's gradient is NaN (ignored rows: 0).
 
 NumPy arrays run the NumPy reference path below; CuPy arrays run the CUDA kernels of
 ``cuda_src/softmax.cu``. float16 and bfloat16 compute in float32.
