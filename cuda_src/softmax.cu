@@ -162,7 +162,7 @@ struct CrossEntropyOp {
     const acc_t* weight;     // [C] (CE_WEIGHT)
     const acc_t* dloss;      // [1] or [rows]
     index_t dloss_stride;    // 0 or 1
-    const acc_t* inv_denom;  // [1] (CE_DENOM): 1 / sum of w_t, 0 if that sum is 0
+    const acc_t* inv_denom;  // [1] (CE_DENOM): 1 / sum of w_t, inf if that sum is 0
     long long ignore_index;
     acc_t ls;                // label smoothing
     acc_t ls_c;              // ls / C
@@ -233,9 +233,11 @@ struct CrossEntropyOp {
         const acc_t L = acc_log(st.s);
         const acc_t inv_s = acc_rcp(st.s);
         acc_t g = acc_t(0);
-        if ((flags & CE_GRAD) && c.active) {   // lanes past the last row read nothing
+        // An ignored row's gradient is 0 whatever dloss and the denominator (lanes past the last
+        // row read nothing); a valid row's with a zero 'mean' denominator is NaN (inf * 0), as torch.
+        if ((flags & CE_GRAD) && c.valid) {
             g = dloss[row * dloss_stride];
-            if (flags & CE_DENOM) g *= *inv_denom;   // 0 when every target is ignored
+            if (flags & CE_DENOM) g *= *inv_denom;
         }
         Fin f;
         f.m = st.m;
@@ -415,8 +417,9 @@ softmax_cross_entropy_strided(CE_PARAMS, index_t outer, int C, index_t inner, in
     rows_strided(make_ce(CE_ARGS, C), z, outer, C, inner, cached);
 }
 
-// 1 / (sum of w_t over rows whose target is in range and not ignore_index), 0 when that sum is 0:
-// the inverse 'mean' denominator a gradient needs before any dz is written. Grid-stride,
+// 1 / (sum of w_t over rows whose target is in range and not ignore_index), inf when that sum is 0
+// (valid rows then get a NaN gradient, as in PyTorch; ignored rows never read it): the inverse
+// 'mean' denominator a gradient needs before any dz is written. Grid-stride,
 // fixed-order block sums, the last block sums the partials in block order. Block: 256 threads.
 extern "C" __global__ void __launch_bounds__(SM_WEIGHT_SUM_THREADS)
 softmax_cross_entropy_weight_sum(acc_t* inv_denom, acc_t* part, unsigned int* ticket, const long long* __restrict__ target,
@@ -434,5 +437,5 @@ softmax_cross_entropy_weight_sum(acc_t* inv_denom, acc_t* part, unsigned int* ti
     w = 0;
     for (int i = tid; i < (int)gridDim.x; i += blockDim.x) w += ((volatile acc_t*)part)[i];
     w = block_reduce_sum(w, scratch);
-    if (tid == 0) inv_denom[0] = w != acc_t(0) ? acc_t(1) / w : acc_t(0);
+    if (tid == 0) inv_denom[0] = acc_t(1) / w;
 }

@@ -219,7 +219,6 @@ T = np.array([0, 1, 2, 3])
 
 @pytest.mark.parametrize("call,exc,match", [
     (lambda: gpu.softmax(Z.astype(np.int64)), TypeError, "z: dtype int64"),
-    (lambda: gpu.softmax(Z[:, :0]), ValueError, "z: empty reduction"),
     (lambda: gpu.softmax(Z, axis=2), ValueError, "axis: axis 2 is out of bounds"),
     (lambda: gpu.softmax(Z, axis=(0, 1)), TypeError, "axis: expected a single int"),
     (lambda: gpu.hardmax(np.float32(1)), ValueError, "z: expected an array with at least one"),
@@ -232,7 +231,6 @@ T = np.array([0, 1, 2, 3])
     (lambda: gpu.softmax_cross_entropy(Z, None), TypeError, "target"),
     (lambda: gpu.softmax_cross_entropy(Z, T, reduction="avg"), ValueError, "reduction: expected one of"),
     (lambda: gpu.softmax_cross_entropy(Z, T, label_smoothing=1.5), ValueError, "label_smoothing"),
-    (lambda: gpu.softmax_cross_entropy(Z, T, label_smoothing=-0.1), ValueError, "label_smoothing"),
     (lambda: gpu.softmax_cross_entropy(Z, T, weight=np.ones(4)), ValueError, "weight: expected shape"),
     (lambda: gpu.softmax_cross_entropy(Z, T, weight=np.ones(5, np.int32)), TypeError, "weight: dtype"),
     (lambda: gpu.softmax_cross_entropy(Z, T, ignore_index=1.5), TypeError, "ignore_index"),
@@ -253,9 +251,11 @@ def test_bad_target_raises_on_every_backend(backend):
 @pytest.mark.parametrize("shape,axis", [((23, 7), -1), ((7, 23), 0), ((5, 3, 6), 1)],
                          ids=["classes-last", "classes-first", "middle"])
 def test_numpy_path_row_blocks(monkeypatch, rng, shape, axis):
-    # the NumPy path works on row blocks sized for the cache; force blocks of about 2 rows
+    # the NumPy path works on row blocks sized for the cache above DIRECT_BYTES; force blocks of
+    # about 2 rows
     sm = importlib.import_module("gpu.ops.softmax")
     monkeypatch.setattr(_cpu, "BLOCK_BYTES", 2 * 4 * shape[axis])
+    monkeypatch.setattr(sm, "DIRECT_BYTES", 0)
     z, z64, target, kw = _ce_inputs(rng, shape, axis, np.float32, dict(ignore=True, weight=True,
                                                                          label_smoothing=0.1))
     loss, dz = gpu.softmax_cross_entropy(z, target, axis=axis, return_grad=True, **kw)

@@ -9,8 +9,14 @@ shape), `weight`, `ignore_index`, `label_smoothing`, reduction 'mean' | 'sum' | 
 only ignored targets is NaN. Its gradient is dZ = (softmax(Z) - Y) * scale, Y the (smoothed,
 weighted) target distribution, computed in the same pass as the loss.
 
-All are stable for logits of any magnitude: the row maximum is subtracted before exp. As in
+All are stable for logits of any magnitude: the row maximum is subtracted before exp (the NumPy
+path skips that pass when exp(z) cannot overflow or lose precision, UNSHIFTED_SUMS). As in
 PyTorch, a row whose logits are all -inf (or hold +inf or NaN) gives NaN.
+
+Corner cases follow PyTorch (tests/test_numerics_softmax.py): an empty class axis gives empty
+arrays (hardmax too); cross-entropy with no classes gives torch's losses (_ce_no_classes);
+label_smoothing < 0 means no smoothing (only > 1 is rejected); with reduction 'mean' and target
+weights summing to 0 the loss is NaN and every non-ignored row's gradient is NaN (ignored rows: 0).
 
 NumPy arrays run the NumPy reference path below; CuPy arrays run the CUDA kernels of
 ``cuda_src/softmax.cu``. float16 and bfloat16 compute in float32.
@@ -32,13 +38,12 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 def _check_z(xp, z, axis, name: str = "z"):
+    # An empty class axis is not an error: as in PyTorch, softmax and log-softmax of it are empty
+    # arrays (so is hardmax), and cross-entropy's losses are those of torch (see _ce_no_classes).
     z = B.as_float_array(xp, z, name)
     if z.ndim == 0:
         raise ValueError(f"{name}: expected an array with at least one dimension, got a scalar")
-    ax = B.normalize_axis(axis, z.ndim)
-    if z.shape[ax] == 0:
-        raise ValueError(f"{name}: empty reduction: axis {ax} of shape {z.shape} has no classes")
-    return z, ax
+    return z, B.normalize_axis(axis, z.ndim)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,7 +109,8 @@ class _CE:
             self.ignore_index = operator.index(ignore_index)
         except TypeError:
             raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}") from None
-        self.label_smoothing = B.check_real(label_smoothing, "label_smoothing", 0.0, 1.0)
+        # PyTorch rejects only label_smoothing > 1; a negative value means no smoothing
+        self.label_smoothing = max(0.0, B.check_real(label_smoothing, "label_smoothing", None, 1.0))
         self.n_classes = c = z.shape[ax]
         self.row_shape = z.shape[:ax] + z.shape[ax + 1:]
 
@@ -115,7 +121,9 @@ class _CE:
             if t.shape != self.row_shape:
                 raise ValueError(f"target: class indices must have z's shape without axis {ax}, "
                                  f"{self.row_shape}; got {t.shape}")
-            bad = ((t < 0) | (t >= c)) & (t != self.ignore_index) if check_targets else None
+            # two reductions decide the common case (every index in range); else the full test
+            in_range = not check_targets or t.size == 0 or (int(t.min()) >= 0 and int(t.max()) < c)
+            bad = None if in_range else ((t < 0) | (t >= c)) & (t != self.ignore_index)
             if bad is not None and bool(bad.any()):
                 pos = tuple(int(i) for i in np.unravel_index(int(bad.ravel().argmax()), t.shape))
                 raise _bad_target_error(t, pos, c, self.ignore_index)
@@ -224,36 +232,111 @@ def softmax_cross_entropy_backward(z, target, dloss=1.0, *, axis: int = -1, redu
 # NumPy reference path (any array module with NumPy's API)
 # ---------------------------------------------------------------------------------------------
 
+#: Arrays of up to this many bytes (in the accumulation dtype) run in one call on the calling
+#: thread, without row blocks or the pool: below it the pool's hand-off costs more than a second
+#: core saves (measured on 2 cores with `python -m gpu.bench`, see _run_rows).
+DIRECT_BYTES = 1 << 20
+
+#: The NumPy path takes exp(z) without subtracting the row maximum (which saves a pass for the
+#: maximum and one for the subtraction) when every row sum s of exp(z) in a block lies in this
+#: range: then no exp overflowed, 1/s is a normal number and the row's largest terms are normal,
+#: so p = exp(z) / s rounds like exp(z - max) / sum(exp(z - max)), and log s, taken in float64
+#: per row, keeps the digits of small losses. Blocks outside it (logits beyond about +-60, rows of
+#: -inf, NaN) are computed again with the maximum subtracted.
+UNSHIFTED_SUMS = (2.0 ** -20, 2.0 ** 100)
+
+#: Rows up to this many classes are summed with einsum (2-3x np.sum's speed on short rows, which
+#: has a per-row cost); longer rows with np.sum's pairwise summation, for its accuracy.
+EINSUM_MAX_COLS = 2048
+
+
 def _blocked(a, class_last_ndim: int):
     """View of a (rows..., C) or (rows...) array with leading unit axes, so that axis 1 is a row
     axis to cut blocks along: (1, rows..., C), or (1, 1, C) for a single row."""
     return a[(None,) * (2 if class_last_ndim == 1 else 1)]
 
 
+def _run_rows(xp, block, n_rows: int, row_bytes: int) -> None:
+    """block(slice) over rows [0, n_rows) of the _blocked views: one call on this thread for a
+    small array (no block machinery), else cache-sized row blocks over the pool."""
+    if xp is not np or n_rows * row_bytes <= DIRECT_BYTES:
+        block(slice(None))
+    else:
+        _cpu.map_ordered(block, _cpu.row_blocks(xp, n_rows, row_bytes), xp)
+
+
 def _quiet(xp):
-    """Silence NumPy's invalid-value warning for inf - inf: NaN rows are the documented result."""
-    return np.errstate(invalid="ignore") if xp is np else contextlib.nullcontext()
+    """Silence NumPy's warnings for inf - inf and exp overflow: NaN rows are the documented
+    result, and an overflowing unshifted exp is detected and redone (UNSHIFTED_SUMS)."""
+    if xp is not np:
+        return contextlib.nullcontext()
+    return np.errstate(invalid="ignore", over="ignore", divide="ignore")
+
+
+def _row_sum(xp, a):
+    return xp.einsum("...c->...", a) if a.shape[-1] <= EINSUM_MAX_COLS else a.sum(axis=-1)
+
+
+def _row_dot(xp, a, b):
+    """sum_c a_c b_c per row; b is (..., C) or (C,)."""
+    if a.shape[-1] <= EINSUM_MAX_COLS:
+        return xp.einsum("...c,...c->...", a, b)
+    return (a * b).sum(axis=-1)
+
+
+def _unshifted_ok(s) -> bool:
+    lo, hi = UNSHIFTED_SUMS
+    return s.size == 0 or bool(lo <= s.min() and s.max() <= hi)   # False for NaN
+
+
+def _exp_rows(xp, za, into):
+    """(sh, e, s): exp(sh) written into `into`, s its row sums, sh = za when exp(za) is safe to
+    use unshifted (UNSHIFTED_SUMS), else sh = za - row max (a fresh array, not into). One class
+    is always shifted: its softmax is then exactly 1, its log-softmax, loss and gradient 0."""
+    if za.shape[-1] > 1:
+        e = xp.exp(za, out=into)
+        s = _row_sum(xp, e)
+        if _unshifted_ok(s):
+            return za, e, s
+    sh = za - za.max(axis=-1, keepdims=True)   # a row of -inf gives NaN, as in PyTorch
+    e = xp.exp(sh, out=into)
+    return sh, e, _row_sum(xp, e)
+
+
+def _softmax_rows(xp, za, ob, log: bool) -> None:
+    """Softmax (log-softmax) of the rows of za (..., C), in the accumulation dtype, into ob."""
+    acc = za.dtype
+    # log-softmax needs za after exp: exp goes to scratch unless ob can hold it
+    e = ob if ob.dtype == acc else _cpu.scratch(xp, za.shape, acc)
+    with _quiet(xp):
+        sh, e, s = _exp_rows(xp, za, e)
+        if log:   # one rounding: sh - log s, log s per row
+            xp.subtract(sh, xp.log(s)[..., None], out=ob)
+            return
+        e *= xp.reciprocal(s)[..., None]
+    if e is not ob:
+        ob[...] = e
 
 
 def _cpu_softmax(xp, z, ax, log):
     acc = B.compute_dtype(z.dtype)
-    moved = xp.moveaxis(z, ax, -1)
-    zr = _blocked(moved, z.ndim)
-    out = xp.empty(zr.shape, z.dtype)
-    for sl in _cpu.row_blocks(xp, zr.shape[1], zr.shape[-1] * acc.itemsize):
-        zb = zr[:, sl].astype(acc, copy=False)
-        with _quiet(xp):  # a row of -inf gives NaN, as in PyTorch, without a warning
-            sh = zb - zb.max(axis=-1, keepdims=True)
-        if log:
-            sh -= xp.log(xp.exp(sh).sum(axis=-1, keepdims=True))
-        else:
-            xp.exp(sh, out=sh)
-            sh *= 1 / sh.sum(axis=-1, keepdims=True)
-        out[:, sl] = sh
-    return xp.moveaxis(out.reshape(moved.shape), -1, ax)
+    last = ax == z.ndim - 1
+    moved = z if last else xp.moveaxis(z, ax, -1)
+    out = xp.empty(moved.shape, z.dtype)
+    if out.size == 0:                      # no rows, or no classes: empty, as PyTorch
+        pass
+    elif xp is not np or out.size * acc.itemsize <= DIRECT_BYTES:
+        _softmax_rows(xp, moved.astype(acc, copy=False), out, log)
+    else:
+        zr, outr = _blocked(moved, z.ndim), _blocked(out, z.ndim)
+        _run_rows(xp, lambda sl: _softmax_rows(xp, zr[:, sl].astype(acc, copy=False), outr[:, sl], log),
+                  zr.shape[1], zr.shape[-1] * acc.itemsize)
+    return out if last else xp.moveaxis(out, -1, ax)
 
 
 def _cpu_hardmax(xp, z, ax):
+    if z.shape[ax] == 0:                   # no classes: nothing to mark (argmax would raise)
+        return xp.empty(z.shape, z.dtype)
     # argmax on float32 for the narrow types: exact, and NaN-aware like NumPy's float argmax
     idx = z.astype(B.compute_dtype(z.dtype), copy=False).argmax(axis=ax)
     classes = xp.arange(z.shape[ax]).reshape((-1,) + (1,) * (z.ndim - ax - 1))
@@ -266,93 +349,119 @@ def _row_index(xp, shape):
     return tuple(xp.arange(s).reshape((-1,) + (1,) * (n - i - 1)) for i, s in enumerate(shape))
 
 
+def _ce_no_classes(ce: _CE, want_loss: bool, dloss, inplace: bool):
+    """Cross-entropy over an empty class axis (both paths; nothing to launch), as PyTorch: every
+    class index is out of range unless ignored; row losses are 0, or NaN with label smoothing
+    over integer targets (ls / C); 'mean' is NaN (its denominator, the summed target weight or
+    torch's rows = numel / C, is 0 / 0)."""
+    xp = ce.xp
+    if not ce.probs:
+        bad = ce.target != ce.ignore_index
+        if bool(bad.any()):
+            pos = tuple(int(i) for i in np.unravel_index(int(bad.ravel().argmax()), bad.shape))
+            raise _bad_target_error(ce.target, pos, 0, ce.ignore_index)
+    loss = None
+    if want_loss:
+        row = np.nan if (ce.label_smoothing and not ce.probs) else 0.0
+        if ce.reduction == "none":
+            loss = xp.full(ce.row_shape, row, ce.z.dtype)
+        else:
+            total = np.nan if ce.reduction == "mean" else row if math.prod(ce.row_shape) else 0.0
+            loss = xp.asarray(total, dtype=ce.z.dtype)
+    if dloss is None:
+        return loss, None
+    return loss, ce.z if inplace else xp.empty(ce.z.shape, ce.z.dtype)
+
+
 def _cpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
     """(loss or None, dz or None). dloss=None: no gradient; else the upstream gradient.
     inplace: dz is written over ce.z, which is returned as dz.
 
-    Works on row blocks (the class axis last): per block, shifted logits sh = z - max, one exp,
-    log-sum-exp, the row losses, and the gradient written over the exp buffer.
+    Per row block (the class axis last): e = exp(z) (unshifted when safe, UNSHIFTED_SUMS), its row
+    sums s, the row losses from log s and the target terms in float64 (R values: cheap, and
+    log s - z_t keeps its digits for small losses), and the gradient written over e, which is dz
+    itself when the dtypes allow.
     """
     xp, ls, C = ce.xp, ce.label_smoothing, ce.n_classes
-    acc = B.compute_dtype(ce.z.dtype)
-    moved = xp.moveaxis(ce.z, ce.axis, -1)
+    if C == 0:
+        return _ce_no_classes(ce, want_loss, dloss, inplace)
+    acc, f64 = B.compute_dtype(ce.z.dtype), np.dtype(np.float64)
+    last = ce.axis == ce.z.ndim - 1
+    moved = ce.z if last else xp.moveaxis(ce.z, ce.axis, -1)
     z = _blocked(moved, moved.ndim)                   # blocks of rows along axis 1
     row_shape = z.shape[:-1]
     w = None if ce.weight is None else ce.weight.astype(acc)
-    one_minus_ls, ls_over_c = acc.type(1 - ls), acc.type(ls / C)
+    keep, ls_c = 1.0 - ls, ls / C
 
     # Per-row target terms, and the 'mean' denominator: known before any logit is read.
     if ce.probs:
-        y = _blocked(xp.moveaxis(ce.target, ce.axis, -1), moved.ndim)
-        denom = acc.type(z.size // C)
+        y = _blocked(ce.target if last else xp.moveaxis(ce.target, ce.axis, -1), moved.ndim)
+        denom = float(z.size // C)
     else:
         t = _blocked(ce.target, moved.ndim)
         valid = t != ce.ignore_index
         tt = xp.where(valid, t, 0).astype(xp.intp)
-        w_t = valid.astype(acc) if w is None else xp.where(valid, w[tt], 0).astype(acc)
+        w_t = valid.astype(f64) if w is None else xp.where(valid, w[tt], 0).astype(f64)
         denom = w_t.sum()
-        w_all = acc.type(C) if w is None else w.sum()
+        w_all = float(C) if w is None else float(w.sum(dtype=f64))
 
     g = None
     if dloss is not None:   # per-row upstream scale: dloss, over the mean's denominator
-        g = xp.asarray(dloss, dtype=acc)
+        g = xp.asarray(dloss, dtype=f64)
         if ce.reduction == "mean":
-            # nothing to differentiate when every target is ignored (PyTorch's gradient is 0 too)
-            g = g / denom if denom != 0 else xp.zeros_like(g)
+            with _quiet(xp):
+                g = g / denom   # inf when the target weights sum to 0: a NaN gradient, as PyTorch
         g = xp.broadcast_to(g, row_shape)
+        if not ce.probs:    # an ignored row's gradient is 0, whatever dloss and the denominator
+            g = xp.where(valid, g, 0.0)
         dz = xp.empty(z.shape, ce.z.dtype)
-    rows = xp.empty(row_shape, acc) if want_loss else None
+    rows = xp.empty(row_shape, f64) if want_loss else None
 
     def block(sl):
-        zb = z[:, sl].astype(acc, copy=False)
-        # sh is C-contiguous whatever z's layout (so the loss rounds the same with or without the
-        # gradient); the gradient is computed over it in place: right in dz when dtypes allow
-        into = dz[:, sl] if g is not None and dz.dtype == acc else _cpu.scratch(xp, zb.shape, acc)
-        with _quiet(xp):
-            sh = xp.subtract(zb, zb.max(axis=-1, keepdims=True), out=into)  # log p = sh - lse
+        with _quiet(xp):   # NaN rows, overflowing unshifted exp, inf * 0 for a zero denominator
+            _ce_block(sl)
+
+    def _ce_block(sl):
+        za = z[:, sl].astype(acc, copy=False)
+        into = dz[:, sl] if g is not None and dz.dtype == acc else _cpu.scratch(xp, za.shape, acc)
+        sh, e, s = _exp_rows(xp, za, into)       # log p = sh - log s
+        lse = xp.log(s.astype(f64))
         if ce.probs:
             yb = y[:, sl].astype(acc)
             if ls:
-                yb = yb * one_minus_ls + ls_over_c
+                yb = yb * acc.type(keep) + acc.type(ls_c)
             wy = yb if w is None else yb * w          # weighted target distribution
-            wy_sum, wy_sh = wy.sum(axis=-1), (wy * sh).sum(axis=-1)
+            wy_sum = _row_sum(xp, wy).astype(f64)
+            if want_loss:
+                rows[:, sl] = lse * wy_sum - _row_dot(xp, sh, wy)
         else:
-            picked = xp.take_along_axis(sh, tt[:, sl, ..., None], axis=-1)[..., 0]
-            if ls:
-                smooth_sh = sh.sum(axis=-1) if w is None else sh @ w   # sum_c w_c * sh_c
-        e = xp.exp(sh, out=sh)
-        s = e.sum(axis=-1)
-        lse = xp.log(s)
-        if want_loss:
-            if ce.probs:
-                rows[:, sl] = lse * wy_sum - wy_sh
-            else:
-                r = w_t[:, sl] * (lse - picked)
+            w_tb = w_t[:, sl]
+            if want_loss:
+                picked = sh[_row_index(xp, sh.shape[:-1]) + (tt[:, sl],)]   # sh_t
+                r = w_tb * (lse - picked)
                 if ls:
-                    r = r * one_minus_ls + xp.where(valid[:, sl], w_all * lse - smooth_sh, 0) * ls_over_c
+                    smooth_sh = _row_sum(xp, sh) if w is None else _row_dot(xp, sh, w)   # sum_c w_c sh_c
+                    r = r * keep + xp.where(valid[:, sl], w_all * lse - smooth_sh, 0) * ls_c
                 rows[:, sl] = r
         if g is None:
             return
         gb = g[:, sl]
         if ce.probs:
             # d/dz_j = p_j * sum_c(w_c y_c) - w_j y_j
-            e *= (gb * wy_sum / s)[..., None]
-            e -= gb[..., None] * wy
+            e *= (gb * wy_sum / s).astype(acc)[..., None]
+            e -= gb.astype(acc)[..., None] * wy
         else:
             # d/dz_j = p_j ((1-ls) w_t + ls W / C) - (1-ls) w_t [j == t] - (ls / C) w_j; 0 if ignored
-            gv = gb * w_t[:, sl]
-            coef = gv * one_minus_ls
+            hit = gb * w_tb * keep
+            coef = hit + gb * (ls_c * w_all) if ls else hit
+            e *= (coef / s).astype(acc)[..., None]
+            e[_row_index(xp, e.shape[:-1]) + (tt[:, sl],)] -= hit.astype(acc)
             if ls:
-                gs = xp.where(valid[:, sl], gb, 0) * ls_over_c
-                coef = coef + gs * w_all
-            e *= (coef / s)[..., None]
-            e[_row_index(xp, e.shape[:-1]) + (tt[:, sl],)] -= gv * one_minus_ls
-            if ls:
-                e -= gs[..., None] * (1 if w is None else w)
+                e -= (gb * ls_c).astype(acc)[..., None] * (1 if w is None else w)
         if dz.dtype != acc:   # else e already is this block of dz
             dz[:, sl] = e
 
-    _cpu.map_ordered(block, _cpu.row_blocks(xp, z.shape[1], C * acc.itemsize), xp)
+    _run_rows(xp, block, z.shape[1], C * acc.itemsize)
 
     loss = None
     if want_loss:
@@ -360,11 +469,12 @@ def _cpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
         if ce.reduction == "sum":
             rows = rows.sum()
         elif ce.reduction == "mean":
-            rows = rows.sum() / denom if denom != 0 else xp.asarray(np.nan, acc)
+            with _quiet(xp):
+                rows = rows.sum() / denom if denom != 0 else xp.asarray(np.nan, f64)
         loss = xp.asarray(rows).astype(ce.z.dtype)
     if g is None:
         return loss, None
-    dz = xp.moveaxis(dz.reshape(moved.shape), -1, ce.axis)
+    dz = dz.reshape(moved.shape) if last else xp.moveaxis(dz.reshape(moved.shape), -1, ce.axis)
     if inplace:
         ce.z[...] = dz
         dz = ce.z
@@ -589,6 +699,8 @@ def _gpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
     Integer targets are checked by the kernel (no extra pass over them): a bad one raises
     ValueError naming the first bad position, after the launch."""
     xp, z = ce.xp, ce.z
+    if ce.n_classes == 0:
+        return _ce_no_classes(ce, want_loss, dloss, inplace)
     acc = B.compute_dtype(z.dtype)
     lay = _layout(xp, z, ce.axis)
     R, C = lay.rows, lay.C
