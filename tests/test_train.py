@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from gpu.nn import SoftmaxCrossEntropy, evaluate, load_dataset, load_model, trai
 from gpu.train import main
 
 from conftest import cuda_available
+from shell import run_checked
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -144,6 +144,5 @@ def test_device_gpu_without_a_gpu_is_a_clear_error(capsys):
 
 
 def test_script_wrapper_runs_from_a_checkout():
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--help"],
-                            capture_output=True, text=True, check=True)
+    result = run_checked([sys.executable, ROOT / "scripts" / "train.py", "--help"])
     assert "--compare-bn" in result.stdout
