@@ -32,6 +32,7 @@ import numpy as np
 
 import gpu
 from gpu import _backend
+from gpu._cli import output_problem
 
 from . import harness, report
 from .harness import (CPU_CHECK, DEFAULT_DTYPES, HOST, SUITES, CpuDevice, GpuDevice, Row, Settings, TorchPeer,
@@ -81,18 +82,6 @@ def _csv(choices: Sequence[str]):
             raise argparse.ArgumentTypeError(f"{bad[0]!r}: expected one of {', '.join(choices)}")
         return items
     return parse
-
-
-def _output_problem(path: str) -> str | None:
-    """Why `path` cannot be written (checked before any benchmarking), or None."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        return f"{path} is a directory"
-    if not os.path.isdir(folder):
-        return f"no directory {folder}"
-    if not os.access(folder, os.W_OK) or os.path.exists(path) and not os.access(path, os.W_OK):
-        return f"{path} is not writable"
-    return None
 
 
 def _no_matplotlib() -> bool:
@@ -150,7 +139,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     except ValueError as e:
         p.error(str(e))
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        problem = path and _output_problem(path)
+        problem = path and output_problem(path)
         if problem:
             p.error(f"{flag} {path}: {problem}")
     if args.plot and _no_matplotlib():   # the rows and the JSON are still worth the run
