@@ -196,10 +196,9 @@ def plot_compare(path: str, title: str, runs: dict[str, History], targets: list[
         ax_acc.plot(hist.eval_step, hist.val_acc, color=color, lw=1.4, label=label)
     ax_loss.set(xlabel="step", ylabel="training loss (batch)", yscale="log")
     ax_acc.set(xlabel="step", ylabel="validation accuracy")
-    for target in targets:
-        ax_acc.axhline(target, color="gray", ls="--", lw=0.6)
-        ax_acc.text(0.01, target, f"target {target:g}", transform=ax_acc.get_yaxis_transform(),
-                    ha="left", va="bottom", fontsize=7, color="dimgray")
+    names = "target accuracy " + ", ".join(f"{t:g}" for t in targets)   # one legend entry for all
+    for i, target in enumerate(targets):
+        ax_acc.axhline(target, color="gray", ls="--", lw=0.6, label=None if i else names)
     ax_acc.set_ylim(max(0.0, min(min(h.val_acc) for h in runs.values()) - 0.02), 1.0)
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
