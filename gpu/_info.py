@@ -46,6 +46,8 @@ def _cuda_facts() -> dict[str, str]:
 def info() -> Info:
     """Versions and what this machine can run; prints as a report (also `python -m gpu`).
 
+    An invalid ``GPU_BACKEND`` is reported under "backend" (starting with ``INVALID``), not raised.
+
     >>> import gpu
     >>> facts = gpu.info()            # facts["NumPy arrays"] says which path NumPy arrays take
     """
@@ -57,8 +59,13 @@ def info() -> Info:
     facts.update({k.upper(): v for k, v in cuda.items()})
     cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     facts["C++ compiler (emulator)"] = cxx or "none (apt-get install g++)"
-    backend = B.current_backend()
-    facts["backend"] = f"{backend} (GPU_BACKEND=emulate or gpu.use_backend('emulate') runs kernels on the CPU)"
-    facts["NumPy arrays"] = "kernel emulator (CPU)" if backend == "emulate" else "NumPy reference path"
+    try:
+        backend = B.current_backend()
+    except ValueError as e:  # a bad GPU_BACKEND: reported here, raised by the first op call
+        facts["backend"] = f"INVALID: {e}"
+        facts["NumPy arrays"] = "none until GPU_BACKEND is fixed (every op call raises ValueError)"
+    else:
+        facts["backend"] = f"{backend} (GPU_BACKEND=emulate or gpu.use_backend('emulate') runs kernels on the CPU)"
+        facts["NumPy arrays"] = "kernel emulator (CPU)" if backend == "emulate" else "NumPy reference path"
     facts["CuPy arrays"] = "CUDA kernels"
     return facts

@@ -4,12 +4,15 @@
     gpu-train --dataset mnist5k --device gpu        # the same on CuPy arrays: the CUDA kernels
     gpu-train --dataset digits --compare-bn         # with vs without BN: plot + JSON summary
 
-Everything is checked (dataset, labels, batch size, device) before the first step; a problem is
-reported as ``gpu-train: error: ...`` with exit status 2.
+Everything is checked (dataset, labels, batch size, device, output paths) before the first step;
+a problem is reported as ``gpu-train: error: ...`` with exit status 2. A run whose loss blows up
+gets a warning (and ``"diverged"`` in the JSON). Exit status 1: an output could not be written
+(the others still are).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -22,7 +25,9 @@ from .nn import (Sequential, SoftmaxCrossEntropy, Standardize, check_batch_size,
                  to_module, train_val_split)
 from .nn.optim import DEFAULT_LR, OPTIMIZERS
 from .nn.layers import ACTIVATIONS
-from .nn.trainer import History
+from .nn.trainer import History, diverged
+from . import _backend
+from ._cli import extra_hint, output_dir_problem, output_problem
 
 #: --compare-bn defaults: Ioffe & Szegedy (2015), Fig. 1(a): 3 hidden sigmoid layers of 100 units
 #: trained with plain SGD, with and without batch norm.
@@ -71,7 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-bn", action="store_true",
                    help="train with and without batch norm from the same initialization; "
                         "write a plot and a JSON summary to --out")
-    p.add_argument("--out", default="train_out", help="directory for --compare-bn outputs")
+    p.add_argument("--out", default="train_out",
+                   help="directory for --compare-bn outputs, compare_bn_DATASET.png and .json "
+                        "(default train_out; made if missing)")
+    p.add_argument("--force", action="store_true",
+                   help="let --compare-bn overwrite its outputs in --out (by default an existing "
+                        "one is an error, checked before training)")
     p.add_argument("--save", metavar="PATH.npz", help="save the trained model")
     p.add_argument("--json", metavar="PATH", help="write the run's summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -87,10 +97,10 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
     for key, value in (COMPARE_DEFAULTS if args.compare_bn else TRAIN_DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    try:
-        args.hidden = [int(s) for s in args.layers.split(",") if s.strip()]
+    try:   # every item a size: "100,", "," and "" are mistakes, not fewer layers
+        args.hidden = [int(s) for s in args.layers.split(",")]
     except ValueError:
-        parser.error(f"--layers: expected comma-separated integers, got {args.layers!r}")
+        parser.error(f"--layers: expected comma-separated sizes, e.g. 100,100, got {args.layers!r}")
     if any(h < 1 for h in args.hidden):
         parser.error(f"--layers: sizes must be positive, got {args.layers!r}")
     if args.threads < 1:
@@ -115,6 +125,13 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
         args.standardize = "global" if args.dataset in IMAGE_DATASETS else "feature"
     if args.compare_bn and args.no_bn:
         parser.error("--compare-bn trains both with and without batch norm; drop --no-bn")
+    for flag, path in (("--json", args.json), ("--save", args.save)):
+        problem = path and output_problem(path)
+        if problem:
+            parser.error(f"{flag} {path}: {problem}")
+    problem = args.compare_bn and output_dir_problem(args.out)
+    if problem:
+        parser.error(f"--out {args.out}: {problem}")
     return args
 
 
@@ -179,8 +196,9 @@ def plot_compare(path: str, title: str, runs: dict[str, History], targets: list[
         ax_acc.plot(hist.eval_step, hist.val_acc, color=color, lw=1.4, label=label)
     ax_loss.set(xlabel="step", ylabel="training loss (batch)", yscale="log")
     ax_acc.set(xlabel="step", ylabel="validation accuracy")
-    for target in targets:
-        ax_acc.axhline(target, color="gray", ls="--", lw=0.6)
+    names = "target accuracy " + ", ".join(f"{t:g}" for t in targets)   # one legend entry for all
+    for i, target in enumerate(targets):
+        ax_acc.axhline(target, color="gray", ls="--", lw=0.6, label=None if i else names)
     ax_acc.set_ylim(max(0.0, min(min(h.val_acc) for h in runs.values()) - 0.02), 1.0)
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
@@ -191,13 +209,30 @@ def plot_compare(path: str, title: str, runs: dict[str, History], targets: list[
     plt.close(fig)
 
 
-def _threadpool_limits():
+def _threadpool_limits(threads: int):
+    """threadpoolctl's limit on BLAS threads; without threadpoolctl, no limit and a warning."""
     try:
         from threadpoolctl import threadpool_limits
-    except ImportError as e:
-        raise ImportError("gpu-train needs threadpoolctl (in the train extra): "
-                          "pip install 'gpu[train]'") from e
-    return threadpool_limits
+    except ImportError:
+        print(f"gpu-train: warning: threadpoolctl is not installed, so --threads {threads} cannot "
+              f"limit BLAS threads ({extra_hint('train')})", file=sys.stderr)
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=threads, user_api="blas")
+
+
+def compare_stem(args: argparse.Namespace, data) -> str:
+    """--compare-bn's output path without its suffix: OUT/compare_bn_DATASET."""
+    return os.path.join(args.out, f"compare_bn_{os.path.splitext(data.name)[0]}")
+
+
+def _write(what: str, write) -> bool:
+    """Run one output writer; a failure is printed, not raised (the other outputs still go out)."""
+    try:
+        write()
+        return True
+    except Exception as e:
+        print(f"gpu-train: could not write {what}: {type(e).__name__}: {e}", file=sys.stderr)
+        return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -206,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _resolve(parser.parse_args(argv), parser)
     # Everything that can be wrong with the inputs is found here, before the first step.
     try:
-        threadpool_limits = _threadpool_limits()
+        _backend.current_backend()   # a bad GPU_BACKEND would fail the first step
         xp = device_module(args.device)
         data = load_dataset(args.dataset, seed=args.seed)
         train, val = train_val_split(data, args.val_fraction, seed=args.seed)
@@ -215,11 +250,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         for model in models.values():
             check_batch_size(model, args.batch_size)
         if args.compare_bn:
-            import matplotlib  # noqa: F401  (needed for the plot at the end: fail now, not then)
+            try:   # needed for the plot at the end: fail now, not then
+                import matplotlib  # noqa: F401
+            except ImportError as e:
+                raise ImportError(f"--compare-bn plots with matplotlib: {extra_hint('train')}") from e
+            existing = [p for p in (compare_stem(args, data) + ext for ext in (".png", ".json"))
+                        if os.path.exists(p)]
+            if existing and not args.force:
+                raise ValueError(f"--out {args.out}: {' and '.join(existing)} already "
+                                 f"exist{'s' if len(existing) == 1 else ''}; pass --force to "
+                                 "overwrite, or choose another --out")
     except (ValueError, ImportError, RuntimeError, OSError) as e:
         parser.error(str(e))
 
-    with threadpool_limits(limits=args.threads, user_api="blas"):
+    with _threadpool_limits(args.threads):
         return _train(args, data, train, val, models, xp)
 
 
@@ -236,6 +280,13 @@ def _train(args: argparse.Namespace, data, train, val, models: dict[bool, Sequen
         hist = run(args, model, xp, train, val, f"[{label}] " if args.compare_bn else "")
         histories[label] = hist
         results[label] = summarize(args, hist, bn)
+        why = diverged(hist)
+        results[label]["diverged"] = why is not None
+        if why:
+            lr = config["lr"]
+            print(f"gpu-train: warning: {label}: training diverged: {why}. The learning rate "
+                  f"{lr:g} is likely too large (--lr; {args.optimizer}'s default is "
+                  f"{DEFAULT_LR[args.optimizer]:g})", file=sys.stderr)
 
     for label, r in results.items():
         line = (f"{label}: val acc {r['final_val_acc']:.4f} (best {r['best_val_acc']:.4f}), "
@@ -247,27 +298,31 @@ def _train(args: argparse.Namespace, data, train, val, models: dict[bool, Sequen
             line += f"; steps to reach val acc {steps}"
         print(line)
 
+    # The numbers first, the picture last: an output that fails does not lose the others.
     summary: dict[str, Any] = {"config": config, "runs": results}
-    if args.compare_bn:
-        os.makedirs(args.out, exist_ok=True)
-        stem = os.path.join(args.out, f"compare_bn_{os.path.splitext(data.name)[0]}")
-        summary["curves"] = {label: {"step_loss": h.step_loss, "eval_step": h.eval_step,
-                                     "val_acc": h.val_acc, "val_loss": h.val_loss}
-                             for label, h in histories.items()}
-        title = (f"{data.name}: {len(args.hidden)} x {args.hidden[0] if args.hidden else 0} "
-                 f"{args.activation}, {args.optimizer} lr {config['lr']:g}, "
-                 f"batch {args.batch_size}")
-        plot_compare(stem + ".png", title, histories, args.targets)
-        with open(stem + ".json", "w") as f:
-            json.dump(summary, f, indent=1)
-        print(f"wrote {stem}.png and {stem}.json")
+    written = True
+
+    def dump(path: str, obj) -> None:
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=1)
+        print(f"wrote {path}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({k: v for k, v in summary.items() if k != "curves"}, f, indent=1)
+        written &= _write(args.json, lambda: dump(args.json, summary))
     if args.save:
-        save_model(args.save, models[not args.no_bn])
-        print(f"saved the model to {args.save}")
-    return 0
+        written &= _write(args.save, lambda: (save_model(args.save, models[not args.no_bn]),
+                                              print(f"saved the model to {args.save}")))
+    if args.compare_bn:
+        stem = compare_stem(args, data)
+        curves = {label: {"step_loss": h.step_loss, "eval_step": h.eval_step,
+                          "val_acc": h.val_acc, "val_loss": h.val_loss}
+                  for label, h in histories.items()}
+        title = (f"{data.name}: {len(args.hidden)} x {args.hidden[0]} {args.activation}, "
+                 f"{args.optimizer} lr {config['lr']:g}, batch {args.batch_size}")
+        written &= _write(args.out, lambda: os.makedirs(args.out, exist_ok=True))
+        written &= _write(stem + ".json", lambda: dump(stem + ".json", summary | {"curves": curves}))
+        written &= _write(stem + ".png", lambda: (plot_compare(stem + ".png", title, histories,
+                                                               args.targets), print(f"wrote {stem}.png")))
+    return 0 if written else 1
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 """`gpu-train` from a checkout, without installing: python scripts/train.py [--dataset ...].
 
 The batch-norm comparison (Ioffe & Szegedy 2015, Fig. 1a) is
-`python scripts/train.py --dataset mnist5k --compare-bn --out docs/`.
+`python scripts/train.py --dataset mnist5k --compare-bn --out docs/ --force` (it rewrites the
+docs/compare_bn_* files).
 """
 import pathlib
 import sys

@@ -11,6 +11,8 @@ import pytest
 import gpu
 from gpu import _backend, _cpu
 
+from shell import run_checked
+
 API = ["batch_stats", "batch_norm_forward", "batch_norm_backward", "batch_norm_inference", "batch_norm",
        "softmax", "log_softmax", "hardmax", "softmax_cross_entropy", "softmax_cross_entropy_backward",
        "info", "use_backend", "warmup"]
@@ -76,8 +78,18 @@ def test_info_reports_paths():
 
 
 def test_python_m_gpu_prints_report():
-    out = subprocess.run([sys.executable, "-m", "gpu"], capture_output=True, text=True, check=True).stdout
+    out = run_checked([sys.executable, "-m", "gpu"]).stdout
     assert "NumPy arrays" in out and "CuPy arrays" in out
+
+
+def test_python_m_gpu_with_a_bad_backend_explains_without_a_traceback(monkeypatch):
+    monkeypatch.setenv("GPU_BACKEND", "cuda")
+    assert gpu.info()["backend"].startswith("INVALID: GPU_BACKEND='cuda'")
+    proc = subprocess.run([sys.executable, "-m", "gpu"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "python -m gpu: error: GPU_BACKEND='cuda': expected one of auto, numpy, emulate" in proc.stderr
+    assert "NumPy arrays" in proc.stdout  # the rest of the report is still there
 
 
 def test_import_without_cupy():
@@ -85,7 +97,7 @@ def test_import_without_cupy():
     code = ("import sys; sys.modules['cupy'] = None\n"
             "import numpy as np, gpu\n"
             "print(gpu.softmax(np.ones((1, 2), np.float32)), gpu.info()['cupy'])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = run_checked([sys.executable, "-c", code]).stdout
     assert "[[0.5 0.5]]" in out and "not importable" in out
 
 

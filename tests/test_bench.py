@@ -237,3 +237,30 @@ def test_json_is_written_when_the_plot_fails(tmp_path, monkeypatch):
     rc, written = run(tmp_path, "--op", "batch_stats", "--plot", str(tmp_path / "bench.png"))
     assert rc == 1   # a report that could not be written fails the run
     assert {r["op"] for r in written["rows"]} == {"batch_stats"}
+
+
+def test_no_runnable_peer_fails_before_any_work_and_says_why(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(harness.TorchPeer, "unavailable", lambda self: "No module named 'torch'")
+    path = tmp_path / "bench.json"
+    assert main(["--quick", "--device", "cpu", "--peer", "torch-cpu", "--json", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert "nothing to run on the cpu: peer torch-cpu is unavailable: No module named 'torch'" in captured.err
+    assert "torch extra" in captured.err
+    assert "rows in" not in captured.out and not path.exists()
+    assert main(["--quick", "--device", "cpu", "--peer", "cupy"]) == 2
+    assert "peer cupy runs on the gpu only" in capsys.readouterr().err
+
+
+def test_cpu_rows_are_explained_under_the_table(tmp_path, capsys):
+    rc, _ = run(tmp_path, "--op", "batch_stats")
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "`ours` is this library's NumPy path" in out and "%spec is empty: a CPU has no datasheet bandwidth" in out
+
+
+def test_bad_gpu_backend_is_a_command_line_error(monkeypatch, capsys):
+    monkeypatch.setenv("GPU_BACKEND", "cuda")
+    with pytest.raises(SystemExit) as e:
+        main(["--quick"])
+    assert e.value.code == 2
+    assert "GPU_BACKEND='cuda': expected one of" in capsys.readouterr().err

@@ -3,6 +3,7 @@ emulator's build cache, toolchain errors, and the kernel sources inside an insta
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,8 @@ import pytest
 
 from gpu import _emulator, _kernels
 from gpu._backend import BFLOAT16
+
+from shell import run_checked
 
 REPO = Path(__file__).resolve().parents[1]
 FEATURES = Path(__file__).parent / "kernels" / "emulator_features.cu"
@@ -176,11 +179,10 @@ def test_wheel_ships_kernel_sources_and_emulator_runtime(tmp_path):
     for d in ("gpu", "cuda_src"):
         shutil.copytree(REPO / d, src / d, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)],
-                   check=True, capture_output=True)
+    # without build isolation (no download): the build backend is this venv's, which the test extra pins
+    run_checked([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist", src])
     wheel, = (tmp_path / "dist").glob("*.whl")
-    subprocess.run([*pip, "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)],
-                   check=True, capture_output=True)
+    run_checked([*pip, "install", "--no-deps", "--target", tmp_path / "site", wheel])
     script = textwrap.dedent(f"""
         import numpy as np, pathlib
         from gpu import _kernels
@@ -194,8 +196,45 @@ def test_wheel_ships_kernel_sources_and_emulator_runtime(tmp_path):
         print(" ".join(_kernels.families()))
     """)
     env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
-    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    proc = run_checked([sys.executable, "-c", script], env=env, cwd=tmp_path)
     where, names = proc.stdout.splitlines()
     assert Path(where) == tmp_path / "site" / "gpu" / "cuda_src"
     assert names.split() == _kernels.families()
+
+
+def _pyproject() -> dict:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def _pin(requirements: list[str], name: str) -> str:
+    """The requirement string for `name` in a list of requirements."""
+    found = [r for r in requirements if re.match(rf"{re.escape(name)}\s*([<>=!~;\[]|$)", r)]
+    assert len(found) == 1, (name, requirements)
+    return found[0]
+
+
+def test_test_venv_has_the_build_backend_the_project_builds_with():
+    """The wheel test builds without isolation, with this venv's setuptools: the test extra pins the
+    build-system's, and the installed one satisfies it (a fresh 3.11 venv has setuptools 65, which has
+    no bdist_wheel)."""
+    from importlib.metadata import version
+    from packaging.requirements import Requirement
+    meta = _pyproject()
+    build = _pin(meta["build-system"]["requires"], "setuptools")
+    assert _pin(meta["project"]["optional-dependencies"]["test"], "setuptools") == build
+    installed = version("setuptools")
+    assert Requirement(build).specifier.contains(installed), \
+        f"setuptools {installed} in this venv does not satisfy the build-system's {build}: pip install -e '.[test]'"
+
+
+def test_torch_when_installed_is_the_pinned_release():
+    """The torch oracle tests run against the release the `torch` extra pins."""
+    from importlib.metadata import PackageNotFoundError, version
+    from packaging.requirements import Requirement
+    pin = Requirement(_pin(_pyproject()["project"]["optional-dependencies"]["torch"], "torch"))
+    try:
+        installed = version("torch")
+    except PackageNotFoundError:
+        pytest.skip(f"torch is not installed: its oracle tests skip (the torch extra: {pin})")
+    assert pin.specifier.contains(installed, prereleases=True), f"torch {installed} is not the torch extra's {pin}"

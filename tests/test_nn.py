@@ -6,6 +6,9 @@ with the NumPy path step by step.
 """
 from __future__ import annotations
 
+import io
+import sys
+
 import numpy as np
 import pytest
 
@@ -14,7 +17,9 @@ from gpu.nn import (SGD, Adam, BatchNorm, Linear, Momentum, Parameter, RMSprop, 
                     SoftmaxCrossEntropy, Standardize, check_dataset, evaluate,
                     exponential_decay, fit, gradient_check, inverse_time_decay, load_dataset,
                     load_model, minibatches, mlp, save_model, synthetic, train_val_split)
+from gpu.nn import trainer
 from gpu.nn.data import load_npz
+from gpu.nn.trainer import History
 
 
 def tiny_data(seed: int = 0, n: int = 12, features: int = 5, classes: int = 3):
@@ -308,14 +313,49 @@ def test_fit_is_deterministic_and_records_validation():
     assert model.training  # evaluate restores the mode
 
 
-def test_progress_bar_shows_loss_and_accuracy(capsys):
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _fit_two_epochs() -> None:
     data = synthetic(n=64, features=4, classes=2, seed=0)
     model = mlp([4, 8, 2])
     fit(model, SoftmaxCrossEntropy(), Adam(model.parameters().values()),
         (data.X.astype(np.float32), data.y), (data.X.astype(np.float32), data.y), epochs=2,
         batch_size=16, desc="[t] ")
-    err = capsys.readouterr().err
-    assert "[t] epoch 2/2" in err and "loss=" in err and "acc=" in err and "val_acc=" in err
+
+
+def test_progress_on_a_terminal_is_a_bar_with_loss_and_accuracy(monkeypatch):
+    pytest.importorskip("tqdm")
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    _fit_two_epochs()
+    err = sys.stderr.getvalue()
+    assert "[t] epoch 2/2" in err and "batch/s" in err
+    assert "loss=" in err and "acc=" in err and "val_acc=" in err
+
+
+def test_piped_progress_is_one_line_per_epoch(capsys):
+    _fit_two_epochs()   # capsys's stderr is not a terminal, as when piped
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["[t] epoch 1/2", "[t] epoch 2/2"], lines
+    assert all("loss=" in line and " acc=" in line and "val_acc=" in line for line in lines)
+
+
+def test_progress_without_tqdm_is_one_line_per_epoch(monkeypatch):
+    monkeypatch.setattr(trainer, "_tqdm", lambda: None)
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    _fit_two_epochs()
+    assert len(sys.stderr.getvalue().splitlines()) == 2
+
+
+def test_diverged_names_the_step_or_the_epoch():
+    hist = History(step_loss=[2.3, 1.0, 0.5], epochs=[{"epoch": 1, "train_loss": 1.27}])
+    assert trainer.diverged(hist) is None
+    hist = History(step_loss=[2.3, 1e9, 1e10], epochs=[{"epoch": 1, "train_loss": 3.7e9}])
+    assert trainer.diverged(hist) == "the mean training loss of epoch 1 is 3.7e+09, against 2.3 at the first step"
+    hist = History(step_loss=[2.3, float("nan")], epochs=[{"epoch": 1, "train_loss": float("nan")}])
+    assert trainer.diverged(hist) == "the training loss is nan at step 2"
 
 
 @pytest.mark.parametrize("batch_norm", [True, False], ids=["bn", "no-bn"])

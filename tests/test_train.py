@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from gpu.nn import SoftmaxCrossEntropy, evaluate, load_dataset, load_model, trai
 from gpu.train import main
 
 from conftest import cuda_available
+from shell import run_checked
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,7 +127,8 @@ def test_bad_input_fails_before_training(tmp_path, capsys, case, match):
 
 
 def test_bad_flags():
-    for args in (["--layers", "10,x"], ["--target", "0.9,1.5"], ["--target", "x"],
+    for args in (["--layers", "10,x"], ["--layers", ","], ["--layers", "10,"], ["--layers", ""],
+                 ["--target", "0.9,1.5"], ["--target", "x"],
                  ["--compare-bn", "--no-bn"], ["--max-steps", "0"],
                  ["--lr", "0"]):
         with pytest.raises(SystemExit) as exc:
@@ -144,6 +145,91 @@ def test_device_gpu_without_a_gpu_is_a_clear_error(capsys):
 
 
 def test_script_wrapper_runs_from_a_checkout():
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--help"],
-                            capture_output=True, text=True, check=True)
+    result = run_checked([sys.executable, ROOT / "scripts" / "train.py", "--help"])
     assert "--compare-bn" in result.stdout
+
+
+def test_output_paths_are_checked_before_training(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    for args, match in ((["--json", str(tmp_path / "no" / "s.json")], "--json .*: no directory"),
+                        (["--save", str(tmp_path)], "--save .*: .* is a directory"),
+                        (["--compare-bn", "--out", str(tmp_path / "file")], "--out .*: .* is not a directory")):
+        with pytest.raises(SystemExit) as exc:
+            main(["--dataset", "synthetic", *args])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert re.search(match, err), err
+        assert "epoch 1/" not in err   # nothing was trained
+
+
+SHORT_COMPARE = ["--dataset", "synthetic", "--compare-bn", "--max-steps", "3", "--epochs", "1",
+                 "--target", "0.5", "--quiet"]
+
+
+def test_compare_bn_does_not_overwrite_without_force(tmp_path, capsys):
+    out = tmp_path / "out"   # made when missing
+    assert main([*SHORT_COMPARE, "--out", str(out)]) == 0
+    written = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert set(written) == {"compare_bn_synthetic.json", "compare_bn_synthetic.png"}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main([*SHORT_COMPARE, "--out", str(out)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "compare_bn_synthetic.png and " in err and "pass --force" in err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == written
+    assert main([*SHORT_COMPARE, "--out", str(out), "--force"]) == 0
+
+
+def test_compare_plot_labels_its_target_lines(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+    from gpu import train
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    hist = train.History(step_loss=[2.0, 1.0, 0.5], eval_step=[0, 3], val_acc=[0.1, 0.9], val_loss=[2.0, 0.4])
+    train.plot_compare(str(tmp_path / "p.png"), "t", {"with BN": hist, "without BN": hist}, [0.8, 0.9])
+    (fig,) = figures
+    legend = {t.get_text() for ax in fig.axes for t in ax.get_legend().get_texts()}
+    assert "target accuracy 0.8, 0.9" in legend
+
+
+def test_results_are_written_when_the_plot_fails(tmp_path, monkeypatch, capsys):
+    from gpu import train
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no display")
+    monkeypatch.setattr(train, "plot_compare", broken)
+    assert main([*SHORT_COMPARE, "--out", str(tmp_path), "--json", str(tmp_path / "s.json")]) == 1
+    assert "could not write" in capsys.readouterr().err
+    assert json.loads((tmp_path / "compare_bn_synthetic.json").read_text())["curves"]
+    assert json.loads((tmp_path / "s.json").read_text())["runs"]
+
+
+def test_a_diverging_run_is_warned_about(tmp_path, capsys):
+    summary = run_cli("--dataset", "synthetic", "--epochs", "1", "--layers", "8", "--lr", "1e6",
+                      "--json", str(tmp_path / "s.json"))
+    err = capsys.readouterr().err
+    assert summary["runs"]["with BN"]["diverged"] is True
+    assert "gpu-train: warning: with BN: training diverged" in err and "--lr" in err
+    summary = run_cli("--dataset", "synthetic", "--epochs", "1", "--layers", "8",
+                      "--json", str(tmp_path / "s.json"))
+    assert summary["runs"]["with BN"]["diverged"] is False
+    assert "diverged" not in capsys.readouterr().err
+
+
+def test_bad_gpu_backend_is_a_command_line_error(monkeypatch, capsys):
+    monkeypatch.setenv("GPU_BACKEND", "cuda")
+    with pytest.raises(SystemExit) as exc:
+        main(["--dataset", "synthetic"])
+    assert exc.value.code == 2
+    assert "GPU_BACKEND='cuda'" in capsys.readouterr().err
+
+
+def test_runs_without_tqdm_or_threadpoolctl(tmp_path):
+    """The train extra's tqdm and threadpoolctl are optional: a run goes on without them."""
+    code = ("import sys; sys.modules['tqdm'] = None; sys.modules['threadpoolctl'] = None\n"
+            "from gpu.train import main\n"
+            f"sys.exit(main(['--dataset', 'synthetic', '--epochs', '2', '--layers', '8', '--json', {str(tmp_path / 's.json')!r}]))")
+    proc = run_checked([sys.executable, "-c", code], cwd=ROOT, timeout=300)
+    assert proc.stderr.count("epoch ") == 2 and "threadpoolctl is not installed" in proc.stderr, proc.stderr

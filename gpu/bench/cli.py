@@ -31,6 +31,8 @@ from typing import Sequence
 import numpy as np
 
 import gpu
+from gpu import _backend
+from gpu._cli import output_problem
 
 from . import harness, report
 from .harness import (CPU_CHECK, DEFAULT_DTYPES, HOST, SUITES, CpuDevice, GpuDevice, Row, Settings, TorchPeer,
@@ -80,18 +82,6 @@ def _csv(choices: Sequence[str]):
             raise argparse.ArgumentTypeError(f"{bad[0]!r}: expected one of {', '.join(choices)}")
         return items
     return parse
-
-
-def _output_problem(path: str) -> str | None:
-    """Why `path` cannot be written (checked before any benchmarking), or None."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        return f"{path} is a directory"
-    if not os.path.isdir(folder):
-        return f"no directory {folder}"
-    if not os.access(folder, os.W_OK) or os.path.exists(path) and not os.access(path, os.W_OK):
-        return f"{path} is not writable"
-    return None
 
 
 def _no_matplotlib() -> bool:
@@ -144,8 +134,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             p.error(f"--host runs its own cases on the CPU: drop {', '.join(given)}")
         if args.op and not host_cases(args.op):
             p.error(f"--host: none of {', '.join(args.op)} has a host case")
+    try:
+        _backend.current_backend()   # a bad GPU_BACKEND fails every row of ours: say so now
+    except ValueError as e:
+        p.error(str(e))
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        problem = path and _output_problem(path)
+        problem = path and output_problem(path)
         if problem:
             p.error(f"{flag} {path}: {problem}")
     if args.plot and _no_matplotlib():   # the rows and the JSON are still worth the run
@@ -171,6 +165,24 @@ def build_cases(args: argparse.Namespace, device_kind: str) -> list[Case]:
                 shapes = suite[op.family]
             cases += [Case(op, shape, layout, np.dtype(dt)) for shape, layout in shapes]
     return cases
+
+
+def _why_no_rows(args: argparse.Namespace, peer_status: dict[str, str], device_kind: str) -> str:
+    """Why no (case, peer) pair is left to run: each asked-for peer's reason."""
+    why = []
+    for peer in harness.PEERS:
+        if args.peer and peer.name not in args.peer:
+            continue
+        status = peer_status.get(peer.name, "ok")
+        if peer.device not in ("any", device_kind):
+            why.append(f"peer {peer.name} runs on the {peer.device} only")
+        elif status != "ok":
+            hint = (" (install PyTorch: see the torch extra in the README)"
+                    if isinstance(peer, TorchPeer) and "No module named 'torch'" in status else "")
+            why.append(f"peer {peer.name} is unavailable: {status}{hint}")
+        else:
+            why.append(f"peer {peer.name} has none of the selected ops")
+    return "; ".join(why) or "no peer selected"
 
 
 def _write(what: str, write) -> bool:
@@ -222,6 +234,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     cases = build_cases(args, device.kind)
+    if not any(p.supports(c.op) for c in cases for p in peers):
+        print(f"gpu-bench: error: nothing to run on the {device.kind}: {_why_no_rows(args, peer_status, device.kind)}",
+              file=sys.stderr)
+        return 2
     rows: list[Row] = []
     interrupted = failed = False
     print(f"gpu-bench {gpu.__version__} on {device.kind}: {device.name}", flush=True)
@@ -264,6 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rows": [r.as_json() for r in rows],
     }
     written = _write("the table", lambda: print(report.format_table(rows)))
+    if device.kind == "cpu" and rows:
+        print("\n" + report.CPU_NOTE)
     if args.cpu_check:
         def cpu_check():
             text, out["cpu_check"] = report.cpu_check_report(rows)

@@ -18,6 +18,12 @@ from .harness import CPU_CHECK, HostRow, Row
 from .records import OPS
 
 
+#: printed under the table of a CPU run (`gpu-bench --quick` without a GPU): what its rows are
+CPU_NOTE = ("note: on the CPU, `ours` is this library's NumPy path (the CUDA kernels need a GPU; the tests run\n"
+            "them on the CPU emulator), `seed` the seed's direct NumPy formulas, `torch-cpu` PyTorch on the CPU.\n"
+            "%copy is against the copy bandwidth measured above; %spec is empty: a CPU has no datasheet bandwidth.")
+
+
 def _fmt(v, spec: str, width: int) -> str:
     return (format(v, spec) if v is not None else "").rjust(width)
 

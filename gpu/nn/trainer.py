@@ -7,6 +7,7 @@ Validation runs the model in eval mode (batch norm uses the running statistics).
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -33,6 +34,31 @@ class History:
     def steps_to(self, target: float) -> int | None:
         """The first evaluated step whose validation accuracy is >= target, or None."""
         return next((s for s, a in zip(self.eval_step, self.val_acc) if a >= target), None)
+
+
+def _tqdm():
+    """tqdm's class, or None where it is not installed (the progress is then one line an epoch)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm
+
+
+def diverged(hist: History) -> str | None:
+    """Why a run looks diverged, or None: a non-finite training loss, or an epoch whose mean
+    training loss is over twice the first step's (at initialization, about log(classes))."""
+    losses = np.asarray(hist.step_loss, dtype=np.float64)
+    if losses.size == 0:
+        return None
+    bad = np.flatnonzero(~np.isfinite(losses))
+    if bad.size:
+        return f"the training loss is {losses[bad[0]]} at step {bad[0] + 1}"
+    worst = max(hist.epochs, key=lambda e: e["train_loss"], default=None)
+    if worst is not None and worst["train_loss"] > 2 * losses[0]:
+        return (f"the mean training loss of epoch {worst['epoch']} is {worst['train_loss']:.3g}, "
+                f"against {losses[0]:.3g} at the first step")
+    return None
 
 
 def check_batch_size(model: Sequential, batch_size: int) -> None:
@@ -76,7 +102,8 @@ def fit(model: Sequential, head: SoftmaxCrossEntropy, optimizer: Optimizer,
     Mini-batches come from ``default_rng(seed)`` (the same batches on CPU and GPU). `schedule`
     maps the epoch (from 0) to the learning rate. Validation runs at step 0, every `eval_every`
     steps and at the end of each epoch. `max_steps` stops early (tests, quick comparisons).
-    `progress` shows a tqdm bar per epoch with the running loss and accuracy.
+    `progress` shows the running loss and accuracy on stderr: a tqdm bar per epoch on a terminal
+    (when tqdm is installed), else one line per epoch (piped output stays one line an epoch).
     """
     check_batch_size(model, batch_size)
     X, y = train
@@ -84,8 +111,7 @@ def fit(model: Sequential, head: SoftmaxCrossEntropy, optimizer: Optimizer,
     if n < 2:
         raise ValueError(f"train: {n} example(s); need at least 2")
     xp = module_of(X)
-    if progress:
-        from tqdm import tqdm
+    tqdm = _tqdm() if progress and sys.stderr.isatty() else None
     rng = np.random.default_rng(seed)
     hist = History()
     model.train()
@@ -108,7 +134,7 @@ def fit(model: Sequential, head: SoftmaxCrossEntropy, optimizer: Optimizer,
         # Updated by hand, not wrapped around the loop: an exhausted tqdm iterator closes its
         # bar before the epoch's validation accuracy can be shown on it.
         bar = tqdm(total=len(batches), desc=f"{desc}epoch {epoch + 1}/{epochs}",
-                   unit="batch") if progress else None
+                   unit="batch") if tqdm is not None else None
         loss_sum, correct, seen = 0.0, 0, 0
         for idx in batches:
             idx = idx if xp is np else xp.asarray(idx)
@@ -143,6 +169,12 @@ def fit(model: Sequential, head: SoftmaxCrossEntropy, optimizer: Optimizer,
                                 acc=f"{summary['train_acc']:.3f}",
                                 val_acc=f"{summary['val_acc']:.3f}")
             bar.close()
+        elif progress:
+            line = (f"{desc}epoch {epoch + 1}/{epochs}: loss={summary['train_loss']:.4f} "
+                    f"acc={summary['train_acc']:.3f}")
+            if val is not None:
+                line += f" val_acc={summary['val_acc']:.3f}"
+            print(f"{line} ({summary['seconds']:.1f} s)", file=sys.stderr, flush=True)
         if max_steps is not None and step >= max_steps:
             break
     hist.wall_time = time.perf_counter() - start
