@@ -173,7 +173,10 @@ def softmax_cross_entropy(z: Array, target: Array, axis: int = -1, reduction: st
     else:
         with np.errstate(invalid="ignore", divide="ignore"):
             loss = rows_loss.sum() / denom                      # a mean over nothing: NaN
-            scale = xp.where(denom != 0, dloss / denom, 0.0)    # ... and a gradient of 0
+            # as PyTorch: every target ignored gives a gradient of 0; target weights summing to 0
+            # give NaN on the rows that are not ignored (dloss / 0) and 0 on those that are
+            live = valid if target.dtype.kind in "iu" else True
+            scale = xp.where(denom != 0, dloss / denom, xp.where(live, np.nan, 0.0))
     if not grad:
         return loss, None
 
