@@ -101,11 +101,11 @@ def array_module(**arrays: object):
     return sys.modules["cupy"]
 
 
-def kernel_path_key(x) -> str | None:
-    """For the op argument ``x``: None when the call takes the NumPy path (a NumPy array on the
-    numpy backend), else a tag of the path ("cupy" or "emulate") for a signature of valid calls."""
+def path_key(x) -> str | None:
+    """Which path a call whose first array is ``x`` takes, as a tag for the signatures of valid
+    calls: "numpy", "emulate" or "cupy" (None for an ``x`` that is not an array)."""
     if type(x) is np.ndarray:
-        return "emulate" if current_backend() == "emulate" else None
+        return "emulate" if current_backend() == "emulate" else "numpy"
     return "cupy" if is_cupy_array(x) else None
 
 

@@ -88,18 +88,23 @@ _VALID = _launch.ValidCalls()
 
 
 def _valid_key(op: str, axis, x, *arrays):
-    """The signature of a kernel-path call (None on the NumPy path, or for arguments that are not
-    arrays): a call whose signature passed the checks before skips them."""
-    path = B.kernel_path_key(x)
+    """The signature of a call (None for arguments that are not arrays): a call whose signature
+    passed the checks before skips them. Its first item is the path ("numpy", "emulate", "cupy")."""
+    path = B.path_key(x)
     if path is None:
         return None
     ax = axis if type(axis) is int else tuple(axis) if type(axis) in (tuple, list) else None
     sig = _launch.signature(x, *arrays)
-    return None if ax is None or sig is None else (op, path, ax, sig)
+    return None if ax is None or sig is None else (path, op, ax, sig)
 
 
 def _xp_of(x):
     return np if type(x) is np.ndarray else B.array_module(x=x)
+
+
+def _kept(lay: "_Layout", *params):
+    """Per-feature arrays as views of the kept axes' shape (they may come in the keepdims shape)."""
+    return [None if p is None else p.reshape(lay.kept_shape) for p in params]
 
 
 def _params(xp, lay: _Layout, **params):
@@ -163,7 +168,11 @@ def batch_stats(x, axis: int | Sequence[int] = 0):
     key = _valid_key("stats", axis, x)
     lay = _VALID.get(key)
     if lay is not None:
-        return _gpu_batch_stats(_xp_of(x), x, lay)
+        if key[0] != "numpy":
+            return _gpu_batch_stats(_xp_of(x), x, lay)
+        with np.errstate(all="ignore"):
+            mean, var = _cpu_stats(np, x, lay)
+        return mean.astype(x.dtype), var.astype(x.dtype)
     xp, kernels = B.dispatch(x=x)
     x = B.as_float_array(xp, x, "x")
     lay = _layout(x, axis)
@@ -173,6 +182,7 @@ def batch_stats(x, axis: int | Sequence[int] = 0):
         return out
     with np.errstate(all="ignore"):   # special values are results here (PyTorch's), not warnings
         mean, var = _cpu_stats(xp, x, lay)
+    _VALID.put(key, lay)
     return mean.astype(x.dtype), var.astype(x.dtype)
 
 
@@ -208,8 +218,11 @@ def batch_norm_forward(x, gamma=None, beta=None, *, axis: int | Sequence[int] = 
     lay = _VALID.get(key)
     if lay is not None and num_batches_tracked is None and momentum is not None and (
             running_mean is None or _writeable(running_mean, running_var)):
-        return _gpu_forward(_xp_of(x), x, gamma, beta, running_mean, running_var, lay,
-                            B.check_real(eps, "eps", lo=0.0), B.check_real(momentum, "momentum"), None)
+        eps, momentum = B.check_real(eps, "eps", lo=0.0), B.check_real(momentum, "momentum")
+        if key[0] != "numpy":
+            return _gpu_forward(_xp_of(x), x, gamma, beta, running_mean, running_var, lay, eps, momentum, None)
+        with np.errstate(all="ignore"):
+            return _cpu_forward(np, x, *_kept(lay, gamma, beta, running_mean, running_var), lay, eps, momentum)
     xp, kernels = B.dispatch(x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
     x = B.as_float_array(xp, x, "x")
     lay = _layout(x, axis)
@@ -228,6 +241,8 @@ def batch_norm_forward(x, gamma=None, beta=None, *, axis: int | Sequence[int] = 
         if num_batches_tracked is None and momentum is not None:
             _VALID.put(key, lay)
         return out
+    if num_batches_tracked is None and momentum is not None:
+        _VALID.put(key, lay)
     if momentum is None and running_mean is not None:
         momentum = 1.0 / float(num_batches_tracked.reshape(-1)[0])
     with np.errstate(all="ignore"):
@@ -253,7 +268,10 @@ def batch_norm_backward(dy, x, gamma, mean, invstd, *, axis: int | Sequence[int]
     key = _valid_key("backward", axis, x, dy, gamma, mean, invstd)
     lay = _VALID.get(key)
     if lay is not None:
-        return _gpu_backward(_xp_of(x), dy, x, gamma, mean, invstd, lay)
+        if key[0] != "numpy":
+            return _gpu_backward(_xp_of(x), dy, x, gamma, mean, invstd, lay)
+        with np.errstate(all="ignore"):
+            return _cpu_backward(np, dy, x, *_kept(lay, gamma, mean, invstd), lay)
     xp, kernels = B.dispatch(dy=dy, x=x, gamma=gamma, mean=mean, invstd=invstd)
     x = B.as_float_array(xp, x, "x")
     dy = B.as_float_array(xp, dy, "dy")
@@ -267,6 +285,7 @@ def batch_norm_backward(dy, x, gamma, mean, invstd, *, axis: int | Sequence[int]
         out = _gpu_backward(xp, dy, x, gamma, mean, invstd, lay)
         _VALID.put(key, lay)
         return out
+    _VALID.put(key, lay)
     with np.errstate(all="ignore"):
         return _cpu_backward(xp, dy, x, gamma, mean, invstd, lay)
 
@@ -283,8 +302,11 @@ def batch_norm_inference(x, gamma, beta, running_mean, running_var, *, axis: int
     key = _valid_key("inference", axis, x, gamma, beta, running_mean, running_var)
     lay = _VALID.get(key)
     if lay is not None:
-        return _gpu_inference(_xp_of(x), x, gamma, beta, running_mean, running_var, lay,
-                              B.check_real(eps, "eps", lo=0.0))
+        eps = B.check_real(eps, "eps", lo=0.0)
+        if key[0] != "numpy":
+            return _gpu_inference(_xp_of(x), x, gamma, beta, running_mean, running_var, lay, eps)
+        with np.errstate(all="ignore"):
+            return _cpu_inference(np, x, *_kept(lay, gamma, beta, running_mean, running_var), lay, eps)
     xp, kernels = B.dispatch(x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
     x = B.as_float_array(xp, x, "x")
     lay = _layout(x, axis, allow_empty=True)     # an empty batch gives an empty y, as torch
@@ -299,6 +321,7 @@ def batch_norm_inference(x, gamma, beta, running_mean, running_var, *, axis: int
         out = _gpu_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps)
         _VALID.put(key, lay)
         return out
+    _VALID.put(key, lay)
     with np.errstate(all="ignore"):
         return _cpu_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps)
 

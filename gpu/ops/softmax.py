@@ -149,8 +149,8 @@ class _CE:
     def checked(cls, z, target, axis, reduction, ignore_index, label_smoothing, weight):
         """(xp, kernels, the checked arguments). On the kernel path a call whose signature (arrays'
         type, shape, strides, dtype and the options) passed the checks before skips them."""
-        key, path = None, B.kernel_path_key(z)
-        if path is not None:
+        key, path = None, B.path_key(z)
+        if path not in (None, "numpy"):      # the NumPy path checks target values: never skipped
             sig = _launch.signature(z, target, weight)
             if sig is not None:
                 key = (path, sig, axis, reduction, ignore_index, label_smoothing)
