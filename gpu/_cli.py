@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 
 def extra_hint(extra: str) -> str:
@@ -34,3 +35,13 @@ def output_dir_problem(path: str) -> str | None:
     if not os.path.isdir(parent):
         return f"{parent} is not a directory"
     return None if os.access(parent, os.W_OK) else f"cannot make {path}: {parent} is not writable"
+
+
+def write_output(program: str, what: str, write) -> bool:
+    """Run one output writer; a failure is printed, not raised, so the other outputs still go out."""
+    try:
+        write()
+        return True
+    except Exception as e:
+        print(f"{program}: could not write {what}: {type(e).__name__}: {e}", file=sys.stderr)
+        return False

@@ -27,6 +27,7 @@ from .nn.optim import DEFAULT_LR, OPTIMIZERS
 from .nn.layers import ACTIVATIONS
 from .nn.trainer import History, diverged
 from . import _backend
+from . import _cli
 from ._cli import extra_hint, output_dir_problem, output_problem
 
 #: --compare-bn defaults: Ioffe & Szegedy (2015), Fig. 1(a): 3 hidden sigmoid layers of 100 units
@@ -226,13 +227,7 @@ def compare_stem(args: argparse.Namespace, data) -> str:
 
 
 def _write(what: str, write) -> bool:
-    """Run one output writer; a failure is printed, not raised (the other outputs still go out)."""
-    try:
-        write()
-        return True
-    except Exception as e:
-        print(f"gpu-train: could not write {what}: {type(e).__name__}: {e}", file=sys.stderr)
-        return False
+    return _cli.write_output("gpu-train", what, write)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -32,6 +32,7 @@ import numpy as np
 
 import gpu
 from gpu import _backend
+from gpu import _cli
 from gpu._cli import output_problem
 
 from . import harness, report
@@ -186,13 +187,7 @@ def _why_no_rows(args: argparse.Namespace, peer_status: dict[str, str], device_k
 
 
 def _write(what: str, write) -> bool:
-    """Run one report writer; a failure is printed, not raised (the other reports still go out)."""
-    try:
-        write()
-        return True
-    except Exception as e:
-        print(f"gpu-bench: could not write {what}: {type(e).__name__}: {e}", file=sys.stderr)
-        return False
+    return _cli.write_output("gpu-bench", what, write)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
