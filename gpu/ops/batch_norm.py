@@ -504,13 +504,18 @@ def _direct_stats(xp, x, lay: _Layout, acc):
     """(mean, var, c, c_mean) for an x of one block: the corrected two-pass of `_group_stats`,
     keeping c = x - mean0 (accumulation dtype) for the caller to normalize in place; None if a
     statistic is not finite (the blocked path's overflow-safe recomputation takes over)."""
-    m = acc.type(lay.m)
-    mean0 = x.sum(axis=lay.axes, keepdims=True, dtype=acc) / m
+    inv_m = acc.type(1 / lay.m)
+    mean0 = x.sum(axis=lay.axes, keepdims=True, dtype=acc)
+    mean0 *= inv_m
     c = xp.subtract(x, mean0, dtype=acc)
-    c_mean = c.sum(axis=lay.axes, keepdims=True) / m
-    var = xp.maximum(_reduce(xp, lay, c, c) / m - c_mean * c_mean, 0)
+    c_mean = c.sum(axis=lay.axes, keepdims=True)
+    c_mean *= inv_m
+    var = _reduce(xp, lay, c, c)
+    var *= inv_m
+    var -= c_mean * c_mean
+    xp.maximum(var, 0, out=var)
     mean = mean0 + c_mean
-    if not (xp.isfinite(mean).all() and xp.isfinite(var).all()):
+    if not xp.isfinite(mean.sum() + var.sum()):     # one O(C) check: an inf or NaN anywhere shows
         return None
     return mean, var, c, c_mean
 
@@ -523,10 +528,9 @@ def _direct_forward(xp, x, gamma, beta, lay: _Layout, eps: float):
     mean, var, c, c_mean = stats
     invstd = _invstd(xp, var, eps, acc)
     scale, shift = _coefficients(invstd, gamma, beta, lay, acc, slice(None))
-    c -= c_mean                                  # x - mean, in place: y = c * scale + shift
+    # y = (c - c_mean) * scale + shift = c * scale + (shift - c_mean * scale): two passes over c
     c *= scale
-    if shift is not None:
-        c += shift
+    c += -c_mean * scale if shift is None else shift - c_mean * scale
     y = c if x.dtype == acc else c.astype(x.dtype)
     return y, mean.reshape(lay.kept_shape), var.reshape(lay.kept_shape), invstd.reshape(lay.kept_shape)
 
@@ -639,10 +643,9 @@ def _cpu_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps):
         acc = B.compute_dtype(x.dtype)
         rm, rv = _per_feature(running_mean, lay, acc, slice(None)), _per_feature(running_var, lay, acc, slice(None))
         scale, shift = _coefficients(_invstd(xp, rv, eps, acc), gamma, beta, lay, acc, slice(None))
-        y = xp.subtract(x, rm, dtype=acc)
-        y *= scale
-        if shift is not None:
-            y += shift
+        # y = (x - rm) * scale + shift = x * scale + (shift - rm * scale): two passes over x
+        y = xp.multiply(x, scale, dtype=acc)
+        y += -rm * scale if shift is None else shift - rm * scale
         return y if x.dtype == acc else y.astype(x.dtype)
     blocks = _Blocks(xp, x, lay)
     acc = blocks.acc
