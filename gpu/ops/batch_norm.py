@@ -876,6 +876,13 @@ class _Plans:
             sc = self._geometry["scalars"] = dict(inv_m=acc.type(1.0 / m), unbias=acc.type(m / (m - 1) if m > 1 else 0.0))
         return sc
 
+    def fixed(self, v: "_View", plan: _Plan, acc) -> dict:
+        """The statistics kernels' arguments that the plan and the view fix: geometry and scalars."""
+        f = self._geometry.get(("fixed", id(plan)))
+        if f is None:
+            f = self._geometry[("fixed", id(plan))] = self.geometry(v, plan) | self.scalars(v, acc)
+        return f
+
     def kernel(self, name: str, plan: _Plan):
         k = self._kernels.get(name)
         if k is None:
@@ -912,8 +919,8 @@ def _as_acc(xp, p, acc):
 def _workspace(xp, p: _Plan, words: int, C: int, acc):
     """Partials and arrival counters of the grid merge (a 1-element stand-in when one block per
     tile needs none)."""
-    if p.parts == 1:
-        return xp.empty(1, acc), xp.zeros(1, np.uint32)
+    if p.parts == 1:               # never touched: the kernels skip the merge
+        return _launch.dummy(xp, acc), _launch.dummy(xp, np.uint32)
     return B.empty(xp, (words * p.parts * C,), acc), xp.zeros(p.tiles, np.uint32)
 
 
@@ -930,16 +937,6 @@ def _flags(gamma=None, beta=None, running=None, cumulative: bool = False) -> np.
     return f
 
 
-_NO_BATCHES: dict = {}
-
-
-def _no_batches(xp):
-    """The stand-in for the kernels' ``batches`` pointer when momentum is a number (never read)."""
-    key = (xp.__name__, id(_launch.device(xp)))      # one per device
-    a = _NO_BATCHES.get(key)
-    if a is None:
-        a = _NO_BATCHES[key] = xp.zeros(1, np.int64)
-    return a
 
 
 def _stats_launch(xp, x, gamma, beta, running_mean, running_var, lay, eps, momentum, normalize, batches=None):
@@ -964,18 +961,17 @@ def _stats_launch(xp, x, gamma, beta, running_mean, running_var, lay, eps, momen
              "x": v.x, "gamma": g if g is not None else mean, "beta": b if b is not None else mean,
              "eps": acc.type(eps), "momentum": acc.type(momentum or 0.0),
              "flags": _flags(g, b, rm, momentum is None and rm is not None),
-             "batches": batches if batches is not None else _no_batches(xp)}
-    named.update(plans.scalars(v, acc))
+             "batches": batches if batches is not None else _launch.dummy(xp, np.int64)}
     if onchip is not None:
         ws, _ = _workspace(xp, onchip, 4, C, acc)
         k = plans.kernel("batch_norm_forward_onchip", onchip)
-        named.update(plans.geometry(v, onchip), y=y3, ws=ws)
+        named.update(plans.fixed(v, onchip, acc), y=y3, ws=ws)
         _kernels.launch(k, onchip.grid, onchip.threads, k.args_from(named), shared_mem=onchip.smem,
                         cooperative=onchip.parts > 1)
     else:
         ws, counters = _workspace(xp, p, 4, C, acc)
         k = plans.kernel("batch_norm_stats", p)
-        named.update(plans.geometry(v, p), ws=ws, counters=counters)
+        named.update(plans.fixed(v, p, acc), ws=ws, counters=counters)
         _kernels.launch(k, p.grid, p.threads, k.args_from(named), shared_mem=p.smem)
         if normalize:
             _apply(plans, y3, v, mean, scale, shift)
@@ -1040,11 +1036,12 @@ def _gpu_backward(xp, dy, x, gamma, mean, invstd, lay):
         ws, counters = _workspace(xp, p, 2, C, acc)
         geo = plans.geometry(v, p)
         kr = plans.kernel("batch_norm_backward_reduce", p)
-        _kernels.launch(kr, p.grid, p.threads,
-                        kr.args(dgamma=dgamma, dbeta=dbeta, k=k, a=a, b=b, ws=ws, counters=counters, dy=vg.x,
-                                x=v.x, mean=mu, invstd=istd, gamma=g if g is not None else istd,
-                                inv_m=acc.type(1.0 / lay.m), flags=_flags(g), **geo), shared_mem=p.smem)
+        _kernels.launch(kr, p.grid, p.threads, kr.args_from(geo | {
+            "dgamma": dgamma, "dbeta": dbeta, "k": k, "a": a, "b": b, "ws": ws, "counters": counters, "dy": vg.x,
+            "x": v.x, "mean": mu, "invstd": istd, "gamma": g if g is not None else istd,
+            "inv_m": plans.scalars(v, acc)["inv_m"], "flags": _flags(g)}), shared_mem=p.smem)
         ka = plans.kernel("batch_norm_backward_apply", p)
-        _kernels.launch(ka, p.grid, p.threads, ka.args(dx=dx3, dy=vg.x, x=v.x, mean=mu, k=k, a=a, b=b, **geo))
+        _kernels.launch(ka, p.grid, p.threads, ka.args_from(geo | {
+            "dx": dx3, "dy": vg.x, "x": v.x, "mean": mu, "k": k, "a": a, "b": b}))
     return (v.restore(dx3), dgamma.reshape(lay.kept_shape).astype(out_dtype),
             dbeta.reshape(lay.kept_shape).astype(out_dtype))

@@ -693,6 +693,58 @@ def _bad_target_error(target, pos: tuple, n_classes: int, ignore_index: int) -> 
                       f"[0, {n_classes}) and is not ignore_index ({ignore_index})")
 
 
+class _CERecipe(NamedTuple):
+    """Everything about a cross-entropy launch that the arrays' values do not change: kept per
+    (shape, dtype, options, alignment, device, knobs), so a repeated call only allocates and launches."""
+
+    plan: _Plan
+    k: object                # the fused kernel of the plan's path
+    scalars: dict            # its size and option arguments
+    kw: object               # softmax_cross_entropy_weight_sum, or None when no denominator is needed
+    grid_w: int
+    block_w: int
+    weight_sum: dict         # its scalar arguments
+
+
+_CE_RECIPES = _launch.PlanCache()
+
+
+def _ce_recipe(xp, lay: _Layout, dtype, acc, ce: _CE, want_loss: bool, grad: bool, dl_stride: int,
+               alignment: tuple[bool, bool]) -> _CERecipe:
+    dev = _launch.device(xp)
+    key = (lay.outer, lay.C, lay.inner, dtype, ce.probs, ce.weight is not None, ce.reduction, ce.ignore_index,
+           ce.label_smoothing, want_loss, grad, dl_stride, alignment, id(dev),
+           None if _TUNING is _DEFAULT_TUNING else _TUNING)
+    return _CE_RECIPES.get(key, lambda: _make_ce_recipe(xp, lay, dtype, acc, ce, want_loss, grad, dl_stride,
+                                                        alignment))
+
+
+def _make_ce_recipe(xp, lay, dtype, acc, ce, want_loss, grad, dl_stride, alignment) -> _CERecipe:
+    K = _kernels.family("softmax").constants
+    red, R = ce.reduction, lay.rows
+    flags = ((K["CE_PROBS"] if ce.probs else 0) | (K["CE_WEIGHT"] if ce.weight is not None else 0)
+             | (K["CE_GRAD"] if grad else 0) | (K["CE_ROWS"] if want_loss and red == "none" else 0))
+    denom = grad and red == "mean" and not ce.probs
+    if denom:
+        flags |= K["CE_DENOM"]
+    code = K["CE_RED_MEAN_ROWS"] if red == "mean" and ce.probs else K[_CE_RED[red]]
+    plan = _plan(xp, lay, dtype.itemsize, *alignment, dense_target=ce.probs,
+                 max_n=8 if dtype == np.float64 else 32)
+    k = plan.kernel(xp, "softmax_cross_entropy", dtype)
+    scalars = plan.sizes(lay, rows=None) | {
+        "dloss_stride": np.int64(dl_stride), "ignore_index": np.int64(ce.ignore_index),
+        "label_smoothing": acc.type(ce.label_smoothing), "flags": np.int32(flags), "reduction": np.int32(code),
+        "n_rows": np.int64(R)}
+    kw, grid_w, block_w, weight_sum = None, 0, 0, {}
+    if denom:
+        kw = plan.kernel(xp, "softmax_cross_entropy_weight_sum", dtype, exact=True)
+        block_w = K["SM_WEIGHT_SUM_THREADS"]
+        grid_w = min(_launch.ceil_div(R, block_w), 4 * kw.device["sm_count"])
+        weight_sum = {"has_weight": np.int32(ce.weight is not None), "rows": np.int64(R), "C": np.int32(lay.C),
+                      "ignore_index": np.int64(ce.ignore_index)}
+    return _CERecipe(plan, k, scalars, kw, grid_w, block_w, weight_sum)
+
+
 def _gpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
     """(loss or None, dz or None) from the fused kernels; same contract as _cpu_cross_entropy.
 
@@ -715,22 +767,16 @@ def _gpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
         return loss, (xp.empty(z.shape, z.dtype) if grad else None)
 
     one = lambda dt: _launch.dummy(xp, dt)   # stands in for a pointer argument the flags leave unused
-    flags = 0
     if ce.probs:
-        flags |= _k("CE_PROBS")
         y = xp.ascontiguousarray(lay.orient(ce.target).astype(z.dtype, copy=False))
         target = one(np.int64)
     else:
         y = one(z.dtype)
         target = xp.ascontiguousarray(lay.orient(ce.target).astype(np.int64, copy=False))
-    weight = one(acc)
-    if ce.weight is not None:
-        flags |= _k("CE_WEIGHT")
-        weight = xp.ascontiguousarray(ce.weight.astype(acc, copy=False))
-
-    dz, dl, dl_stride, inv_denom = one(z.dtype), one(acc), 0, one(acc)
+    weight = one(acc) if ce.weight is None else xp.ascontiguousarray(ce.weight.astype(acc, copy=False))
+    dz = one(z.dtype)
+    dl, dl_stride = one(acc), 0
     if grad:
-        flags |= _k("CE_GRAD")
         dz = lay.z if inplace else B.empty(xp, lay.z.shape, z.dtype)
         scale = acc.type(1 / R) if red == "mean" and ce.probs else None   # 'mean' over rows: known here
         if B.is_cupy_array(dloss) or getattr(dloss, "ndim", 0):
@@ -743,36 +789,28 @@ def _gpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
                 dl = dl * scale
         else:         # a host scalar: a kept device constant, not an upload per call
             dl = _launch.constant(xp, acc, float(dloss) * (1.0 if scale is None else float(scale)))
-    loss_rows = one(z.dtype)
-    if want_loss and red == "none":
-        flags |= _k("CE_ROWS")
-        loss_rows = B.empty(xp, R, z.dtype)
-    code = _k("CE_RED_MEAN_ROWS") if red == "mean" and ce.probs else _k(_CE_RED[red])
 
-    plan = _plan(xp, lay, z.dtype.itemsize, *_alignment(lay.z, dz, *((y,) if ce.probs else ())),
-                 dense_target=ce.probs, max_n=8 if z.dtype == np.float64 else 32)
-    k = plan.kernel(xp, "softmax_cross_entropy", z.dtype)
-    if grad and red == "mean" and not ce.probs:
+    r = _ce_recipe(xp, lay, z.dtype, acc, ce, want_loss, grad, dl_stride,
+                   _alignment(lay.z, dz, *((y,) if ce.probs else ())))
+    G = r.plan.grid
+    # the workspaces in three allocations: acc partials of both kernels and the inverse
+    # denominator, int64 (the first bad row, per block), and both kernels' tickets
+    fbuf = B.empty(xp, 2 * G + (r.grid_w + 1 if r.kw is not None else 0), acc)
+    ibuf = B.empty(xp, G + 1, np.int64)
+    tickets = xp.zeros(2, np.uint32)
+    inv_denom = one(acc)
+    if r.kw is not None:
         # 1 / (sum of the target weights), which every gradient element needs before it is written
-        flags |= _k("CE_DENOM")
-        inv_denom = B.empty(xp, 1, acc)
-        kw = plan.kernel(xp, "softmax_cross_entropy_weight_sum", z.dtype, exact=True)
-        block = _k("SM_WEIGHT_SUM_THREADS")
-        grid = min(_launch.ceil_div(R, block), 4 * kw.device["sm_count"])
-        _kernels.launch(kw, grid, block, kw.args(
-            inv_denom=inv_denom, part=B.empty(xp, grid, acc), ticket=xp.zeros(1, np.uint32), target=target,
-            weight=weight, has_weight=np.int32(ce.weight is not None), rows=np.int64(R), C=np.int32(C),
-            ignore_index=np.int64(ce.ignore_index)))
-    loss_out, bad = B.empty(xp, 1, z.dtype), B.empty(xp, 1, np.int64)
-    parts = B.empty(xp, (2, plan.grid), acc)
-    named = plan.sizes(lay, rows=None)
-    named.update({"dz": dz, "loss_rows": loss_rows, "loss_out": loss_out, "bad_out": bad, "part_loss": parts[0],
-                  "part_w": parts[1], "part_bad": B.empty(xp, plan.grid, np.int64), "ticket": xp.zeros(1, np.uint32),
-                  "z": lay.z, "target": target, "y": y, "weight": weight, "dloss": dl,
-                  "dloss_stride": np.int64(dl_stride), "inv_denom": inv_denom,
-                  "ignore_index": np.int64(ce.ignore_index), "label_smoothing": acc.type(ce.label_smoothing),
-                  "flags": np.int32(flags), "reduction": np.int32(code), "n_rows": np.int64(R)})
-    _kernels.launch(k, plan.grid, plan.block, k.args_from(named), shared_mem=plan.smem)
+        inv_denom = fbuf[2 * G:2 * G + 1]
+        _kernels.launch(r.kw, r.grid_w, r.block_w, r.kw.args_from(r.weight_sum | {
+            "inv_denom": inv_denom, "part": fbuf[2 * G + 1:], "ticket": tickets[1:], "target": target,
+            "weight": weight}))
+    loss_rows = B.empty(xp, R, z.dtype) if want_loss and red == "none" else one(z.dtype)
+    loss_out, bad = B.empty(xp, 1, z.dtype), ibuf[:1]
+    named = r.scalars | {"dz": dz, "loss_rows": loss_rows, "loss_out": loss_out, "bad_out": bad,
+                         "part_loss": fbuf[:G], "part_w": fbuf[G:2 * G], "part_bad": ibuf[1:], "ticket": tickets[:1],
+                         "z": lay.z, "target": target, "y": y, "weight": weight, "dloss": dl, "inv_denom": inv_denom}
+    _kernels.launch(r.k, G, r.plan.block, r.k.args_from(named), shared_mem=r.plan.smem)
 
     # the one synchronization: the error must be raised here
     first_bad = int(bad[0]) if _kernels.launches_run() else -1
