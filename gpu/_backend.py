@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import operator
 import os
 import sys
@@ -204,7 +205,7 @@ def check_real(value: object, name: str, lo: float | None = None, hi: float | No
         v = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise TypeError(f"{name}: expected a real number, got {value!r}") from None
-    if not np.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
+    if not math.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
         rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
         raise ValueError(f"{name}: {value!r} is outside {rng}")
     return v

@@ -111,9 +111,9 @@ def _params(xp, lay: _Layout, **params):
     return [B.check_param(xp, p, name, lay.kept_shape, lay.keepdims_shape) for name, p in params.items()]
 
 
-def _writeable(*arrays) -> bool:
-    """Whether arrays updated in place may be written (CuPy arrays always may)."""
-    return all(a.flags.writeable for a in arrays if type(a) is np.ndarray)
+def _writeable(a, b) -> bool:
+    """Whether the two arrays updated in place may be written (CuPy arrays always may)."""
+    return (type(a) is not np.ndarray or a.flags.writeable) and (type(b) is not np.ndarray or b.flags.writeable)
 
 
 def _check_batches(xp, num_batches_tracked, momentum, running_mean):
