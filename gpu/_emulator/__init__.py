@@ -102,7 +102,7 @@ DEVICE = {
     "compute_capability": (9, 0),
 }
 
-_device_cache: dict[str, dict] = {}
+_device_cache: dict[tuple, dict] = {}
 
 # os.environ.get costs about 0.7 us (the key is encoded, the value decoded); the device and the
 # build flavour are looked up on every emulated op call, so read CPython's mapping behind
@@ -127,10 +127,18 @@ def device_attributes() -> dict:
 
     The returned dict is shared: callers must not modify it.
     """
-    sm = _env("GPU_EMULATOR_SM_COUNT", b"GPU_EMULATOR_SM_COUNT")
-    key = sm + "/" + build_flavour()   # one dict per build flavour too: plans keep their kernels by it
+    # one dict per SM-count override and build flavour (plans keep their kernels by it), found by
+    # the raw environment values: this runs on every emulated op call
+    if _ENV_DATA is not None and _ENV_BYTES:
+        key = (_ENV_DATA.get(b"GPU_EMULATOR_SM_COUNT"), _ENV_DATA.get(b"GPU_EMULATOR_ASAN"),
+               _ENV_DATA.get(b"GPU_EMULATOR_FIBERS"))
+    else:
+        key = (os.environ.get("GPU_EMULATOR_SM_COUNT"), os.environ.get("GPU_EMULATOR_ASAN"),
+               os.environ.get("GPU_EMULATOR_FIBERS"))
     attrs = _device_cache.get(key)
     if attrs is None:
+        sm = _env("GPU_EMULATOR_SM_COUNT", b"GPU_EMULATOR_SM_COUNT")
+        build_flavour()                # an invalid GPU_EMULATOR_FIBERS is an error here too
         attrs = dict(DEVICE)
         if sm:
             if not sm.isdigit() or int(sm) < 1:

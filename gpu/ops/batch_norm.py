@@ -991,7 +991,8 @@ def _apply(plans: _Plans, y3, v: _View, center, scale, shift):
 
 def _gpu_batch_stats(xp, x, lay):
     _, mean, var, _ = _stats_launch(xp, x, None, None, None, None, lay, 0.0, 0.0, normalize=False)
-    return mean.reshape(lay.kept_shape).astype(x.dtype), var.reshape(lay.kept_shape).astype(x.dtype)
+    return (mean.reshape(lay.kept_shape).astype(x.dtype, copy=False),
+            var.reshape(lay.kept_shape).astype(x.dtype, copy=False))
 
 
 def _gpu_forward(xp, x, gamma, beta, running_mean, running_var, lay, eps, momentum, batches):
@@ -1043,5 +1044,5 @@ def _gpu_backward(xp, dy, x, gamma, mean, invstd, lay):
         ka = plans.kernel("batch_norm_backward_apply", p)
         _kernels.launch(ka, p.grid, p.threads, ka.args_from(geo | {
             "dx": dx3, "dy": vg.x, "x": v.x, "mean": mu, "k": k, "a": a, "b": b}))
-    return (v.restore(dx3), dgamma.reshape(lay.kept_shape).astype(out_dtype),
-            dbeta.reshape(lay.kept_shape).astype(out_dtype))
+    return (v.restore(dx3), dgamma.reshape(lay.kept_shape).astype(out_dtype, copy=False),
+            dbeta.reshape(lay.kept_shape).astype(out_dtype, copy=False))
