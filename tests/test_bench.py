@@ -264,3 +264,29 @@ def test_bad_gpu_backend_is_a_command_line_error(monkeypatch, capsys):
         main(["--quick"])
     assert e.value.code == 2
     assert "GPU_BACKEND='cuda': expected one of" in capsys.readouterr().err
+
+
+def test_jsonl_has_the_run_then_each_row_as_it_is_done(tmp_path, monkeypatch):
+    path = tmp_path / "bench.jsonl"
+    path.write_text("a stale line of an earlier run\n")
+    seen = []   # the lines on disk when each case starts: the rows before it are already written
+    real = cli.run_case
+    monkeypatch.setattr(cli, "run_case", lambda *a, **k: (seen.append(len(path.read_text().splitlines())),
+                                                          real(*a, **k))[1])
+    rc, report = run(tmp_path, "--op", "batch_norm_train,softmax_cross_entropy_train", "--jsonl", str(path))
+    assert rc == 0
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["record"] for r in lines] == ["run"] + ["row"] * len(report["rows"]) + ["end"]
+    assert lines[0]["device"]["copy_gbps"] > 0 and lines[0]["peers"] == report["peers"]
+    assert [{k: v for k, v in r.items() if k != "record"} for r in lines[1:-1]] == report["rows"]
+    assert seen == [1 + 2 * i for i in range(len(seen))]   # two peers a case
+    assert lines[-1]["interrupted"] is False
+
+
+def test_headline_suite_is_the_documented_shapes():
+    args = cli.parse_args(["--headline", "--device", "cpu", "--op", "batch_norm_train,softmax_cross_entropy_train"])
+    cases = cli.build_cases(args, "gpu")
+    assert [(c.shape, c.layout) for c in cases if c.dtype == np.float32] == [
+        ((4096, 1024), "nc"), ((32, 64, 56, 56), "nchw"), ((4096, 1000), ""), ((8192, 32000), "")]
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--headline", "--quick"])

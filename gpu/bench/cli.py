@@ -99,6 +99,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
                    help="auto: the GPU when CuPy sees one, else the CPU comparison")
     p.add_argument("--quick", action="store_true", help="a tiny suite (seconds)")
+    p.add_argument("--headline", action="store_true",
+                   help="the headline shapes only: BN 4096x1024 nc, 32x64x56x56 nchw; softmax 4096x1000, 8192x32000")
     p.add_argument("--cpu-check", action="store_true",
                    help="the NumPy path against the seed's formulas and PyTorch CPU: BN and softmax-CE "
                         "forward+backward, float32, median of 10, PyTorch on 2 threads")
@@ -122,14 +124,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="PyTorch CPU threads (default: PyTorch's own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="write every row and the run's context as JSON")
+    p.add_argument("--jsonl", metavar="PATH",
+                   help="the run's context, then each row as it is done, one JSON object a line, flushed")
     p.add_argument("--plot", metavar="PATH", help="GB/s per shape and peer as an image (matplotlib)")
     args = p.parse_args(argv)
     if args.repeat is not None and args.repeat < 1:
         p.error("--repeat: at least 1")
-    if args.cpu_check and (args.quick or args.shape or args.op or args.host):
-        p.error("--cpu-check runs its own cases: drop --quick, --shape, --op and --host")
+    if args.cpu_check and (args.quick or args.headline or args.shape or args.op or args.host):
+        p.error("--cpu-check runs its own cases: drop --quick, --headline, --shape, --op and --host")
+    if args.quick and args.headline:
+        p.error("--quick and --headline are two suites: give one")
     if args.host:
-        given = [f"--{n.replace('_', '-')}" for n in ("quick", "shape", "dtype", "peer", "plot", "budget")
+        given = [f"--{n.replace('_', '-')}" for n in ("quick", "headline", "jsonl", "shape", "dtype", "peer", "plot", "budget")
                  if getattr(args, n)] + (["--device gpu"] if args.device == "gpu" else [])
         if given:
             p.error(f"--host runs its own cases on the CPU: drop {', '.join(given)}")
@@ -139,7 +145,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         _backend.current_backend()   # a bad GPU_BACKEND fails every row of ours: say so now
     except ValueError as e:
         p.error(str(e))
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+    for flag, path in (("--json", args.json), ("--jsonl", args.jsonl), ("--plot", args.plot)):
         problem = path and output_problem(path)
         if problem:
             p.error(f"{flag} {path}: {problem}")
@@ -153,7 +159,7 @@ def build_cases(args: argparse.Namespace, device_kind: str) -> list[Case]:
     """Cases ordered dtype-major (float32 first), so a time limit cuts float16 rows first."""
     if args.cpu_check:
         return [Case(OPS[op], shape, layout, np.dtype(np.float32)) for op, shape, layout in CPU_CHECK["cases"]]
-    suite = SUITES["quick" if args.quick else device_kind]
+    suite = SUITES["quick" if args.quick else "headline" if args.headline else device_kind]
     dtypes = args.dtype or DEFAULT_DTYPES[device_kind]
     cases = []
     for dt in dtypes:
@@ -235,6 +241,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     rows: list[Row] = []
     interrupted = failed = False
+
+    def run_context() -> dict:
+        """What the JSON report (and the first line of --jsonl) says of the run besides its rows."""
+        return report.context(argv) | {
+            "device": {"kind": device.kind, "name": device.name, "copy_gbps": device.copy_gbps,
+                       "spec_gbps": device.spec_gbps, "l2_bytes": device.l2_bytes},
+            "peers": peer_status,
+            "settings": {"repeat": settings.repeat, "warmup": settings.warmup, "seed": settings.seed,
+                         "budget_s": report._finite(settings.budget),
+                         "time_limit_s": report._finite(args.time_limit),
+                         "threads": args.threads, "compile_budget_s": args.compile_budget},
+        }
     print(f"gpu-bench {gpu.__version__} on {device.kind}: {device.name}", flush=True)
     for name, status in peer_status.items():
         if status != "ok":
@@ -248,12 +266,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             device.measure_copy()
             print(f"  copy bandwidth (read + write, measured): {device.copy_gbps:.1f} GB/s"
                   + (f"; spec {device.spec_gbps:.0f} GB/s" if device.spec_gbps else ""), flush=True)
+            if args.jsonl:   # a fresh file: its first line is this run's
+                report.append_jsonl({"record": "run"} | run_context(), args.jsonl, fresh=True)
             total = sum(1 for c in cases for p in peers if p.supports(c.op))
             with _progress(total) as bar:
                 for case in cases:
                     here = [p for p in peers if p.supports(case.op)]
                     bar.set_description(f"{case.op.name} {case.label()} {case.dtype.name}")
-                    rows += run_case(case, here, device, settings, tick=lambda: bar.update(1))
+                    done = run_case(case, here, device, settings, tick=lambda: bar.update(1))
+                    rows += done
+                    for row in done if args.jsonl else ():
+                        report.append_jsonl({"record": "row"} | row.as_json(), args.jsonl)
     except KeyboardInterrupt:
         interrupted = True
         print("gpu-bench: interrupted; reporting the rows done so far", file=sys.stderr)
@@ -264,16 +287,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, old_term)
 
-    out = report.context(argv) | {
-        "device": {"kind": device.kind, "name": device.name, "copy_gbps": device.copy_gbps,
-                   "spec_gbps": device.spec_gbps, "l2_bytes": device.l2_bytes},
-        "peers": peer_status,
-        "settings": {"repeat": settings.repeat, "warmup": settings.warmup, "seed": settings.seed,
-                     "budget_s": report._finite(settings.budget), "time_limit_s": report._finite(args.time_limit),
-                     "threads": args.threads, "compile_budget_s": args.compile_budget},
+    out = run_context() | {
         "interrupted": interrupted, "failed": failed, "seconds": round(time.perf_counter() - started, 1),
         "rows": [r.as_json() for r in rows],
     }
+    if args.jsonl:
+        _write(args.jsonl, lambda: report.append_jsonl(
+            {"record": "end", "interrupted": interrupted, "failed": failed, "seconds": out["seconds"]}, args.jsonl))
     written = _write("the table", lambda: print(report.format_table(rows)))
     if device.kind == "cpu" and rows:
         print("\n" + report.CPU_NOTE)

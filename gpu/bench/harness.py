@@ -62,6 +62,12 @@ SUITES = {
         "batch_norm": [((256, 64), "nc"), ((8, 16, 8, 8), "nchw"), ((8, 8, 8, 16), "nhwc")],
         "softmax": [((256, 1000), "")],
     },
+    # `--headline`: the shapes of the headline, for a short GPU run (scripts/gpu_check.sh): a dense
+    # layer and an early CNN activation; an ImageNet head and an LLM vocabulary
+    "headline": {
+        "batch_norm": [((4096, 1024), "nc"), ((32, 64, 56, 56), "nchw")],
+        "softmax": [((4096, 1000), ""), ((8192, 32000), "")],
+    },
 }
 DEFAULT_DTYPES = {"gpu": ("float32", "float16"), "cpu": ("float32",)}
 

@@ -144,6 +144,14 @@ def context(argv: Sequence[str] | None) -> dict[str, Any]:
             "argv": list(sys.argv[1:] if argv is None else argv), "versions": _versions()}
 
 
+def append_jsonl(record: dict, path: str, fresh: bool = False) -> None:
+    """One JSON object on one line at the end of `path` (the whole file when `fresh`), flushed to
+    the OS at once: a run killed at any moment leaves every record written before it whole."""
+    with open(path, "w" if fresh else "a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+        f.flush()
+
+
 def write_json(report: dict, path: str) -> None:
     with open(path, "w") as f:
         json.dump(report, f, indent=1, default=str)
