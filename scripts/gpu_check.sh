@@ -178,7 +178,7 @@ CURRENT=deps STEP_T0=$(date +%s)
 MISSING=()
 {
     # one interpreter imports them all: "name: version", or "name: not importable (why)"
-    mods=$(timeout 120 "$PY" - numpy pytest xdist cupy torch hypothesis tqdm sklearn mlxtend ml_dtypes matplotlib <<'EOF'
+    mods=$(timeout 40 "$PY" - numpy pytest xdist cupy torch hypothesis tqdm sklearn mlxtend ml_dtypes matplotlib <<'EOF'
 import importlib, sys
 for name in sys.argv[1:]:
     try:
