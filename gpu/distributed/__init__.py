@@ -117,6 +117,7 @@ class MPICommunicator(Communicator):
         super().__init__(comm.Get_rank(), comm.Get_size(), timeout)
         self.comm = comm
         self._cuda_aware: bool | None = None
+        self.abandoned: list[Any] = []
 
     def cuda_aware(self) -> bool:
         """Whether the MPI library takes device pointers (MPIX_Query_cuda_support)."""
@@ -130,13 +131,18 @@ class MPICommunicator(Communicator):
         return self._cuda_aware
 
     def _run(self, start) -> None:
-        if self.timeout is None:
-            start(blocking=True)
-            return
+        # always the nonblocking collective: MPI does not match a blocking collective on one rank
+        # with a nonblocking one on another, and a timeout needs the nonblocking form
         req = start(blocking=False)
+        if self.timeout is None:
+            req.Wait()
+            return
         deadline = time.monotonic() + self.timeout
         while not req.Test():
             if time.monotonic() > deadline:
+                # MPI cannot cancel a collective: the request stays alive (with its buffers, the
+                # caller's) so that late peers still complete it without writing freed memory
+                self.abandoned.append(req)
                 raise TimeoutError(f"no completion after {self.timeout:g} s")
             time.sleep(1e-4)
 
