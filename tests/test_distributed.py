@@ -265,3 +265,25 @@ def test_kernel_path_with_one_rank_equals_plain(shape, axis):
         grads0 = gpu.batch_norm_backward(dy, x, None, mean0, invstd0, axis=axis)
     for a, b in zip((y, mean, invstd, *grads), (y0, mean0, invstd0, *grads0)):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.skipif(not _have("sklearn"), reason="scikit-learn (digits) missing")
+@pytest.mark.parametrize("engine,sync_bn", [pytest.param("mpi", True, marks=ENGINES[0].marks),
+                                            pytest.param("gloo", False, marks=ENGINES[1].marks)])
+def test_two_process_training_reaches_single_process_accuracy(engine, sync_bn, tmp_path):
+    # the same global batch of 64 split over 2 ranks; with --sync-bn the step is the single
+    # process's step up to rounding, without it batch norm sees 32 rows: within noise either way
+    common = ["-m", "gpu.train", "--dataset", "digits", "--epochs", "3", "--quiet"]
+    if "single" not in _RUNS:          # one single-process run for both engines
+        one = subprocess.run([sys.executable, *common, "--json", str(tmp_path / "one.json")], env=_env(),
+                             capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+        assert one.returncode == 0, one.stderr
+        _RUNS["single"] = json.loads((tmp_path / "one.json").read_text())["runs"]["with BN"]
+    single = _RUNS["single"]
+    flags = ["--distributed", "mpi" if engine == "mpi" else "torch"] + (["--sync-bn"] if sync_bn else [])
+    outs = run_ranks(engine, 2, [*common, *flags, "--json", str(tmp_path / "two.json")])
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["config"]["ranks"] == 2
+    acc = two["runs"]["with BN"]["final_val_acc"]
+    assert acc >= single["final_val_acc"] - 0.02, (acc, single["final_val_acc"])
+    assert sum(o.count("val acc") for o in outs) == 1      # rank 0 logs, rank 1 does not
