@@ -24,7 +24,7 @@ from .nn import (Sequential, SoftmaxCrossEntropy, Standardize, check_batch_size,
                  fit, inverse_time_decay, load_dataset, make_optimizer, mlp, save_model,
                  to_module, train_val_split)
 from .nn.optim import DEFAULT_LR, OPTIMIZERS
-from .nn.layers import ACTIVATIONS
+from .nn.layers import ACTIVATIONS, BatchNorm
 from .nn.trainer import History, diverged
 from . import _backend
 from . import _cli
@@ -86,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", metavar="PATH.npz", help="save the trained model")
     p.add_argument("--json", metavar="PATH", help="write the run's summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--distributed", choices=("mpi", "torch"),
+                   help="data parallel over the ranks of mpiexec (mpi4py) or torchrun "
+                        "(torch.distributed: gloo on the CPU, NCCL with --device gpu); --batch-size "
+                        "is the global batch, each rank trains on its share; logs and outputs "
+                        "from rank 0")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="with --distributed: batch-norm statistics over the global batch")
     return p
 
 
@@ -124,6 +131,10 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
         parser.error(f"--target: accuracies must be in (0, 1], got {args.target!r}")
     if args.standardize is None:
         args.standardize = "global" if args.dataset in IMAGE_DATASETS else "feature"
+    if args.sync_bn and not args.distributed:
+        parser.error("--sync-bn synchronizes batch norm across the ranks of --distributed; add --distributed")
+    if args.distributed and args.compare_bn:
+        parser.error("--compare-bn runs on one process; drop --distributed")
     if args.compare_bn and args.no_bn:
         parser.error("--compare-bn trains both with and without batch norm; drop --no-bn")
     for flag, path in (("--json", args.json), ("--save", args.save)):
@@ -145,9 +156,37 @@ def build_model(args: argparse.Namespace, X_train: np.ndarray, num_classes: int,
     return Sequential([scale, *body.layers])
 
 
-def run(args: argparse.Namespace, model: Sequential, xp, train, val, label: str = "") -> History:
-    """Train `model` (moved to xp) on host arrays train/val; returns its History."""
+def init_distributed(args: argparse.Namespace):
+    """--distributed: the communicator of this process's launch (mpiexec or torchrun), or None."""
+    if not args.distributed:
+        return None
+    from . import distributed
+    if args.distributed == "mpi":
+        try:
+            from mpi4py import MPI
+        except ImportError as e:
+            raise ImportError(f"--distributed mpi needs mpi4py: {extra_hint('distributed')}") from e
+        return distributed.wrap(MPI.COMM_WORLD)
+    try:
+        import torch.distributed as dist
+    except ImportError as e:
+        raise ImportError(f"--distributed torch needs torch: {extra_hint('torch')}") from e
+    if "RANK" not in os.environ:
+        raise ValueError("--distributed torch: RANK is not set; launch with torchrun")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if args.device == "gpu" else "gloo")
+    return distributed.wrap("torch")
+
+
+def run(args: argparse.Namespace, model: Sequential, xp, train, val, label: str = "",
+        comm=None) -> History:
+    """Train `model` (moved to xp) on host arrays train/val; returns its History. With `comm`,
+    data parallel (and batch norm synchronized with --sync-bn)."""
     model.to(xp)
+    if comm is not None and args.sync_bn:
+        for layer in model.layers:
+            if isinstance(layer, BatchNorm):
+                layer.comm = comm
     train_d = (to_module(train[0].astype(np.float32), xp), to_module(train[1], xp))
     val_d = (to_module(val[0].astype(np.float32), xp), to_module(val[1], xp))
     opt = make_optimizer(args.optimizer, model.parameters().values(), args.lr)
@@ -155,7 +194,7 @@ def run(args: argparse.Namespace, model: Sequential, xp, train, val, label: str 
     return fit(model, SoftmaxCrossEntropy(), opt, train_d, val_d, epochs=args.epochs,
                batch_size=args.batch_size, seed=args.seed, schedule=schedule,
                eval_every=args.eval_every, max_steps=args.max_steps,
-               progress=not args.quiet, desc=label)
+               progress=not args.quiet, desc=label, comm=comm)
 
 
 def summarize(args: argparse.Namespace, hist: History, batch_norm: bool) -> dict[str, Any]:
@@ -258,13 +297,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, ImportError, RuntimeError, OSError) as e:
         parser.error(str(e))
 
+    try:
+        comm = init_distributed(args)
+    except (ValueError, ImportError, RuntimeError) as e:
+        parser.error(str(e))
+    if comm is not None and comm.rank != 0:      # logs and outputs from rank 0 only
+        args.quiet, args.json, args.save, args.compare_bn = True, None, None, False
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+            with _threadpool_limits(args.threads):
+                return _train(args, data, train, val, models, xp, comm)
     with _threadpool_limits(args.threads):
-        return _train(args, data, train, val, models, xp)
+        return _train(args, data, train, val, models, xp, comm)
 
 
-def _train(args: argparse.Namespace, data, train, val, models: dict[bool, Sequential], xp) -> int:
+def _train(args: argparse.Namespace, data, train, val, models: dict[bool, Sequential], xp, comm=None) -> int:
     """Train the checked models, print the summary, write the outputs."""
     config = config_of(args, data)
+    if comm is not None:
+        config |= {"distributed": args.distributed, "ranks": comm.size, "sync_bn": args.sync_bn}
     print(f"gpu-train: {data.name}: {len(train[1])} train / {len(val[1])} validation examples, "
           f"{data.X.shape[1]} features, {data.num_classes} classes; device {args.device}",
           file=sys.stderr)
@@ -272,7 +322,7 @@ def _train(args: argparse.Namespace, data, train, val, models: dict[bool, Sequen
     histories = {}
     for bn, model in models.items():
         label = "with BN" if bn else "without BN"
-        hist = run(args, model, xp, train, val, f"[{label}] " if args.compare_bn else "")
+        hist = run(args, model, xp, train, val, f"[{label}] " if args.compare_bn else "", comm)
         histories[label] = hist
         results[label] = summarize(args, hist, bn)
         why = diverged(hist)

@@ -118,10 +118,15 @@ class BatchNorm(Layer):
 
     >>> bn = BatchNorm(100)            # x (batch, 100): statistics over the batch, axis=0
     >>> bn = BatchNorm(16, axis=(0, 2, 3))  # x (N, 16, H, W): per-channel statistics
+
+    ``comm`` (a `gpu.distributed` communicator or what `gpu.distributed.wrap` accepts): the
+    statistics are synchronized over the ranks, one collective per forward and one per backward;
+    gamma's and beta's gradients are this rank's share (data-parallel training sums them).
     """
 
     def __init__(self, num_features: int | Sequence[int], *, axis: int | Sequence[int] = 0,
-                 eps: float = 1e-5, momentum: float = 0.1, dtype: Any = np.float32) -> None:
+                 eps: float = 1e-5, momentum: float = 0.1, dtype: Any = np.float32,
+                 comm: Any = None) -> None:
         shape = (num_features,) if isinstance(num_features, int) else tuple(num_features)
         self.num_features, self.eps, self.momentum = shape, eps, momentum
         self.axis = axis if isinstance(axis, int) else tuple(axis)
@@ -129,6 +134,7 @@ class BatchNorm(Layer):
         self.beta = Parameter(np.zeros(shape, dtype))
         self.running_mean = np.zeros(shape, dtype)
         self.running_var = np.ones(shape, dtype)
+        self.comm = comm
         self._cache = None
 
     def forward(self, x):
@@ -137,14 +143,15 @@ class BatchNorm(Layer):
                                         self.running_var, axis=self.axis, eps=self.eps)
         y, mean, invstd = batch_norm_forward(
             x, self.gamma.data, self.beta.data, axis=self.axis, eps=self.eps,
-            running_mean=self.running_mean, running_var=self.running_var, momentum=self.momentum)
+            running_mean=self.running_mean, running_var=self.running_var, momentum=self.momentum,
+            comm=self.comm)
         self._cache = (x, mean, invstd)
         return y
 
     def backward(self, dy):
         x, mean, invstd = self._cache
         dx, self.gamma.grad, self.beta.grad = batch_norm_backward(
-            dy, x, self.gamma.data, mean, invstd, axis=self.axis)
+            dy, x, self.gamma.data, mean, invstd, axis=self.axis, comm=self.comm)
         return dx
 
     def parameters(self) -> dict[str, Parameter]:

@@ -71,6 +71,18 @@ def check_batch_size(model: Sequential, batch_size: int) -> None:
                          "a model without batch norm (--no-bn)")
 
 
+def _data_parallel_backward(model: Sequential, head: SoftmaxCrossEntropy, comm, logits, yb,
+                            loss: float, rows: int) -> tuple[float, int]:
+    """Backward of this rank's shard as its share of the global batch's mean loss, then the
+    gradient all-reduce: (global mean loss, global correct count)."""
+    n = logits.shape[0]
+    dlogits = head.backward() if n else logits[:0]
+    model.backward(dlogits * (n / rows) if n else dlogits)
+    correct = int((logits.argmax(axis=1) == yb).sum()) if n else 0
+    loss_sum, correct = allreduce_gradients(model, comm, loss * n if n else 0.0, correct)
+    return loss_sum / rows, correct
+
+
 def evaluate(model: Sequential, head: SoftmaxCrossEntropy, X, y, *,
              batch_size: int = 1024) -> tuple[float, float]:
     """(mean loss, accuracy) of the model in eval mode on X (n, features), y (n,).
@@ -92,11 +104,42 @@ def evaluate(model: Sequential, head: SoftmaxCrossEntropy, X, y, *,
     return loss_sum / n, correct / n
 
 
+def shard(idx, comm):
+    """This rank's rows of a global batch `idx`: np.array_split's part `rank` (sizes differ by at
+    most one; a rank may get none)."""
+    return idx if comm is None else np.array_split(idx, comm.size)[comm.rank]
+
+
+def allreduce_gradients(model: Sequential, comm, loss_sum: float, correct: int) -> tuple[float, int]:
+    """Data parallel: every parameter's gradient summed over the ranks, in ONE all-reduce of one
+    buffer holding them all (a single bucket: this package's models are a few MB at most), with
+    the batch's loss sum and correct count in two more slots. Gradients are the rank's share of
+    the global batch's mean (`fit` scales the head's gradient by rows / global rows), so the sum
+    is the global gradient. Returns the global (loss_sum, correct)."""
+    params = [p for p in model.parameters().values() if p.grad is not None]
+    xp = module_of(params[0].grad) if params else np
+    dtype = params[0].grad.dtype if params else np.float32
+    sizes = [p.grad.size for p in params]
+    buf = xp.empty(sum(sizes) + 2, dtype)
+    at = 0
+    for p, n in zip(params, sizes):
+        buf[at:at + n] = p.grad.reshape(-1)
+        at += n
+    buf[at:] = xp.asarray([loss_sum, correct], dtype)
+    out = comm.allreduce(buf, "gradient all-reduce")
+    at = 0
+    for p, n in zip(params, sizes):
+        p.grad = out[at:at + n].reshape(p.grad.shape)
+        at += n
+    tail = out[at:] if type(out) is np.ndarray else out[at:].get()
+    return float(tail[0]), int(round(float(tail[1])))
+
+
 def fit(model: Sequential, head: SoftmaxCrossEntropy, optimizer: Optimizer,
         train: tuple[Any, Any], val: tuple[Any, Any] | None = None, *, epochs: int,
         batch_size: int, seed: int = 0, schedule: Callable[[int], float] | None = None,
         eval_every: int | None = None, max_steps: int | None = None, progress: bool = True,
-        desc: str = "") -> History:
+        desc: str = "", comm: Any = None) -> History:
     """Train `model` on train = (X (n, features), y (n,)), arrays on the model's device.
 
     Mini-batches come from ``default_rng(seed)`` (the same batches on CPU and GPU). `schedule`
@@ -104,6 +147,11 @@ def fit(model: Sequential, head: SoftmaxCrossEntropy, optimizer: Optimizer,
     steps and at the end of each epoch. `max_steps` stops early (tests, quick comparisons).
     `progress` shows the running loss and accuracy on stderr: a tqdm bar per epoch on a terminal
     (when tqdm is installed), else one line per epoch (piped output stays one line an epoch).
+
+    ``comm`` (a `gpu.distributed.Communicator`): data parallel. Every rank draws the same global
+    batches of `batch_size` rows and trains on its `shard`; gradients are summed by
+    `allreduce_gradients` (one collective per step), so every rank takes the same step. The
+    History records the global batch's loss and accuracy on every rank.
     """
     check_batch_size(model, batch_size)
     X, y = train
@@ -137,17 +185,22 @@ def fit(model: Sequential, head: SoftmaxCrossEntropy, optimizer: Optimizer,
                    unit="batch") if tqdm is not None else None
         loss_sum, correct, seen = 0.0, 0, 0
         for idx in batches:
+            if comm is not None:
+                rows, idx = len(idx), shard(idx, comm)
             idx = idx if xp is np else xp.asarray(idx)
             xb, yb = X[idx], y[idx]
             logits = model.forward(xb)
             loss = float(head.forward(logits, yb))  # one sync per step: the curve is the product
-            model.backward(head.backward())
+            if comm is None:
+                model.backward(head.backward())
+            else:
+                loss, batch_correct = _data_parallel_backward(model, head, comm, logits, yb, loss, rows)
             optimizer.step()
             step += 1
             hist.step_loss.append(loss)
-            loss_sum += loss * len(idx)
-            correct += int((logits.argmax(axis=1) == yb).sum())
-            seen += len(idx)
+            loss_sum += loss * (len(idx) if comm is None else rows)
+            correct += int((logits.argmax(axis=1) == yb).sum()) if comm is None else batch_correct
+            seen += len(idx) if comm is None else rows
             if bar is not None:
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}",
                                 refresh=False)

@@ -156,15 +156,19 @@ def _check_running(xp, lay: _Layout, running_mean, running_var):
 # Public API
 # ---------------------------------------------------------------------------------------------
 
-def batch_stats(x, axis: int | Sequence[int] = 0):
+def batch_stats(x, axis: int | Sequence[int] = 0, *, comm=None):
     """Biased per-feature mean and variance of `x` over `axis`.
 
-    Returns (mean, var), both of the kept axes' shape and of x's dtype.
+    Returns (mean, var), both of the kept axes' shape and of x's dtype. With ``comm`` (a
+    `gpu.distributed` communicator, or an engine object it wraps) the statistics are those of the
+    batch concatenated over the ranks (see `batch_norm_forward`).
 
     >>> import numpy as np, gpu
     >>> x = np.random.default_rng(0).standard_normal((256, 8)).astype(np.float32)
     >>> mean, var = gpu.batch_stats(x, axis=0)      # shapes (8,), (8,)
     """
+    if comm is not None:
+        return _sync_batch_stats(x, axis, comm)
     key = _valid_key("stats", axis, x)
     lay = _VALID.get(key)
     if lay is not None:
@@ -188,7 +192,7 @@ def batch_stats(x, axis: int | Sequence[int] = 0):
 
 def batch_norm_forward(x, gamma=None, beta=None, *, axis: int | Sequence[int] = 0, eps: float = 1e-5,
                        running_mean=None, running_var=None, momentum: float | None = 0.1,
-                       num_batches_tracked=None):
+                       num_batches_tracked=None, comm=None):
     """Training-mode batch norm: y = gamma * (x - mean) * invstd + beta over `axis`.
 
     invstd = 1 / sqrt(var + eps) with the biased variance. gamma=None means 1, beta=None means 0.
@@ -209,11 +213,23 @@ def batch_norm_forward(x, gamma=None, beta=None, *, axis: int | Sequence[int] = 
     in the accumulation dtype (float32 for float16/bfloat16 input, like PyTorch's save_mean and
     save_invstd), to be passed to `batch_norm_backward`.
 
+    ``comm``: synchronized batch norm. Every rank passes its own x (the same feature shape and
+    dtype; any number of rows, zero included) and gets the statistics of the batch concatenated
+    over the ranks, bitwise the same on every rank, from one packed collective (an allgather of
+    each rank's count, mean and M2, merged in rank order). M above is then the global count.
+    ``comm`` is a `gpu.distributed.Communicator` or what `gpu.distributed.wrap` accepts (an
+    mpi4py communicator, a torch.distributed process group, a cupyx.distributed communicator).
+    Ranks that disagree on the channel count, the dtype or the communicator's size get a
+    ValueError on every rank; an engine failure or timeout a `gpu.distributed.CollectiveError`.
+
     >>> import numpy as np, gpu
     >>> x = np.random.default_rng(0).standard_normal((32, 16, 8, 8)).astype(np.float32)
     >>> rm, rv = np.zeros(16, np.float32), np.ones(16, np.float32)
     >>> y, mean, invstd = gpu.batch_norm_forward(x, axis=(0, 2, 3), running_mean=rm, running_var=rv)
     """
+    if comm is not None:
+        return _sync_forward(x, gamma, beta, axis, eps, running_mean, running_var, momentum,
+                             num_batches_tracked, comm)
     key = _valid_key("forward", axis, x, gamma, beta, running_mean, running_var)
     lay = _VALID.get(key)
     if lay is not None and num_batches_tracked is None and momentum is not None and (
@@ -249,7 +265,7 @@ def batch_norm_forward(x, gamma=None, beta=None, *, axis: int | Sequence[int] = 
         return _cpu_forward(xp, x, gamma, beta, running_mean, running_var, lay, eps, momentum or 0.0)
 
 
-def batch_norm_backward(dy, x, gamma, mean, invstd, *, axis: int | Sequence[int] = 0):
+def batch_norm_backward(dy, x, gamma, mean, invstd, *, axis: int | Sequence[int] = 0, comm=None):
     """Gradients of `batch_norm_forward`'s y with respect to x, gamma and beta.
 
     With x_hat = (x - mean) * invstd:
@@ -260,11 +276,18 @@ def batch_norm_backward(dy, x, gamma, mean, invstd, *, axis: int | Sequence[int]
     (dx, dgamma, dbeta): dx of x's dtype, dgamma and dbeta of the kept axes' shape in gamma's dtype
     (x's dtype when gamma is None).
 
+    ``comm`` (the forward's): dbeta and dgamma in dx are the sums over every rank's batch, from
+    one packed all-reduce; M is the global count. The returned dgamma and dbeta are this rank's
+    share (their sum over the ranks is the full gradient), as torch's SyncBatchNorm returns, so a
+    data-parallel all-reduce of the parameter gradients counts each example once.
+
     >>> import numpy as np, gpu
     >>> x = np.random.default_rng(0).standard_normal((64, 10))
     >>> y, mean, invstd = gpu.batch_norm_forward(x)
     >>> dx, dgamma, dbeta = gpu.batch_norm_backward(np.ones_like(y), x, None, mean, invstd)
     """
+    if comm is not None:
+        return _sync_backward(dy, x, gamma, mean, invstd, axis, comm)
     key = _valid_key("backward", axis, x, dy, gamma, mean, invstd)
     lay = _VALID.get(key)
     if lay is not None:
@@ -328,7 +351,7 @@ def batch_norm_inference(x, gamma, beta, running_mean, running_var, *, axis: int
 
 def batch_norm(x, gamma=None, beta=None, *, axis: int | Sequence[int] = 0, eps: float = 1e-5,
                running_mean=None, running_var=None, momentum: float | None = 0.1, training: bool = True,
-               num_batches_tracked=None):
+               num_batches_tracked=None, comm=None):
     """Batch norm, the convenience form: `batch_norm_forward`'s y when training (updating running
     stats if given), else `batch_norm_inference` with the running stats (then required).
 
@@ -338,7 +361,7 @@ def batch_norm(x, gamma=None, beta=None, *, axis: int | Sequence[int] = 0, eps: 
     if training:
         return batch_norm_forward(x, gamma, beta, axis=axis, eps=eps, running_mean=running_mean,
                                   running_var=running_var, momentum=momentum,
-                                  num_batches_tracked=num_batches_tracked)[0]
+                                  num_batches_tracked=num_batches_tracked, comm=comm)[0]
     return batch_norm_inference(x, gamma, beta, running_mean, running_var, axis=axis, eps=eps)
 
 
@@ -1022,7 +1045,9 @@ def _gpu_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps):
     return v.restore(y3)
 
 
-def _gpu_backward(xp, dy, x, gamma, mean, invstd, lay):
+def _gpu_backward(xp, dy, x, gamma, mean, invstd, lay, sync=None):
+    """``sync(dgamma, dbeta, k, a, b)``, given, runs between the two kernels (synchronized batch
+    norm): it may rewrite a and b in place from the sums over every rank."""
     acc = B.compute_dtype(x.dtype)
     out_dtype = gamma.dtype if gamma is not None else x.dtype
     v = _view(xp, x, lay)
@@ -1041,8 +1066,333 @@ def _gpu_backward(xp, dy, x, gamma, mean, invstd, lay):
             "dgamma": dgamma, "dbeta": dbeta, "k": k, "a": a, "b": b, "ws": ws, "counters": counters, "dy": vg.x,
             "x": v.x, "mean": mu, "invstd": istd, "gamma": g if g is not None else istd,
             "inv_m": plans.scalars(v, acc)["inv_m"], "flags": _flags(g)}), shared_mem=p.smem)
+        if sync is not None:
+            sync(dgamma, dbeta, k, a, b)
         ka = plans.kernel("batch_norm_backward_apply", p)
         _kernels.launch(ka, p.grid, p.threads, ka.args_from(geo | {
             "dx": dx3, "dy": vg.x, "x": v.x, "mean": mu, "k": k, "a": a, "b": b}))
     return (v.restore(dx3), dgamma.reshape(lay.kept_shape).astype(out_dtype, copy=False),
             dbeta.reshape(lay.kept_shape).astype(out_dtype, copy=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# Synchronized batch norm across processes (comm=)
+# ---------------------------------------------------------------------------------------------
+#
+# Forward: each rank computes its (count, mean, M2) per channel with the paths above, packs
+# [header | count | mean | M2] into one float64 buffer, and ONE allgather gives every rank every
+# rank's buffer; `_merge_stats` combines them in rank order. Backward: ONE all-reduce (sum) of
+# [checks | count | sum dy | sum dy * xhat]. Buffers are float64 whatever x's dtype: counts are
+# exact to 2^53, the merge cancels nothing, and a rank with another dtype sends a buffer of the
+# same length (so its header reports it, instead of the engine failing on a length mismatch).
+#
+# Lengths must agree for a collective to be well formed (MPI truncates, gloo aborts the process),
+# and they depend on C: the first call with a given C on a communicator exchanges the header
+# alone (fixed length) so that a rank with another C gets a ValueError on every rank; after that
+# one collective per call. On a device-resident result (NCCL, CUDA-aware MPI) the header is
+# checked on the device without a host sync: the statistics become NaN and the ValueError is
+# raised by the next synchronized call on that communicator, once the flag is on the host.
+
+_SYNC_MAGIC = 1.0 + 2.0 ** -20 + 4093.0      # not a plausible count, mean or small integer
+_SYNC_VERSION = 1.0
+_SYNC_HEADER = 7                              # magic, version, op, C, dtype code, comm size, rank
+_SYNC_OPS = {"forward": 1.0, "handshake": 2.0}
+_SYNC_CHECKS = 6                              # backward: 1, C, C^2, code, code^2, count
+_SYNC_DTYPES = ("float16", "bfloat16", "float32", "float64")
+_SYNC_PREFIX: dict[tuple, object] = {}        # device copies of header + count, by key
+
+
+def _communicator(comm):
+    from .. import distributed
+    return distributed.wrap(comm)
+
+
+def _dtype_code(dtype) -> float:
+    return float(_SYNC_DTYPES.index(np.dtype(dtype).name) + 1)
+
+
+def _sync_header(op: str, C: int, dtype, comm) -> np.ndarray:
+    return np.array([_SYNC_MAGIC, _SYNC_VERSION, _SYNC_OPS[op], C, _dtype_code(dtype), comm.size,
+                     comm.rank], np.float64)
+
+
+def _device_const(xp, key, make):
+    """A small float64 array made on the host once per key and kept on xp's device (a copy from
+    pageable host memory would synchronize the stream every call)."""
+    if xp is np:
+        return make()
+    a = _SYNC_PREFIX.get(key)
+    if a is None:
+        if len(_SYNC_PREFIX) > 1024:
+            _SYNC_PREFIX.clear()
+        a = _SYNC_PREFIX[key] = xp.asarray(make())
+    return a
+
+
+def _header_problem(head: np.ndarray, C: int, dtype, comm, what: str) -> str | None:
+    """Why the gathered headers (size, _SYNC_HEADER) disagree with this rank's, or None. The
+    message names the first rank that differs and is the same on every rank."""
+    names = {1: "float16", 2: "bfloat16", 3: "float32", 4: "float64"}
+    for r, h in enumerate(head):
+        if h[0] != _SYNC_MAGIC or h[1] != _SYNC_VERSION or h[2] != head[0][2]:
+            return (f"{what}: rank {r} sent something else than this collective's statistics (ranks "
+                    "call different collectives on this communicator, or another version)")
+        if h[5] != comm.size or h[6] != r:
+            return (f"comm: rank {r} calls with a communicator of size {h[5]:g} as rank {h[6]:g}, "
+                    f"this one has size {comm.size} ({what})")
+    for r, h in enumerate(head):
+        if h[3] != head[0][3]:
+            return (f"x: the channel count differs across ranks: rank 0 has {head[0][3]:g}, rank {r} "
+                    f"has {h[3]:g} ({what})")
+        if h[4] != head[0][4]:
+            return (f"x: the dtype differs across ranks: rank 0 has {names.get(int(head[0][4]))}, rank {r} "
+                    f"has {names.get(int(h[4]))} ({what})")
+    return None
+
+
+def _raise_pending(comm) -> None:
+    """Raise the ValueError of an earlier device-side check whose flag has reached the host."""
+    keep = []
+    for flag, event, message in comm.pending:
+        if not event.done:
+            keep.append((flag, event, message))
+        elif not bool(flag[0]):
+            comm.pending = []
+            raise ValueError(message)
+    comm.pending = keep
+
+
+def _defer_check(xp, comm, ok, message: str) -> None:
+    """Copy the device flag `ok` to pinned host memory without waiting; checked by a later call."""
+    import cupyx
+    host = cupyx.empty_pinned((1,), np.bool_)
+    ok.reshape(1).get(out=host, blocking=False)
+    event = xp.cuda.Event()
+    event.record()
+    comm.pending.append((host, event, message))
+
+
+def _handshake(xp, comm, C: int, dtype, what: str) -> None:
+    """The first call with channel count C on `comm`: exchange the header alone, a buffer of the
+    same length on every rank whatever its C, so that a mismatch is a ValueError everywhere."""
+    _raise_pending(comm)
+    if C in comm.verified:
+        return
+    hdr = _sync_header("handshake", C, dtype, comm)
+    got = comm.allgather(hdr if xp is np else xp.asarray(hdr), f"{what} (header exchange)")
+    got = got if type(got) is np.ndarray else got.get()
+    problem = _header_problem(got, C, dtype, comm, what)
+    if problem:
+        raise ValueError(problem)
+    comm.verified.add(C)
+
+
+def _local_stats(xp, kernels: bool, x, lay: _Layout):
+    """This rank's (mean, var) per channel, flat in the accumulation dtype; zeros for no rows."""
+    acc = B.compute_dtype(x.dtype)
+    if lay.m == 0:
+        return xp.zeros(lay.C, acc), xp.zeros(lay.C, acc)
+    if kernels:
+        _, mean, var, _ = _stats_launch(xp, x, None, None, None, None, lay, 0.0, 0.0, normalize=False)
+        return mean, var
+    with np.errstate(all="ignore"):
+        mean, var = _cpu_stats(xp, x, lay)
+    return mean.reshape(-1), var.reshape(-1)
+
+
+def _merge_stats(xp, gathered, C: int):
+    """Chan's merge of the ranks' (count, mean, M2) rows of `gathered` (size, header + 1 + 2C),
+    float64: (N, mean, var) with var the biased variance of the concatenated batch.
+
+    Written as the merge's closed form, mean = sum_r n_r mean_r / N and
+    M2 = sum_r M2_r + sum_r n_r (mean_r - mean)^2, reduced over the rank axis in rank order: the
+    same array on every rank gives bitwise the same result on every rank, whichever rank was
+    fastest, with two reductions instead of size sequential merges (a kernel launch each on a GPU).
+    Ranks with no rows (n_r = 0, mean_r = M2_r = 0) add nothing. N = 0 gives NaN.
+    """
+    H = _SYNC_HEADER
+    n = gathered[:, H:H + 1]
+    means, m2 = gathered[:, H + 1:H + 1 + C], gathered[:, H + 1 + C:H + 1 + 2 * C]
+    N = n.sum()
+    with np.errstate(all="ignore"):
+        mean = (n * means).sum(axis=0) / N
+        d = means - mean
+        var = (m2.sum(axis=0) + (n * d * d).sum(axis=0)) / N
+    return N, mean, var
+
+
+def _sync_stats(xp, kernels: bool, x, lay: _Layout, comm, what: str):
+    """(N, mean, var) of the batch concatenated over the ranks, float64: N a host float on the
+    NumPy path, a device scalar on the device path (no synchronization)."""
+    C = lay.C
+    _handshake(xp, comm, C, x.dtype, what)
+    mean, var = _local_stats(xp, kernels, x, lay)
+    H = _SYNC_HEADER
+    buf = xp.empty(H + 1 + 2 * C, np.float64)
+    buf[:H + 1] = _device_const(xp, ("fwd", C, x.dtype.name, comm.size, comm.rank, lay.m), lambda: np.append(
+        _sync_header("forward", C, x.dtype, comm), float(lay.m)))
+    buf[H + 1:H + 1 + C] = mean
+    xp.multiply(var, float(lay.m), out=buf[H + 1 + C:])        # M2 = var * count
+    got = comm.allgather(buf, what)
+    N, gmean, gvar = _merge_stats(xp, got, C)
+    if type(got) is np.ndarray:
+        problem = _header_problem(got[:, :H], C, x.dtype, comm, what)
+        if problem:
+            raise ValueError(problem)
+        N = float(N)
+        if N == 0:
+            raise ValueError(f"x: empty reduction on every rank: no rows to take statistics of ({what})")
+    else:
+        expect = _device_const(xp, ("head", C, x.dtype.name, comm.size), lambda: _sync_heads(C, x.dtype, comm))
+        ok = (got[:, :H] == expect).all()
+        gmean, gvar = xp.where(ok, gmean, np.nan), xp.where(ok, gvar, np.nan)
+        _defer_check(xp, comm, ok, f"{what}: ranks disagree on the dtype or the communicator (the "
+                     "statistics of that call were NaN)")
+    return N, gmean, gvar
+
+
+def _sync_heads(C, dtype, comm):
+    """The expected gathered headers (size, _SYNC_HEADER): this rank's with each rank's number."""
+    head = np.stack([_sync_header("forward", C, dtype, comm)] * comm.size)
+    head[:, 6] = np.arange(comm.size)
+    return head
+
+
+def _sync_batch_stats(x, axis, comm):
+    comm = _communicator(comm)
+    xp, kernels = B.dispatch(x=x)
+    x = B.as_float_array(xp, x, "x")
+    lay = _layout(x, axis, allow_empty=True)
+    _, mean, var = _sync_stats(xp, kernels, x, lay, comm, "batch_stats")
+    return mean.reshape(lay.kept_shape).astype(x.dtype), var.reshape(lay.kept_shape).astype(x.dtype)
+
+
+def _sync_forward(x, gamma, beta, axis, eps, running_mean, running_var, momentum, num_batches_tracked, comm):
+    comm = _communicator(comm)
+    xp, kernels = B.dispatch(x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
+    x = B.as_float_array(xp, x, "x")
+    lay = _layout(x, axis, allow_empty=True)       # a rank may have no rows
+    gamma, beta = _params(xp, lay, gamma=gamma, beta=beta)
+    running_mean, running_var = _check_running(xp, lay, running_mean, running_var)
+    eps = B.check_real(eps, "eps", lo=0.0)
+    momentum = _check_batches(xp, num_batches_tracked, momentum, running_mean)
+    acc = B.compute_dtype(x.dtype)
+    N, mean64, var64 = _sync_stats(xp, kernels, x, lay, comm, "batch_norm_forward")
+    if running_mean is not None and xp is np and N == 1:
+        raise ValueError("x: expected more than 1 value per feature over all ranks when training with "
+                         "running stats (1 in all)")
+    mean, var = mean64.astype(acc), var64.astype(acc)
+    invstd = _invstd(xp, var, eps, acc)
+    kept = lay.kept_shape
+    if lay.m == 0:
+        y = xp.empty(x.shape, x.dtype)
+    elif kernels:
+        y = _gpu_inference(xp, x, gamma, beta, mean, var, lay, eps)
+    else:
+        with np.errstate(all="ignore"):
+            y = _cpu_inference(xp, x, *_kept(lay, gamma, beta), mean.reshape(kept), var.reshape(kept), lay, eps)
+    if num_batches_tracked is not None:
+        num_batches_tracked += 1            # before the update, as torch's module
+    if running_mean is not None:
+        # the unbiased variance with the GLOBAL count (torch's SyncBatchNorm once used the local one)
+        if momentum is None:
+            mom = 1.0 / num_batches_tracked.reshape(()).astype(np.float64)
+        else:
+            mom = momentum
+        with np.errstate(all="ignore"):
+            unbiased = var64 * (N / (N - 1))
+            running_mean[...] = ((1 - mom) * running_mean.reshape(-1) + mom * mean64).reshape(running_mean.shape)
+            running_var[...] = ((1 - mom) * running_var.reshape(-1) + mom * unbiased).reshape(running_var.shape)
+    return y, mean.reshape(kept), invstd.reshape(kept)
+
+
+def _backward_checks(C: int, dtype, m: int) -> np.ndarray:
+    """The backward's check and count slots, summed over the ranks by the all-reduce: with P ranks
+    the sums are (P, sum C, sum C^2, sum code, sum code^2, N). The C_r all equal C exactly when
+    sum C = P C and P sum C^2 = (sum C)^2 (and the same for the dtype code); the sums are the same
+    on every rank, so each rank finds the mismatch. An allgather of a header would say which rank
+    differs, at P times the bytes of this 6-slot prefix: the forward's header says that already."""
+    code = _dtype_code(dtype)
+    return np.array([1.0, C, C * C, code, code * code, m], np.float64)
+
+
+def _checks_problem(s: np.ndarray, C: int, dtype, comm, what: str) -> str | None:
+    P = s[0]
+    if P != comm.size:
+        return f"comm: {P:g} ranks took part, this rank's communicator has size {comm.size} ({what})"
+    if s[1] != P * C or s[2] * P != s[1] * s[1]:
+        return f"x: the channel count differs across ranks (this rank has {C}; {what})"
+    code = _dtype_code(dtype)
+    if s[3] != P * code or s[4] * P != s[3] * s[3]:
+        return f"x: the dtype differs across ranks (this rank has {np.dtype(dtype).name}; {what})"
+    return None
+
+
+def _sync_sums(xp, comm, dbeta, dgamma, x, lay: _Layout, what: str):
+    """ONE all-reduce of [checks | count | dbeta | dgamma]: (N, dbeta, dgamma) summed over ranks."""
+    C, S = lay.C, _SYNC_CHECKS
+    buf = xp.empty(S + 2 * C, np.float64)
+    buf[:S] = _device_const(xp, ("bwd", C, x.dtype.name, lay.m), lambda: _backward_checks(C, x.dtype, lay.m))
+    buf[S:S + C] = dbeta
+    buf[S + C:] = dgamma
+    got = comm.allreduce(buf, what)
+    if type(got) is np.ndarray:
+        problem = _checks_problem(got[:S], C, x.dtype, comm, what)
+        if problem:
+            raise ValueError(problem)
+        return float(got[S - 1]), got[S:S + C], got[S + C:]
+    expect = _device_const(xp, ("bwdsum", C, x.dtype.name, comm.size), lambda: (
+        lambda c: np.array([comm.size, comm.size * C, comm.size * C * C, comm.size * c, comm.size * c * c]))(
+            _dtype_code(x.dtype)))
+    ok = (got[:S - 1] == expect).all()
+    _defer_check(xp, comm, ok, f"{what}: ranks disagree on the channel count, dtype or communicator")
+    nan = xp.where(ok, 0.0, np.nan)
+    return got[S - 1], got[S:S + C] + nan, got[S + C:] + nan
+
+
+def _sync_backward(dy, x, gamma, mean, invstd, axis, comm):
+    comm = _communicator(comm)
+    xp, kernels = B.dispatch(dy=dy, x=x, gamma=gamma, mean=mean, invstd=invstd)
+    x = B.as_float_array(xp, x, "x")
+    dy = B.as_float_array(xp, dy, "dy")
+    if dy.shape != x.shape:
+        raise ValueError(f"dy: shape {dy.shape} does not match x's shape {x.shape}")
+    lay = _layout(x, axis, allow_empty=True)
+    gamma, mean, invstd = _params(xp, lay, gamma=gamma, mean=mean, invstd=invstd)
+    if mean is None or invstd is None:
+        raise TypeError("mean, invstd: required (pass those returned by batch_norm_forward)")
+    what = "batch_norm_backward"
+    _handshake(xp, comm, lay.C, x.dtype, what)
+    acc = B.compute_dtype(x.dtype)
+    out_dtype = gamma.dtype if gamma is not None else x.dtype
+    if kernels and lay.m > 0:
+        def sync(dgamma, dbeta, k, a, b):
+            # a, b of the kernel's dx = k dy + a (x - mean) + b, from the global sums and count
+            N, dbeta_g, dgamma_g = _sync_sums(xp, comm, dbeta, dgamma, x, lay, what)
+            istd = _as_acc(xp, invstd, acc)
+            a[...] = -k * istd * (dgamma_g / N)
+            b[...] = -k * (dbeta_g / N)
+        return _gpu_backward(xp, dy, x, gamma, mean, invstd, lay, sync=sync)
+    kept = lay.kept_shape
+    g, mu, istd = (_per_feature(p, lay, acc, slice(None)) for p in (gamma, mean, invstd))
+    if lay.m > 0:
+        with np.errstate(all="ignore"):
+            xmu = xp.subtract(x, mu, dtype=acc)
+            dbeta = dy.sum(axis=lay.axes, keepdims=True, dtype=acc)
+            dgamma = _reduce(xp, lay, dy, xmu) * istd
+    else:
+        xmu = None
+        dbeta = dgamma = xp.zeros(lay.keepdims_shape, acc)
+    N, dbeta_g, dgamma_g = _sync_sums(xp, comm, dbeta.reshape(-1), dgamma.reshape(-1), x, lay, what)
+    if lay.m == 0:
+        dx = xp.empty(x.shape, x.dtype)
+    else:
+        with np.errstate(all="ignore"):
+            k = istd if g is None else istd * g
+            a = (-k * istd * (dgamma_g.reshape(lay.keepdims_shape) / N)).astype(acc)
+            b = (-k * (dbeta_g.reshape(lay.keepdims_shape) / N)).astype(acc)
+            xmu *= a                                     # dx = a (x - mean) + b + k dy
+            xmu += b
+            xmu += xp.multiply(dy, k, dtype=acc)
+        dx = xmu if x.dtype == acc else xmu.astype(x.dtype)
+    return dx, dgamma.reshape(kept).astype(out_dtype), dbeta.reshape(kept).astype(out_dtype)

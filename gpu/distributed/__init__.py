@@ -1,0 +1,287 @@
+"""Collectives for synchronized batch norm and data-parallel training, on existing engines.
+
+One small interface, `Communicator`: rank, size, the engine's name, and two collectives over one
+contiguous 1-D buffer (``allgather`` and ``allreduce`` with sum). Three implementations wrap the
+engines; nothing here moves bytes itself:
+
+- `MPICommunicator`: an mpi4py communicator. NumPy arrays go directly; CuPy arrays go directly
+  when the MPI library is CUDA-aware, else they are staged through pinned host memory.
+- `TorchCommunicator`: a torch.distributed process group (gloo on CPU, NCCL on GPU). Arrays
+  become tensors without a copy (``torch.from_numpy``, DLPack for CuPy arrays).
+- `NCCLCommunicator`: cupyx.distributed's NCCL communicator, for CuPy arrays.
+
+`wrap` turns any of those (or an adapter) into a `Communicator`; the batch-norm functions and
+the trainer only see that interface. Importing this module imports no engine: mpi4py, torch
+and cupyx are imported when a communicator of theirs is wrapped.
+
+>>> from mpi4py import MPI                      # doctest: +SKIP
+>>> import gpu, gpu.distributed
+>>> comm = gpu.distributed.wrap(MPI.COMM_WORLD)  # doctest: +SKIP
+>>> y, mean, invstd = gpu.batch_norm_forward(x, comm=comm)   # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Communicator", "CollectiveError", "MPICommunicator", "NCCLCommunicator",
+           "TorchCommunicator", "wrap"]
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed in the engine (a timeout, a dead peer): names the collective, the
+    engine, this rank and the buffer."""
+
+
+class Communicator:
+    """The adapter interface: ``rank``, ``size``, ``engine`` and two collectives.
+
+    ``allgather(buf, what)`` returns a new (size, n) array whose row r is rank r's buf;
+    ``allreduce(buf, what)`` returns the elementwise sum over ranks of buf (n,). ``buf`` is a
+    C-contiguous 1-D array (NumPy, or CuPy where the engine takes device memory); the result is of
+    the same array module. ``what`` names the collective in errors. ``collectives`` counts the
+    calls (tests and benchmarks read it); ``timeout`` (seconds, or None for the engine's own)
+    bounds each call where the engine allows.
+    """
+
+    engine = "?"
+
+    def __init__(self, rank: int, size: int, timeout: float | None = None) -> None:
+        self.rank, self.size, self.timeout = int(rank), int(size), timeout
+        self.collectives = 0
+        #: channel counts whose agreement across ranks a header exchange has checked (batch norm)
+        self.verified: set[Any] = set()
+        #: device-side agreement flags not yet read on the host (batch norm's GPU path)
+        self.pending: list[Any] = []
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.engine} rank {self.rank} of {self.size}>"
+
+    def allgather(self, buf, what: str = "allgather"):
+        out = _empty_like(buf, (self.size, buf.shape[0]))
+        self._call(what, "allgather", buf, lambda: self._allgather(buf, out))
+        return out
+
+    def allreduce(self, buf, what: str = "allreduce"):
+        out = _empty_like(buf, buf.shape)
+        self._call(what, "allreduce", buf, lambda: self._allreduce(buf, out))
+        return out
+
+    # engines implement these two: out is preallocated, of the same array module as buf
+    def _allgather(self, buf, out) -> None:
+        raise NotImplementedError
+
+    def _allreduce(self, buf, out) -> None:
+        raise NotImplementedError
+
+    def _call(self, what: str, op: str, buf, fn) -> None:
+        self.collectives += 1
+        try:
+            fn()
+        except CollectiveError:
+            raise
+        except Exception as e:      # the engine's own exception types differ; the message names ours
+            raise CollectiveError(
+                f"{what}: {op} of {buf.shape[0]} {buf.dtype} values failed on {self.engine} rank "
+                f"{self.rank} of {self.size}"
+                + (f" (timeout {self.timeout:g} s)" if self.timeout is not None else "")
+                + f": {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+
+
+def _empty_like(buf, shape):
+    if type(buf) is np.ndarray:
+        return np.empty(shape, buf.dtype)
+    import cupy
+    return cupy.empty(shape, buf.dtype)
+
+
+def _is_device(buf) -> bool:
+    return type(buf) is not np.ndarray
+
+
+# ---------------------------------------------------------------------------------------------
+# mpi4py
+# ---------------------------------------------------------------------------------------------
+
+class MPICommunicator(Communicator):
+    """An mpi4py intracommunicator. ``timeout``: the nonblocking collective is polled and a
+    CollectiveError raised past the deadline (MPI cannot cancel a collective: the process should
+    then exit, e.g. through ``comm.Abort()``)."""
+
+    engine = "mpi"
+
+    def __init__(self, comm, timeout: float | None = None) -> None:
+        super().__init__(comm.Get_rank(), comm.Get_size(), timeout)
+        self.comm = comm
+        self._cuda_aware: bool | None = None
+        self.abandoned: list[Any] = []
+
+    def cuda_aware(self) -> bool:
+        """Whether the MPI library takes device pointers (MPIX_Query_cuda_support)."""
+        if self._cuda_aware is None:
+            from mpi4py import MPI
+            query = getattr(MPI, "Query_cuda_support", None)
+            try:
+                self._cuda_aware = bool(query()) if query is not None else False
+            except Exception:
+                self._cuda_aware = False
+        return self._cuda_aware
+
+    def _run(self, start) -> None:
+        # always the nonblocking collective: MPI does not match a blocking collective on one rank
+        # with a nonblocking one on another, and a timeout needs the nonblocking form
+        req = start(blocking=False)
+        if self.timeout is None:
+            req.Wait()
+            return
+        deadline = time.monotonic() + self.timeout
+        while not req.Test():
+            if time.monotonic() > deadline:
+                # MPI cannot cancel a collective: the request stays alive (with its buffers, the
+                # caller's) so that late peers still complete it without writing freed memory
+                self.abandoned.append(req)
+                raise TimeoutError(f"no completion after {self.timeout:g} s")
+            time.sleep(1e-4)
+
+    def _staged(self, buf, out, start) -> None:
+        """start(send, recv, blocking) on host copies of device buffers, through pinned memory."""
+        if not _is_device(buf) or self.cuda_aware():
+            if _is_device(buf):
+                import cupy
+                cupy.cuda.get_current_stream().synchronize()   # MPI does not order with the stream
+            self._run(lambda blocking: start(buf, out, blocking))
+            return
+        import cupyx
+        hb, ho = cupyx.empty_pinned(buf.shape, buf.dtype), cupyx.empty_pinned(out.shape, out.dtype)
+        buf.get(out=hb)                                        # synchronizes: staging needs the host
+        self._run(lambda blocking: start(hb, ho, blocking))
+        out.set(ho)
+
+    def _allgather(self, buf, out) -> None:
+        c = self.comm
+        self._staged(buf, out, lambda s, r, blocking: c.Allgather(s, r) if blocking else c.Iallgather(s, r))
+
+    def _allreduce(self, buf, out) -> None:
+        from mpi4py import MPI
+        c = self.comm
+        self._staged(buf, out, lambda s, r, blocking: (c.Allreduce(s, r, op=MPI.SUM) if blocking
+                                                       else c.Iallreduce(s, r, op=MPI.SUM)))
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.distributed
+# ---------------------------------------------------------------------------------------------
+
+class TorchCommunicator(Communicator):
+    """A torch.distributed process group (None: the default group). Arrays cross as tensors
+    sharing their memory: ``torch.from_numpy`` for NumPy, DLPack for CuPy (NCCL)."""
+
+    engine = "torch"
+
+    def __init__(self, group=None, timeout: float | None = None) -> None:
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            raise ValueError("comm: torch.distributed is not initialized (call "
+                             "torch.distributed.init_process_group first)")
+        super().__init__(dist.get_rank(group), dist.get_world_size(group), timeout)
+        self.group = group
+        self.engine = f"torch/{dist.get_backend(group)}"
+
+    @staticmethod
+    def _tensor(a):
+        import torch
+        return torch.from_numpy(a) if type(a) is np.ndarray else torch.from_dlpack(a)
+
+    def _wait(self, work) -> None:
+        if self.timeout is None:
+            work.wait()
+        else:
+            import datetime
+            if not work.wait(timeout=datetime.timedelta(seconds=self.timeout)):
+                raise TimeoutError(f"no completion after {self.timeout:g} s")
+
+    def _allgather(self, buf, out) -> None:
+        import torch.distributed as dist
+        self._wait(dist.all_gather_into_tensor(self._tensor(out).view(-1), self._tensor(buf),
+                                               group=self.group, async_op=True))
+
+    def _allreduce(self, buf, out) -> None:
+        import torch.distributed as dist
+        out[...] = buf
+        self._wait(dist.all_reduce(self._tensor(out), group=self.group, async_op=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# cupyx.distributed (NCCL)
+# ---------------------------------------------------------------------------------------------
+
+class NCCLCommunicator(Communicator):
+    """cupyx.distributed's NCCL communicator (``cupyx.distributed.init_process_group``): CuPy
+    arrays, on the current stream, no host synchronization. ``timeout`` is not supported by the
+    engine (NCCL waits on the device)."""
+
+    engine = "nccl"
+
+    def __init__(self, comm, timeout: float | None = None) -> None:
+        size = getattr(comm, "_n_devices", None)
+        if size is None:
+            raise TypeError("comm: a cupyx.distributed communicator without a device count")
+        super().__init__(comm.rank, size, timeout)
+        self.comm = comm
+
+    def _allgather(self, buf, out) -> None:
+        if not _is_device(buf):
+            raise TypeError("comm: the NCCL communicator takes CuPy arrays, got a NumPy array")
+        self.comm.all_gather(buf, out.reshape(-1), buf.shape[0])
+
+    def _allreduce(self, buf, out) -> None:
+        if not _is_device(buf):
+            raise TypeError("comm: the NCCL communicator takes CuPy arrays, got a NumPy array")
+        self.comm.all_reduce(buf, out, "sum")
+
+
+# ---------------------------------------------------------------------------------------------
+# wrap
+# ---------------------------------------------------------------------------------------------
+
+_WRAPPED: dict[int, tuple[Any, Communicator]] = {}
+
+
+def wrap(comm, timeout: float | None = None) -> Communicator:
+    """A `Communicator` for `comm`: an adapter (returned as is), an mpi4py intracommunicator, a
+    torch.distributed ProcessGroup, the string ``"torch"`` (the default group), or a
+    cupyx.distributed communicator. The same engine object gives the same adapter (its counters
+    and checked channel counts persist). TypeError for anything else."""
+    if isinstance(comm, Communicator):
+        return comm
+    hit = _WRAPPED.get(id(comm))
+    if hit is not None and hit[0] is comm:
+        return hit[1]
+    module = type(comm).__module__ or ""
+    if module.startswith("mpi4py"):
+        if not hasattr(comm, "Allgather"):
+            raise TypeError(f"comm: expected an mpi4py intracommunicator, got {type(comm).__name__}")
+        adapter: Communicator = MPICommunicator(comm, timeout)
+    elif (isinstance(comm, str) and comm == "torch") or _is_torch_group(comm):
+        adapter = TorchCommunicator(None if isinstance(comm, str) else comm, timeout)
+    elif module.startswith("cupyx.distributed"):
+        adapter = NCCLCommunicator(comm, timeout)
+    else:
+        raise TypeError("comm: expected a gpu.distributed.Communicator, an mpi4py communicator, a "
+                        "torch.distributed ProcessGroup (or 'torch' for the default group) or a "
+                        f"cupyx.distributed communicator, got {type(comm).__name__}")
+    _WRAPPED[id(comm)] = (comm, adapter)
+    return adapter
+
+
+def _is_torch_group(comm) -> bool:
+    torch = sys.modules.get("torch")        # a ProcessGroup exists only if torch is imported
+    if torch is None or isinstance(comm, str):
+        return False
+    try:
+        return isinstance(comm, torch.distributed.ProcessGroup)
+    except AttributeError:
+        return False

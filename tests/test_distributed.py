@@ -1,0 +1,289 @@
+"""Synchronized batch norm across processes: 2-3 local ranks under mpiexec (mpi4py + the mpich
+wheel) and as torch.distributed gloo ranks on 127.0.0.1, against single-process batch norm on the
+concatenated batch (a float64 NumPy reference computed here).
+
+Each launch runs every case of tests/_dist_worker.py once (a few seconds); the tests below read
+its outputs. Every subprocess has a timeout and its own process group, killed on failure.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import TOL
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _dist_worker as W  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).parent / "_dist_worker.py"
+LAUNCH_TIMEOUT = 90
+
+
+def _have(module: str) -> bool:
+    try:
+        __import__(module)
+        return True
+    except Exception:
+        return False
+
+
+def mpiexec() -> str | None:
+    """The mpiexec next to this Python (the mpich wheel's), else one on PATH."""
+    here = Path(sys.executable).parent / "mpiexec"
+    return str(here) if here.exists() else shutil.which("mpiexec")
+
+
+HAVE_MPI = _have("mpi4py") and mpiexec() is not None
+HAVE_TORCH = _have("torch.distributed")
+ENGINES = [pytest.param("mpi", marks=pytest.mark.skipif(not HAVE_MPI, reason="mpi4py or mpiexec missing")),
+           pytest.param("gloo", marks=pytest.mark.skipif(not HAVE_TORCH, reason="torch missing"))]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env.update(extra)
+    return env
+
+
+def run_ranks(engine: str, size: int, argv: list[str], timeout: float = LAUNCH_TIMEOUT) -> list[str]:
+    """Run `python argv...` as `size` ranks of `engine`; their combined outputs. Each launch is
+    its own process group, killed whole on a timeout or failure (no leftover ranks)."""
+    if engine == "mpi":
+        cmds = [[mpiexec(), "-n", str(size), sys.executable, *argv]]
+        envs = [_env()]
+    else:
+        port = str(free_port())
+        cmds = [[sys.executable, *argv] for _ in range(size)]
+        envs = [_env(RANK=str(r), WORLD_SIZE=str(size), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+                for r in range(size)]
+    procs = [subprocess.Popen(c, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True) for c, e in zip(cmds, envs)]
+    outs, failed = [], None
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=timeout)
+            outs.append(out)
+            if p.returncode != 0 and failed is None:
+                failed = f"exit status {p.returncode}:\n{out[-3000:]}"
+    except subprocess.TimeoutExpired:
+        failed = f"timed out after {timeout} s"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    if failed:
+        pytest.fail(f"{engine} x {size}: {failed}")
+    return outs
+
+
+_RUNS: dict[tuple, list] = {}
+
+
+def launched(engine: str, size: int, tmp_path_factory):
+    """Every rank's (arrays, info) of one launch of the worker, run once per (engine, size)."""
+    key = (engine, size)
+    if key not in _RUNS:
+        out = tmp_path_factory.mktemp(f"{engine}{size}")
+        run_ranks(engine, size, [str(WORKER), "mpi" if engine == "mpi" else "gloo", str(out)])
+        _RUNS[key] = [(dict(np.load(out / f"rank{r}.npz")), json.loads((out / f"rank{r}.json").read_text()))
+                      for r in range(size)]
+    return _RUNS[key]
+
+
+def reference(x, dy, gamma, beta, axis, eps=1e-5, momentum=0.1):
+    """Single-process batch norm on the whole batch in float64: y, mean, invstd, running stats,
+    dx, dgamma, dbeta."""
+    x, dy = x.astype(np.float64), dy.astype(np.float64)
+    g = gamma.astype(np.float64)
+    keep = [1] * x.ndim
+    keep[1] = -1
+    n = x.size // x.shape[1]
+    mean = x.mean(axis=axis)
+    var = x.var(axis=axis)
+    invstd = 1 / np.sqrt(var + eps)
+    xhat = (x - mean.reshape(keep)) * invstd.reshape(keep)
+    y = xhat * g.reshape(keep) + beta.astype(np.float64).reshape(keep)
+    dbeta = dy.sum(axis=axis)
+    dgamma = (dy * xhat).sum(axis=axis)
+    dx = (g * invstd).reshape(keep) * (dy - (dbeta / n).reshape(keep) - xhat * (dgamma / n).reshape(keep))
+    rm = momentum * mean
+    rv = (1 - momentum) + momentum * var * n / (n - 1)
+    return dict(y=y, mean=mean, invstd=invstd, rm=rm, rv=rv, dx=dx, dgamma=dgamma, dbeta=dbeta)
+
+
+def _cases(size):
+    return [pytest.param(size, c, id=f"{size}ranks-{c[0]}") for c in W.cases(size)]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("size,case", _cases(2) + _cases(3))
+def test_synchronized_equals_concatenated(engine, size, case, tmp_path_factory):
+    # splits [5, 3] (unequal), [8, 0] (a rank with no rows), [4, 4], [1, 1, 1] (one row each),
+    # [4, 0, 3]; dense (N, C) and NCHW; float64 to 1e-12, float32 and float16 (statistics in
+    # float32) to the dtype's tolerance
+    ranks = launched(engine, size, tmp_path_factory)
+    name, split, feat, axis, dt = case
+    x, dy = W.global_batch(name, split, feat, dt)
+    C = feat[0]
+    ref = reference(x, dy, np.linspace(0.5, 1.5, C).astype(dt), np.linspace(-1, 1, C).astype(dt), axis)
+    tol = TOL[np.dtype(dt)]
+    got = [a for a, _ in ranks]
+    for k in ("mean", "invstd", "rm", "rv"):       # the same on every rank, bitwise
+        for r in range(1, size):
+            assert np.array_equal(got[r][f"{name}/{k}"], got[0][f"{name}/{k}"], equal_nan=True), (k, r)
+        err = np.linalg.norm(got[0][f"{name}/{k}"] - ref[k]) / np.linalg.norm(ref[k])
+        assert err <= tol, (k, err)
+    for k in ("y", "dx"):                          # each rank's rows, concatenated
+        whole = np.concatenate([g[f"{name}/{k}"].astype(np.float64) for g in got])
+        err = np.linalg.norm(whole - ref[k]) / np.linalg.norm(ref[k])
+        assert err <= tol, (k, err)
+    for k in ("dgamma", "dbeta"):                  # each rank's share; their sum is the gradient
+        total = sum(g[f"{name}/{k}"].astype(np.float64) for g in got)
+        err = np.linalg.norm(total - ref[k]) / np.linalg.norm(ref[k])
+        assert err <= tol * 4, (k, err)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("size", [2, 3])
+def test_one_collective_per_forward_and_backward(engine, size, tmp_path_factory):
+    # counted through the adapter; the first call with a new channel count also exchanges the
+    # header alone (the worker subtracts it), so that ranks disagreeing on C fail cleanly
+    for _, info in launched(engine, size, tmp_path_factory):
+        assert all(c == [1, 1] for c in info["counts"].values()), info["counts"]
+
+
+def _torch_formula_running_var(x, split, axis, momentum=0.1):
+    """The running variance when the ranks' statistics are merged as if their counts were equal
+    (the mean of the ranks' means and variances: torch's SyncBatchNorm before pytorch#22192's fix)
+    and unbiased with the global count."""
+    parts = [p.astype(np.float64) for p in np.split(x, np.cumsum(split)[:-1]) if len(p)]
+    means = np.stack([p.mean(axis=axis) for p in parts])
+    mean = means.mean(0)
+    var = np.stack([p.var(axis=axis) for p in parts]).mean(0) + (means ** 2).mean(0) - mean ** 2
+    n = x.size // x.shape[1]
+    return (1 - momentum) + momentum * var * n / (n - 1)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("size,split", [(2, [5, 3]), (2, [4, 4]), (3, [1, 1, 1]), (3, [4, 0, 3])])
+def test_running_stats_use_the_global_count(engine, size, split, tmp_path_factory):
+    # equal counts: the equal-count merge is right and ours matches it; unequal counts: it is wrong
+    # (the case discriminates) and ours is exact
+    name = f"{'-'.join(map(str, split))}_1d_float64"
+    x, dy = W.global_batch(name, split, (6,), "float64")
+    got = launched(engine, size, tmp_path_factory)[0][0][f"{name}/rv"]
+    exact = reference(x, dy, np.ones(6), np.zeros(6), 0)["rv"]
+    equal_counts = _torch_formula_running_var(x, split, 0)
+    np.testing.assert_allclose(got, exact, rtol=1e-12)
+    if len(set(split)) == 1:
+        np.testing.assert_allclose(got, equal_counts, rtol=1e-12)
+    else:
+        assert np.abs(equal_counts - exact).max() > 1e-3
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_mismatch_is_an_error_on_every_rank(engine, tmp_path_factory):
+    ranks = launched(engine, 2, tmp_path_factory)
+    for r, (_, info) in enumerate(ranks):
+        e = info["errors"]
+        assert e["channels"] and "channel count differs" in e["channels"], (r, e)
+        assert e["dtype"] and "dtype differs" in e["dtype"], (r, e)
+        assert e["backward dtype"] and "dtype differs" in e["backward dtype"], (r, e)
+    assert ranks[0][1]["errors"]["channels"] == ranks[1][1]["errors"]["channels"]   # the same words
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_engine_timeout_names_the_collective(engine, tmp_path_factory):
+    msg = launched(engine, 2, tmp_path_factory)[0][1]["errors"]["timeout"]
+    assert msg and "batch_norm_forward" in msg and "allgather" in msg and "0.5" in msg, msg
+
+
+def test_import_gpu_imports_no_engine():
+    code = ("import sys, gpu, gpu.distributed; "
+            "print(any(m in sys.modules for m in ('mpi4py', 'torch', 'cupyx')))")
+    out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+
+def test_wrap_rejects_other_objects():
+    import gpu.distributed as D
+    with pytest.raises(TypeError, match="comm"):
+        D.wrap(object())
+
+
+class _OneRank:
+    """A communicator of one rank (in-process): the comm= path against the plain path."""
+
+    def __new__(cls):
+        import gpu.distributed as D
+
+        class One(D.Communicator):
+            engine = "one"
+
+            def __init__(self):
+                super().__init__(0, 1)
+
+            def _allgather(self, buf, out):
+                out[0] = buf
+
+            def _allreduce(self, buf, out):
+                out[...] = buf
+        return One()
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("shape,axis", [((9, 4, 3), (0, 2)),   # channels-first view
+                                        ((17, 5), 0)])         # channels-last, a prime count
+def test_kernel_path_with_one_rank_equals_plain(shape, axis):
+    import gpu
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(shape).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    comm = _OneRank()
+    with gpu.use_backend("emulate"):
+        y, mean, invstd = gpu.batch_norm_forward(x, axis=axis, comm=comm)
+        y0, mean0, invstd0 = gpu.batch_norm_forward(x, axis=axis)
+        grads = gpu.batch_norm_backward(dy, x, None, mean, invstd, axis=axis, comm=comm)
+        grads0 = gpu.batch_norm_backward(dy, x, None, mean0, invstd0, axis=axis)
+    for a, b in zip((y, mean, invstd, *grads), (y0, mean0, invstd0, *grads0)):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.skipif(not _have("sklearn"), reason="scikit-learn (digits) missing")
+@pytest.mark.parametrize("engine,sync_bn", [pytest.param("mpi", True, marks=ENGINES[0].marks),
+                                            pytest.param("gloo", False, marks=ENGINES[1].marks)])
+def test_two_process_training_reaches_single_process_accuracy(engine, sync_bn, tmp_path):
+    # the same global batch of 64 split over 2 ranks; with --sync-bn the step is the single
+    # process's step up to rounding, without it batch norm sees 32 rows: within noise either way
+    common = ["-m", "gpu.train", "--dataset", "digits", "--epochs", "3", "--quiet"]
+    if "single" not in _RUNS:          # one single-process run for both engines
+        one = subprocess.run([sys.executable, *common, "--json", str(tmp_path / "one.json")], env=_env(),
+                             capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+        assert one.returncode == 0, one.stderr
+        _RUNS["single"] = json.loads((tmp_path / "one.json").read_text())["runs"]["with BN"]
+    single = _RUNS["single"]
+    flags = ["--distributed", "mpi" if engine == "mpi" else "torch"] + (["--sync-bn"] if sync_bn else [])
+    outs = run_ranks(engine, 2, [*common, *flags, "--json", str(tmp_path / "two.json")])
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["config"]["ranks"] == 2
+    acc = two["runs"]["with BN"]["final_val_acc"]
+    assert acc >= single["final_val_acc"] - 0.02, (acc, single["final_val_acc"])
+    assert sum(o.count("val acc") for o in outs) == 1      # rank 0 logs, rank 1 does not
