@@ -210,3 +210,16 @@ def test_memory_is_bounded_by_the_chunk(rng, monkeypatch):
 
     theirs, want = _peak(materialized)
     assert theirs >= 5 * ours, f"materializing {theirs / 2**20:.0f} MiB, fused {ours / 2**20:.0f} MiB: not 5x"
+
+
+def test_bench_flce_runs(tmp_path):
+    # gpu-bench --op flce on a tiny CPU shape: every peer checked against the materializing path
+    import json
+    from gpu.bench import cli
+    out = tmp_path / "flce.json"
+    assert cli.main(["--op", "flce", "--device", "cpu", "--shape", "64x8x100", "--repeat", "1", "--warmup", "0",
+                     "--json", str(out)]) == 0
+    rows = {r["peer"]: r for r in json.loads(out.read_text())["rows"]}
+    assert {"ours", "numpy"} <= set(rows)
+    assert all(r["max_rel_err"] < 1e-5 and r["ms"] > 0 for r in rows.values())
+    assert cli.main(["--op", "flce,softmax"]) == 2
