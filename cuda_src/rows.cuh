@@ -8,7 +8,7 @@
 //   rows_block(op, z, rows, C, cached, vec)        inner == 1, any C: a block per row
 //   rows_strided(op, z, outer, C, inner, cached)   inner > 1: classes `inner` elements apart
 //   online_add / online_merge                      the online (max, sum of exp) pair
-//   acc_exp / acc_log / acc_rcp                    inline exp, log, 1/x in acc_t (no slow paths)
+//   acc_exp / acc_log / acc_rcp / acc_tanh         inline exp, log, 1/x, tanh in acc_t (no slow paths)
 //   group_allreduce<Op> / block_allreduce<Op>      an Op's Stats over a lane group / a block, in
 //                                                  a fixed order, the result in every thread
 //   load_pack_coherent                             a 16-byte load that sees writes of this launch
@@ -112,6 +112,41 @@ __device__ __forceinline__ acc_t acc_log(acc_t x) { return __logf(x); }
 // 1/x for x in [1, C] (the sums of exps): MUFU.RCP, inline; IEEE division and __frcp_rn call an
 // out-of-line slow path on sm_80, which spills in these kernels.
 __device__ __forceinline__ acc_t acc_rcp(acc_t x) { return __fdividef(1.0f, x); }
+#endif
+
+// tanh for the soft-cap (cross-entropy). CUDA's double tanh calls an out-of-line division that
+// spills in the cross-entropy kernels; this one is inline: with u = |x|, tanh u = -m / (2 + m),
+// m = expm1(-2u) by its Taylor series (no cancellation) for u < 0.17 (|2u| < ln2 / 2), else
+// (1 - e) / (1 + e), e = exp(-2u) <= 0.71 (1 - e loses at most 2 bits); reciprocals by acc_rcp.
+#if defined(SCALAR_IS_DOUBLE)
+__device__ __forceinline__ acc_t acc_tanh(acc_t x) {
+    const double u = fabs(x);
+    double t;
+    if (u < 0.17) {
+        const double r = -2.0 * u;
+        double p = 1.0 / 6227020800.0;                   // 1/13!: truncation < 1e-16 relative
+        p = fma(p, r, 1.0 / 479001600.0);
+        p = fma(p, r, 1.0 / 39916800.0);
+        p = fma(p, r, 1.0 / 3628800.0);
+        p = fma(p, r, 1.0 / 362880.0);
+        p = fma(p, r, 1.0 / 40320.0);
+        p = fma(p, r, 1.0 / 5040.0);
+        p = fma(p, r, 1.0 / 720.0);
+        p = fma(p, r, 1.0 / 120.0);
+        p = fma(p, r, 1.0 / 24.0);
+        p = fma(p, r, 1.0 / 6.0);
+        p = fma(p, r, 0.5);
+        p = fma(p, r, 1.0);
+        const double m = p * r;                          // expm1(-2u), in (-0.3, 0]
+        t = -m * acc_rcp(2.0 + m);
+    } else {
+        const double e = acc_exp(-2.0 * u);               // NaN stays NaN, inf gives 1
+        t = (1.0 - e) * acc_rcp(1.0 + e);
+    }
+    return copysign(t, x);
+}
+#else
+__device__ __forceinline__ acc_t acc_tanh(acc_t x) { return tanhf(x); }   // inline in CUDA
 #endif
 
 __device__ __forceinline__ acc_t acc_inf() { return acc_t(INFINITY); }

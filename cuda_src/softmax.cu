@@ -13,6 +13,12 @@
 //   cross-entropy, probability target y:  wy_c = w_c (y_c (1-ls) + ls/C)
 //     loss = L sum_c wy_c - sum_c wy_c sh_c,   dz_j = g (p_j sum_c wy_c - wy_j)
 //   g = dloss (per row for reduction 'none'), divided by the 'mean' denominator.
+//   z-loss (PaLM), lse = M + L the row's log-sum-exp: loss += zl lse^2 on every row that is not
+//     ignored, dz_j += gz 2 zl lse p_j. The class weight does not scale it, and 'mean' divides it
+//     by the number of non-ignored rows (of rows, for probability targets), not by sum w_t: gz
+//     is dloss over that count (Liger-Kernel's convention).
+//   soft-cap (Gemma 2): every formula above reads z'_c = cap tanh(z_c / cap) in place of z_c,
+//     and dz_c = dz'_c (1 - tanh^2(z_c / cap)). Both are applied where z is read, in the same pass.
 //
 // Every kernel is one path of the row engine (rows.cuh: the paths, their launch shapes and the Op
 // interface) run with one of the ops below. Row statistics are gathered in ONE pass with an online
@@ -138,7 +144,9 @@ struct HardmaxOp {
 #define CE_ROWS 2      // write the per-row losses (reduction 'none')
 #define CE_PROBS 4     // y holds class probabilities (else target holds class indices)
 #define CE_WEIGHT 8    // weight holds per-class weights (else all 1)
-#define CE_DENOM 16    // g = dloss * *inv_denom ('mean' over integer targets, gradient)
+#define CE_DENOM 16    // g = dloss * inv_denom[0], gz = dloss * inv_denom[1] ('mean' over integer targets, gradient)
+#define CE_SOFTCAP 32  // logits are soft-capped: z' = cap tanh(z / cap)
+#define CE_ZRET 64     // also write the z-loss term: loss_out[1], and loss_rows[rows + row] with CE_ROWS
 
 // reduction codes for the scalar loss
 #define CE_RED_NONE 0
@@ -149,11 +157,11 @@ struct HardmaxOp {
 struct CrossEntropyOp {
     // outputs
     scalar_t* dz;            // [rows * C] (may alias z: in place)
-    scalar_t* loss_rows;     // [rows] for CE_ROWS
-    scalar_t* loss_out;      // [1], reduction != none
+    scalar_t* loss_rows;     // [rows] for CE_ROWS ([2 rows] with CE_ZRET: then the z-loss terms)
+    scalar_t* loss_out;      // [1], reduction != none ([2] with CE_ZRET: then the z-loss term)
     long long* bad_out;      // [1]: first row with an out-of-range target, -1 if none
     acc_t* part_loss;        // [gridDim.x] per-block partials
-    acc_t* part_w;
+    acc_t* part_w;           // [3 gridDim.x]: sum w_t, z-loss, non-ignored rows
     long long* part_bad;
     unsigned int* ticket;    // [1], zero before the launch
     // inputs
@@ -162,14 +170,16 @@ struct CrossEntropyOp {
     const acc_t* weight;     // [C] (CE_WEIGHT)
     const acc_t* dloss;      // [1] or [rows]
     index_t dloss_stride;    // 0 or 1
-    const acc_t* inv_denom;  // [1] (CE_DENOM): 1 / sum of w_t, inf if that sum is 0
+    const acc_t* inv_denom;  // [2] (CE_DENOM): 1 / sum of w_t, 1 / non-ignored rows (inf for 0)
     long long ignore_index;
     acc_t ls;                // label smoothing
     acc_t ls_c;              // ls / C
+    acc_t zl;                // z-loss coefficient (0: none)
+    acc_t cap, inv_cap;      // soft-cap (CE_SOFTCAP)
     int C, flags, reduction;
     index_t rows;
     // per-thread sums over the rows this thread leads
-    acc_t sum_loss, sum_w;
+    acc_t sum_loss, sum_w, sum_z, sum_n;
     long long first_bad;
 
     static constexpr bool kReadsX = true, kHasY = true, kStream = true;
@@ -182,11 +192,19 @@ struct CrossEntropyOp {
     __device__ __forceinline__ acc_t w_of(long long c) const {
         return (flags & CE_WEIGHT) ? weight[c] : acc_t(1);
     }
+    // The logit the loss sees: z, or cap tanh(z / cap) (then t = tanh(z / cap), for the gradient).
+    __device__ __forceinline__ acc_t capped(acc_t x, acc_t& t) const {
+        if (!(flags & CE_SOFTCAP)) return x;
+        t = acc_tanh(x * inv_cap);
+        return cap * t;
+    }
     __device__ __forceinline__ Stats init() const {
         return Stats{-acc_inf(), acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
     }
     __device__ __forceinline__ Ctx begin(index_t row, bool active, acc_t pivot) const {
         Ctx c;
+        acc_t t;
+        pivot = capped(pivot, t);
         c.pivot = (pivot - pivot == acc_t(0)) ? pivot : acc_t(0);   // finite, else 0
         c.t = -1;
         c.active = active;
@@ -204,6 +222,8 @@ struct CrossEntropyOp {
         return c;
     }
     __device__ __forceinline__ void add(Stats& st, const Ctx& c, acc_t x, acc_t yv, int col) const {
+        acc_t t;
+        x = capped(x, t);
         online_add(st.m, st.s, x);
         if (col == c.t) st.zt += x;
         if (flags & CE_PROBS) {
@@ -232,13 +252,20 @@ struct CrossEntropyOp {
     __device__ __forceinline__ Fin finish(const Stats& st, const Ctx& c, index_t row, bool leader) {
         const acc_t L = acc_log(st.s);
         const acc_t inv_s = acc_rcp(st.s);
-        acc_t g = acc_t(0);
+        acc_t g = acc_t(0), gz = acc_t(0);
         // An ignored row's gradient is 0 whatever dloss and the denominator (lanes past the last
         // row read nothing); a valid row's with a zero 'mean' denominator is NaN (inf * 0), as torch.
         if ((flags & CE_GRAD) && c.valid) {
-            g = dloss[row * dloss_stride];
-            if (flags & CE_DENOM) g *= *inv_denom;
+            g = gz = dloss[row * dloss_stride];
+            if (flags & CE_DENOM) {
+                g *= inv_denom[0];
+                gz *= inv_denom[1];
+            }
         }
+        // z-loss on rows that are not ignored (a conditional: an ignored NaN row adds 0)
+        const acc_t lse = st.m + L;
+        const acc_t zrow = (zl > acc_t(0) && c.valid) ? zl * lse * lse : acc_t(0);
+        const acc_t zscale = (zl > acc_t(0) && c.valid) ? acc_t(2) * zl * lse * gz * inv_s : acc_t(0);
         Fin f;
         f.m = st.m;
         f.t = c.t;
@@ -247,7 +274,7 @@ struct CrossEntropyOp {
             const acc_t wy_sh = st.q + (c.pivot - st.m) * st.w;   // sum_c wy_c (z_c - M)
             loss = L * st.w - wy_sh;
             wt = acc_t(1);
-            f.scale = g * st.w * inv_s;
+            f.scale = g * st.w * inv_s + zscale;
             f.sub_t = acc_t(0);
             f.sub_w = g;
         } else {
@@ -261,19 +288,26 @@ struct CrossEntropyOp {
                 loss += ls_c * (st.w * L - w_sh);
                 coef += gs * st.w;
             }
-            f.scale = coef * inv_s;
+            f.scale = coef * inv_s + zscale;
             f.sub_t = g * wt * keep;
             f.sub_w = gs;
         }
         if (leader) {
-            if (flags & CE_ROWS) loss_rows[row] = from_acc<scalar_t>(loss);
+            if (flags & CE_ROWS) {
+                loss_rows[row] = from_acc<scalar_t>(loss + zrow);
+                if (flags & CE_ZRET) loss_rows[rows + row] = from_acc<scalar_t>(zrow);
+            }
             sum_loss += loss;
             sum_w += wt;
+            sum_z += zrow;
+            sum_n += c.valid ? acc_t(1) : acc_t(0);
             if (c.bad && row < first_bad) first_bad = row;
         }
         return f;
     }
     __device__ __forceinline__ acc_t out_value(const Fin& f, acc_t x, acc_t yv, int col) const {
+        acc_t t = acc_t(0);
+        x = capped(x, t);
         acc_t d = acc_exp(x - f.m) * f.scale;
         if (flags & CE_PROBS) {
             d -= f.sub_w * w_of(col) * (yv * (acc_t(1) - ls) + ls_c);
@@ -281,6 +315,7 @@ struct CrossEntropyOp {
             if (col == f.t) d -= f.sub_t;
             if (ls > acc_t(0)) d -= f.sub_w * w_of(col);
         }
+        if (flags & CE_SOFTCAP) d *= acc_t(1) - t * t;   // d tanh = 1 - tanh^2
         return d;
     }
     // Deterministic grid reduction: block partial (fixed tree), then the last block to take a
@@ -298,32 +333,49 @@ __device__ __forceinline__ void CrossEntropyOp::end_block() {
     __shared__ long long scratch_ll[32];
     const int tid = block_thread_rank();
     const int nt = block_num_threads();
+    const int G = (int)gridDim.x;
     acc_t l = block_reduce_sum(sum_loss, scratch);
     acc_t w = block_reduce_sum(sum_w, scratch);
+    acc_t zs = block_reduce_sum(sum_z, scratch);
+    acc_t n = block_reduce_sum(sum_n, scratch);
     long long b = block_reduce(first_bad, scratch_ll, MinLL());
     if (tid == 0) {
         part_loss[blockIdx.x] = l;
         part_w[blockIdx.x] = w;
+        part_w[G + blockIdx.x] = zs;
+        part_w[2 * G + blockIdx.x] = n;
         part_bad[blockIdx.x] = b;
     }
-    if (!last_block_ticket(ticket, gridDim.x)) return;
-    l = acc_t(0);
-    w = acc_t(0);
+    if (!last_block_ticket(ticket, G)) return;
+    l = w = zs = n = acc_t(0);
     b = SM_NO_ROW;
-    for (int i = tid; i < (int)gridDim.x; i += nt) {   // volatile: other blocks' writes, not L1
+    for (int i = tid; i < G; i += nt) {   // volatile: other blocks' writes, not L1
         l += ((volatile acc_t*)part_loss)[i];
         w += ((volatile acc_t*)part_w)[i];
+        zs += ((volatile acc_t*)part_w)[G + i];
+        n += ((volatile acc_t*)part_w)[2 * G + i];
         const long long bi = ((volatile long long*)part_bad)[i];
         b = bi < b ? bi : b;
     }
     l = block_reduce_sum(l, scratch);
     w = block_reduce_sum(w, scratch);
+    zs = block_reduce_sum(zs, scratch);
+    n = block_reduce_sum(n, scratch);
     b = block_reduce(b, scratch_ll, MinLL());
     if (tid == 0) {
         bad_out[0] = b == SM_NO_ROW ? -1 : b;
-        if (reduction == CE_RED_SUM) loss_out[0] = from_acc<scalar_t>(l);
-        else if (reduction == CE_RED_MEAN) loss_out[0] = from_acc<scalar_t>(w != acc_t(0) ? l / w : acc_t(NAN));
-        else if (reduction == CE_RED_MEAN_ROWS) loss_out[0] = from_acc<scalar_t>(l / acc_t(rows));
+        // the denominators of the loss and of the z-loss term (a 'mean' of z-loss over non-ignored
+        // rows: 0 / 0, NaN, over none); two divisions in all (each a call for double)
+        acc_t dl = acc_t(1), dn = acc_t(1);
+        if (reduction == CE_RED_MEAN) { dl = w; dn = n; }
+        else if (reduction == CE_RED_MEAN_ROWS) dl = dn = acc_t(rows);
+        if (reduction != CE_RED_NONE) {
+            const acc_t z = zs / dn;
+            l = dl != acc_t(0) ? l / dl : acc_t(NAN);
+            if (zl > acc_t(0)) l += z;
+            loss_out[0] = from_acc<scalar_t>(l);
+            if (flags & CE_ZRET) loss_out[1] = from_acc<scalar_t>(z);
+        }
     }
 }
 
@@ -337,24 +389,26 @@ __device__ __forceinline__ void CrossEntropyOp::end_block() {
         acc_t *part_w, long long *part_bad, unsigned int *ticket, const scalar_t *z,                    \
         const long long *target, const scalar_t *y, const acc_t *weight, const acc_t *dloss,            \
         index_t dloss_stride, const acc_t *inv_denom, long long ignore_index, acc_t label_smoothing,        \
-        int flags, int reduction, index_t n_rows
+        acc_t z_loss, acc_t softcap, int flags, int reduction, index_t n_rows
 #define CE_ARGS                                                                                         \
     dz, loss_rows, loss_out, bad_out, part_loss, part_w, part_bad, ticket, target, y, weight, dloss,    \
-        dloss_stride, inv_denom, ignore_index, label_smoothing, flags, reduction, n_rows
+        dloss_stride, inv_denom, ignore_index, label_smoothing, z_loss, softcap, flags, reduction, n_rows
 
 __device__ __forceinline__ CrossEntropyOp make_ce(
     scalar_t* dz, scalar_t* loss_rows, scalar_t* loss_out, long long* bad_out, acc_t* part_loss, acc_t* part_w,
     long long* part_bad, unsigned int* ticket, const long long* target, const scalar_t* y, const acc_t* weight,
     const acc_t* dloss, index_t dloss_stride, const acc_t* inv_denom, long long ignore_index, acc_t label_smoothing,
-    int flags, int reduction, index_t n_rows, int C) {
+    acc_t z_loss, acc_t softcap, int flags, int reduction, index_t n_rows, int C) {
     CrossEntropyOp op;
     op.dz = dz; op.loss_rows = loss_rows; op.loss_out = loss_out; op.bad_out = bad_out;
     op.part_loss = part_loss; op.part_w = part_w; op.part_bad = part_bad; op.ticket = ticket;
     op.target = target; op.y = y; op.weight = weight; op.dloss = dloss; op.dloss_stride = dloss_stride;
     op.inv_denom = inv_denom; op.ignore_index = ignore_index; op.ls = label_smoothing; op.C = C;
     op.ls_c = label_smoothing * acc_rcp(acc_t(C));
+    op.zl = z_loss; op.cap = softcap; op.inv_cap = (flags & CE_SOFTCAP) ? acc_rcp(softcap) : acc_t(0);
     op.flags = flags; op.reduction = reduction; op.rows = n_rows;
-    op.sum_loss = acc_t(0); op.sum_w = acc_t(0); op.first_bad = SM_NO_ROW;
+    op.sum_loss = acc_t(0); op.sum_w = acc_t(0); op.sum_z = acc_t(0); op.sum_n = acc_t(0);
+    op.first_bad = SM_NO_ROW;
     return op;
 }
 
@@ -397,7 +451,15 @@ hardmax_block(scalar_t* __restrict__ out, const scalar_t* __restrict__ z, index_
     rows_block(HardmaxOp{out}, z, rows, C, 0, vec);
 }
 // z is not __restrict__ in the cross-entropy kernels: dz may be written over it (in place).
-extern "C" __global__ void __launch_bounds__(SM_BLOCK_MAX_THREADS)
+// float64 blocks have at most SM_BLOCK_MAX_THREADS_F64 threads (the host's plan): bounding the
+// kernel there, one block per SM at least (without it ptxas still caps at 64 registers), leaves
+// the registers the double soft-cap needs without spilling (80 on sm_80).
+#if defined(SCALAR_IS_DOUBLE)
+#define SM_CE_BLOCK_THREADS SM_BLOCK_MAX_THREADS_F64
+#else
+#define SM_CE_BLOCK_THREADS SM_BLOCK_MAX_THREADS
+#endif
+extern "C" __global__ void __launch_bounds__(SM_CE_BLOCK_THREADS, 1)
 softmax_cross_entropy_block(CE_PARAMS, int C, int cached, int vec) {
     rows_block(make_ce(CE_ARGS, C), z, n_rows, C, cached, vec);
 }
@@ -417,25 +479,41 @@ softmax_cross_entropy_strided(CE_PARAMS, index_t outer, int C, index_t inner, in
     rows_strided(make_ce(CE_ARGS, C), z, outer, C, inner, cached);
 }
 
-// 1 / (sum of w_t over rows whose target is in range and not ignore_index), inf when that sum is 0
-// (valid rows then get a NaN gradient, as in PyTorch; ignored rows never read it): the inverse
-// 'mean' denominator a gradient needs before any dz is written. Grid-stride,
-// fixed-order block sums, the last block sums the partials in block order. Block: 256 threads.
+// inv_denom[0] = 1 / (sum of w_t over rows whose target is in range and not ignore_index), inf when
+// that sum is 0 (valid rows then get a NaN gradient, as in PyTorch; ignored rows never read it),
+// and inv_denom[1] = 1 / (number of those rows), the z-loss's: the inverse 'mean' denominators a
+// gradient needs before any dz is written. Grid-stride, fixed-order block sums, the last block sums
+// the partials (part: [2 gridDim.x]) in block order. Block: 256 threads.
 extern "C" __global__ void __launch_bounds__(SM_WEIGHT_SUM_THREADS)
 softmax_cross_entropy_weight_sum(acc_t* inv_denom, acc_t* part, unsigned int* ticket, const long long* __restrict__ target,
               const acc_t* __restrict__ weight, int has_weight, index_t rows, int C, long long ignore_index) {
     __shared__ acc_t scratch[32];
     const int tid = threadIdx.x;
-    acc_t w = 0;
+    const int G = (int)gridDim.x;
+    acc_t w = 0, n = 0;
     for (index_t r = (index_t)blockIdx.x * blockDim.x + tid; r < rows; r += (index_t)gridDim.x * blockDim.x) {
         const long long t = target[r];
-        if (t != ignore_index && t >= 0 && t < (long long)C) w += has_weight ? weight[t] : acc_t(1);
+        if (t != ignore_index && t >= 0 && t < (long long)C) {
+            w += has_weight ? weight[t] : acc_t(1);
+            n += acc_t(1);
+        }
     }
     w = block_reduce_sum(w, scratch);
-    if (tid == 0) part[blockIdx.x] = w;
-    if (!last_block_ticket(ticket, gridDim.x)) return;
-    w = 0;
-    for (int i = tid; i < (int)gridDim.x; i += blockDim.x) w += ((volatile acc_t*)part)[i];
+    n = block_reduce_sum(n, scratch);
+    if (tid == 0) {
+        part[blockIdx.x] = w;
+        part[G + blockIdx.x] = n;
+    }
+    if (!last_block_ticket(ticket, G)) return;
+    w = n = 0;
+    for (int i = tid; i < G; i += blockDim.x) {
+        w += ((volatile acc_t*)part)[i];
+        n += ((volatile acc_t*)part)[G + i];
+    }
     w = block_reduce_sum(w, scratch);
-    if (tid == 0) inv_denom[0] = acc_t(1) / w;
+    n = block_reduce_sum(n, scratch);
+    if (tid == 0) {
+        inv_denom[0] = acc_t(1) / w;
+        inv_denom[1] = acc_t(1) / n;
+    }
 }

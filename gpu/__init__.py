@@ -8,6 +8,7 @@ from ._info import __version__, info
 from ._kernels import warmup
 from .ops.batch_norm import (batch_norm, batch_norm_backward, batch_norm_forward, batch_norm_inference,
                         batch_stats)
+from .ops.linear_cross_entropy import fused_linear_cross_entropy
 from .ops.softmax import (hardmax, log_softmax, softmax, softmax_cross_entropy,
                       softmax_cross_entropy_backward)
 
@@ -15,4 +16,5 @@ __all__ = [
     "__version__", "info", "use_backend", "warmup",
     "batch_stats", "batch_norm_forward", "batch_norm_backward", "batch_norm_inference", "batch_norm",
     "softmax", "log_softmax", "hardmax", "softmax_cross_entropy", "softmax_cross_entropy_backward",
+    "fused_linear_cross_entropy",
 ]

@@ -3,6 +3,7 @@
     gpu-train --dataset digits                      # Adam, 2 x 100 ReLU + BN, on the CPU
     gpu-train --dataset mnist5k --device gpu        # the same on CuPy arrays: the CUDA kernels
     gpu-train --dataset digits --compare-bn         # with vs without BN: plot + JSON summary
+    gpu-train --task lm --out lm_out                # a character-level LM with the fused head
 
 Everything is checked (dataset, labels, batch size, device, output paths) before the first step;
 a problem is reported as ``gpu-train: error: ...`` with exit status 2. A run whose loss blows up
@@ -93,7 +94,55 @@ def build_parser() -> argparse.ArgumentParser:
                         "from rank 0")
     p.add_argument("--sync-bn", action="store_true",
                    help="with --distributed: batch-norm statistics over the global batch")
+    _add_lm_arguments(p)
     return p
+
+
+# ---------------------------------------------------------------------------------------------
+# --task lm: a character-level language model with the fused linear + cross-entropy head
+# ---------------------------------------------------------------------------------------------
+
+#: --task lm defaults (gpu/lm.py): a few seconds on one CPU core
+LM_DEFAULTS = {"batch_size": 256, "max_steps": 600, "lr": 3e-3}
+
+
+def _add_lm_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", choices=("classify", "lm"), default="classify",
+                   help="classify: the MLP classifier (default); lm: a character-level language model on "
+                        "a generated corpus, trained with gpu.fused_linear_cross_entropy as its head; writes "
+                        "OUT/lm_loss.png and OUT/lm.json (defaults: " + _fmt(LM_DEFAULTS) + ")")
+    g = p.add_argument_group("--task lm")
+    g.add_argument("--lm-context", type=int, default=8, help="characters of context (default 8)")
+    g.add_argument("--lm-dim", type=int, default=16, help="embedding size per character (default 16)")
+    g.add_argument("--lm-hidden", type=int, default=256, help="hidden units (default 256)")
+    g.add_argument("--lm-bn", action="store_true", help="batch norm after the hidden Linear")
+    g.add_argument("--lm-chars", type=int, default=60000, help="characters of generated text (default 60000)")
+    g.add_argument("--lm-memory-batch", type=int, default=4096,
+                   help="tokens of the step whose peak memory is measured, fused vs materialized (default 4096)")
+
+
+def _main_lm(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from . import lm
+    for key, value in LM_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for name in ("lm_context", "lm_dim", "lm_hidden", "lm_memory_batch", "batch_size", "max_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
+    if args.lm_chars < 4 * args.lm_context:
+        parser.error(f"--lm-chars: expected at least 4 x --lm-context, got {args.lm_chars}")
+    if args.threads < 1:
+        parser.error(f"--threads: expected >= 1, got {args.threads}")
+    try:
+        import matplotlib  # noqa: F401   (the loss curve at the end: fail now, not then)
+        xp = device_module(args.device)
+    except (ImportError, RuntimeError, ValueError) as e:
+        parser.error(str(e))
+    problem = output_dir_problem(args.out)
+    if problem:
+        parser.error(f"--out: {problem}")
+    with _threadpool_limits(args.threads):
+        return lm.main_lm(args, xp)
 
 
 def _fmt(d: dict[str, Any]) -> str:
@@ -272,7 +321,10 @@ def _write(what: str, write) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     """The gpu-train command; returns the exit status (errors exit 2 through argparse)."""
     parser = build_parser()
-    args = _resolve(parser.parse_args(argv), parser)
+    args = parser.parse_args(argv)
+    if args.task == "lm":
+        return _main_lm(args, parser)
+    args = _resolve(args, parser)
     # Everything that can be wrong with the inputs is found here, before the first step.
     try:
         _backend.current_backend()   # a bad GPU_BACKEND would fail the first step

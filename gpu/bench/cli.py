@@ -6,6 +6,7 @@
     gpu-bench --op softmax_cross_entropy_train --shape 8192x32000 --shape 4096x128256
     gpu-bench --cpu-check                   # the NumPy path's speed targets (float32, 2 threads)
     gpu-bench --host                        # Python dispatch per call, the kernel launch a no-op
+    gpu-bench --op flce                     # fused linear + cross-entropy: time and peak memory
 
 Each row is checked against the float64 reference before it is timed (a wrong result is WRONG,
 never fast) and reported against the op's minimum bytes: effective GB/s, that as a percentage of
@@ -63,7 +64,9 @@ def parse_ops(text: str) -> list[str]:
     out: list[str] = []
     for item in filter(None, (s.strip() for s in text.split(","))):
         family, dot, name = item.partition(".")
-        if dot and name in FAMILIES.get(family, ()):
+        if item == "flce":      # fused linear + cross-entropy: its own table (gpu/bench/flce.py)
+            out.append(item)
+        elif dot and name in FAMILIES.get(family, ()):
             out.append(name)
         elif item in FAMILIES:
             out += FAMILIES[item]
@@ -201,6 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.host:
         return main_host(args, argv)
+    if args.op and "flce" in args.op:
+        return main_flce(args)
     started = time.perf_counter()
     kind = "cpu" if args.cpu_check else args.device
     why_not = gpu_unavailable() if kind in ("auto", "gpu") else "not asked for"
@@ -313,6 +318,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n" + ", ".join(f"{n} {s}" for s, n in summary.items() if n)
           + f" rows in {time.perf_counter() - started:.0f} s" + (" (interrupted)" if interrupted else ""))
     return 1 if wrong or interrupted or failed or not written else 0
+
+
+def main_flce(args: argparse.Namespace) -> int:
+    """`gpu-bench --op flce`: fused linear + cross-entropy, time and peak memory per peer."""
+    from . import flce
+    if args.op != ["flce"]:
+        print("gpu-bench: --op flce runs alone (its own table): drop the other ops", file=sys.stderr)
+        return 2
+    shapes = [s for s, _ in args.shape or []]
+    if len(shapes) > 1 or any(len(s) != 3 for s in shapes):
+        print("gpu-bench: --op flce takes one --shape TOKENSxHIDDENxVOCAB", file=sys.stderr)
+        return 2
+    status = 0
+    for dt in args.dtype or [None]:
+        status |= flce.run(shapes[0] if shapes else None, dt, args.device, args.repeat, args.warmup, args.seed,
+                           args.json)
+    return status
 
 
 def main_host(args: argparse.Namespace, argv: Sequence[str] | None) -> int:

@@ -126,9 +126,11 @@ def hardmax(z: Array, axis: int, *, dtype=np.float64) -> Array:
 
 def softmax_cross_entropy(z: Array, target: Array, axis: int = -1, reduction: str = "mean",
                           ignore_index: int = -100, label_smoothing: float = 0.0, weight: Array | None = None,
-                          dloss: float | Array = 1.0, *, grad: bool = True,
-                          dtype=np.float64) -> tuple[Array, Array | None]:
-    """(loss, dz) of torch.nn.functional.cross_entropy semantics (dz None when not `grad`).
+                          dloss: float | Array = 1.0, *, grad: bool = True, z_loss: float = 0.0,
+                          softcap: float | None = None, return_z_loss: bool = False,
+                          dtype=np.float64) -> tuple:
+    """(loss, dz) of torch.nn.functional.cross_entropy semantics (dz None when not `grad`);
+    (loss, z_term, dz) with return_z_loss.
 
     Every case is one formula over a target distribution Y per row:
     loss_row = -sum_c w_c Y_c log p_c and d loss_row / dz_j = p_j sum_c w_c Y_c - w_j Y_j,
@@ -137,9 +139,18 @@ def softmax_cross_entropy(z: Array, target: Array, axis: int = -1, reduction: st
     the non-ignored targets (indices) or by the number of rows (probabilities). A class with no
     target mass adds 0 to the loss, even where log p = -inf. Class indices are gathered, not
     expanded to a one-hot Y, so the formula stays cheap on large vocabularies.
+
+    z_loss (PaLM): z_loss * lse^2 per live row (not ignored), lse = logsumexp of the row, added to
+    the loss unweighted; 'mean' divides its sum by the number of live rows (Liger-Kernel's
+    convention); its gradient is 2 z_loss lse softmax. softcap (Gemma 2): every formula reads
+    softcap * tanh(z / softcap) for z, and dz is multiplied by 1 - tanh^2(z / softcap).
     """
     xp = array_module(z, target, weight)
     ls = label_smoothing
+    z = _as(xp, z, dtype)
+    if softcap is not None:
+        th = xp.tanh(z / softcap)
+        z = softcap * th
     logp = xp.moveaxis(log_softmax(z, axis, dtype=dtype), axis, -1)
     C = logp.shape[-1]
     w = xp.ones(C, dtype) if weight is None else _as(xp, weight, dtype)
@@ -159,26 +170,37 @@ def softmax_cross_entropy(z: Array, target: Array, axis: int = -1, reduction: st
             rows_loss = rows_loss - xp.where(valid, masked(smooth, logp).sum(-1), 0.0)
         denom = (w[t] * valid).sum()
         wy_sum = w_hit + valid * smooth.sum()
+        live = valid
     else:
         Y = (1 - ls) * xp.moveaxis(_as(xp, target, dtype), axis, -1) + ls / C
         rows_loss = -masked(w * Y, logp).sum(-1)
         denom = float(logp[..., 0].size)
         wy_sum = (w * Y).sum(-1)
+        live = xp.ones(rows_loss.shape, bool)
+
+    zm = xp.moveaxis(z, axis, -1)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        lse = zm.max(-1) + xp.log(xp.exp(zm - zm.max(-1, keepdims=True)).sum(-1))
+    z_rows = xp.where(live, z_loss * lse * lse, 0.0)
+    count = float(live.sum())
 
     dloss = xp.broadcast_to(_as(xp, dloss, dtype), rows_loss.shape)
     if reduction == "none":
-        loss, scale = rows_loss, dloss
+        loss, scale, z_term, z_scale = rows_loss, dloss, z_rows, dloss
     elif reduction == "sum":
-        loss, scale = rows_loss.sum(), dloss
+        loss, scale, z_term, z_scale = rows_loss.sum(), dloss, z_rows.sum(), dloss
     else:
         with np.errstate(invalid="ignore", divide="ignore"):
             loss = rows_loss.sum() / denom                      # a mean over nothing: NaN
+            z_term = z_rows.sum() / np.float64(count)
             # as PyTorch: every target ignored gives a gradient of 0; target weights summing to 0
             # give NaN on the rows that are not ignored (dloss / 0) and 0 on those that are
-            live = valid if target.dtype.kind in "iu" else True
             scale = xp.where(denom != 0, dloss / denom, xp.where(live, np.nan, 0.0))
+            z_scale = xp.where(live, dloss / max(count, 1.0), 0.0)
+    if z_loss:
+        loss = loss + z_term
     if not grad:
-        return loss, None
+        return (loss, z_term, None) if return_z_loss else (loss, None)
 
     g = xp.exp(logp) * wy_sum[..., None]
     if target.dtype.kind in "iu":
@@ -189,4 +211,30 @@ def softmax_cross_entropy(z: Array, target: Array, axis: int = -1, reduction: st
         g = g - wy.reshape(logp.shape)
     else:
         g = g - w * Y
-    return loss, xp.moveaxis(g * scale[..., None], -1, axis)
+    g = g * scale[..., None]
+    if z_loss:
+        with np.errstate(invalid="ignore"):
+            g = g + xp.where(live[..., None], 2 * z_loss * (lse * z_scale)[..., None] * xp.exp(logp), 0.0)
+    g = xp.moveaxis(g, -1, axis)
+    if softcap is not None:
+        g = g * (1 - th * th)
+    return (loss, z_term, g) if return_z_loss else (loss, g)
+
+
+def linear_cross_entropy(h: Array, W: Array, target: Array, bias: Array | None = None, reduction: str = "mean",
+                         ignore_index: int = -100, label_smoothing: float = 0.0, weight: Array | None = None,
+                         dloss: float | Array = 1.0, *, z_loss: float = 0.0, softcap: float | None = None,
+                         dtype=np.float64) -> tuple:
+    """(loss, z_term, dh, dW, dbias) of softmax_cross_entropy(h @ W.T + bias): the logits
+    materialized in `dtype` (dbias None without a bias); h is (..., H), W (V, H)."""
+    xp = array_module(h, W, target, bias, weight)
+    h, W = _as(xp, h, dtype), _as(xp, W, dtype)
+    z = h @ W.T
+    if bias is not None:
+        z = z + _as(xp, bias, dtype)
+    loss, z_term, dz = softmax_cross_entropy(z, target, -1, reduction, ignore_index, label_smoothing, weight,
+                                             dloss, z_loss=z_loss, softcap=softcap, return_z_loss=True,
+                                             dtype=dtype)
+    dz2 = dz.reshape(-1, W.shape[0])
+    dbias = None if bias is None else dz2.sum(0)
+    return loss, z_term, dz @ W, dz2.T @ h.reshape(-1, W.shape[1]), dbias

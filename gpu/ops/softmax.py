@@ -99,7 +99,7 @@ class _CE:
     """Checked arguments of one cross-entropy call; z is viewed with the class axis last."""
 
     def __init__(self, xp, z, target, axis, reduction, ignore_index, label_smoothing, weight,
-                 check_targets: bool = True):
+                 check_targets: bool = True, z_loss: float = 0.0, softcap: float | None = None):
         # check_targets=False: the kernel path checks integer targets itself (a flag the kernel
         # sets, read after the launch), with the same error, instead of an extra pass here.
         z, ax = _check_z(xp, z, axis)
@@ -111,6 +111,8 @@ class _CE:
             raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}") from None
         # PyTorch rejects only label_smoothing > 1; a negative value means no smoothing
         self.label_smoothing = max(0.0, B.check_real(label_smoothing, "label_smoothing", None, 1.0))
+        self.z_loss, self.softcap = _check_z_loss_softcap(z_loss, softcap)
+        self.return_z = False
         self.n_classes = c = z.shape[ax]
         self.row_shape = z.shape[:ax] + z.shape[ax + 1:]
 
@@ -143,17 +145,18 @@ class _CE:
                 raise ValueError(f"weight: expected shape ({c},), one weight per class; got {weight.shape}")
         self.weight = weight
 
-    _FACTS = ("axis", "reduction", "ignore_index", "label_smoothing", "n_classes", "row_shape", "probs")
+    _FACTS = ("axis", "reduction", "ignore_index", "label_smoothing", "n_classes", "row_shape", "probs", "z_loss",
+              "softcap")
 
     @classmethod
-    def checked(cls, z, target, axis, reduction, ignore_index, label_smoothing, weight):
+    def checked(cls, z, target, axis, reduction, ignore_index, label_smoothing, weight, z_loss=0.0, softcap=None):
         """(xp, kernels, the checked arguments). On the kernel path a call whose signature (arrays'
         type, shape, strides, dtype and the options) passed the checks before skips them."""
         key, path = None, B.path_key(z)
         if path not in (None, "numpy"):      # the NumPy path checks target values: never skipped
             sig = _launch.signature(z, target, weight)
             if sig is not None:
-                key = (path, sig, axis, reduction, ignore_index, label_smoothing)
+                key = (path, sig, axis, reduction, ignore_index, label_smoothing, z_loss, softcap)
                 try:
                     facts = _VALID.get(key)
                 except TypeError:            # an unhashable option: checked every time
@@ -163,9 +166,11 @@ class _CE:
                     ce.xp, ce.z, ce.target, ce.weight = (np if path == "emulate" else B.array_module(z=z)), z, target, weight
                     for name, value in zip(cls._FACTS, facts):
                         setattr(ce, name, value)
+                    ce.return_z = False
                     return ce.xp, True, ce
         xp, kernels = B.dispatch(z=z, target=target, weight=weight)
-        ce = cls(xp, z, target, axis, reduction, ignore_index, label_smoothing, weight, check_targets=not kernels)
+        ce = cls(xp, z, target, axis, reduction, ignore_index, label_smoothing, weight, check_targets=not kernels,
+                 z_loss=z_loss, softcap=softcap)
         if kernels:
             _VALID.put(key, tuple(getattr(ce, name) for name in cls._FACTS))
         return xp, kernels, ce
@@ -174,9 +179,18 @@ class _CE:
 _VALID = _launch.ValidCalls()
 
 
+def _check_z_loss_softcap(z_loss, softcap) -> tuple[float, float | None]:
+    z_loss = B.check_real(z_loss, "z_loss", 0.0)
+    if softcap is not None:
+        softcap = B.check_real(softcap, "softcap")
+        if not softcap > 0:
+            raise ValueError(f"softcap: expected None or a finite number > 0, got {softcap!r}")
+    return z_loss, softcap
+
+
 def softmax_cross_entropy(z, target, *, axis: int = -1, reduction: str = "mean", ignore_index: int = -100,
-                          label_smoothing: float = 0.0, weight=None, return_grad: bool = False,
-                          inplace: bool = False):
+                          label_smoothing: float = 0.0, weight=None, z_loss: float = 0.0, softcap: float | None = None,
+                          return_grad: bool = False, return_z_loss: bool = False, inplace: bool = False):
     """Cross-entropy of softmax(z) against `target`, as `torch.nn.functional.cross_entropy`.
 
     target: integer class indices of z's shape without `axis` (entries equal to `ignore_index`
@@ -184,8 +198,18 @@ def softmax_cross_entropy(z, target, *, axis: int = -1, reduction: str = "mean",
     (C,). reduction 'mean' (over non-ignored targets, weighted by their class weight; over rows
     for probability targets), 'sum' or 'none' (per-row losses of z's shape without `axis`).
 
-    Returns the loss in z's dtype, or (loss, dz) with return_grad=True, dz the gradient of the
-    returned loss (of loss.sum() for 'none') in z's dtype, computed in the same pass.
+    z_loss (PaLM's auxiliary loss, >= 0): adds z_loss * lse^2 per row, lse = logsumexp of the
+    row's logits, on rows that are not ignored. As in Liger-Kernel, the class weight does not
+    scale it, and 'mean' averages it over the non-ignored rows (all rows for probability
+    targets), not over their summed weight: loss = sum(w_t ce) / sum(w_t) + sum(z_loss lse^2) / n.
+    softcap (Gemma 2, None or > 0): the logits are replaced by softcap * tanh(z / softcap) before
+    everything else (z-loss included); the gradient is taken through it. Both are fused into the
+    same pass over z, with exact gradients.
+
+    Returns the loss in z's dtype; with return_z_loss=True also the z-loss term (included in the
+    loss) under the same reduction, and with return_grad=True dz, the gradient of the returned
+    loss (of loss.sum() for 'none') in z's dtype, computed in the same pass: loss, (loss, z_term),
+    (loss, dz) or (loss, z_term, dz).
     inplace=True (with return_grad=True) writes dz over z and returns z as dz: it DESTROYS z, and
     saves a z-sized allocation for large vocabularies. After a ValueError for a bad target, z's
     contents are unspecified.
@@ -194,18 +218,22 @@ def softmax_cross_entropy(z, target, *, axis: int = -1, reduction: str = "mean",
     >>> z = np.random.default_rng(0).standard_normal((4, 10)).astype(np.float32)
     >>> loss, dz = gpu.softmax_cross_entropy(z, np.array([1, 2, 3, 4]), return_grad=True)
     """
-    xp, kernels, ce = _CE.checked(z, target, axis, reduction, ignore_index, label_smoothing, weight)
+    xp, kernels, ce = _CE.checked(z, target, axis, reduction, ignore_index, label_smoothing, weight, z_loss,
+                                  softcap)
     if inplace and not return_grad:
         raise ValueError("inplace: writing the gradient over z needs return_grad=True")
     if inplace and not getattr(ce.z.flags, "writeable", True):
         raise ValueError("z: inplace=True needs a writeable array")
+    ce.return_z = bool(return_z_loss)
     run = _gpu_cross_entropy if kernels else _cpu_cross_entropy
     loss, dz = run(ce, want_loss=True, dloss=1.0 if return_grad else None, inplace=inplace)
-    return (loss, dz) if return_grad else loss
+    out = (loss,) + ((ce.z_term,) if return_z_loss else ()) + ((dz,) if return_grad else ())
+    return out if len(out) > 1 else loss
 
 
 def softmax_cross_entropy_backward(z, target, dloss=1.0, *, axis: int = -1, reduction: str = "mean",
-                                   ignore_index: int = -100, label_smoothing: float = 0.0, weight=None):
+                                   ignore_index: int = -100, label_smoothing: float = 0.0, weight=None,
+                                   z_loss: float = 0.0, softcap: float | None = None):
     """Gradient of `softmax_cross_entropy` with respect to z, times `dloss`.
 
     dloss: a scalar for 'mean' and 'sum'; for 'none' a scalar or an array of the per-row loss
@@ -216,7 +244,8 @@ def softmax_cross_entropy_backward(z, target, dloss=1.0, *, axis: int = -1, redu
     >>> dz = gpu.softmax_cross_entropy_backward(z, np.array([1, 2, 3, 4]))
     """
     xp, kernels = B.dispatch(z=z, target=target, weight=weight, dloss=dloss)
-    ce = _CE(xp, z, target, axis, reduction, ignore_index, label_smoothing, weight, check_targets=not kernels)
+    ce = _CE(xp, z, target, axis, reduction, ignore_index, label_smoothing, weight, check_targets=not kernels,
+             z_loss=z_loss, softcap=softcap)
     dloss = dloss if B.is_cupy_array(dloss) else xp.asarray(dloss)
     if dloss.dtype.kind not in "iuf" and dloss.dtype not in B.FLOAT_DTYPES:
         raise TypeError(f"dloss: expected a real scalar or array, got dtype {dloss.dtype}")
@@ -353,7 +382,7 @@ def _ce_no_classes(ce: _CE, want_loss: bool, dloss, inplace: bool):
     """Cross-entropy over an empty class axis (both paths; nothing to launch), as PyTorch: every
     class index is out of range unless ignored; row losses are 0, or NaN with label smoothing
     over integer targets (ls / C); 'mean' is NaN (its denominator, the summed target weight or
-    torch's rows = numel / C, is 0 / 0)."""
+    torch's rows = numel / C, is 0 / 0). The z-loss term adds nothing (no row has a class)."""
     xp = ce.xp
     if not ce.probs:
         bad = ce.target != ce.ignore_index
@@ -368,9 +397,20 @@ def _ce_no_classes(ce: _CE, want_loss: bool, dloss, inplace: bool):
         else:
             total = np.nan if ce.reduction == "mean" else row if math.prod(ce.row_shape) else 0.0
             loss = xp.asarray(total, dtype=ce.z.dtype)
+    ce.z_term = _z_term_empty(ce)
     if dloss is None:
         return loss, None
     return loss, ce.z if inplace else xp.empty(ce.z.shape, ce.z.dtype)
+
+
+def _z_term_empty(ce: _CE):
+    """The z-loss term when no row has a class to sum: 0 per row, 0 summed, NaN averaged."""
+    if not ce.return_z:
+        return None
+    xp, dt = ce.xp, ce.z.dtype
+    if ce.reduction == "none":
+        return xp.zeros(ce.row_shape, dt)
+    return xp.asarray(np.nan if ce.reduction == "mean" else 0.0, dtype=dt)
 
 
 def _cpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
@@ -380,7 +420,9 @@ def _cpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
     Per row block (the class axis last): e = exp(z) (unshifted when safe, UNSHIFTED_SUMS), its row
     sums s, the row losses from log s and the target terms in float64 (R values: cheap, and
     log s - z_t keeps its digits for small losses), and the gradient written over e, which is dz
-    itself when the dtypes allow.
+    itself when the dtypes allow. A soft-cap replaces the block's logits by cap tanh(z / cap)
+    (tanh kept for the gradient's 1 - tanh^2); the z-loss adds its per-row terms from lse.
+    Sets ce.z_term (the z-loss term under the reduction) when ce.return_z.
     """
     xp, ls, C = ce.xp, ce.label_smoothing, ce.n_classes
     if C == 0:
@@ -392,30 +434,34 @@ def _cpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
     row_shape = z.shape[:-1]
     w = None if ce.weight is None else ce.weight.astype(acc)
     keep, ls_c = 1.0 - ls, ls / C
+    zl, cap = ce.z_loss, ce.softcap
 
     # Per-row target terms, and the 'mean' denominator: known before any logit is read.
     if ce.probs:
         y = _blocked(ce.target if last else xp.moveaxis(ce.target, ce.axis, -1), moved.ndim)
-        denom = float(z.size // C)
+        denom = count = np.float64(z.size // C)
     else:
         t = _blocked(ce.target, moved.ndim)
         valid = t != ce.ignore_index
         tt = xp.where(valid, t, 0).astype(xp.intp)
         w_t = valid.astype(f64) if w is None else xp.where(valid, w[tt], 0).astype(f64)
         denom = w_t.sum()
+        count = valid.sum(dtype=f64)   # the z-loss's 'mean' denominator
         w_all = float(C) if w is None else float(w.sum(dtype=f64))
 
-    g = None
+    g = gz = None
     if dloss is not None:   # per-row upstream scale: dloss, over the mean's denominator
-        g = xp.asarray(dloss, dtype=f64)
+        g = gz = xp.asarray(dloss, dtype=f64)
         if ce.reduction == "mean":
             with _quiet(xp):
                 g = g / denom   # inf when the target weights sum to 0: a NaN gradient, as PyTorch
-        g = xp.broadcast_to(g, row_shape)
+                gz = gz / count
+        g, gz = xp.broadcast_to(g, row_shape), xp.broadcast_to(gz, row_shape)
         if not ce.probs:    # an ignored row's gradient is 0, whatever dloss and the denominator
-            g = xp.where(valid, g, 0.0)
+            g, gz = xp.where(valid, g, 0.0), xp.where(valid, gz, 0.0)
         dz = xp.empty(z.shape, ce.z.dtype)
     rows = xp.empty(row_shape, f64) if want_loss else None
+    zrows = xp.zeros(row_shape, f64) if (zl and want_loss) or ce.return_z else None
 
     def block(sl):
         with _quiet(xp):   # NaN rows, overflowing unshifted exp, inf * 0 for a zero denominator
@@ -423,9 +469,20 @@ def _cpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
 
     def _ce_block(sl):
         za = z[:, sl].astype(acc, copy=False)
+        if cap is not None:
+            th = xp.tanh(za / acc.type(cap))
+            za = th * acc.type(cap)
         into = dz[:, sl] if g is not None and dz.dtype == acc else _cpu.scratch(xp, za.shape, acc)
         sh, e, s = _exp_rows(xp, za, into)       # log p = sh - log s
         lse = xp.log(s.astype(f64))
+        zc = None
+        if zl:   # lse of the logits themselves: log s plus the shift _exp_rows took
+            lse_z = lse if sh is za else lse + za.max(axis=-1).astype(f64)
+            live = True if ce.probs else valid[:, sl]
+            if zrows is not None:   # a conditional: ignored NaN rows add 0
+                zrows[:, sl] = xp.where(live, zl * lse_z * lse_z, 0.0)
+            if gz is not None:
+                zc = xp.where(live, 2 * zl * lse_z * gz[:, sl], 0.0)   # dz += zc p
         if ce.probs:
             yb = y[:, sl].astype(acc)
             if ls:
@@ -448,21 +505,31 @@ def _cpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
         gb = g[:, sl]
         if ce.probs:
             # d/dz_j = p_j * sum_c(w_c y_c) - w_j y_j
-            e *= (gb * wy_sum / s).astype(acc)[..., None]
+            coef = gb * wy_sum if zc is None else gb * wy_sum + zc
+            e *= (coef / s).astype(acc)[..., None]
             e -= gb.astype(acc)[..., None] * wy
         else:
             # d/dz_j = p_j ((1-ls) w_t + ls W / C) - (1-ls) w_t [j == t] - (ls / C) w_j; 0 if ignored
             hit = gb * w_tb * keep
             coef = hit + gb * (ls_c * w_all) if ls else hit
+            if zc is not None:
+                coef = coef + zc
             e *= (coef / s).astype(acc)[..., None]
             e[_row_index(xp, e.shape[:-1]) + (tt[:, sl],)] -= hit.astype(acc)
             if ls:
                 e -= (gb * ls_c).astype(acc)[..., None] * (1 if w is None else w)
+        if cap is not None:   # through the soft-cap: d tanh = 1 - tanh^2
+            e *= 1 - th * th
         if dz.dtype != acc:   # else e already is this block of dz
             dz[:, sl] = e
 
     _run_rows(xp, block, z.shape[1], C * acc.itemsize)
 
+    zterm = None
+    if zrows is not None:
+        zterm = zrows.reshape(ce.row_shape)
+        with _quiet(xp):   # a 'mean' over no rows: 0 / 0
+            zterm = zterm.sum() if ce.reduction == "sum" else zterm.sum() / count if ce.reduction == "mean" else zterm
     loss = None
     if want_loss:
         rows = rows.reshape(ce.row_shape)
@@ -471,7 +538,10 @@ def _cpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
         elif ce.reduction == "mean":
             with _quiet(xp):
                 rows = rows.sum() / denom if denom != 0 else xp.asarray(np.nan, f64)
+        if zl:
+            rows = rows + zterm
         loss = xp.asarray(rows).astype(ce.z.dtype)
+    ce.z_term = xp.asarray(zterm).astype(ce.z.dtype) if ce.return_z else None
     if g is None:
         return loss, None
     dz = dz.reshape(moved.shape) if last else xp.moveaxis(dz.reshape(moved.shape), -1, ce.axis)
@@ -713,7 +783,7 @@ def _ce_recipe(xp, lay: _Layout, dtype, acc, ce: _CE, want_loss: bool, grad: boo
                alignment: tuple[bool, bool]) -> _CERecipe:
     dev = _launch.device(xp)
     key = (lay.outer, lay.C, lay.inner, dtype, ce.probs, ce.weight is not None, ce.reduction, ce.ignore_index,
-           ce.label_smoothing, want_loss, grad, dl_stride, alignment, id(dev),
+           ce.label_smoothing, ce.z_loss, ce.softcap, ce.return_z, want_loss, grad, dl_stride, alignment, id(dev),
            None if _TUNING is _DEFAULT_TUNING else _TUNING)
     return _CE_RECIPES.get(key, lambda: _make_ce_recipe(xp, lay, dtype, acc, ce, want_loss, grad, dl_stride,
                                                         alignment))
@@ -723,7 +793,8 @@ def _make_ce_recipe(xp, lay, dtype, acc, ce, want_loss, grad, dl_stride, alignme
     K = _kernels.family("softmax").constants
     red, R = ce.reduction, lay.rows
     flags = ((K["CE_PROBS"] if ce.probs else 0) | (K["CE_WEIGHT"] if ce.weight is not None else 0)
-             | (K["CE_GRAD"] if grad else 0) | (K["CE_ROWS"] if want_loss and red == "none" else 0))
+             | (K["CE_GRAD"] if grad else 0) | (K["CE_ROWS"] if (want_loss or ce.return_z) and red == "none" else 0)
+             | (K["CE_SOFTCAP"] if ce.softcap is not None else 0) | (K["CE_ZRET"] if ce.return_z else 0))
     denom = grad and red == "mean" and not ce.probs
     if denom:
         flags |= K["CE_DENOM"]
@@ -733,7 +804,8 @@ def _make_ce_recipe(xp, lay, dtype, acc, ce, want_loss, grad, dl_stride, alignme
     k = plan.kernel(xp, "softmax_cross_entropy", dtype)
     scalars = plan.sizes(lay, rows=None) | {
         "dloss_stride": np.int64(dl_stride), "ignore_index": np.int64(ce.ignore_index),
-        "label_smoothing": acc.type(ce.label_smoothing), "flags": np.int32(flags), "reduction": np.int32(code),
+        "label_smoothing": acc.type(ce.label_smoothing), "z_loss": acc.type(ce.z_loss),
+        "softcap": acc.type(ce.softcap or 0.0), "flags": np.int32(flags), "reduction": np.int32(code),
         "n_rows": np.int64(R)}
     kw, grid_w, block_w, weight_sum = None, 0, 0, {}
     if denom:
@@ -760,6 +832,7 @@ def _gpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
     red = ce.reduction
 
     if R == 0:   # nothing to launch: the reference's values for empty sums
+        ce.z_term = _z_term_empty(ce)
         loss = None
         if want_loss:
             loss = (xp.empty(ce.row_shape, z.dtype) if red == "none"
@@ -793,22 +866,23 @@ def _gpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
     r = _ce_recipe(xp, lay, z.dtype, acc, ce, want_loss, grad, dl_stride,
                    _alignment(lay.z, dz, *((y,) if ce.probs else ())))
     G = r.plan.grid
-    # the workspaces in three allocations: acc partials of both kernels and the inverse
-    # denominator, int64 (the first bad row, per block), and both kernels' tickets
-    fbuf = B.empty(xp, 2 * G + (r.grid_w + 1 if r.kw is not None else 0), acc)
+    # the workspaces in three allocations: acc partials of both kernels (4 and 2 per block) and
+    # the inverse denominators, int64 (the first bad row, per block), and both kernels' tickets
+    fbuf = B.empty(xp, 4 * G + (2 * r.grid_w + 2 if r.kw is not None else 0), acc)
     ibuf = B.empty(xp, G + 1, np.int64)
     tickets = xp.zeros(2, np.uint32)
     inv_denom = one(acc)
     if r.kw is not None:
         # 1 / (sum of the target weights), which every gradient element needs before it is written
-        inv_denom = fbuf[2 * G:2 * G + 1]
+        inv_denom = fbuf[4 * G:4 * G + 2]
         _kernels.launch(r.kw, r.grid_w, r.block_w, r.kw.args_from(r.weight_sum | {
-            "inv_denom": inv_denom, "part": fbuf[2 * G + 1:], "ticket": tickets[1:], "target": target,
+            "inv_denom": inv_denom, "part": fbuf[4 * G + 2:], "ticket": tickets[1:], "target": target,
             "weight": weight}))
-    loss_rows = B.empty(xp, R, z.dtype) if want_loss and red == "none" else one(z.dtype)
-    loss_out, bad = B.empty(xp, 1, z.dtype), ibuf[:1]
+    nz = 2 if ce.return_z else 1   # the z-loss term follows the loss (rows or scalar)
+    loss_rows = B.empty(xp, nz * R, z.dtype) if (want_loss or ce.return_z) and red == "none" else one(z.dtype)
+    loss_out, bad = B.empty(xp, nz, z.dtype), ibuf[:1]
     named = r.scalars | {"dz": dz, "loss_rows": loss_rows, "loss_out": loss_out, "bad_out": bad,
-                         "part_loss": fbuf[:G], "part_w": fbuf[G:2 * G], "part_bad": ibuf[1:], "ticket": tickets[:1],
+                         "part_loss": fbuf[:G], "part_w": fbuf[G:4 * G], "part_bad": ibuf[1:], "ticket": tickets[:1],
                          "z": lay.z, "target": target, "y": y, "weight": weight, "dloss": dl, "inv_denom": inv_denom}
     _kernels.launch(r.k, G, r.plan.block, r.k.args_from(named), shared_mem=r.plan.smem)
 
@@ -821,9 +895,12 @@ def _gpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
     loss = None
     if want_loss:
         if red == "none":
-            loss = lay.orient(loss_rows.reshape(_row_shape_of(lay)))
+            loss = lay.orient(loss_rows[:R].reshape(_row_shape_of(lay)))
         else:
-            loss = loss_out.reshape(())
+            loss = loss_out[0].reshape(())
+    ce.z_term = None
+    if ce.return_z:
+        ce.z_term = lay.orient(loss_rows[R:].reshape(_row_shape_of(lay))) if red == "none" else loss_out[1].reshape(())
     out = None
     if grad:
         out = lay.orient(dz)
