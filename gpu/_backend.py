@@ -344,7 +344,12 @@ class EmulatedDeviceArray(np.ndarray):
     counted (``DeviceCounts``)."""
 
     def __array_finalize__(self, obj) -> None:
-        if _counts is not None and self.base is None:     # owns its data: an allocation
+        if _counts is None:
+            return
+        base = self.base
+        # owns its data (a copy, astype), or NumPy's own array viewed as this type for a ufunc
+        # result (its base is fresh, not the array it was computed from): an allocation
+        if base is None or (type(base) is np.ndarray and base is not obj):
             _counts.allocations += 1
 
     def __getitem__(self, key):

@@ -1011,7 +1011,7 @@ def _gpu_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps):
     y3 = B.empty(xp, v.x.shape, x.dtype)
     if v.C == 0:
         return v.restore(y3)
-    scale, shift = B.empty(xp, (2, v.C), acc)
+    scale, shift = _ws.get(xp).buffer("batch_norm.params", acc, 2 * v.C).reshape(2, v.C)   # scratch
     g, b = _as_acc(xp, gamma, acc), _as_acc(xp, beta, acc)
     rm, rv = _as_acc(xp, running_mean, acc), _as_acc(xp, running_var, acc)
     plans = _plans(xp, v, x.dtype, v.aligned, False)
