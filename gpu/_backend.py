@@ -20,6 +20,7 @@ import math
 import operator
 import os
 import sys
+import weakref
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -325,12 +326,26 @@ def count_launch_args(args) -> None:
     if c is None:
         return
     for a in args:
-        if isinstance(a, np.ndarray):
-            b = a
-            while b is not None and not isinstance(b, EmulatedDeviceArray):
-                b = b.base if isinstance(b.base, np.ndarray) else None
-            if b is None:
-                c.h2d += 1
+        if isinstance(a, np.ndarray) and not is_emulated_device(a):
+            c.h2d += 1
+
+
+#: Plain arrays that own the memory of an EmulatedDeviceArray (computed results), by id.
+_plain_owners: dict[int, "weakref.ref"] = {}
+
+
+def is_emulated_device(a) -> bool:
+    """Whether ``a`` is emulated device memory or a view of it."""
+    while isinstance(a, np.ndarray):
+        if isinstance(a, EmulatedDeviceArray):
+            return True
+        ref = _plain_owners.get(id(a))
+        if ref is not None:
+            if ref() is a:
+                return True
+            del _plain_owners[id(a)]      # a dead owner's id, reused
+        a = a.base
+    return False
 
 
 def _read() -> None:
@@ -344,11 +359,16 @@ class EmulatedDeviceArray(np.ndarray):
     counted (``DeviceCounts``)."""
 
     def __array_finalize__(self, obj) -> None:
+        base = self.base
+        if type(base) is np.ndarray:
+            # NumPy computed a result (ufunc, matmul, fancy indexing) into a plain array and views
+            # it as this type; later views link to that plain owner: remember it as device memory
+            key = id(base)
+            _plain_owners[key] = weakref.ref(base, lambda r, k=key: _plain_owners.get(k) is r and _plain_owners.pop(k))
         if _counts is None:
             return
-        base = self.base
-        # owns its data (a copy, astype), or NumPy's own array viewed as this type for a ufunc
-        # result (its base is fresh, not the array it was computed from): an allocation
+        # owns its data (a copy, astype), or the fresh plain owner of a computed result (not the
+        # array it was computed from): an allocation
         if base is None or (type(base) is np.ndarray and base is not obj):
             _counts.allocations += 1
 

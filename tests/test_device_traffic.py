@@ -179,3 +179,27 @@ def test_a_bad_target_costs_no_sync(rng):
         with pytest.raises(ValueError, match="class index 40 at row 7 "):
             gpu.check_errors()                   # the explicit sync: one read of the record
     assert n.d2h == 1
+
+
+@pytest.mark.parametrize("n", [256, 512], ids=["8-steps", "16-steps"])
+def test_training_epoch_reads_back_per_log_point_not_per_step(rng, n):
+    """gpu.nn.fit on the emulate backend: the host reads the device at log points only (the
+    epoch's end here: the steps' losses and correct counts in one read, and gpu.check_errors()),
+    whatever the number of steps."""
+    from gpu.nn import SGD, SoftmaxCrossEntropy, fit, mlp
+    X = to_emulated_device(rng.standard_normal((n, 8)).astype(F32))
+    y = to_emulated_device(rng.integers(0, 4, n))
+    model = mlp([8, 16, 4], seed=0)
+    for name, value in model.state_dict().items():              # parameters in device memory too
+        i, key = name.split(".", 1)
+        model.layers[int(i)]._set_array(key, to_emulated_device(value))
+    opt = SGD(model.parameters().values(), lr=0.1)
+    gpu.check_errors()
+    with gpu.use_backend("emulate"), counting_device() as c:
+        hist = fit(model, SoftmaxCrossEntropy(), opt, (X, y), epochs=1, batch_size=32, progress=False)
+    assert len(hist.step_loss) == n // 32 and np.isfinite(hist.step_loss).all()
+    assert c.d2h == 2, c                   # one read of the epoch's statistics, one of the error record
+    assert c.h2d == 0, c
+    ep = hist.epochs[0]
+    assert ep["train_loss"] == pytest.approx(np.mean(hist.step_loss))   # equal batches
+    assert 0 <= ep["train_acc"] <= 1
