@@ -127,11 +127,17 @@ template <typename T> __device__ __forceinline__ T block_reduce_sum(T v, T* scra
 // merges them in an order of its choosing (block or partition order), never in the order the
 // blocks finished. Read the partials through volatile or L2 (__ldcg) loads: L1 is not coherent.
 // No floating-point atomics, so the result is bitwise reproducible.
+// The last block sets the counter back to zero: every ticket is taken by then, so no block of this
+// launch touches it again, and the next launch on the stream finds it zero. Counters live in a
+// persistent workspace (gpu/_workspace.py), zeroed once when allocated, never per launch.
 __device__ __forceinline__ bool last_block_ticket(unsigned int* counter, unsigned int blocks) {
     __shared__ int is_last;
     __threadfence();   // this block's partial visible device-wide before its ticket is taken
     __syncthreads();
-    if (block_thread_rank() == 0) is_last = atomicAdd(counter, 1u) == blocks - 1;
+    if (block_thread_rank() == 0) {
+        is_last = atomicAdd(counter, 1u) == blocks - 1;
+        if (is_last) *counter = 0u;
+    }
     __syncthreads();
     if (!is_last) return false;   // block-uniform
     __threadfence();   // the other blocks' partials are read after their tickets

@@ -51,7 +51,8 @@
 // Cross-entropy reductions are deterministic: each block sums its rows in a fixed order, writes a
 // partial, and the last block to finish (last_block_ticket) sums the partials in block order. An
 // integer target outside [0, C) that is not ignore_index is never used as an index: the row is
-// treated as ignored and the first such row is reported through bad_out (-1 when none).
+// treated as ignored and the first such row is recorded in bad_out, a sticky record in the
+// stream's workspace that the host reads only at an explicit check (no sync per call).
 //
 // Assumptions: z, out, dz and y are C-contiguous (outer, C, inner) with the same 16-byte
 // misalignment when vec=1; C < 2^31; element offsets and row counts are 64-bit (index_t).
@@ -159,7 +160,7 @@ struct CrossEntropyOp {
     scalar_t* dz;            // [rows * C] (may alias z: in place)
     scalar_t* loss_rows;     // [rows] for CE_ROWS ([2 rows] with CE_ZRET: then the z-loss terms)
     scalar_t* loss_out;      // [1], reduction != none ([2] with CE_ZRET: then the z-loss term)
-    long long* bad_out;      // [1]: first row with an out-of-range target, -1 if none
+    long long* bad_out;      // [4] sticky: {first bad row, its target, C, ignore_index}; row -1: none
     acc_t* part_loss;        // [gridDim.x] per-block partials
     acc_t* part_w;           // [3 gridDim.x]: sum w_t, z-loss, non-ignored rows
     long long* part_bad;
@@ -363,7 +364,14 @@ __device__ __forceinline__ void CrossEntropyOp::end_block() {
     n = block_reduce_sum(n, scratch);
     b = block_reduce(b, scratch_ll, MinLL());
     if (tid == 0) {
-        bad_out[0] = b == SM_NO_ROW ? -1 : b;
+        // a sticky record, kept until the host reads and clears it (gpu.check_errors): the first
+        // bad target of this launch, unless an earlier launch on the stream left one
+        if (b != SM_NO_ROW && bad_out[0] < 0) {
+            bad_out[1] = target[b];
+            bad_out[2] = C;
+            bad_out[3] = ignore_index;
+            bad_out[0] = b;
+        }
         // the denominators of the loss and of the z-loss term (a 'mean' of z-loss over non-ignored
         // rows: 0 / 0, NaN, over none); two divisions in all (each a call for double)
         acc_t dl = acc_t(1), dn = acc_t(1);

@@ -20,6 +20,7 @@ import math
 import operator
 import os
 import sys
+import weakref
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -105,7 +106,7 @@ def array_module(**arrays: object):
 def path_key(x) -> str | None:
     """Which path a call whose first array is ``x`` takes, as a tag for the signatures of valid
     calls: "numpy", "emulate" or "cupy" (None for an ``x`` that is not an array)."""
-    if type(x) is np.ndarray:
+    if type(x) is np.ndarray or isinstance(x, np.ndarray):
         return "emulate" if current_backend() == "emulate" else "numpy"
     return "cupy" if is_cupy_array(x) else None
 
@@ -225,8 +226,190 @@ def poisoning() -> bool:
 
 
 def empty(xp, shape, dtype):
-    """An output array for a kernel to fill: uninitialized, or NaN-filled when `poisoning()`."""
-    out = xp.empty(shape, dtype=dtype)
+    """An output array for a kernel to fill: uninitialized, or NaN-filled when `poisoning()`.
+
+    The kernel path's allocation seam: on the emulate backend, inside ``counting_device()``, it is
+    counted and returns emulated device memory."""
+    if _counts is not None and xp is np:
+        out = _emulated_empty(shape, dtype)          # counted as it is created
+    else:
+        out = xp.empty(shape, dtype=dtype)
     if _POISON:
         out.fill(np.nan if np.dtype(dtype).kind == "f" or np.dtype(dtype) == BFLOAT16 else -1)
     return out
+
+
+def device_array(xp, shape, dtype, fill=None):
+    """Memory the kernel path keeps for itself (workspaces, stand-ins, constants): device memory
+    (on the emulate backend an ``EmulatedDeviceArray``), filled with ``fill`` if given."""
+    if xp is not np:
+        return xp.empty(shape, dtype=dtype) if fill is None else xp.full(shape, fill, dtype=dtype)
+    a = _emulated_empty(shape, dtype)
+    if fill is not None:
+        a.fill(fill)
+    return a
+
+
+def _emulated_empty(shape, dtype) -> "EmulatedDeviceArray":
+    # the device array owns its memory, so every view of it (NumPy links a view to the owner,
+    # not to the view it was taken from) is known to be device memory
+    return EmulatedDeviceArray(shape, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Emulated device memory: what the emulate backend counts as an allocation or a transfer
+# ---------------------------------------------------------------------------------------------
+
+class DeviceCounts:
+    """What ``counting_device()`` counted on the emulate backend.
+
+    allocations: device arrays created: by the kernel path's allocation seam (``empty``,
+        ``device_array``: outputs, workspaces, ``to_emulated_device``), and every new array (not a
+        view) computed from emulated device memory (a ufunc result, a copy, an ``astype``).
+    d2h: device values read by the host: ``int``/``float``/``bool``/``operator.index``/``complex``
+        of a device array, ``.item()``, ``.tolist()``, ``repr``/``str``, indexing down to a scalar.
+        On a GPU each is a copy to the host and a sync.
+    h2d: host memory handed to a kernel: an array argument of a launch that is not emulated device
+        memory nor a view of it (on a GPU, an upload).
+    """
+
+    def __init__(self) -> None:
+        self.allocations = 0
+        self.d2h = 0
+        self.h2d = 0
+
+    def __repr__(self) -> str:
+        return f"DeviceCounts(allocations={self.allocations}, d2h={self.d2h}, h2d={self.h2d})"
+
+
+_counts: DeviceCounts | None = None
+
+
+@contextlib.contextmanager
+def counting_device() -> Iterator[DeviceCounts]:
+    """Count allocations and transfers of emulated device memory inside the block (emulate
+    backend; one thread: for tests). Outputs of the kernel path allocated inside are
+    ``EmulatedDeviceArray``s, so the host's reads of them are counted too.
+
+    >>> import numpy as np, gpu
+    >>> from gpu._backend import counting_device, to_emulated_device
+    >>> z = to_emulated_device(np.ones((4, 8), np.float32))
+    >>> with gpu.use_backend("emulate"), counting_device() as n:   # doctest: +SKIP
+    ...     p = gpu.softmax(z)
+    >>> n                                                            # doctest: +SKIP
+    DeviceCounts(allocations=1, d2h=0, h2d=0)
+    """
+    global _counts
+    saved, _counts = _counts, DeviceCounts()
+    try:
+        yield _counts
+    finally:
+        _counts = saved
+
+
+def counting() -> bool:
+    return _counts is not None
+
+
+def to_emulated_device(a) -> "EmulatedDeviceArray":
+    """A copy of ``a`` in emulated device memory (what ``cupy.asarray`` is on a GPU)."""
+    a = np.asarray(a)
+    out = _emulated_empty(a.shape, a.dtype)
+    out[...] = a
+    return out
+
+
+def count_launch_args(args) -> None:
+    """Count, as uploads, the array arguments of a launch that are host memory (called by the
+    launch seam on the emulate backend inside ``counting_device()``)."""
+    c = _counts
+    if c is None:
+        return
+    for a in args:
+        if isinstance(a, np.ndarray) and not is_emulated_device(a):
+            c.h2d += 1
+
+
+#: Plain arrays that own the memory of an EmulatedDeviceArray (computed results), by id.
+_plain_owners: dict[int, "weakref.ref"] = {}
+
+
+def is_emulated_device(a) -> bool:
+    """Whether ``a`` is emulated device memory or a view of it."""
+    while isinstance(a, np.ndarray):
+        if isinstance(a, EmulatedDeviceArray):
+            return True
+        ref = _plain_owners.get(id(a))
+        if ref is not None:
+            if ref() is a:
+                return True
+            del _plain_owners[id(a)]      # a dead owner's id, reused
+        a = a.base
+    return False
+
+
+def _read() -> None:
+    if _counts is not None:
+        _counts.d2h += 1
+
+
+class EmulatedDeviceArray(np.ndarray):
+    """A NumPy array that stands for device memory on the emulate backend: it behaves as NumPy's,
+    and inside ``counting_device()`` its reads by the host and the new arrays computed from it are
+    counted (``DeviceCounts``)."""
+
+    def __array_finalize__(self, obj) -> None:
+        base = self.base
+        if type(base) is np.ndarray:
+            # NumPy computed a result (ufunc, matmul, fancy indexing) into a plain array and views
+            # it as this type; later views link to that plain owner: remember it as device memory
+            key = id(base)
+            _plain_owners[key] = weakref.ref(base, lambda r, k=key: _plain_owners.get(k) is r and _plain_owners.pop(k))
+        if _counts is None:
+            return
+        # owns its data (a copy, astype), or the fresh plain owner of a computed result (not the
+        # array it was computed from): an allocation
+        if base is None or (type(base) is np.ndarray and base is not obj):
+            _counts.allocations += 1
+
+    def __getitem__(self, key):
+        out = super().__getitem__(key)
+        if not isinstance(out, np.ndarray):
+            _read()
+        return out
+
+    def __int__(self):
+        _read()
+        return super().__int__()
+
+    def __float__(self):
+        _read()
+        return super().__float__()
+
+    def __bool__(self):
+        _read()
+        return super().__bool__()
+
+    def __index__(self):
+        _read()
+        return super().__index__()
+
+    def __complex__(self):
+        _read()
+        return complex(np.asarray(self).item())
+
+    def item(self, *args):
+        _read()
+        return super().item(*args)
+
+    def tolist(self):
+        _read()
+        return super().tolist()
+
+    def __repr__(self) -> str:
+        _read()
+        return repr(np.asarray(self))
+
+    def __str__(self) -> str:
+        _read()
+        return str(np.asarray(self))

@@ -12,6 +12,7 @@ from typing import Any, Callable, Hashable
 
 import numpy as np
 
+from gpu import _backend as B
 from gpu import _kernels
 
 __all__ = ["ceil_div", "pow2_ceil", "device", "resident_blocks", "data_ptr", "aligned", "signature", "ValidCalls", "dummy", "constant", "PlanCache"]
@@ -108,7 +109,7 @@ def dummy(xp, dtype):
     key = (_device_id(xp), dtype)
     a = _dummies.get(key)
     if a is None:
-        a = _dummies[key] = xp.empty(1, dtype)
+        a = _dummies[key] = B.device_array(xp, 1, dtype)
     return a
 
 
@@ -121,7 +122,7 @@ def constant(xp, dtype, value: float):
     if a is None:
         if len(_constants) >= 256:
             _constants.clear()
-        a = _constants[key] = xp.full(1, value, dtype)
+        a = _constants[key] = B.device_array(xp, 1, dtype, fill=value)
     return a
 
 

@@ -1,10 +1,16 @@
 """Compile kernel families with NVRTC for every target architecture: no GPU and no driver needed.
 
-CuPy's compiler wrapper needs a CUDA driver; NVRTC itself does not. With ``nvidia-cuda-nvrtc-cu12``,
-``cuda-bindings`` 12.x (its ``nvrtc`` module), ``nvidia-cuda-runtime-cu12`` (for ``cuda_fp16.h`` and
-``cooperative_groups.h``) and ``nvidia-cuda-cccl-cu12`` (``nv/target``, which cooperative_groups.h
-includes) installed, this compiles the exact source CuPy would (``gpu._kernels.family_source``) to CUBIN for
-sm_75..sm_90 on any machine, and reads ptxas's report.
+CuPy's compiler wrapper needs a CUDA driver; NVRTC itself does not. With NVRTC, ``cuda-bindings`` of
+the same major (its ``nvrtc`` module), the CUDA runtime headers (``cuda_fp16.h``,
+``cooperative_groups.h``) and CCCL (``nv/target``, which cooperative_groups.h includes) installed, this
+compiles the exact source CuPy would (``gpu._kernels.family_source``) to CUBIN for sm_75..sm_90 on any
+machine, and reads ptxas's report. The headers are those of NVRTC's major version
+(``gpu._kernels.header_dirs``), as for CuPy:
+
+- CUDA 12 (the ``nvrtc`` and ``test`` extras): ``nvidia-cuda-nvrtc-cu12``, ``cuda-bindings>=12,<13``,
+  ``nvidia-cuda-runtime-cu12``, ``nvidia-cuda-cccl-cu12``;
+- CUDA 13 (the ``nvrtc13`` extra, in a venv of its own: cuda-bindings 12 and 13 cannot share one):
+  ``nvidia-cuda-nvrtc``, ``cuda-bindings``, ``nvidia-cuda-runtime``, ``nvidia-cuda-cccl``, all 13.x.
 
 A family is clean when every dtype x declared variant x architecture compiles with no warning, and
 ptxas reports no spill stores or loads on sm_80 and sm_90 (the architectures the kernels are tuned
@@ -30,7 +36,7 @@ from typing import Iterable
 
 from gpu import _kernels
 
-__all__ = ["ARCHS", "SPILL_ARCHS", "NvrtcError", "unavailable_reason", "compile_cubin", "variants",
+__all__ = ["ARCHS", "SPILL_ARCHS", "NvrtcError", "unavailable_reason", "nvrtc_major", "compile_cubin", "variants",
            "check_variant", "check_family"]
 
 ARCHS = ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90")
@@ -53,18 +59,35 @@ def unavailable_reason() -> str | None:
     try:
         nvrtc = _nvrtc()
     except ImportError:
-        return "cuda-bindings is not installed: pip install 'cuda-bindings>=12,<13'"
+        return ("cuda-bindings is not installed: pip install the 'nvrtc' extra (CUDA 12) or the 'nvrtc13' "
+                "extra (CUDA 13)")
     try:
-        err, *_ = nvrtc.nvrtcVersion()
+        err, major, _ = nvrtc.nvrtcVersion()
     except Exception as e:  # the bindings load libnvrtc lazily and raise on its absence
-        return f"NVRTC cannot be loaded ({e}): pip install nvidia-cuda-nvrtc-cu12"
+        return f"NVRTC cannot be loaded ({e}): {_wheel_hint()}"
     if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-        return f"NVRTC is not usable ({err}): pip install nvidia-cuda-nvrtc-cu12"
+        return f"NVRTC is not usable ({err}): {_wheel_hint()}"
     try:
-        _kernels.nvrtc_include_options()
+        _kernels.nvrtc_include_options(major)
     except _kernels.KernelBuildError as e:
         return str(e)
     return None
+
+
+def _wheel_hint() -> str:
+    """The NVRTC wheel of the installed cuda-bindings' major version."""
+    from importlib import metadata
+    try:
+        major = int(metadata.version("cuda-bindings").split(".")[0])
+    except (metadata.PackageNotFoundError, ValueError):
+        major = 12
+    w = _kernels.CUDA_WHEELS.get(major, _kernels.CUDA_WHEELS[12])
+    return f"pip install '{w['nvrtc']}' (cuda-bindings {major}.x needs NVRTC {major})"
+
+
+def nvrtc_major() -> int:
+    """The major version of the NVRTC that ``cuda.bindings`` loads."""
+    return _kernels.nvrtc_version()[0]
 
 
 def _check(nvrtc, result, what: str) -> None:
@@ -77,7 +100,7 @@ def _log_cache(source: str, opts: list[str]) -> Path:
     from gpu._emulator import cache_dir
     nvrtc = _nvrtc()
     version = nvrtc.nvrtcVersion()[1:]
-    inc = _kernels.cuda_include_dir()
+    inc = _kernels.cuda_include_dir(version[0])
     headers = [(h, os.stat(os.path.join(inc, h)).st_mtime_ns) for h in ("cuda_fp16.h", "cuda_bf16.h")]
     key = hashlib.sha256(repr((version, headers, opts, source)).encode()).hexdigest()[:32]
     return cache_dir() / "nvrtc" / f"{key}.log"
@@ -91,7 +114,7 @@ def compile_cubin(source: str, arch: str, defines: Iterable[str] = (), name: str
     version, options and source) next to the emulator's builds, so a re-run checks only what
     changed.
     """
-    opts = [f"--gpu-architecture={arch}", "-std=c++17", *_kernels.nvrtc_include_options(),
+    opts = [f"--gpu-architecture={arch}", "-std=c++17", *_kernels.nvrtc_include_options(nvrtc_major()),
             "--ptxas-options=-v", *defines]
     cached = _log_cache(source, opts)
     if cached.is_file():

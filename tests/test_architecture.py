@@ -192,8 +192,10 @@ def test_repeated_calls_skip_shape_checks_but_not_value_checks():
         # the same arrays with a bad target value: found by the kernel, not by a signature
         t_bad = t.copy()
         t_bad[3] = 6
-        with pytest.raises(ValueError, match=r"target: class index 6 at position \(3,\)"):
-            gpu.softmax_cross_entropy(x, t_bad)
+        gpu.check_errors()
+        gpu.softmax_cross_entropy(x, t_bad)     # recorded on the device, raised at the check
+        with pytest.raises(ValueError, match=r"target: class index 6 at row 3 "):
+            gpu.check_errors()
     # the same signature on the NumPy path is checked there, not taken from the kernel path's calls
     with pytest.raises(ValueError, match="target: class index 6"):
         gpu.softmax_cross_entropy(x, t_bad)

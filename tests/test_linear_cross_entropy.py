@@ -134,10 +134,26 @@ def test_all_ignored_and_empty(backend, rng):
 
 
 def test_bad_target_position(backend, rng):
+    """The NumPy path raises in the call; the kernel path records the target's row in the whole
+    call (not in its chunk: 6 is row 2 of the second chunk of 4) for gpu.check_errors(), or
+    raises in the call with eager checks."""
     h, W, b, t = _problem(rng, 9, 3, 5)
     t[6] = 5
-    with pytest.raises(ValueError, match=r"class index 5 at position \(6,\)"):
-        backend.call(gpu.fused_linear_cross_entropy, h, W, t, b, chunk_size=4)
+    gpu.check_errors()
+    if backend.name == "numpy":
+        with pytest.raises(ValueError, match=r"class index 5 at position \(6,\)"):
+            backend.call(gpu.fused_linear_cross_entropy, h, W, t, b, chunk_size=4)
+        return
+    backend.call(gpu.fused_linear_cross_entropy, h, W, t, b, chunk_size=4)
+    with pytest.raises(ValueError, match=r"class index 5 at row 6 "):
+        gpu.check_errors()
+    previous = gpu.set_eager_checks(True)
+    try:
+        with pytest.raises(ValueError, match=r"class index 5 at position \(6,\)"):
+            backend.call(gpu.fused_linear_cross_entropy, h, W, t, b, chunk_size=4)
+    finally:
+        gpu.set_eager_checks(previous)
+    gpu.check_errors()   # nothing left behind
 
 
 BAD = [

@@ -1,8 +1,9 @@
 """NVRTC compile check, no GPU needed: every kernel source x dtype x variant x sm_75..sm_90.
 
 Clean means: compiles, no warning, and no ptxas spill on sm_80 and sm_90 (gpu/_nvrtc_check.py).
-Needs nvidia-cuda-nvrtc-cu12, cuda-bindings 12.x and nvidia-cuda-runtime-cu12 (cuda_fp16.h); skips
-with the reason where they are missing.
+Runs with the NVRTC that cuda-bindings loads and the CUDA headers of the same major: NVRTC 12 with
+the test extra (the -cu12 wheels), NVRTC 13 in a venv with the nvrtc13 extra (.ci/run makes one);
+skips with the reason where they are missing.
 """
 from __future__ import annotations
 
@@ -66,3 +67,26 @@ def test_check_reports_warnings_spills_and_errors(tmp_path):
     assert "planted.cu [float32 PLANT=0] sm_80" in joined and "warning" in joined
     assert "planted.cu [float32 PLANT=1] sm_80: ptxas spills" in joined
     assert "planted.cu [float32 PLANT=2] sm_80: does not compile" in joined and "undeclared" in joined
+
+
+def test_headers_are_nvrtcs_major():
+    """The compiles above used the runtime headers of NVRTC's own major (12 with the test extra,
+    13 with the nvrtc13 extra), whatever else the machine has (a CUDA 13 /usr/local/cuda, say)."""
+    major = _nvrtc_check.nvrtc_major()
+    runtime, cccl = _kernels.header_dirs(major)
+    assert _kernels.runtime_headers_major(runtime) == major
+    assert major in _kernels.CCCL_CUDA_MAJORS[_kernels.cccl_headers_major(cccl)]
+
+
+@pytest.mark.parametrize("major", [12, 13])
+def test_every_family_compiles_with_matching_headers(major):
+    """NVRTC 12 + CUDA 12 headers, NVRTC 13 + CUDA 13 headers: each runs where that NVRTC is the
+    one installed (CI: the test venv for 12, the nvrtc13 venv for 13); float32, every variant,
+    sm_75..sm_90 (the full dtype matrix is test_kernel_family_compiles_clean's)."""
+    if _nvrtc_check.nvrtc_major() != major:
+        pytest.skip(f"NVRTC {_nvrtc_check.nvrtc_major()} is installed here, not {major}")
+    import numpy as np
+    for family in _kernels.families():
+        for variant in _kernels.family_variants(family):
+            problems = _nvrtc_check.check_variant(family, np.dtype(np.float32), variant)
+            assert not problems, "\n\n".join(problems)

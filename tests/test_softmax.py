@@ -244,8 +244,38 @@ def test_bad_input(call, exc, match):
 
 def test_bad_target_raises_on_every_backend(backend):
     target = np.array([0, 1, 2, 9])
-    with pytest.raises(ValueError, match=r"class index 9 at position \(3,\)"):
-        backend.call(gpu.softmax_cross_entropy, Z, target)
+    if backend.name == "numpy":   # the reference path raises in the call
+        with pytest.raises(ValueError, match=r"class index 9 at position \(3,\)"):
+            backend.call(gpu.softmax_cross_entropy, Z, target)
+        return
+    # the kernel paths keep the check on the device: the row counts as ignored, and the error
+    # comes at the next explicit check (no sync in the call)
+    gpu.check_errors()
+    loss = backend.call(gpu.softmax_cross_entropy, Z, target)
+    want = gpu.softmax_cross_entropy(Z, np.array([0, 1, 2, -100]))
+    np.testing.assert_allclose(np.asarray(loss.get() if hasattr(loss, "get") else loss), want, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"class index 9 at row 3 \(flat.* out of range \[0, 5\)"):
+        gpu.check_errors()
+    gpu.check_errors()            # read once: cleared
+    # eager checks: the call itself raises, with the position
+    previous = gpu.set_eager_checks(True)
+    try:
+        with pytest.raises(ValueError, match=r"class index 9 at position \(3,\)"):
+            backend.call(gpu.softmax_cross_entropy, Z, target)
+    finally:
+        gpu.set_eager_checks(previous)
+    gpu.check_errors()
+
+
+def test_first_bad_target_sticks_until_checked(dev):
+    """Several bad calls before a check: the first one is reported, then nothing is left."""
+    gpu.check_errors()
+    dev.call(gpu.softmax_cross_entropy, Z, np.array([0, 7, 2, 3]))
+    dev.call(gpu.softmax_cross_entropy, Z, T)                        # a good call keeps the record
+    dev.call(gpu.softmax_cross_entropy, Z, np.array([0, 1, -4, 3]), return_grad=True)
+    with pytest.raises(ValueError, match=r"class index 7 at row 1 "):
+        gpu.check_errors()
+    gpu.check_errors()
 
 
 @pytest.mark.parametrize("shape,axis", [((23, 7), -1), ((7, 23), 0), ((5, 3, 6), 1)],

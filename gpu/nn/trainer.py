@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .._workspace import check_errors
 from .data import minibatches
 from .device import module_of
 from .layers import BatchNorm, Sequential, SoftmaxCrossEntropy
@@ -72,13 +73,13 @@ def check_batch_size(model: Sequential, batch_size: int) -> None:
 
 
 def _data_parallel_backward(model: Sequential, head: SoftmaxCrossEntropy, comm, logits, yb,
-                            loss: float, rows: int) -> tuple[float, int]:
+                            loss, rows: int):
     """Backward of this rank's shard as its share of the global batch's mean loss, then the
-    gradient all-reduce: (global mean loss, global correct count)."""
+    gradient all-reduce: (global mean loss, global correct count), both left on the device."""
     n = logits.shape[0]
     dlogits = head.backward() if n else logits[:0]
     model.backward(dlogits * (n / rows) if n else dlogits)
-    correct = int((logits.argmax(axis=1) == yb).sum()) if n else 0
+    correct = (logits.argmax(axis=1) == yb).sum() if n else 0
     loss_sum, correct = allreduce_gradients(model, comm, loss * n if n else 0.0, correct)
     return loss_sum / rows, correct
 
@@ -92,30 +93,36 @@ def evaluate(model: Sequential, head: SoftmaxCrossEntropy, X, y, *,
     was_training = model.training
     model.eval()
     n = X.shape[0]
-    loss_sum, correct = 0.0, 0
+    loss_sum, correct = 0.0, 0   # device scalars after the first batch: summed there, read once
     try:
         for start in range(0, n, batch_size):
             xb, yb = X[start:start + batch_size], y[start:start + batch_size]
             logits = model.forward(xb)
-            loss_sum += float(head.loss(logits, yb)) * xb.shape[0]
-            correct += int((logits.argmax(axis=1) == yb).sum())
+            loss_sum = head.loss(logits, yb).astype(np.float64) * xb.shape[0] + loss_sum
+            correct = (logits.argmax(axis=1) == yb).sum() + correct
     finally:
         model.train(was_training)
+    loss_sum, correct = _to_host([loss_sum, correct]) if n else (0.0, 0)
     return loss_sum / n, correct / n
 
 
 def shard(idx, comm):
-    """This rank's rows of a global batch `idx`: np.array_split's part `rank` (sizes differ by at
-    most one; a rank may get none)."""
-    return idx if comm is None else np.array_split(idx, comm.size)[comm.rank]
+    """This rank's rows of a global batch `idx` (a NumPy or device array): np.array_split's part
+    `rank` (sizes differ by at most one; a rank may get none), as a slice."""
+    if comm is None:
+        return idx
+    base, extra = divmod(len(idx), comm.size)
+    start = comm.rank * base + min(comm.rank, extra)
+    return idx[start:start + base + (comm.rank < extra)]
 
 
-def allreduce_gradients(model: Sequential, comm, loss_sum: float, correct: int) -> tuple[float, int]:
+def allreduce_gradients(model: Sequential, comm, loss_sum, correct):
     """Data parallel: every parameter's gradient summed over the ranks, in ONE all-reduce of one
     buffer holding them all (a single bucket: this package's models are a few MB at most), with
     the batch's loss sum and correct count in two more slots. Gradients are the rank's share of
     the global batch's mean (`fit` scales the head's gradient by rows / global rows), so the sum
-    is the global gradient. Returns the global (loss_sum, correct)."""
+    is the global gradient. `loss_sum` and `correct` may be device scalars; the global
+    (loss_sum, correct) come back as one-element device arrays, with no read back."""
     params = [p for p in model.parameters().values() if p.grad is not None]
     xp = module_of(params[0].grad) if params else np
     dtype = params[0].grad.dtype if params else np.float32
@@ -125,21 +132,30 @@ def allreduce_gradients(model: Sequential, comm, loss_sum: float, correct: int) 
     for p, n in zip(params, sizes):
         buf[at:at + n] = p.grad.reshape(-1)
         at += n
-    buf[at:] = xp.asarray([loss_sum, correct], dtype)
+    # slices, not elements: an element assignment of a device scalar would read it back
+    buf[at:at + 1] = loss_sum
+    buf[at + 1:at + 2] = correct
     out = comm.allreduce(buf, "gradient all-reduce")
     at = 0
     for p, n in zip(params, sizes):
         p.grad = out[at:at + n].reshape(p.grad.shape)
         at += n
-    tail = out[at:] if type(out) is np.ndarray else out[at:].get()
-    return float(tail[0]), int(round(float(tail[1])))
+    return out[at:at + 1], out[at + 1:at + 2]
+
+
+def _to_host(values) -> list:
+    """Device scalars (0-d arrays) as Python numbers, in one read back: the sync of a log point."""
+    first = values[0]
+    xp = module_of(first)
+    stacked = xp.stack([xp.asarray(v, dtype=np.float64).reshape(()) for v in values])
+    return (stacked if isinstance(stacked, np.ndarray) else stacked.get()).tolist()
 
 
 def fit(model: Sequential, head: SoftmaxCrossEntropy, optimizer: Optimizer,
         train: tuple[Any, Any], val: tuple[Any, Any] | None = None, *, epochs: int,
         batch_size: int, seed: int = 0, schedule: Callable[[int], float] | None = None,
         eval_every: int | None = None, max_steps: int | None = None, progress: bool = True,
-        desc: str = "", comm: Any = None) -> History:
+        desc: str = "", log_every: int = 50, comm: Any = None) -> History:
     """Train `model` on train = (X (n, features), y (n,)), arrays on the model's device.
 
     Mini-batches come from ``default_rng(seed)`` (the same batches on CPU and GPU). `schedule`
@@ -147,6 +163,12 @@ def fit(model: Sequential, head: SoftmaxCrossEntropy, optimizer: Optimizer,
     steps and at the end of each epoch. `max_steps` stops early (tests, quick comparisons).
     `progress` shows the running loss and accuracy on stderr: a tqdm bar per epoch on a terminal
     (when tqdm is installed), else one line per epoch (piped output stays one line an epoch).
+
+    No step waits for the device: the epoch's batch order is uploaded once, and each step's loss
+    and correct count stay on the device until a log point (every `log_every` steps for the bar,
+    validation, the end of the epoch), which reads them all back at once and fills
+    ``History.step_loss``. The end of each epoch also runs ``gpu.check_errors()`` (a bad label
+    found by the kernel raises there).
 
     ``comm`` (a `gpu.distributed.Communicator`): data parallel. Every rank draws the same global
     batches of `batch_size` rows and trains on its `shard`; gradients are summed by
@@ -183,32 +205,58 @@ def fit(model: Sequential, head: SoftmaxCrossEntropy, optimizer: Optimizer,
         # bar before the epoch's validation accuracy can be shown on it.
         bar = tqdm(total=len(batches), desc=f"{desc}epoch {epoch + 1}/{epochs}",
                    unit="batch") if tqdm is not None else None
-        loss_sum, correct, seen = 0.0, 0, 0
-        for idx in batches:
+        # the epoch's order, uploaded once; each step's (loss, correct) stays on the device
+        order = np.concatenate(batches) if batches else np.zeros(0, np.int64)
+        order = order if xp is np else xp.asarray(order)
+        ends = np.cumsum([len(b) for b in batches])
+        stats = xp.zeros_like(X, dtype=np.float64, shape=(2, len(batches)))   # on X's device
+        loss_sum, correct, seen, logged = 0.0, 0, 0, 0
+
+        def log_point(done: int) -> None:
+            """Read the steps since the last log point back (one transfer) and record them."""
+            nonlocal loss_sum, correct, seen, logged
+            if done == logged:
+                return
+            chunk = stats[:, logged:done]
+            losses, hits = (chunk if isinstance(chunk, np.ndarray) else chunk.get()).tolist()
+            hist.step_loss.extend(losses)
+            sizes = np.diff(ends[logged:done], prepend=ends[logged - 1] if logged else 0)
+            loss_sum += float(np.dot(losses, sizes))
+            correct += int(sum(hits))
+            seen += int(sizes.sum())
+            logged = done
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}", refresh=False)
+
+        for i, end in enumerate(ends):
+            idx = order[end - len(batches[i]):end]
             if comm is not None:
                 rows, idx = len(idx), shard(idx, comm)
-            idx = idx if xp is np else xp.asarray(idx)
             xb, yb = X[idx], y[idx]
             logits = model.forward(xb)
-            loss = float(head.forward(logits, yb))  # one sync per step: the curve is the product
+            loss = head.forward(logits, yb)
             if comm is None:
+                # device to device (slices: an element assignment would convert on the host)
+                stats[0, i:i + 1] = loss
+                stats[1, i:i + 1] = (logits.argmax(axis=1) == yb).sum()
                 model.backward(head.backward())
             else:
-                loss, batch_correct = _data_parallel_backward(model, head, comm, logits, yb, loss, rows)
+                loss, hits = _data_parallel_backward(model, head, comm, logits, yb, loss, rows)
+                stats[0, i:i + 1] = loss
+                stats[1, i:i + 1] = hits
             optimizer.step()
             step += 1
-            hist.step_loss.append(loss)
-            loss_sum += loss * (len(idx) if comm is None else rows)
-            correct += int((logits.argmax(axis=1) == yb).sum()) if comm is None else batch_correct
-            seen += len(idx) if comm is None else rows
             if bar is not None:
-                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}",
-                                refresh=False)
+                if (i + 1) % log_every == 0:
+                    log_point(i + 1)
                 bar.update()
             if eval_every and step % eval_every == 0:
+                log_point(i + 1)
                 validate(step)
             if max_steps is not None and step >= max_steps:
                 break
+        log_point(i + 1 if len(ends) else 0)
+        check_errors()
         validate(step)
         summary = {"epoch": epoch + 1, "step": step, "lr": optimizer.lr,
                    "train_loss": loss_sum / seen, "train_acc": correct / seen,

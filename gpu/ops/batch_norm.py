@@ -31,6 +31,7 @@ import numpy as np
 
 from .. import _backend as B
 from .. import _cpu, _kernels, _launch
+from .. import _workspace as _ws
 
 @dataclass(frozen=True)
 class _Layout:
@@ -941,10 +942,12 @@ def _as_acc(xp, p, acc):
 
 def _workspace(xp, p: _Plan, words: int, C: int, acc):
     """Partials and arrival counters of the grid merge (a 1-element stand-in when one block per
-    tile needs none)."""
+    tile needs none), from the stream's persistent workspace: nothing allocated or zeroed per
+    call (the last block of each tile leaves its counter at zero)."""
     if p.parts == 1:               # never touched: the kernels skip the merge
         return _launch.dummy(xp, acc), _launch.dummy(xp, np.uint32)
-    return B.empty(xp, (words * p.parts * C,), acc), xp.zeros(p.tiles, np.uint32)
+    ws = _ws.get(xp)
+    return ws.buffer("batch_norm.partials", acc, words * p.parts * C), ws.counters("batch_norm", p.tiles)
 
 
 _FLAGS: dict[tuple[bool, bool, bool, bool], np.int32] = {}
@@ -1031,7 +1034,7 @@ def _gpu_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps):
     y3 = B.empty(xp, v.x.shape, x.dtype)
     if v.C == 0:
         return v.restore(y3)
-    scale, shift = B.empty(xp, (2, v.C), acc)
+    scale, shift = _ws.get(xp).buffer("batch_norm.params", acc, 2 * v.C).reshape(2, v.C)   # scratch
     g, b = _as_acc(xp, gamma, acc), _as_acc(xp, beta, acc)
     rm, rv = _as_acc(xp, running_mean, acc), _as_acc(xp, running_var, acc)
     plans = _plans(xp, v, x.dtype, v.aligned, False)

@@ -31,6 +31,7 @@ import operator
 import numpy as np
 
 from .. import _backend as B
+from .. import _workspace
 from . import softmax as _sm
 
 #: The NumPy path's default bound on the memory a chunk takes (its logits, their gradient, which
@@ -126,8 +127,10 @@ def fused_linear_cross_entropy(h, W, target, bias=None, *, chunk_size: int | Non
     N = math.prod(row_shape)
     h2 = h.reshape(N, H)
     t = t.reshape(N)
-    if not kernels:
+    if not kernels or _workspace.eager_checks():
         _check_targets(t, V, ignore_index)
+    else:
+        _record_bad_target(xp, t, V, ignore_index)
 
     # The global 'mean' denominators, from the targets alone (device scalars on the kernel path).
     valid = (t != ignore_index) & (t >= 0) & (t < V)
@@ -219,6 +222,24 @@ def _check_targets(t, V: int, ignore_index: int) -> None:
         bad = ((t < 0) | (t >= V)) & (t != ignore_index)
         if bool(bad.any()):
             raise _sm._bad_target_error(t, (int(bad.argmax()),), V, ignore_index)
+
+
+def _record_bad_target(xp, t, V: int, ignore_index: int) -> None:
+    """The kernel path, with no sync: the first out-of-range target, at its row in the whole call,
+    goes into the workspace's sticky record for ``gpu.check_errors()`` before any chunk runs (the
+    chunks' kernels would record rows relative to their chunk, and leave this record alone)."""
+    if not t.size:
+        return
+    bad = ((t < 0) | (t >= V)) & (t != ignore_index)
+    first = bad.argmax()
+    vals = xp.empty(4, np.int64)
+    # slices, not elements: an element assignment of a device scalar would read it back
+    vals[0:1] = first
+    vals[1:2] = t[first]
+    vals[2:3] = V
+    vals[3:4] = ignore_index
+    rec = _workspace.get(xp).error_record(_sm._BAD_TARGET)
+    xp.copyto(rec, vals, where=(rec[0] < 0) & bad[first])
 
 
 def _auto_chunk(xp, N: int, V: int, H: int, acc, grad: bool) -> int:

@@ -32,7 +32,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import _backend as B
-from .. import _cpu, _kernels, _launch
+from .. import _cpu, _kernels, _launch, _workspace
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -100,8 +100,8 @@ class _CE:
 
     def __init__(self, xp, z, target, axis, reduction, ignore_index, label_smoothing, weight,
                  check_targets: bool = True, z_loss: float = 0.0, softcap: float | None = None):
-        # check_targets=False: the kernel path checks integer targets itself (a flag the kernel
-        # sets, read after the launch), with the same error, instead of an extra pass here.
+        # check_targets=False: the kernel path checks integer targets itself, on the device (a
+        # record gpu.check_errors() reads), instead of an extra pass and a sync here.
         z, ax = _check_z(xp, z, axis)
         self.xp, self.z, self.axis = xp, z, ax
         self.reduction = B.check_choice(reduction, "reduction", REDUCTIONS)
@@ -214,6 +214,12 @@ def softmax_cross_entropy(z, target, *, axis: int = -1, reduction: str = "mean",
     saves a z-sized allocation for large vocabularies. After a ValueError for a bad target, z's
     contents are unspecified.
 
+    A bad integer target (outside [0, C) and not ignore_index) raises ValueError at once on the
+    NumPy path. On the kernel path (CuPy, emulate backend) the check stays on the device, as a
+    device-side assert does in PyTorch: the row counts as ignored, and the error is raised by the
+    next ``gpu.check_errors()``; with ``gpu.set_eager_checks(True)`` (or ``GPU_EAGER_CHECKS=1``)
+    by the call itself, at the cost of one sync per call.
+
     >>> import numpy as np, gpu
     >>> z = np.random.default_rng(0).standard_normal((4, 10)).astype(np.float32)
     >>> loss, dz = gpu.softmax_cross_entropy(z, np.array([1, 2, 3, 4]), return_grad=True)
@@ -246,12 +252,21 @@ def softmax_cross_entropy_backward(z, target, dloss=1.0, *, axis: int = -1, redu
     xp, kernels = B.dispatch(z=z, target=target, weight=weight, dloss=dloss)
     ce = _CE(xp, z, target, axis, reduction, ignore_index, label_smoothing, weight, check_targets=not kernels,
              z_loss=z_loss, softcap=softcap)
-    dloss = dloss if B.is_cupy_array(dloss) else xp.asarray(dloss)
-    if dloss.dtype.kind not in "iuf" and dloss.dtype not in B.FLOAT_DTYPES:
+    # a host scalar stays on the host (the kernel path keeps it as a device constant, uploaded
+    # once); only an array is the caller's device (or, on the NumPy path, host) memory
+    host_scalar = not B.is_cupy_array(dloss) and np.ndim(dloss) == 0
+    if host_scalar:
+        dl = np.asarray(dloss)
+        if dl.dtype.kind not in "iuf":
+            raise TypeError(f"dloss: expected a real scalar or array, got dtype {dl.dtype}")
+        dloss = float(dl) if kernels else dl
+    else:
+        dloss = dloss if B.is_cupy_array(dloss) else xp.asarray(dloss)
+    if not host_scalar and dloss.dtype.kind not in "iuf" and dloss.dtype not in B.FLOAT_DTYPES:
         raise TypeError(f"dloss: expected a real scalar or array, got dtype {dloss.dtype}")
     allowed = [()] + ([ce.row_shape] if ce.reduction == "none" else [])
-    if dloss.shape not in allowed:
-        raise ValueError(f"dloss: shape {dloss.shape} does not match the loss, expected "
+    if np.shape(dloss) not in allowed:
+        raise ValueError(f"dloss: shape {np.shape(dloss)} does not match the loss, expected "
                          + " or ".join(map(str, allowed)))
     run = _gpu_cross_entropy if kernels else _cpu_cross_entropy
     return run(ce, want_loss=False, dloss=dloss)[1]
@@ -763,6 +778,23 @@ def _bad_target_error(target, pos: tuple, n_classes: int, ignore_index: int) -> 
                       f"[0, {n_classes}) and is not ignore_index ({ignore_index})")
 
 
+#: The workspace's record of the first out-of-range target: {row, target, C, ignore_index}.
+_BAD_TARGET = "softmax_cross_entropy.target"
+
+
+def _recorded_bad_target(values: list) -> ValueError:
+    row, t, n_classes, ignore_index = values
+    return ValueError(f"target: class index {t} at row {row} (flat, over the axes other than the class axis, "
+                      f"in memory order) of a cross-entropy call (softmax_cross_entropy, or fused_linear_cross_entropy's "
+                      f"rows) since the last gpu.check_errors() is "
+                      f"out of range [0, {n_classes}) and is not ignore_index ({ignore_index}); that row was "
+                      "treated as ignored (set gpu.set_eager_checks(True) or GPU_EAGER_CHECKS=1 to raise in "
+                      "the call itself)")
+
+
+_workspace.register_error(_BAD_TARGET, _recorded_bad_target)
+
+
 class _CERecipe(NamedTuple):
     """Everything about a cross-entropy launch that the arrays' values do not change: kept per
     (shape, dtype, options, alignment, device, knobs), so a repeated call only allocates and launches."""
@@ -820,8 +852,9 @@ def _make_ce_recipe(xp, lay, dtype, acc, ce, want_loss, grad, dl_stride, alignme
 def _gpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
     """(loss or None, dz or None) from the fused kernels; same contract as _cpu_cross_entropy.
 
-    Integer targets are checked by the kernel (no extra pass over them): a bad one raises
-    ValueError naming the first bad position, after the launch."""
+    Integer targets are checked by the kernel (no extra pass over them, no sync): a bad one is
+    treated as ignored and recorded in the stream's workspace; ``gpu.check_errors()`` raises it
+    (ValueError), or the call itself with eager checks (``gpu.set_eager_checks``)."""
     xp, z = ce.xp, ce.z
     if ce.n_classes == 0:
         return _ce_no_classes(ce, want_loss, dloss, inplace)
@@ -866,11 +899,14 @@ def _gpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
     r = _ce_recipe(xp, lay, z.dtype, acc, ce, want_loss, grad, dl_stride,
                    _alignment(lay.z, dz, *((y,) if ce.probs else ())))
     G = r.plan.grid
-    # the workspaces in three allocations: acc partials of both kernels (4 and 2 per block) and
-    # the inverse denominators, int64 (the first bad row, per block), and both kernels' tickets
-    fbuf = B.empty(xp, 4 * G + (2 * r.grid_w + 2 if r.kw is not None else 0), acc)
-    ibuf = B.empty(xp, G + 1, np.int64)
-    tickets = xp.zeros(2, np.uint32)
+    # scratch from the stream's persistent workspace (no allocation, no memset): acc partials of
+    # both kernels (4 and 2 per block) and the inverse denominators, the per-block first bad rows,
+    # both kernels' tickets (the last block leaves them at zero), the sticky bad-target record
+    ws = _workspace.get(xp)
+    fbuf = ws.buffer("softmax_cross_entropy.acc", acc, 4 * G + (2 * r.grid_w + 2 if r.kw is not None else 0))
+    part_bad = ws.buffer("softmax_cross_entropy.bad", np.int64, G)
+    tickets = ws.counters("softmax_cross_entropy", 2)
+    bad = ws.error_record(_BAD_TARGET)
     inv_denom = one(acc)
     if r.kw is not None:
         # 1 / (sum of the target weights), which every gradient element needs before it is written
@@ -879,28 +915,33 @@ def _gpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
             "inv_denom": inv_denom, "part": fbuf[4 * G + 2:], "ticket": tickets[1:], "target": target,
             "weight": weight}))
     nz = 2 if ce.return_z else 1   # the z-loss term follows the loss (rows or scalar)
-    loss_rows = B.empty(xp, nz * R, z.dtype) if (want_loss or ce.return_z) and red == "none" else one(z.dtype)
-    loss_out, bad = B.empty(xp, nz, z.dtype), ibuf[:1]
+    want_out = want_loss or ce.return_z
+    loss_rows = B.empty(xp, nz * R, z.dtype) if want_out and red == "none" else one(z.dtype)
+    # the reduced loss: an output, or (gradient only) scratch the kernel writes anyway
+    loss_out = (B.empty(xp, nz, z.dtype) if want_out and red != "none"
+                else ws.buffer("softmax_cross_entropy.loss", z.dtype, nz))
     named = r.scalars | {"dz": dz, "loss_rows": loss_rows, "loss_out": loss_out, "bad_out": bad,
-                         "part_loss": fbuf[:G], "part_w": fbuf[G:4 * G], "part_bad": ibuf[1:], "ticket": tickets[:1],
+                         "part_loss": fbuf[:G], "part_w": fbuf[G:4 * G], "part_bad": part_bad, "ticket": tickets[:1],
                          "z": lay.z, "target": target, "y": y, "weight": weight, "dloss": dl, "inv_denom": inv_denom}
     _kernels.launch(r.k, G, r.plan.block, r.k.args_from(named), shared_mem=r.plan.smem)
 
-    # the one synchronization: the error must be raised here
-    first_bad = int(bad[0]) if _kernels.launches_run() else -1
-    if first_bad >= 0:
-        pos = tuple(int(i) for i in np.unravel_index(first_bad, _row_shape_of(lay)))
-        raise _bad_target_error(ce.target, pos[::-1] if lay.flip else pos, C, ce.ignore_index)
+    # A bad target stays on the device (no sync here): recorded for gpu.check_errors(), unless
+    # eager checks read the record now and raise with the exact position.
+    if _workspace.eager_checks() and not ce.probs and _kernels.launches_run():
+        found = ws.read_error(_BAD_TARGET)
+        if found is not None:
+            pos = tuple(int(i) for i in np.unravel_index(found[0], _row_shape_of(lay)))
+            raise _bad_target_error(ce.target, pos[::-1] if lay.flip else pos, C, ce.ignore_index)
 
     loss = None
     if want_loss:
         if red == "none":
             loss = lay.orient(loss_rows[:R].reshape(_row_shape_of(lay)))
         else:
-            loss = loss_out[0].reshape(())
+            loss = loss_out[:1].reshape(())
     ce.z_term = None
     if ce.return_z:
-        ce.z_term = lay.orient(loss_rows[R:].reshape(_row_shape_of(lay))) if red == "none" else loss_out[1].reshape(())
+        ce.z_term = lay.orient(loss_rows[R:].reshape(_row_shape_of(lay))) if red == "none" else loss_out[1:2].reshape(())
     out = None
     if grad:
         out = lay.orient(dz)
