@@ -40,7 +40,14 @@
 #define __noinline__ __attribute__((noinline))
 #define __shared__ thread_local
 #define __constant__
+// __launch_bounds__(maxThreads, minBlocks): the build reads the bounds from a marker left in the
+// preprocessed text (GPUEMU_FIND_KERNELS) and puts them in the kernel table; a launch past
+// maxThreads fails as on the GPU. The compile proper drops it.
+#if defined(GPUEMU_FIND_KERNELS)
+#define __launch_bounds__(...) gpuemu_launch_bounds(__VA_ARGS__)
+#else
 #define __launch_bounds__(...)
+#endif
 #define __align__(n) __attribute__((aligned(n)))
 
 // ---------------------------------------------------------------------------------------------
@@ -470,6 +477,7 @@ struct KernelEntry {
     const char* name;
     void (*invoke)(void** args);
     const char* (*signature)();
+    int max_threads, min_blocks;  // __launch_bounds__, 0 where the kernel declares none
 };
 
 template <typename T> struct TypeName { static constexpr const char* value = nullptr; };
@@ -548,4 +556,5 @@ struct Invoker<F> {
 
 }  // namespace gpuemu
 
-#define GPUEMU_KERNEL_ENTRY(k) {#k, &gpuemu::Invoker<&k>::invoke, &gpuemu::Invoker<&k>::signature}
+#define GPUEMU_KERNEL_ENTRY(k, max_threads, min_blocks) \
+    {#k, &gpuemu::Invoker<&k>::invoke, &gpuemu::Invoker<&k>::signature, (int)(max_threads), (int)(min_blocks)}
