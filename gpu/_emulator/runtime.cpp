@@ -7,9 +7,9 @@
 //
 //   - The scheduler sweeps the group's threads, resuming each runnable one until it blocks at a
 //     barrier or a warp operation, or returns. The sweep order (GPU_EMULATOR_ORDER) is forward,
-//     all reversed, or shuffled: a fresh seeded permutation of the blocks and of the threads in
-//     a block for every sweep, so every phase between barriers interleaves differently and a
-//     missing barrier shows whichever direction it goes. The block and thread permutations mix
+//     all reversed, or shuffled: a fresh seeded order of the blocks and of the threads in a block
+//     for every sweep (warps permuted, lanes in a random xor order), so every phase between
+//     barriers interleaves differently and a missing barrier shows whichever direction it goes. The block and thread permutations mix
 //     the seed with the kernel's name and launch shape: reproducible whatever else ran before.
 //   - A warp operation (shuffle, vote, __syncwarp) completes when every lane of its mask has
 //     arrived; the last arrival computes all lanes' results.
@@ -844,23 +844,34 @@ void run_group(const std::vector<uint3>& idx) {
         if (!g.aborted) resume(&f);
         return !g.aborted;
     };
-    std::vector<int> block_order, rank_order;
+    const int wpb = warps_per_block();
+    std::vector<int> block_order, warp_order;
     if (g.order == ORDER_SHUFFLE) {
         block_order.resize(nblocks);
-        rank_order.resize(g.threads);
+        warp_order.resize(wpb);
         for (int b = 0; b < nblocks; ++b) block_order[b] = b;
-        for (int r = 0; r < g.threads; ++r) rank_order[r] = r;
+        for (int w = 0; w < wpb; ++w) warp_order[w] = w;
     }
     for (;;) {
         while (g_runnable > 0) {
             if (g.order == ORDER_SHUFFLE) {
-                // A fresh order every sweep; blocks stay contiguous, so a cooperative group swaps
-                // shared memory once per block and sweep, not once per thread.
+                // A fresh order every sweep: the blocks and the warps of a block permuted, the
+                // lanes of a warp taken as lane ^ m for a random m (any two lanes of a warp run
+                // in either order with even odds, and a warp's fibers stay close in memory).
+                // Blocks stay contiguous, so a cooperative group swaps shared memory once per
+                // block and sweep, not once per thread.
                 permute(block_order, g.rng);
-                permute(rank_order, g.rng);
-                for (int b : block_order)
-                    for (int r : rank_order)
-                        if (!step(fiber_of(b, r))) return;
+                permute(warp_order, g.rng);
+                for (int b : block_order) {
+                    for (int w : warp_order) {
+                        const int lanes = std::min(32, g.threads - w * 32);
+                        const int m = (int)(mix(g.rng) & 31u);
+                        for (int l = 0; l < 32; ++l) {
+                            const int lane = l ^ m;
+                            if (lane < lanes && !step(fiber_of(b, w * 32 + lane))) return;
+                        }
+                    }
+                }
             } else {
                 for (int i = 0; i < total; ++i)
                     if (!step(g_fibers[g.order == ORDER_REVERSE ? total - 1 - i : i])) return;
