@@ -95,8 +95,9 @@ launch is recorded, and with ``run=False`` skipped (``gpu-bench --host`` measure
 
 Environment
 -----------
-``GPU_EMULATOR_ORDER``, ``GPU_EMULATOR_BLOCK_SEED``, ``GPU_EMULATOR_ASAN``, ``GPU_EMULATOR_CACHE``,
-``GPU_EMULATOR_FIBERS``, ``GPU_EMULATOR_SM_COUNT`` and ``CXX``: see ``gpu/_emulator/__init__.py``.
+``GPU_EMULATOR_ORDER``, ``GPU_EMULATOR_SEED``, ``GPU_EMULATOR_BLOCK_SEED``, ``GPU_EMULATOR_RELAX``,
+``GPU_EMULATOR_ASAN``, ``GPU_EMULATOR_CACHE``, ``GPU_EMULATOR_FIBERS``, ``GPU_EMULATOR_SM_COUNT`` and
+``CXX``: see ``gpu/_emulator/__init__.py``.
 """
 from __future__ import annotations
 
@@ -829,7 +830,8 @@ def launch(kernel: Kernel, grid, block, args: Sequence[Any], shared_mem: int = 0
 
     On CuPy: CuPy's current stream. On the emulator: runs to completion on the CPU and raises
     ``gpu._emulator.EmulatorError`` for a divergent barrier, a bad shuffle, a scalar of the wrong
-    type or an overflow of dynamic shared memory.
+    type, an overflow of dynamic shared memory, a misaligned access, or a launch past the
+    kernel's ``__launch_bounds__`` or shared-memory limit.
 
     ``cooperative=True``: all blocks resident at once, so the kernel may call
     ``cooperative_groups::this_grid().sync()``; a grid larger than ``max_cooperative_grid`` is a

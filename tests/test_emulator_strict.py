@@ -91,12 +91,10 @@ def test_threads_interleave_differently_at_each_barrier():
 
 
 def test_bad_mode_values_are_named():
-    for var, value in (("GPU_EMULATOR_ORDER", "sideways"), ("GPU_EMULATOR_SEED", "x"),
-                       ("GPU_EMULATOR_RELAX", "registers,bogus")):
+    for kwargs, var in (({"order": "sideways"}, "GPU_EMULATOR_ORDER"), ({"seed": "x"}, "GPU_EMULATOR_SEED"),
+                        ({"relax": ["registers", "bogus"]}, "GPU_EMULATOR_RELAX")):
         with pytest.raises(ValueError, match=var):
-            with _emulator.modes(**{{"GPU_EMULATOR_ORDER": "order", "GPU_EMULATOR_SEED": "seed",
-                                     "GPU_EMULATOR_RELAX": "relax"}[var]: value.split(",") if "RELAX" in var
-                                    else value}):
+            with _emulator.modes(**kwargs):
                 pass
 
 
@@ -212,3 +210,15 @@ def test_cooperative_fit_counts_registers():
         assert _kernels.max_cooperative_grid(k, 256) == by_threads
         _kernels.launch(k, grid, 256, (y, x), cooperative=True)
     assert not np.isnan(y).any()
+
+
+def test_register_estimate_without_nvrtc(monkeypatch):
+    """Without ptxas's count: the most registers the kernel's __launch_bounds__ allow, else 255."""
+    fn = bug("register_heavy").function
+    monkeypatch.setattr(fn.module, "_ptxas", {})             # as if NVRTC were not installed
+    assert fn.registers() == (255, "no NVRTC and no __launch_bounds__: the per-thread maximum")
+    # __launch_bounds__(256, 4): 4 blocks of 8 warps share 64K registers, 64 each
+    fn = _kernels.get_kernel("softmax", "softmax_cross_entropy_strided", np, dtype=np.float32).function
+    assert fn.launch_bounds == (256, 4)
+    monkeypatch.setattr(fn.module, "_ptxas", {})
+    assert fn.registers() == (64, "__launch_bounds__(256, 4)")

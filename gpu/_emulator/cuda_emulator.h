@@ -4,7 +4,8 @@
 // unchanged with the system C++ compiler. Execution model (runtime.cpp): the blocks of a launch
 // run one after another (a cooperative launch: all at once); each CUDA thread of a block is a fiber
 // on one OS thread, switched only at synchronization points (barriers, warp shuffles and votes,
-// grid.sync), so runs are deterministic.
+// grid.sync), so runs are deterministic for a given seed (blocks and threads run in seeded shuffled
+// orders by default: runtime.cpp).
 //
 //  - __shared__ is `thread_local`: inside a function that also means `static`, so every fiber of a
 //    block (all on one OS thread) sees one copy. `extern __shared__` arrays are aliased by the
