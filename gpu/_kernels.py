@@ -98,8 +98,9 @@ launch is recorded, and with ``run=False`` skipped (``gpu-bench --host`` measure
 
 Environment
 -----------
-``GPU_EMULATOR_ORDER``, ``GPU_EMULATOR_BLOCK_SEED``, ``GPU_EMULATOR_ASAN``, ``GPU_EMULATOR_CACHE``,
-``GPU_EMULATOR_FIBERS``, ``GPU_EMULATOR_SM_COUNT`` and ``CXX``: see ``gpu/_emulator/__init__.py``.
+``GPU_EMULATOR_ORDER``, ``GPU_EMULATOR_SEED``, ``GPU_EMULATOR_BLOCK_SEED``, ``GPU_EMULATOR_RELAX``,
+``GPU_EMULATOR_ASAN``, ``GPU_EMULATOR_CACHE``, ``GPU_EMULATOR_FIBERS``, ``GPU_EMULATOR_SM_COUNT`` and
+``CXX``: see ``gpu/_emulator/__init__.py``.
 """
 from __future__ import annotations
 
@@ -759,7 +760,9 @@ def _module(fam: Family, xp, defines: dict[str, str]):
 
 def _build_module(fam: Family, xp, defines: dict[str, str]):
     if _is_numpy(xp):
-        return _emulator().build_module(fam.source, _define_flags(defines), name=fam.name)
+        # the register estimate's NVRTC compile (cuda.bindings') takes that NVRTC's headers
+        return _emulator().build_module(fam.source, _define_flags(defines), name=fam.name,
+                                        nvrtc_options=nvrtc_include_options)
     # the headers of NVRTC's own CUDA major, whatever else the machine has
     options = ("-std=c++17", *nvrtc_include_options(nvrtc_version(xp)[0]), *_define_flags(defines))
     try:
@@ -912,11 +915,7 @@ def _opt_in(kernel: Kernel, shared_mem: int, dev) -> None:
     if shared_mem == 0 or shared_mem <= kernel._opted_in:
         return
     limit = dev["max_shared_memory_per_block_optin"]
-    if _is_numpy(kernel.xp):
-        if shared_mem > limit:
-            raise ValueError(f"shared_mem={shared_mem} exceeds the device's {limit} bytes per block")
-        kernel._opted_in = shared_mem
-        return
+    # the emulator holds kernels to the same rule and attribute (gpu._emulator: "shared_memory")
     static = kernel.static_smem
     if static + shared_mem > limit:
         raise ValueError(f"{kernel.name}: {static} bytes static + {shared_mem} dynamic shared memory "
@@ -934,8 +933,9 @@ def max_cooperative_grid(kernel: Kernel, block, shared_mem: int = 0) -> int:
     block cannot run at all). Computed once per (kernel, block, shared_mem).
 
     On CuPy: CUDA's occupancy calculator (registers, shared memory, threads) times the SM count.
-    On the emulator: the same limits without registers (the CPU has no register file): threads,
-    blocks and shared memory per SM, counting the module's static shared memory in every block.
+    On the emulator: the same arithmetic (``EmulatedKernel.max_active_blocks_per_sm``): threads,
+    blocks and shared memory per SM, counting the module's static shared memory in every block, and
+    registers (ptxas's count through NVRTC, else a conservative bound from ``__launch_bounds__``).
 
     >>> k = get_kernel("batch_norm", "batch_norm_forward_onchip", np, np.float32, {"BN_VECTOR": 1})  # doctest: +SKIP
     >>> max_cooperative_grid(k, 256, 4096)                        # doctest: +SKIP
@@ -951,9 +951,7 @@ def max_cooperative_grid(kernel: Kernel, block, shared_mem: int = 0) -> int:
     _opt_in(kernel, shared_mem, dev)
     fn = kernel.function
     if _is_numpy(kernel.xp):
-        smem = kernel.static_smem + shared_mem + RESERVED_SHARED_MEM_PER_BLOCK
-        per_sm = min(dev["max_threads_per_sm"] // threads, dev["max_blocks_per_sm"],
-                     dev["max_shared_memory_per_sm"] // smem)
+        per_sm = fn.max_active_blocks_per_sm(threads, shared_mem)
     else:
         per_sm = kernel.xp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.kernel.ptr, threads, shared_mem)
     most = kernel._coop[key] = per_sm * dev["sm_count"]
@@ -982,7 +980,8 @@ def launch(kernel: Kernel, grid, block, args: Sequence[Any], shared_mem: int = 0
 
     On CuPy: CuPy's current stream. On the emulator: runs to completion on the CPU and raises
     ``gpu._emulator.EmulatorError`` for a divergent barrier, a bad shuffle, a scalar of the wrong
-    type or an overflow of dynamic shared memory.
+    type, an overflow of dynamic shared memory, a misaligned access, or a launch past the
+    kernel's ``__launch_bounds__`` or shared-memory limit.
 
     ``cooperative=True``: all blocks resident at once, so the kernel may call
     ``cooperative_groups::this_grid().sync()``; a grid larger than ``max_cooperative_grid`` is a

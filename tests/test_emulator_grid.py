@@ -101,7 +101,7 @@ def test_syncthreads_against_grid_sync_raises(order):
 
 
 def test_two_grid_sync_call_sites_raise(order):
-    with pytest.raises(EmulatorError, match=r"kernel 'grid_sync_two_call_sites', block \(1,0,0\): divergent grid "
+    with pytest.raises(EmulatorError, match=r"kernel 'grid_sync_two_call_sites', block \([12],0,0\): divergent grid "
                                             r"barrier: threads 0-31 wait at grid.sync \(emulator_grid.cu:\d+\) "
                                             r"while block \(0,0,0\) waits at grid.sync"):
         _kernels.launch(kernel("grid_sync_two_call_sites"), 3, 32, (np.zeros(3, np.int32),), cooperative=True)

@@ -113,14 +113,15 @@ def test_launch_checks_shape_shared_memory_and_arguments():
         _kernels.launch(k, 1, (1, 1, 65), (out,))
     with pytest.raises(ValueError, match=r"grid.x = 0"):
         _kernels.launch(k, 0, 32, (out,))
-    with pytest.raises(ValueError, match="shared_mem=300000 exceeds"):
+    with pytest.raises(ValueError, match=r"index3d: \d+ bytes static \+ 300000 dynamic shared memory exceed"):
         _kernels.launch(k, 1, 32, (out,), shared_mem=300_000)
     with pytest.raises(TypeError, match="expected a tuple"):
         _kernels.launch(k, 1, 32, out)
     with pytest.raises(TypeError, match="expected an array or a NumPy scalar, got list"):
         _kernels.launch(k, 1, 32, ([0],))
-    # Above 48 KiB needs the opt-in on CUDA; the emulator accepts up to the opt-in limit.
+    # Above 48 KiB needs the opt-in, on CUDA and on the emulator alike: launch sets it.
     _kernels.launch(k, 1, 32, (out,), shared_mem=100 * 1024)
+    assert k.function.max_dynamic_shared_size_bytes >= 100 * 1024
 
 
 def test_warmup_builds_every_family_dtype_and_variant(tmp_path, monkeypatch, tiny):

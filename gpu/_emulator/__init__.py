@@ -13,20 +13,57 @@ How a module is built (once per source + flags + compiler, cached on disk):
    a shared library loaded with ctypes.
 
 Execution model and what it catches: see ``runtime.cpp``. In short: blocks run one after another
-(a cooperative launch runs them all at once, so ``cooperative_groups::this_grid().sync()`` works),
-each CUDA thread is a fiber, threads switch only at barriers and warp operations; a divergent
-barrier, a grid.sync that some thread never reaches, a warp operation that cannot complete, an
-overflow of dynamic shared memory or a scalar argument of the wrong type raises ``EmulatorError``
-naming the kernel and the source line; shared memory starts every block as NaN and stays private
-to its block.
+in a shuffled order (a cooperative launch runs them all at once, so
+``cooperative_groups::this_grid().sync()`` works), each CUDA thread is a fiber, threads switch only
+at barriers and warp operations, in a fresh shuffled order at each; a divergent barrier, a
+grid.sync that some thread never reaches, a warp operation that cannot complete, an overflow of
+dynamic shared memory or a scalar argument of the wrong type raises ``EmulatorError`` naming the
+kernel and the source line; shared memory starts every block as NaN and stays private to its
+block.
+
+Strict by default
+-----------------
+The emulator is at least as strict as a GPU. Each of these is on unless ``GPU_EMULATOR_RELAX``
+names it (or ``modes(relax=...)``):
+
+``launch_bounds``
+    ``__launch_bounds__(maxThreads, minBlocks)`` is kept (``EmulatedKernel.max_threads_per_block``);
+    a launch with more threads per block fails as CUDA's does (cudaErrorLaunchOutOfResources).
+``shared_memory``
+    Static + dynamic shared memory is held to the emulated device's limits, with CUDA's opt-in
+    rule: a kernel may take ``48 KiB - static`` bytes of dynamic shared memory until its
+    ``max_dynamic_shared_size_bytes`` (cudaFuncAttributeMaxDynamicSharedMemorySize, as on CuPy's
+    RawKernel) is raised, at most to the opt-in limit minus its static shared memory.
+    ``gpu._kernels.launch`` raises it above 48 KiB, as it does on CuPy.
+``alignment``
+    Kernels are built with ``-fsanitize=alignment``: an access through a pointer not aligned to its
+    type (a ``float4`` load from an address that is not a multiple of 16) stops the launch with
+    the kernel, block, thread, type and source line, where a GPU faults with "misaligned address".
+``registers``
+    Cooperative launches must fit the device at once counting registers too
+    (``max_active_blocks_per_sm``): the kernel's register count is ptxas's for the emulated
+    architecture (sm_90) through NVRTC where it is installed (cuda-bindings and
+    nvidia-cuda-nvrtc, as for ``gpu._nvrtc_check``; the report is cached with the builds), else a
+    conservative bound: the most registers its ``__launch_bounds__`` let the compiler
+    use, or 255 (the per-thread maximum) without them.
 
 Environment
 -----------
 ``GPU_EMULATOR_ORDER``
-    ``forward`` (default) or ``reverse``: the order threads run between synchronization points.
-    A missing barrier shows up in one order or the other: run kernel tests under both.
+    The order threads run between synchronization points: ``shuffle`` (default: a fresh seeded
+    permutation of the blocks of a group and of the threads of a block at every sweep, so every
+    phase between barriers interleaves differently), ``forward`` or ``reverse`` (fixed orders; a
+    missing barrier shows up in one or the other).
+``GPU_EMULATOR_SEED``
+    An integer (default 1): seeds the shuffled thread order, and the block order unless
+    ``GPU_EMULATOR_BLOCK_SEED`` is set. Each launch mixes it with the kernel's name and launch
+    shape, so an order can be replayed alone.
 ``GPU_EMULATOR_BLOCK_SEED``
-    An integer: run blocks in an order shuffled by this seed (default: in order).
+    An integer: run blocks in an order shuffled by this seed; ``0`` runs them in index order
+    (default: ``GPU_EMULATOR_SEED``).
+``GPU_EMULATOR_RELAX``
+    Comma-separated checks to turn off: ``launch_bounds``, ``shared_memory``, ``alignment``,
+    ``registers``, or ``all`` (default: none; see above).
 ``GPU_EMULATOR_ASAN``
     ``1``: build with ``-fsanitize=address,undefined``, so out-of-bounds accesses to arrays,
     stacks and past the dynamic shared memory abort with a report. Python must then run with
@@ -46,6 +83,7 @@ Environment
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import hashlib
@@ -59,14 +97,14 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from gpu._errors import KernelBuildError
 
 __all__ = ["EmulatorError", "EmulatedKernel", "Module", "build_module", "build_flavour", "cache_dir", "DEVICE",
-           "device_attributes"]
+           "CHECKS", "device_attributes", "modes"]
 
 _HERE = Path(__file__).resolve().parent
 # cuda_fp16.h, cuda_bf16.h, cuda_runtime.h: empty stand-ins (cuda_emulator.h declares it all);
@@ -74,11 +112,14 @@ _HERE = Path(__file__).resolve().parent
 _RUNTIME_FILES = ("cuda_emulator.h", "runtime.cpp", "cuda_fp16.h", "cuda_bf16.h", "cuda_runtime.h",
                   "cooperative_groups.h")
 # Bump when the build steps below change what they produce from the same inputs.
-_BUILD_VERSION = "1"
+_BUILD_VERSION = "2"
 
+# A kernel in the preprocessed source (GPUEMU_FIND_KERNELS): the __global__ marker, then `void`,
+# then optionally the __launch_bounds__ marker (its arguments are read with _balanced_args).
 _KERNEL_RE = re.compile(
     r'extern\s+"C"\s+__attribute__\s*\(\(\s*noinline\s*,\s*used\s*,\s*section\s*\(\s*"\.text\.gpuemu_kernels"\s*\)\s*\)\)'
-    r"\s+void\s+(\w+)\s*\(")
+    r"\s+void\s+(gpuemu_launch_bounds\s*\(|\w+\s*\()")
+_NAME_RE = re.compile(r"\s*(\w+)\s*\(")
 
 
 #: Dynamic shared memory a kernel gets without opting in (CUDA's limit on every architecture).
@@ -100,7 +141,15 @@ DEVICE = {
     "warp_size": 32,
     "l2_bytes": 50 * 1024 * 1024,
     "compute_capability": (9, 0),
+    # the register file (sm_70..sm_90): 64K 32-bit registers per SM in 4 partitions, allocated
+    # per warp in units of 256, at most 255 per thread
+    "registers_per_sm": 65536,
+    "max_registers_per_thread": 255,
 }
+
+#: The checks that make the emulator as strict as a GPU (all on unless GPU_EMULATOR_RELAX names them).
+CHECKS = ("launch_bounds", "shared_memory", "alignment", "registers")
+_ORDERS = {"forward": 0, "reverse": 1, "shuffle": 2}
 
 _device_cache: dict[tuple, dict] = {}
 
@@ -131,10 +180,10 @@ def device_attributes() -> dict:
     # the raw environment values: this runs on every emulated op call
     if _ENV_DATA is not None and _ENV_BYTES:
         key = (_ENV_DATA.get(b"GPU_EMULATOR_SM_COUNT"), _ENV_DATA.get(b"GPU_EMULATOR_ASAN"),
-               _ENV_DATA.get(b"GPU_EMULATOR_FIBERS"))
+               _ENV_DATA.get(b"GPU_EMULATOR_FIBERS"), _ENV_DATA.get(b"GPU_EMULATOR_RELAX"))
     else:
         key = (os.environ.get("GPU_EMULATOR_SM_COUNT"), os.environ.get("GPU_EMULATOR_ASAN"),
-               os.environ.get("GPU_EMULATOR_FIBERS"))
+               os.environ.get("GPU_EMULATOR_FIBERS"), os.environ.get("GPU_EMULATOR_RELAX"))
     attrs = _device_cache.get(key)
     if attrs is None:
         sm = _env("GPU_EMULATOR_SM_COUNT", b"GPU_EMULATOR_SM_COUNT")
@@ -167,9 +216,56 @@ def _fibers() -> str:
     return v
 
 
+_relax_cache: dict[str, frozenset] = {}
+
+
+def relaxed() -> frozenset:
+    """The checks ``GPU_EMULATOR_RELAX`` turns off (a subset of ``CHECKS``)."""
+    raw = _env("GPU_EMULATOR_RELAX", b"GPU_EMULATOR_RELAX")
+    out = _relax_cache.get(raw)
+    if out is None:
+        names = {n.strip() for n in raw.replace(" ", ",").split(",") if n.strip()}
+        if "all" in names:
+            names = (names - {"all"}) | set(CHECKS)
+        unknown = sorted(names - set(CHECKS))
+        if unknown:
+            raise ValueError(f"GPU_EMULATOR_RELAX={raw!r}: unknown check(s) {', '.join(unknown)}; "
+                             f"expected some of {', '.join(CHECKS)} or 'all'")
+        out = _relax_cache[raw] = frozenset(names)
+    return out
+
+
 def build_flavour() -> str:
-    """Which kind of module builds now: ``release`` or ``asan``, plus ``-ucontext`` if selected."""
-    return ("asan" if _asan() else "release") + ("-ucontext" if _fibers() == "ucontext" else "")
+    """Which kind of module builds now: ``release`` or ``asan``, plus ``-ucontext`` if selected and
+    ``-unaligned`` without the alignment check."""
+    return (("asan" if _asan() else "release") + ("-ucontext" if _fibers() == "ucontext" else "")
+            + ("-unaligned" if "alignment" in relaxed() else ""))
+
+
+@contextlib.contextmanager
+def modes(order: str | None = None, seed: int | None = None, block_seed: int | None = None,
+          relax: Sequence[str] | None = None) -> Iterator[None]:
+    """Run the block with other emulator modes (the environment variables above, restored after).
+
+    >>> with modes(order="forward", block_seed=0, relax=["alignment"]):    # doctest: +SKIP
+    ...     launch(...)
+    """
+    values = {"GPU_EMULATOR_ORDER": order, "GPU_EMULATOR_SEED": seed, "GPU_EMULATOR_BLOCK_SEED": block_seed,
+              "GPU_EMULATOR_RELAX": None if relax is None else ",".join(relax)}
+    saved = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v is not None:
+                os.environ[k] = str(v)
+        relaxed()
+        _launch_order()
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def cache_dir() -> Path:
@@ -190,7 +286,17 @@ def _flags() -> list[str]:
         flags += ["-O2"]
     if _fibers() == "ucontext":
         flags.append("-DGPUEMU_UCONTEXT")
+    if "alignment" in relaxed():
+        if _asan():
+            flags.append("-fno-sanitize=alignment")
+    elif not _asan():
+        # checks only: the handler is runtime.cpp's, so the link (below) leaves UBSan's library out
+        flags.append("-fsanitize=alignment")
     return flags
+
+
+def _link_flags(flags: list[str]) -> list[str]:
+    return [f for f in flags if f != "-fsanitize=alignment"]
 
 
 _compiler_cache: dict[str, tuple[list[str], str]] = {}
@@ -308,16 +414,55 @@ def _undefined_tls_symbols(obj: Path) -> list[str]:
     return [n for n in names if n != "gpuemu_dynamic_smem"]
 
 
+def _find_kernels(pre: str) -> dict[str, tuple[str, str]]:
+    """kernel name -> (maxThreads, minBlocks) expressions ("0" where not declared), from the
+    preprocessed source."""
+    out: dict[str, tuple[str, str]] = {}
+    for m in _KERNEL_RE.finditer(pre):
+        bounds = ("0", "0")
+        rest = m.end(1) - 1  # at the "(" that ends the match
+        if m.group(1).startswith("gpuemu_launch_bounds"):
+            depth, i = 0, rest
+            while True:
+                depth += {"(": 1, ")": -1}.get(pre[i], 0)
+                if depth == 0:
+                    break
+                i += 1
+            args = _split_args(pre[rest + 1:i])
+            bounds = (f"({args[0]})", f"({args[1]})" if len(args) > 1 else "0")
+            name = _NAME_RE.match(pre, i + 1)
+            if name is None:
+                continue
+            kernel = name.group(1)
+        else:
+            kernel = re.match(r"\w+", m.group(1)).group(0)
+        out.setdefault(kernel, bounds)
+    return out
+
+
+def _split_args(text: str) -> list[str]:
+    """``text`` split at its top-level commas."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            parts.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    return parts + [cur.strip()]
+
+
 def _build_library(source: str, flags: list[str], defines: list[str], tmp: Path) -> Path:
     cmd, _ = _compiler()
     runtime = _runtime_object(cmd, _compiler()[1], flags)
     common = [*cmd, *flags, *defines, "-include", str(_HERE / "cuda_emulator.h"), "-I", str(_HERE)]
     (tmp / "kernel.cpp").write_text(source)
-    pre = _run([*common, "-E", "kernel.cpp"], "preprocessing the kernel source", tmp)
-    kernels = list(dict.fromkeys(_KERNEL_RE.findall(pre)))
+    pre = _run([*common, "-DGPUEMU_FIND_KERNELS", "-E", "kernel.cpp"], "preprocessing the kernel source", tmp)
+    kernels = _find_kernels(pre)
     if not kernels:
         raise KernelBuildError('emulator: the source defines no extern "C" __global__ kernel')
-    entries = ",\n    ".join(f"GPUEMU_KERNEL_ENTRY({k})" for k in kernels)
+    entries = ",\n    ".join(f"GPUEMU_KERNEL_ENTRY({k}, {bounds[0]}, {bounds[1]})" for k, bounds in kernels.items())
     (tmp / "module.cpp").write_text(
         '#include "kernel.cpp"\n'
         f"extern const gpuemu::KernelEntry gpuemu_kernel_table[] = {{\n    {entries}\n}};\n"
@@ -334,13 +479,17 @@ def _build_library(source: str, flags: list[str], defines: list[str], tmp: Path)
         + aliases)
     _run([*cmd, *flags, "-c", "smem.cpp", "-o", "smem.o"], "compiling the shared-memory aliases", tmp)
     out = tmp / "module.so"
-    _run([*cmd, *flags, "-shared", "-o", str(out), "module.o", "smem.o", str(runtime), "-ldl"],
+    _run([*cmd, *_link_flags(flags), "-shared", "-o", str(out), "module.o", "smem.o", str(runtime), "-ldl"],
          "linking the kernel module", tmp)
     return out
 
 
-def build_module(source: str, defines: Sequence[str], name: str = "kernels") -> "Module":
+def build_module(source: str, defines: Sequence[str], name: str = "kernels", nvrtc_options=None) -> "Module":
     """Build (or find in the cache) and load the emulated module for `source` with `-D` defines.
+
+    ``nvrtc_options``: a callable giving NVRTC's ``-I`` options (``gpu._kernels`` passes
+    ``nvrtc_include_options``), so that the register check can ask ptxas; without it the check
+    uses its conservative bound.
 
     >>> src = 'extern "C" __global__ void fill(float* y, float v) { y[threadIdx.x] = v; }'
     >>> k = build_module(src, []).get_function("fill")               # doctest: +SKIP
@@ -351,7 +500,9 @@ def build_module(source: str, defines: Sequence[str], name: str = "kernels") -> 
     flags = _flags()
     key = [ident, *flags, *defines, source, *_runtime_key()]
     path = _cached(key, name, ".so", lambda tmp: _build_library(source, flags, list(defines), tmp))
-    return _load(path)
+    mod = _load(path)
+    mod.source, mod.defines, mod.nvrtc_options = source, tuple(defines), nvrtc_options
+    return mod
 
 
 _loaded: dict[Path, "Module"] = {}
@@ -381,10 +532,15 @@ class Module:
         lib.gpuemu_launch.restype = ctypes.c_int
         lib.gpuemu_launch.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint),
                                       ctypes.c_uint, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int,
-                                      ctypes.c_ulonglong, ctypes.c_int]
+                                      ctypes.c_ulonglong, ctypes.c_ulonglong, ctypes.c_int]
         lib.gpuemu_static_smem_bytes.restype = ctypes.c_uint
         self.path = path
         self.lib = lib
+        # what it was built from (build_module sets them), for ptxas's register counts
+        self.source: str | None = None
+        self.defines: tuple[str, ...] = ()
+        self.nvrtc_options = None           # () -> NVRTC's -I options, or None: no NVRTC compile
+        self._ptxas: dict[str, tuple[int, int]] | None = None
         #: Static shared memory of all the module's kernels together (the emulator cannot tell which
         #: kernel declares which array): an upper bound for any one kernel's.
         self.static_smem_bytes = int(lib.gpuemu_static_smem_bytes())
@@ -392,7 +548,17 @@ class Module:
         for i in range(lib.gpuemu_kernel_count_()):
             name = lib.gpuemu_kernel_name(i).decode()
             sig = lib.gpuemu_kernel_signature(i).decode()
-            self.kernels[name] = EmulatedKernel(self, i, name, sig.split(",") if sig else [])
+            self.kernels[name] = EmulatedKernel(self, i, name, sig.split(",") if sig else [],
+                                                lib.gpuemu_kernel_max_threads(i), lib.gpuemu_kernel_min_blocks(i))
+
+    def ptxas_info(self) -> dict[str, tuple[int, int]] | None:
+        """kernel -> (registers, static shared memory bytes) as ptxas reports them for the emulated
+        architecture, through NVRTC (cached on disk); None where NVRTC or the CUDA headers are
+        missing or the compile fails."""
+        if self._ptxas is None:
+            self._ptxas = ({} if self.source is None or self.nvrtc_options is None
+                           else _ptxas_info(self.source, self.defines, self.nvrtc_options))
+        return self._ptxas or None
 
     def get_function(self, name: str) -> "EmulatedKernel":
         try:
@@ -414,31 +580,183 @@ def _scalar_type(a: Any) -> str:
     raise TypeError(f"{type(a).__name__} is not a kernel argument")
 
 
-def _env_order() -> tuple[int, int]:
-    order = os.environ.get("GPU_EMULATOR_ORDER", "forward") or "forward"
-    if order not in ("forward", "reverse"):
-        raise ValueError(f"GPU_EMULATOR_ORDER={order!r}: expected 'forward' or 'reverse'")
-    seed = os.environ.get("GPU_EMULATOR_BLOCK_SEED", "") or "0"
+_ENTRY_RE = re.compile(r"Compiling entry function '(\w+)'")
+_USED_RE = re.compile(r"Used (\d+) registers(?:, (\d+) bytes smem)?")
+
+
+def _ptxas_info(source: str, defines: Sequence[str], include_options) -> dict[str, tuple[int, int]]:
+    """kernel -> (registers, static shared memory) from ptxas's report for the emulated
+    architecture; {} where NVRTC (cuda-bindings + nvidia-cuda-nvrtc) or the CUDA headers are
+    missing, or NVRTC rejects the source. The report is cached with the builds."""
     try:
-        seed_value = int(seed)
-    except ValueError:
-        raise ValueError(f"GPU_EMULATOR_BLOCK_SEED={seed!r}: expected an integer") from None
-    return int(order == "reverse"), seed_value & (2**64 - 1)
+        from cuda.bindings import nvrtc
+        err, major, minor = nvrtc.nvrtcVersion()
+        if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            return {}
+        cc = DEVICE["compute_capability"]
+        opts = [f"--gpu-architecture=sm_{cc[0]}{cc[1]}", "-std=c++17", *include_options(), "--ptxas-options=-v",
+                *defines]
+    except Exception:  # no bindings, no libnvrtc, no headers: the estimate
+        return {}
+
+    def build(tmp: Path) -> Path:
+        err, prog = nvrtc.nvrtcCreateProgram(source.encode(), b"kernel.cu", 0, [], [])
+        try:
+            result = nvrtc.nvrtcCompileProgram(prog, len(opts), [o.encode() for o in opts])
+            _, size = nvrtc.nvrtcGetProgramLogSize(prog)
+            buf = b" " * size
+            nvrtc.nvrtcGetProgramLog(prog, buf)
+        finally:
+            nvrtc.nvrtcDestroyProgram(prog)
+        log = buf.rstrip(b"\0 ").decode(errors="replace")
+        (tmp / "ptxas.log").write_text(log if result[0] == nvrtc.nvrtcResult.NVRTC_SUCCESS else "")
+        return tmp / "ptxas.log"
+
+    try:
+        log = _cached(["ptxas", f"{major}.{minor}", *opts, source], "ptxas", ".log", build).read_text()
+    except Exception:
+        return {}
+    out, name = {}, None
+    for line in log.splitlines():
+        m = _ENTRY_RE.search(line)
+        if m:
+            name = m.group(1)
+            continue
+        m = _USED_RE.search(line)
+        if m and name is not None:
+            out[name] = (int(m.group(1)), int(m.group(2) or 0))
+            name = None
+    return out
+
+
+_order_cache: dict[tuple, tuple[int, int, int]] = {}
+
+
+def _launch_order() -> tuple[int, int, int]:
+    """(order, thread seed, block seed) from GPU_EMULATOR_ORDER / _SEED / _BLOCK_SEED."""
+    key = (_env("GPU_EMULATOR_ORDER", b"GPU_EMULATOR_ORDER"), _env("GPU_EMULATOR_SEED", b"GPU_EMULATOR_SEED"),
+           _env("GPU_EMULATOR_BLOCK_SEED", b"GPU_EMULATOR_BLOCK_SEED"))
+    out = _order_cache.get(key)
+    if out is None:
+        order, seed, block_seed = key
+        if (order or "shuffle") not in _ORDERS:
+            raise ValueError(f"GPU_EMULATOR_ORDER={order!r}: expected 'shuffle', 'forward' or 'reverse'")
+        values = []
+        for name, v in (("GPU_EMULATOR_SEED", seed or "1"), ("GPU_EMULATOR_BLOCK_SEED", block_seed or seed or "1")):
+            try:
+                values.append(int(v) & (2**64 - 1))
+            except ValueError:
+                raise ValueError(f"{name}={v!r}: expected an integer") from None
+        out = _order_cache[key] = (_ORDERS[order or "shuffle"], values[0], values[1])
+    return out
 
 
 class EmulatedKernel:
     """One kernel of a Module; called like CuPy's RawKernel: ``k(grid, block, args, shared_mem)``.
 
     ``k(..., cooperative=True)`` launches as ``cuLaunchCooperativeKernel`` does: every block of the
-    grid runs at once, so the kernel may call ``cooperative_groups::this_grid().sync()``. The
-    caller (``gpu._kernels.launch``) checks that the grid fits the emulated device.
+    grid runs at once, so the kernel may call ``cooperative_groups::this_grid().sync()``; the grid
+    must fit the device at once (``max_active_blocks_per_sm``).
+
+    A launch past the kernel's ``__launch_bounds__`` or its shared-memory limit fails as on a GPU
+    (``EmulatorError``); see "Strict by default" above.
     """
 
-    def __init__(self, module: Module, index: int, name: str, params: list[str]):
+    def __init__(self, module: Module, index: int, name: str, params: list[str], max_threads: int = 0,
+                 min_blocks: int = 0):
         self.module = module
         self.index = index
         self.name = name
         self.params = params  # "*float32" for a float*, "int32" for an int, "*any" for void*/char*
+        #: __launch_bounds__(maxThreads, minBlocks); 0 where not declared
+        self.launch_bounds = (max_threads, min_blocks)
+        self._max_dynamic: int | None = None
+        self._occupancy: dict[tuple, int] = {}
+
+    @property
+    def max_threads_per_block(self) -> int:
+        """The most threads a launch may have (CuPy's attribute): the kernel's __launch_bounds__,
+        else the device's limit."""
+        return self.launch_bounds[0] or device_attributes()["max_threads_per_block"]
+
+    @property
+    def max_dynamic_shared_size_bytes(self) -> int:
+        """cudaFuncAttributeMaxDynamicSharedMemorySize (CuPy's attribute): the most dynamic shared
+        memory a launch may request; 48 KiB minus the static shared memory until raised."""
+        if self._max_dynamic is not None:
+            return self._max_dynamic
+        return max(0, DEFAULT_SHARED_MEM - self.shared_size_bytes)
+
+    @max_dynamic_shared_size_bytes.setter
+    def max_dynamic_shared_size_bytes(self, value: int) -> None:
+        most = device_attributes()["max_shared_memory_per_block_optin"] - self.shared_size_bytes
+        if not isinstance(value, (int, np.integer)) or not 0 <= value <= most:
+            raise ValueError(f"kernel {self.name}: max_dynamic_shared_size_bytes={value!r} is outside [0, {most}] "
+                             f"(the device's opt-in limit minus {self.shared_size_bytes} bytes of static shared "
+                             "memory; CUDA: cudaErrorInvalidValue)")
+        self._max_dynamic = int(value)
+
+    def registers(self) -> tuple[int, str]:
+        """(registers per thread, where the number comes from): ptxas's count for the emulated
+        architecture through NVRTC, else the most the kernel's __launch_bounds__ allow (255, the
+        per-thread maximum, without them)."""
+        info = self.module.ptxas_info()
+        if info and self.name in info:
+            return info[self.name][0], "ptxas"
+        dev = device_attributes()
+        most = dev["max_registers_per_thread"]
+        threads, blocks = self.launch_bounds
+        if threads:
+            warps = -(-threads // 32) * max(blocks, 1)
+            most = min(most, dev["registers_per_sm"] // (warps * 32) // 8 * 8)
+            return most, f"__launch_bounds__({threads}{f', {blocks}' if blocks else ''})"
+        return most, "no NVRTC and no __launch_bounds__: the per-thread maximum"
+
+    def max_active_blocks_per_sm(self, threads: int, dynamic_smem: int = 0) -> int:
+        """Blocks of `threads` threads with `dynamic_smem` bytes that one SM holds at once (CUDA's
+        occupancy calculator): limited by threads, blocks, shared memory (the module's static shared
+        memory counted in every block, plus the 1 KiB the driver reserves) and, unless relaxed,
+        registers (``registers()``, allocated per warp in units of 256 from 4 partitions of 16K)."""
+        relax = relaxed()
+        key = (threads, dynamic_smem, "registers" in relax, id(device_attributes()))
+        most = self._occupancy.get(key)
+        if most is None:
+            dev = device_attributes()
+            smem = self.shared_size_bytes + dynamic_smem + 1024
+            most = min(dev["max_threads_per_sm"] // threads, dev["max_blocks_per_sm"],
+                       dev["max_shared_memory_per_sm"] // smem)
+            if "registers" not in relax:
+                regs, _ = self.registers()
+                per_warp = -(-regs * 32 // 256) * 256
+                warps = 4 * (dev["registers_per_sm"] // 4 // per_warp)
+                most = min(most, warps // -(-threads // 32))
+            self._occupancy[key] = most
+        return most
+
+    def _check(self, grid: Sequence[int], block: Sequence[int], shared_mem: int, cooperative: bool) -> None:
+        """What the CUDA driver refuses at launch, unless relaxed."""
+        relax = relaxed()
+        threads = block[0] * block[1] * block[2]
+        if "launch_bounds" not in relax and self.launch_bounds[0] and threads > self.launch_bounds[0]:
+            raise EmulatorError(f"kernel '{self.name}': too many resources requested for launch "
+                                f"(cudaErrorLaunchOutOfResources): {threads} threads per block, but the kernel "
+                                f"is declared __launch_bounds__({self.launch_bounds[0]})")
+        if "shared_memory" not in relax and shared_mem > self.max_dynamic_shared_size_bytes:
+            limit = self.max_dynamic_shared_size_bytes
+            hint = (" (set kernel.max_dynamic_shared_size_bytes to opt in above 48 KiB, as gpu._kernels.launch does)"
+                    if self._max_dynamic is None else "")
+            raise EmulatorError(f"kernel '{self.name}': invalid argument (cudaErrorInvalidValue): {shared_mem} bytes "
+                                f"of dynamic shared memory requested, the kernel's limit is {limit} "
+                                f"(static: {self.shared_size_bytes}){hint}")
+        if cooperative:
+            blocks = grid[0] * grid[1] * grid[2]
+            most = self.max_active_blocks_per_sm(threads, shared_mem) * device_attributes()["sm_count"]
+            if blocks > most:
+                regs = "" if "registers" in relax else " and %d registers per thread (%s)" % self.registers()
+                raise EmulatorError(f"kernel '{self.name}': cooperative launch too large "
+                                    f"(cudaErrorCooperativeLaunchTooLarge): {blocks} blocks of {threads} threads "
+                                    f"with {shared_mem} bytes of dynamic shared memory{regs}; the device holds "
+                                    f"{most} at once")
 
     def __repr__(self) -> str:
         return f"<EmulatedKernel {self.name}({', '.join(self.params)})>"
@@ -479,10 +797,12 @@ class EmulatedKernel:
     def __call__(self, grid: Sequence[int], block: Sequence[int], args: Sequence[Any], shared_mem: int = 0,
                  cooperative: bool = False) -> None:
         values, argv = self._pack(args)
-        reverse, seed = _env_order()
+        self._check(grid, block, shared_mem, cooperative)
+        order, thread_seed, block_seed = _launch_order()
         g = (ctypes.c_uint * 3)(*grid)
         b = (ctypes.c_uint * 3)(*block)
-        rc = self.module.lib.gpuemu_launch(self.index, g, b, shared_mem, argv, reverse, seed, int(cooperative))
+        rc = self.module.lib.gpuemu_launch(self.index, g, b, shared_mem, argv, order, thread_seed, block_seed,
+                                           int(cooperative))
         del values
         if rc != 0:
             raise EmulatorError(self.module.lib.gpuemu_last_error().decode())

@@ -4,7 +4,8 @@
 // unchanged with the system C++ compiler. Execution model (runtime.cpp): the blocks of a launch
 // run one after another (a cooperative launch: all at once); each CUDA thread of a block is a fiber
 // on one OS thread, switched only at synchronization points (barriers, warp shuffles and votes,
-// grid.sync), so runs are deterministic.
+// grid.sync), so runs are deterministic for a given seed (blocks and threads run in seeded shuffled
+// orders by default: runtime.cpp).
 //
 //  - __shared__ is `thread_local`: inside a function that also means `static`, so every fiber of a
 //    block (all on one OS thread) sees one copy. `extern __shared__` arrays are aliased by the
@@ -40,7 +41,14 @@
 #define __noinline__ __attribute__((noinline))
 #define __shared__ thread_local
 #define __constant__
+// __launch_bounds__(maxThreads, minBlocks): the build reads the bounds from a marker left in the
+// preprocessed text (GPUEMU_FIND_KERNELS) and puts them in the kernel table; a launch past
+// maxThreads fails as on the GPU. The compile proper drops it.
+#if defined(GPUEMU_FIND_KERNELS)
+#define __launch_bounds__(...) gpuemu_launch_bounds(__VA_ARGS__)
+#else
 #define __launch_bounds__(...)
+#endif
 #define __align__(n) __attribute__((aligned(n)))
 
 // ---------------------------------------------------------------------------------------------
@@ -470,6 +478,7 @@ struct KernelEntry {
     const char* name;
     void (*invoke)(void** args);
     const char* (*signature)();
+    int max_threads, min_blocks;  // __launch_bounds__, 0 where the kernel declares none
 };
 
 template <typename T> struct TypeName { static constexpr const char* value = nullptr; };
@@ -548,4 +557,5 @@ struct Invoker<F> {
 
 }  // namespace gpuemu
 
-#define GPUEMU_KERNEL_ENTRY(k) {#k, &gpuemu::Invoker<&k>::invoke, &gpuemu::Invoker<&k>::signature}
+#define GPUEMU_KERNEL_ENTRY(k, max_threads, min_blocks) \
+    {#k, &gpuemu::Invoker<&k>::invoke, &gpuemu::Invoker<&k>::signature, (int)(max_threads), (int)(min_blocks)}

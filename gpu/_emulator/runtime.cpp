@@ -1,13 +1,16 @@
 // runtime.cpp: the scheduler of the gpu CPU emulator, linked into every emulated kernel module.
 //
-// A launch runs its blocks one after another (in order, or shuffled by a seed); a cooperative
-// launch runs all of them at once, as one group, so that grid.sync() can hold every thread of the
-// grid. Each CUDA thread of the running group is a fiber with its own stack; fibers switch only at
-// synchronization points, so a launch is deterministic:
+// A launch runs its blocks one after another (shuffled by a seed, or in index order); a
+// cooperative launch runs all of them at once, as one group, so that grid.sync() can hold every
+// thread of the grid. Each CUDA thread of the running group is a fiber with its own stack; fibers
+// switch only at synchronization points, so a launch is deterministic for a given seed:
 //
-//   - The scheduler sweeps the group's threads, block by block (forward, or all reversed:
-//     GPU_EMULATOR_ORDER), resuming each runnable one until it blocks at a barrier or a warp
-//     operation, or returns.
+//   - The scheduler sweeps the group's threads, resuming each runnable one until it blocks at a
+//     barrier or a warp operation, or returns. The sweep order (GPU_EMULATOR_ORDER) is forward,
+//     all reversed, or shuffled: a fresh seeded order of the blocks and of the threads in a block
+//     for every sweep (warps permuted, lanes in a random xor order), so every phase between
+//     barriers interleaves differently and a missing barrier shows whichever direction it goes. The block and thread permutations mix
+//     the seed with the kernel's name and launch shape: reproducible whatever else ran before.
 //   - A warp operation (shuffle, vote, __syncwarp) completes when every lane of its mask has
 //     arrived; the last arrival computes all lanes' results.
 //   - When no thread is runnable, the block is done (all returned), or every live thread waits at
@@ -184,13 +187,33 @@ const char* const kWarpOpNames[] = {"__shfl_sync", "__shfl_up_sync", "__shfl_dow
 const char* const kBarrierNames[] = {"__syncthreads", "__syncthreads_count", "__syncthreads_and",
                                      "__syncthreads_or", "grid.sync"};
 
+enum Order { ORDER_FORWARD, ORDER_REVERSE, ORDER_SHUFFLE };
+
+// splitmix64: the block and thread orders for a seed.
+unsigned long long mix(unsigned long long& state) {
+    unsigned long long z = (state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+// Fisher-Yates with a multiply-shift range reduction (no division: this runs once per sweep).
+template <typename T>
+void permute(std::vector<T>& v, unsigned long long& state) {
+    for (size_t i = v.size(); i > 1; --i) {
+        const size_t j = (size_t)(((unsigned __int128)mix(state) * i) >> 64);
+        std::swap(v[i - 1], v[j]);
+    }
+}
+
 // One launch at a time per module: the launch state below is global, not thread-local.
 std::mutex g_launch_mutex;
 
 struct Launch {
     const KernelEntry* kernel = nullptr;
     void** args = nullptr;
-    bool reverse = false;
+    int order = 0;  // ORDER_FORWARD, ORDER_REVERSE or ORDER_SHUFFLE
+    unsigned long long rng = 0;  // the thread-order generator's state
     unsigned dynamic_smem = 0;
     bool cooperative = false;
     int threads = 0;  // per block
@@ -608,6 +631,59 @@ void trap(const char* what, const char* file, int line) {
     __builtin_unreachable();
 }
 
+// ----------------------------------------------------------------------------------------------
+// Misaligned accesses: the kernel source is built with -fsanitize=alignment, whose checks call
+// the handler below (UBSan's ABI, defined here with hidden visibility, so no sanitizer runtime is
+// needed and an ASan build's UBSan reports of this kind come here too). A GPU faults on an access
+// not aligned to its type (a float4 load through a pointer that is not 16-byte aligned:
+// "misaligned address"); the emulator stops the launch with the kernel, block, thread, type and
+// source line.
+// ----------------------------------------------------------------------------------------------
+
+struct UbsanLocation {
+    const char* file;
+    unsigned line, column;
+};
+struct UbsanType {
+    unsigned short kind, info;
+    char name[1];
+};
+struct UbsanTypeMismatch {
+    UbsanLocation loc;
+    const UbsanType* type;
+    unsigned char log_alignment;
+    unsigned char check_kind;
+};
+
+[[noreturn]] void type_mismatch(const UbsanTypeMismatch* d, uintptr_t ptr) {
+    static const char* const kinds[] = {"load of", "store to", "reference binding to", "member access within",
+                                        "member call on", "constructor call on", "downcast of", "downcast of",
+                                        "upcast of", "cast to virtual base of", "_Nonnull binding to",
+                                        "dynamic operation on"};
+    const char* kind = d->check_kind < sizeof(kinds) / sizeof(kinds[0]) ? kinds[d->check_kind] : "access to";
+    const unsigned long long align = 1ull << d->log_alignment;
+    std::string type = d->type->name;  // GCC quotes it already, clang does not
+    if (type.size() < 2 || type.front() != '\'') type = "'" + type + "'";
+    std::string what;
+    if (ptr == 0)
+        what = format("%s null pointer of type %s", kind, type.c_str());
+    else if (ptr & (align - 1))
+        what = format("misaligned address: %s address 0x%llx for type %s, which needs %llu-byte alignment",
+                      kind, (unsigned long long)ptr, type.c_str(), align);
+    else
+        what = format("%s address 0x%llx with too little space for type %s", kind, (unsigned long long)ptr,
+                      type.c_str());
+    if (!g_current) {  // not in a kernel thread: cannot stop a launch, stop the process
+        std::fprintf(stderr, "gpu emulator: %s at %s:%u\n", what.c_str(), d->loc.file, d->loc.line);
+        std::abort();
+    }
+    const Fiber* f = g_current;
+    record_error(format("%s at %s:%u (thread (%u,%u,%u))", what.c_str(), d->loc.file, d->loc.line, f->tid.x,
+                        f->tid.y, f->tid.z));
+    wait();
+    __builtin_unreachable();
+}
+
 namespace {
 
 enum BlockState { BLOCK_DONE, BLOCK_RELEASED, BLOCK_AT_GRID_SYNC, BLOCK_FAILED };
@@ -761,27 +837,49 @@ void run_group(const std::vector<uint3>& idx) {
     }
     for (Warp& w : g_warps) w.groups.clear();
     g_runnable = total;
+    // Resumes f if it can run; false once the launch has failed.
+    auto step = [](Fiber& f) {
+        if (f.state != RUNNABLE) return true;
+        if (f.block != g_resident) switch_shared_memory(f.block);
+        if (!g.aborted) resume(&f);
+        return !g.aborted;
+    };
+    const int wpb = warps_per_block();
+    std::vector<int> block_order, warp_order;
+    if (g.order == ORDER_SHUFFLE) {
+        block_order.resize(nblocks);
+        warp_order.resize(wpb);
+        for (int b = 0; b < nblocks; ++b) block_order[b] = b;
+        for (int w = 0; w < wpb; ++w) warp_order[w] = w;
+    }
     for (;;) {
         while (g_runnable > 0) {
-            for (int i = 0; i < total; ++i) {
-                Fiber& f = g_fibers[g.reverse ? total - 1 - i : i];
-                if (f.state != RUNNABLE) continue;
-                if (f.block != g_resident) switch_shared_memory(f.block);
-                if (!g.aborted) resume(&f);
-                if (g.aborted) return;
+            if (g.order == ORDER_SHUFFLE) {
+                // A fresh order every sweep: the blocks and the warps of a block permuted, the
+                // lanes of a warp taken as lane ^ m for a random m (any two lanes of a warp run
+                // in either order with even odds, and a warp's fibers stay close in memory).
+                // Blocks stay contiguous, so a cooperative group swaps shared memory once per
+                // block and sweep, not once per thread.
+                permute(block_order, g.rng);
+                permute(warp_order, g.rng);
+                for (int b : block_order) {
+                    for (int w : warp_order) {
+                        const int lanes = std::min(32, g.threads - w * 32);
+                        const int m = (int)(mix(g.rng) & 31u);
+                        for (int l = 0; l < 32; ++l) {
+                            const int lane = l ^ m;
+                            if (lane < lanes && !step(fiber_of(b, w * 32 + lane))) return;
+                        }
+                    }
+                }
+            } else {
+                for (int i = 0; i < total; ++i)
+                    if (!step(g_fibers[g.order == ORDER_REVERSE ? total - 1 - i : i])) return;
             }
         }
         if (!resolve_group()) break;
     }
     if (!g.aborted) check_guard_zone();
-}
-
-// splitmix64: the block order for a seed.
-unsigned long long mix(unsigned long long& state) {
-    unsigned long long z = (state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
 }
 
 }  // namespace
@@ -792,6 +890,8 @@ using namespace gpuemu;
 GPUEMU_EXPORT int gpuemu_kernel_count_() { return gpuemu_kernel_count; }
 GPUEMU_EXPORT const char* gpuemu_kernel_name(int i) { return gpuemu_kernel_table[i].name; }
 GPUEMU_EXPORT const char* gpuemu_kernel_signature(int i) { return gpuemu_kernel_table[i].signature(); }
+GPUEMU_EXPORT int gpuemu_kernel_max_threads(int i) { return gpuemu_kernel_table[i].max_threads; }
+GPUEMU_EXPORT int gpuemu_kernel_min_blocks(int i) { return gpuemu_kernel_table[i].min_blocks; }
 GPUEMU_EXPORT unsigned gpuemu_dynamic_smem_capacity() { return GPUEMU_DYNAMIC_SMEM_CAPACITY; }
 GPUEMU_EXPORT const char* gpuemu_last_error() { return g.error.c_str(); }
 
@@ -803,15 +903,25 @@ GPUEMU_EXPORT unsigned gpuemu_static_smem_bytes() {
 }
 
 // Runs kernel `index` over the whole grid. `args[i]` points at parameter i's bytes, as in
-// cuLaunchKernel. `seed` != 0 shuffles the block order. `cooperative` != 0 runs all blocks as one
-// group (cuLaunchCooperativeKernel: grid.sync() allowed). Returns 0, or -1 with gpuemu_last_error().
+// cuLaunchKernel. `order`: ORDER_FORWARD, ORDER_REVERSE, or ORDER_SHUFFLE seeded by `thread_seed`.
+// `block_seed` != 0 shuffles the block order. Both seeds are mixed with the kernel's name and the
+// launch shape. `cooperative` != 0 runs all blocks as one group (cuLaunchCooperativeKernel:
+// grid.sync() allowed). Returns 0, or -1 with gpuemu_last_error().
 GPUEMU_EXPORT int gpuemu_launch(int index, const unsigned* grid, const unsigned* block, unsigned dynamic_smem,
-                                void** args, int reverse, unsigned long long seed, int cooperative) {
+                                void** args, int order, unsigned long long thread_seed,
+                                unsigned long long block_seed, int cooperative) {
     std::lock_guard<std::mutex> lock(g_launch_mutex);
     g = Launch{};
     g.kernel = &gpuemu_kernel_table[index];
     g.args = args;
-    g.reverse = reverse != 0;
+    // FNV-1a of the name and shape: what makes two launches' orders differ under one seed
+    unsigned long long shape = 0xcbf29ce484222325ull;
+    for (const char* c = g.kernel->name; *c; ++c) shape = (shape ^ (unsigned char)*c) * 0x100000001b3ull;
+    for (int i = 0; i < 3; ++i) shape = (shape ^ grid[i]) * 0x100000001b3ull;
+    for (int i = 0; i < 3; ++i) shape = (shape ^ block[i]) * 0x100000001b3ull;
+    g.order = order;
+    g.rng = thread_seed ^ shape;
+
     g.dynamic_smem = dynamic_smem;
     g.cooperative = cooperative != 0;
     gridDim = dim3(grid[0], grid[1], grid[2]);
@@ -839,18 +949,18 @@ GPUEMU_EXPORT int gpuemu_launch(int index, const unsigned* grid, const unsigned*
     g_warps.assign((size_t)group * wpb, Warp{});
     for (size_t w = 0; w < g_warps.size(); ++w)
         g_warps[w].lanes = std::min(32, g.threads - (int)(w % wpb) * 32);
-    std::vector<unsigned long long> order;
-    if (seed) {
-        order.resize(blocks);
-        for (unsigned long long b = 0; b < blocks; ++b) order[b] = b;
-        unsigned long long state = seed;
-        for (unsigned long long b = blocks; b > 1; --b) std::swap(order[b - 1], order[mix(state) % b]);
+    std::vector<unsigned long long> block_order;
+    if (block_seed) {
+        block_order.resize(blocks);
+        for (unsigned long long b = 0; b < blocks; ++b) block_order[b] = b;
+        unsigned long long state = block_seed ^ shape;
+        permute(block_order, state);
     }
     std::vector<uint3> idx;
     for (unsigned long long i = 0; i < blocks && !g.aborted; i += group) {
         idx.clear();
         for (unsigned long long j = i; j < i + group; ++j) {
-            const unsigned long long b = seed ? order[j] : j;
+            const unsigned long long b = block_seed ? block_order[j] : j;
             idx.push_back(uint3{(unsigned)(b % grid[0]), (unsigned)(b / grid[0] % grid[1]),
                                 (unsigned)(b / ((unsigned long long)grid[0] * grid[1]))});
         }
@@ -863,4 +973,14 @@ GPUEMU_EXPORT int gpuemu_launch(int index, const unsigned* grid, const unsigned*
         for (Fiber& f : g_fibers) ASAN_UNPOISON_MEMORY_REGION(f.stack, f.stack_size);
 #endif
     return g.aborted ? -1 : 0;
+}
+
+// UBSan's handlers for -fsanitize=alignment (and, in an ASan build, null and object-size checks):
+// hidden, so they serve this module only.
+extern "C" __attribute__((visibility("hidden"))) void __ubsan_handle_type_mismatch_v1(void* data, uintptr_t ptr) {
+    type_mismatch(static_cast<const UbsanTypeMismatch*>(data), ptr);
+}
+extern "C" __attribute__((visibility("hidden"))) void __ubsan_handle_type_mismatch_v1_abort(void* data,
+                                                                                             uintptr_t ptr) {
+    type_mismatch(static_cast<const UbsanTypeMismatch*>(data), ptr);
 }

@@ -87,3 +87,67 @@ extern "C" __global__ void trap_in_thread_3(int* y) {
     if (threadIdx.x == 3) __trap();
     y[threadIdx.x] = 1;
 }
+
+// ---- Bugs only the strict modes catch (tests/test_emulator_strict.py) ----
+
+// Missing ticket: the block with the highest index adds up every block's partial, as if it always
+// ran last. Blocks in index order hide the bug; in any other order it reads partials not yet
+// written (the caller's NaN).
+extern "C" __global__ void last_block_by_index(float* y, float* partials, const float* __restrict__ x) {
+    __shared__ float s[256];
+    s[threadIdx.x] = x[blockIdx.x * blockDim.x + threadIdx.x];
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float a = 0.f;
+        for (unsigned int i = 0; i < blockDim.x; ++i) a += s[i];
+        partials[blockIdx.x] = a;
+        __threadfence();
+        // planted: no atomic ticket deciding which block is last
+        if (blockIdx.x == gridDim.x - 1) {
+            float t = 0.f;
+            for (unsigned int b = 0; b < gridDim.x; ++b) t += partials[b];
+            y[0] = t;
+        }
+    }
+}
+
+// Declared for at most 128 threads per block (the compiler may use up to 255 registers per
+// thread on that promise); a launch with more must fail.
+extern "C" __global__ void __launch_bounds__(128) bounded_128(float* y) {
+    y[blockIdx.x * blockDim.x + threadIdx.x] = 1.f;
+}
+
+// n floats of dynamic shared memory, written and read back reversed.
+extern "C" __global__ void dynamic_smem_reverse(float* y, const float* __restrict__ x, int n) {
+    extern __shared__ float dyn[];
+    for (int i = threadIdx.x; i < n; i += blockDim.x) dyn[i] = x[i];
+    __syncthreads();
+    for (int i = threadIdx.x; i < n; i += blockDim.x) y[i] = dyn[n - 1 - i];
+}
+
+// A float4 load from x + offset: misaligned unless offset is a multiple of 4 floats.
+extern "C" __global__ void float4_load_at(float* y, const float* __restrict__ x, int offset) {
+    const float4 v = reinterpret_cast<const float4*>(x + offset)[threadIdx.x];
+    y[threadIdx.x] = v.x + v.y + v.z + v.w;
+}
+
+// 96 values live at once: ptxas gives it about a hundred registers per thread, so an SM holds
+// far fewer of its blocks than threads and shared memory alone would allow.
+extern "C" __global__ void register_heavy(float* y, const float* __restrict__ x) {
+    float v[96];
+#pragma unroll
+    for (int i = 0; i < 96; ++i) v[i] = x[threadIdx.x + i * blockDim.x];
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < 96; ++i) s += v[i] * v[95 - i] + v[(i * 7) % 96];
+    y[blockIdx.x * blockDim.x + threadIdx.x] = s;
+}
+
+// Not a bug, a probe: the order in which the threads of a block reach three points separated by
+// barriers (order[phase * blockDim.x + k] = the k-th thread to arrive in that phase).
+extern "C" __global__ void arrival_order(int* order, unsigned int* tickets) {
+    for (int phase = 0; phase < 3; ++phase) {
+        order[phase * blockDim.x + atomicAdd(&tickets[phase], 1u)] = (int)threadIdx.x;
+        __syncthreads();
+    }
+}
