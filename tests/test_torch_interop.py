@@ -519,3 +519,22 @@ def test_convert_digits_cnn_trains_like_torch():
         curves.append(np.array(losses))
     assert curves[0][-1] < curves[0][0] * 0.5, "the model learns"
     np.testing.assert_allclose(curves[1], curves[0], rtol=0, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# gpu-bench --framework torch
+# ---------------------------------------------------------------------------------------------
+
+def test_bench_framework_torch_rows(tmp_path, capsys):
+    import json
+    from gpu.bench import main
+    path = tmp_path / "b.json"
+    assert main(["--framework", "torch", "--device", "cpu", "--shape", "64x16", "--repeat", "2", "--warmup", "0",
+                 "--budget", "0", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert {(r["op"], r["peer"]) for r in rows} == {
+        (op, peer) for op in ("batch_norm_train", "softmax_cross_entropy_train") for peer in ("ours", "ours-torch", "torch-cpu")}
+    assert all(r["status"] == "ok" for r in rows), rows
+    interop = [r for r in rows if r["peer"] == "ours-torch"]
+    assert all(r["interop_ms"] is not None for r in interop)
+    assert "interop ms" in capsys.readouterr().out
