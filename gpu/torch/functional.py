@@ -16,6 +16,7 @@ The backward ops are not differentiable: a double backward raises a RuntimeError
 Argument checks that need only shapes, dtypes and devices run before the op (in eager mode and
 while torch.compile traces); target values are checked by the op itself.
 """
+import functools
 import math
 import numbers
 from typing import Optional, Tuple
@@ -117,12 +118,23 @@ def _check_batch_norm(input, running_mean, running_var, weight, bias, training, 
         if math.prod(input.shape) // max(C, 1) == 1:
             raise ValueError("input: expected more than 1 value per channel when training, got input size "
                              f"{input.shape}")
-        if not eps > 0:
+        if not eps > 0 and _torch_rejects_eps0():
             raise ValueError(f"eps: must be positive during training, got {eps}")
     for name, v in (("eps", eps), ("momentum", momentum)):
         if v is not None and not math.isfinite(v):
             raise ValueError(f"{name}: expected a finite number, got {v}")
     return C
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_rejects_eps0() -> bool:
+    """Whether this torch's F.batch_norm refuses eps <= 0 in training (newer releases do; 2.4
+    does not): we follow the installed release."""
+    try:
+        torch.nn.functional.batch_norm(torch.ones(2, 1), None, None, training=True, eps=0.0)
+    except ValueError:
+        return True
+    return False
 
 
 @torch.library.custom_op("gpu::batch_norm_fwd", mutates_args=())
