@@ -350,6 +350,101 @@ def test_meta_tensors_give_shapes():
 
 
 # ---------------------------------------------------------------------------------------------
+# The kernel path: CPU tensors on the emulator, CUDA tensors on a GPU
+# ---------------------------------------------------------------------------------------------
+
+def _kernel_path_parity(device, dtype, fmt):
+    """BN training (forward, gradients, running stats) and CE (loss, dz) on `device` against torch
+    in float64 on the CPU."""
+    g = torch.Generator().manual_seed(7)
+    x = randn(g, (4, 3, 5, 6), dtype, fmt).to(device).requires_grad_()
+    w, b = (randn(g, (3,), torch.float32).to(device).requires_grad_() for _ in range(2))
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    y = gt.batch_norm(x, rm, rv, w, b, training=True)
+    dy = randn(g, (4, 3, 5, 6), dtype, fmt).to(device)
+    grads = torch.autograd.grad(y, (x, w, b), dy)
+    xr, wr, br = (t.detach().cpu().double().requires_grad_() for t in (x, w, b))
+    rmr, rvr = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    yr = TF.batch_norm(xr, rmr, rvr, wr, br, training=True)
+    assert y.device == x.device and y.stride() == x.stride()
+    close(y, yr, dtype, "y")
+    for got, ref, name in zip(grads, torch.autograd.grad(yr, (xr, wr, br), dy.cpu().double()), ("dx", "dw", "db")):
+        close(got, ref, dtype, name, factor=4.0)
+    close(rm, rmr, dtype, "running_mean")
+    close(rv, rvr, dtype, "running_var")
+    z = randn(g, (4, 7, 3, 2), dtype, fmt, scale=3.0).to(device).requires_grad_()
+    t = torch.randint(0, 7, (4, 3, 2), generator=g).to(device)
+    loss = gt.cross_entropy(z, t, label_smoothing=0.1)
+    (dz,) = torch.autograd.grad(loss, z)
+    zr = z.detach().cpu().double().requires_grad_()
+    loss_ref = TF.cross_entropy(zr, t.cpu(), label_smoothing=0.1)
+    close(loss, loss_ref, dtype, "loss")
+    close(dz, torch.autograd.grad(loss_ref, zr)[0], dtype, "dz", factor=4.0)
+    assert dz.stride() == z.stride()
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_emulated_kernels_through_torch(dtype):
+    import gpu
+    with gpu.use_backend("emulate"):
+        _kernel_path_parity("cpu", dtype, torch.channels_last)
+
+
+def _cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("torch.cuda is not available")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["NCHW", "NHWC"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_cuda_tensors_match_torch(dtype, fmt):
+    _cuda()
+    _kernel_path_parity("cuda", dtype, fmt)
+
+
+@pytest.mark.gpu
+def test_cuda_outputs_come_from_torchs_allocator_on_its_stream(monkeypatch):
+    # every allocation of the ops goes through torch's caching allocator, on torch's current stream
+    _cuda()
+    import cupy
+    calls = []
+    real = torch.cuda.caching_allocator_alloc
+    monkeypatch.setattr(torch.cuda, "caching_allocator_alloc",
+                        lambda size, device=None, stream=None: calls.append(stream) or real(size, device, stream))
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        x = torch.randn(64, 32, device="cuda", requires_grad=True)
+        pool_before = cupy.get_default_memory_pool().used_bytes()
+        y = gt.batch_norm(x, None, None, training=True)
+        y.sum().backward()
+        gt.cross_entropy(torch.randn(8, 5, device="cuda"), torch.tensor([0, 1, 2, 3, 4, 0, 1, 2], device="cuda"))
+    assert calls and all(s == side.cuda_stream for s in calls)
+    assert cupy.get_default_memory_pool().used_bytes() == pool_before, "nothing from CuPy's pool"
+    torch.cuda.synchronize()
+    close(y, TF.batch_norm(x.detach().double(), None, None, training=True), torch.float32, "y")
+
+
+@pytest.mark.gpu
+def test_cuda_autocast_matches_torch():
+    # autocast: cross-entropy in float32; batch norm in the input's float16 with float32 statistics
+    _cuda()
+    conv = torch.nn.Conv2d(3, 4, 3).cuda()
+    bn, bn_ref = gt.BatchNorm2d(4).cuda(), torch.nn.BatchNorm2d(4).cuda()
+    x = torch.randn(8, 3, 10, 10, device="cuda")
+    t = torch.randint(0, 4, (8, 8, 8), device="cuda")
+    with torch.autocast("cuda", dtype=torch.float16):
+        h = conv(x)
+        y, y_ref = bn(h), bn_ref(h)
+        loss, loss_ref = gt.cross_entropy(y, t), TF.cross_entropy(y_ref, t)
+    assert y.dtype == y_ref.dtype == torch.float16 and bn.running_mean.dtype == torch.float32
+    assert loss.dtype == loss_ref.dtype == torch.float32
+    close(loss, loss_ref, torch.float16, "loss")
+    close(bn.running_var, bn_ref.running_var, torch.float16, "running_var")
+
+
+# ---------------------------------------------------------------------------------------------
 # gradcheck, double backward, torch.compile
 # ---------------------------------------------------------------------------------------------
 
