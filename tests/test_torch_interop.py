@@ -261,6 +261,22 @@ def test_cross_entropy_no_grad_computes_no_gradient(monkeypatch):
     assert seen["return_grad"] is False
 
 
+def test_cross_entropy_backward_of_the_loss_is_the_forward_dz(monkeypatch):
+    # loss.backward() on the CPU: the gradient is the dz array the fused forward wrote, no pass
+    seen = {}
+    real = _sm.softmax_cross_entropy
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen["dz"] = out[1].__array_interface__["data"][0]
+        return out
+
+    monkeypatch.setattr(_sm, "softmax_cross_entropy", spy)
+    z = torch.randn(6, 4, requires_grad=True)
+    gt.cross_entropy(z, torch.tensor([0, 1, 2, 3, 0, 1])).backward()
+    assert z.grad.data_ptr() == seen["dz"]
+
+
 def test_cross_entropy_probability_target_gradient(request):
     # the target's gradient (soft targets that require grad), computed from log-softmax
     g = seeded(request)

@@ -22,6 +22,7 @@ import numbers
 from typing import Optional, Tuple
 
 import torch
+import torch.utils._python_dispatch
 from torch import Tensor
 
 from ..ops import batch_norm as _bn
@@ -398,7 +399,10 @@ def _ce_backward(ctx, grad_loss, _grad_dz):
         if not ctx.need_grad:
             raise RuntimeError("gpu.torch.cross_entropy: the input's gradient was not computed in the forward "
                                "pass (it ran without grad mode)")
-        grad_input = torch.ops.gpu.cross_entropy_bwd(dz, grad_loss)
+        if _unit_scale(grad_loss):
+            grad_input = dz         # loss.backward() of the loss itself: dz is the gradient, no pass
+        else:
+            grad_input = torch.ops.gpu.cross_entropy_bwd(dz, grad_loss)
     if ctx.probs_grad and ctx.needs_input_grad[1]:
         _, input, weight = ctx.saved_tensors
         axis = 1 if input.dim() >= 2 else 0
@@ -410,6 +414,17 @@ def _ce_backward(ctx, grad_loss, _grad_dz):
             gl = gl / (input.numel() // max(input.shape[axis], 1))
         grad_target = g * gl
     return grad_input, grad_target, None, None, None, None, None
+
+
+def _unit_scale(grad_loss: Tensor) -> bool:
+    """Whether the upstream gradient is the scalar 1 and may be skipped: read only for a CPU
+    tensor (on CUDA that would synchronize), outside torch.compile's tracing, and without
+    create_graph (the returned dz has no graph)."""
+    if type(grad_loss) is not torch.Tensor or grad_loss.device.type != "cpu" or grad_loss.dim():
+        return False                        # fake and functional tensors (tracing) are subclasses
+    compiling = getattr(torch.compiler, "is_compiling", lambda: False)()
+    mode = getattr(torch.utils._python_dispatch, "_get_current_dispatch_mode", lambda: None)()
+    return not compiling and mode is None and not torch.is_grad_enabled() and bool(grad_loss == 1)
 
 
 _cross_entropy_fwd.register_autograd(_ce_backward, setup_context=_ce_setup_context)
