@@ -215,6 +215,7 @@ def _bn_setup_context(ctx, inputs, output):
     input, weight, bias, running_mean, running_var, _, training, _, eps = inputs
     _, mean, invstd, rm, rv, _ = output
     ctx.mark_non_differentiable(mean, invstd, rm, rv)
+    ctx.set_materialize_grads(False)        # no zeros for the statistics' (absent) gradients
     ctx.training, ctx.eps = training, eps
     ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
     if training:
@@ -224,6 +225,8 @@ def _bn_setup_context(ctx, inputs, output):
 
 
 def _bn_backward(ctx, grad_y, *_grad_stats):
+    if grad_y is None:
+        return None, None, None, None, None, None, None, None, None
     input, weight, s1, s2 = ctx.saved_tensors
     if ctx.training:
         dx, dw, db = torch.ops.gpu.batch_norm_bwd(grad_y, input, weight, s1, s2)
@@ -383,6 +386,9 @@ def _(dz, grad_loss):
 def _ce_setup_context(ctx, inputs, output):
     input, target, weight, _, reduction, label_smoothing, need_grad = inputs
     _, dz = output
+    # dz stays differentiable (its graph leads a double backward to the clear error of
+    # cross_entropy_bwd); its gradient is never asked for: no zeros of z's size for it
+    ctx.set_materialize_grads(False)
     ctx.need_grad, ctx.reduction, ctx.label_smoothing = need_grad, reduction, label_smoothing
     probs_grad = target.dtype.is_floating_point and target.requires_grad
     ctx.probs_grad = probs_grad
@@ -395,6 +401,8 @@ def _ce_setup_context(ctx, inputs, output):
 def _ce_backward(ctx, grad_loss, _grad_dz):
     dz = ctx.saved_tensors[0]
     grad_input = grad_target = None
+    if grad_loss is None:
+        return None, None, None, None, None, None, None
     if ctx.needs_input_grad[0]:
         if not ctx.need_grad:
             raise RuntimeError("gpu.torch.cross_entropy: the input's gradient was not computed in the forward "
