@@ -4,6 +4,7 @@
     gpu-train --dataset mnist5k --device gpu        # the same on CuPy arrays: the CUDA kernels
     gpu-train --dataset digits --compare-bn         # with vs without BN: plot + JSON summary
     gpu-train --task lm --out lm_out                # a character-level LM with the fused head
+    gpu-train --dataset digits --framework torch    # the same MLP as a torch model (gpu.torch modules)
 
 Everything is checked (dataset, labels, batch size, device, output paths) before the first step;
 a problem is reported as ``gpu-train: error: ...`` with exit status 2. A run whose loss blows up
@@ -66,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no batch norm (the hidden Linear layers get a bias instead)")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                    help="cpu: NumPy arrays; gpu: CuPy arrays, the CUDA kernels (default cpu)")
+    p.add_argument("--framework", choices=("nn", "torch"), default="nn",
+                   help="nn: the package's gpu.nn layers; torch: the same MLP (same initial weights, batches "
+                        "and optimizer) as a torch model with gpu.torch.BatchNorm1d and CrossEntropyLoss, "
+                        "autograd for the backward (needs the torch extra; default nn)")
     p.add_argument("--threads", type=int, default=1,
                    help="BLAS threads on the CPU (default 1: a mini-batch's matmuls are too small "
                         "to gain from more, and on a busy machine waiting threads cost 10x)")
@@ -184,6 +189,10 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
         parser.error("--sync-bn synchronizes batch norm across the ranks of --distributed; add --distributed")
     if args.distributed and args.compare_bn:
         parser.error("--compare-bn runs on one process; drop --distributed")
+    if args.framework == "torch" and args.save:
+        parser.error("--save writes gpu.nn models: drop it with --framework torch (torch.save the model instead)")
+    if args.framework == "torch" and args.distributed:
+        parser.error("--distributed trains gpu.nn models: drop --framework torch")
     if args.compare_bn and args.no_bn:
         parser.error("--compare-bn trains both with and without batch norm; drop --no-bn")
     for flag, path in (("--json", args.json), ("--save", args.save)):
@@ -231,6 +240,9 @@ def run(args: argparse.Namespace, model: Sequential, xp, train, val, label: str 
         comm=None) -> History:
     """Train `model` (moved to xp) on host arrays train/val; returns its History. With `comm`,
     data parallel (and batch norm synchronized with --sync-bn)."""
+    if args.framework == "torch":
+        from .torch.train import run as run_torch
+        return run_torch(args, model, train, val, label)
     model.to(xp)
     if comm is not None and args.sync_bn:
         for layer in model.layers:
@@ -266,7 +278,8 @@ def config_of(args: argparse.Namespace, data) -> dict[str, Any]:
             "lr": args.lr if args.lr is not None else DEFAULT_LR[args.optimizer],
             "lr_decay": args.lr_decay, "standardize": args.standardize,
             "batch_size": args.batch_size, "epochs": args.epochs,
-            "val_fraction": args.val_fraction, "seed": args.seed, "device": args.device}
+            "val_fraction": args.val_fraction, "seed": args.seed, "device": args.device,
+            "framework": args.framework}
 
 
 def plot_compare(path: str, title: str, runs: dict[str, History], targets: list[float]) -> None:
@@ -329,6 +342,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _backend.current_backend()   # a bad GPU_BACKEND would fail the first step
         xp = device_module(args.device)
+        if args.framework == "torch":
+            try:
+                import gpu.torch  # noqa: F401
+            except ImportError as e:
+                raise ImportError(f"--framework torch: {e}") from e
         data = load_dataset(args.dataset, seed=args.seed)
         train, val = train_val_split(data, args.val_fraction, seed=args.seed)
         variants = (True, False) if args.compare_bn else (not args.no_bn,)

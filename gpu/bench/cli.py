@@ -7,6 +7,7 @@
     gpu-bench --cpu-check                   # the NumPy path's speed targets (float32, 2 threads)
     gpu-bench --host                        # Python dispatch per call, the kernel launch a no-op
     gpu-bench --op flce                     # fused linear + cross-entropy: time and peak memory
+    gpu-bench --framework torch             # this library through gpu.torch against PyTorch's own ops
 
 Each row is checked against the float64 reference before it is timed (a wrong result is WRONG,
 never fast) and reported against the op's minimum bytes: effective GB/s, that as a percentage of
@@ -94,7 +95,7 @@ def _no_matplotlib() -> bool:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line; exits with status 2 on a bad one (including unwritable output paths)."""
-    peers = [p.name for p in harness.PEERS]
+    peers = [p.name for p in harness.PEERS] + [harness.INTEROP_PEER.name]
     p = argparse.ArgumentParser(prog="gpu-bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Ops: " + ", ".join(OPS) + ". Families: " + ", ".join(FAMILIES)
@@ -110,6 +111,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--host", action="store_true",
                    help=f"this library's Python dispatch per public call, the kernel launch a no-op (emulate "
                         f"backend, no GPU needed), beside PyTorch CPU; goal <= {HOST['goal_us']:g} us per call")
+    p.add_argument("--framework", choices=("arrays", "torch"), default="arrays",
+                   help="torch: this library through PyTorch (gpu.torch, peer ours-torch) beside ours on arrays and "
+                        "PyTorch's own ops, forward+backward at the headline shapes unless --op/--shape/--quick; "
+                        "the 'interop ms' column is ours-torch's time minus ours'")
     p.add_argument("--op", type=parse_ops, help="ops or families (" + ", ".join(FAMILIES) + ")")
     p.add_argument("--shape", action="append", type=parse_shape, metavar="AxBx..[:LAYOUT]",
                    help="replace the suite's shapes (repeatable); LAYOUT nc|nchw|nhwc for batch norm")
@@ -137,6 +142,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--cpu-check runs its own cases: drop --quick, --headline, --shape, --op and --host")
     if args.quick and args.headline:
         p.error("--quick and --headline are two suites: give one")
+    if args.framework == "torch":
+        if args.cpu_check or args.host:
+            p.error("--framework torch runs its own peers: drop --cpu-check and --host")
+        args.op = args.op or ["batch_norm_train", "softmax_cross_entropy_train"]
+        args.headline = args.headline or not (args.quick or args.shape)
     if args.host:
         given = [f"--{n.replace('_', '-')}" for n in ("quick", "headline", "jsonl", "shape", "dtype", "peer", "plot", "budget")
                  if getattr(args, n)] + (["--device gpu"] if args.device == "gpu" else [])
@@ -226,7 +236,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     peer_status: dict[str, str] = {}
     peers = []
-    for peer in harness.PEERS:
+    candidates = harness.PEERS
+    if args.framework == "torch":
+        candidates = [p for p in harness.PEERS + [harness.INTEROP_PEER] if p.name in harness.TORCH_FRAMEWORK_PEERS]
+    for peer in candidates:
         if peer.device not in ("any", device.kind) or (args.peer and peer.name not in args.peer):
             continue
         reason = peer.unavailable()

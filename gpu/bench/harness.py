@@ -21,7 +21,7 @@ import numpy as np
 
 import gpu
 
-from .records import MOMENTUM, OPS, Case, Op, Run, make_inputs
+from .records import MOMENTUM, OPS, TORCH_FUNCTIONAL, Case, Op, Run, make_inputs
 
 #: bound on ||out - ref|| / ||ref|| against the float64 reference, by storage dtype. Looser than
 #: the unit tests': peers sum in other orders, and float16 outputs carry 2^-11 rounding each.
@@ -218,6 +218,41 @@ class TorchPeer(Peer):
         finally:
             self.compile_budget -= time.perf_counter() - start
         return runs
+
+
+class TorchInteropPeer(TorchPeer):
+    """This library's ops called through PyTorch (`gpu.torch`): the PyTorch peer's builders with
+    `gpu.torch` in place of torch.nn.functional, on the device's tensors (`--framework torch`)."""
+
+    OPS = ("batch_norm_forward", "batch_norm_inference", "batch_norm_backward", "batch_norm_train",
+           "softmax_cross_entropy", "softmax_cross_entropy_train")
+
+    def __init__(self, name: str = "ours-torch"):
+        super().__init__(name, "any")
+
+    def unavailable(self) -> str | None:
+        try:
+            import gpu.torch  # noqa: F401
+        except ImportError as e:
+            return str(e)
+        return None
+
+    def supports(self, op: Op) -> bool:
+        return op.name in self.OPS
+
+    def build(self, case: Case, sets: list[dict]) -> list[Run]:
+        import gpu.torch
+        token = TORCH_FUNCTIONAL.set(gpu.torch)
+        try:
+            return super().build(case, sets)
+        finally:
+            TORCH_FUNCTIONAL.reset(token)
+
+
+#: `gpu-bench --framework torch`: this library through PyTorch, beside this library on arrays and
+#: PyTorch's own ops; the interop overhead is ours-torch's time minus ours'
+TORCH_FRAMEWORK_PEERS = ("ours", "ours-torch", "torch-cudnn", "torch", "torch-cpu")
+INTEROP_PEER = TorchInteropPeer()
 
 
 def _to_torch(a):
@@ -421,6 +456,7 @@ class Row:
     pct_copy: float | None = None
     pct_spec: float | None = None
     speedup: float | None = None
+    interop_ms: float | None = None     # ours-torch only: its time minus ours' (the interop overhead)
 
     def case_label(self) -> str:
         return " ".join(filter(None, ("x".join(map(str, self.shape)), self.layout, self.dtype)))
@@ -510,6 +546,10 @@ def run_case(case: Case, peers: Sequence[Peer], device, settings: Settings,
     for r in done:
         others = [o.time_ms for o in done if o is not r]
         r.speedup = min(others) / r.time_ms if others else None
+    ours = next((r for r in done if r.peer == "ours"), None)
+    for r in done:
+        if isinstance(next(p for p in peers if p.name == r.peer), TorchInteropPeer) and ours is not None:
+            r.interop_ms = r.time_ms - ours.time_ms
     return rows
 
 

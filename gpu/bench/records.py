@@ -9,6 +9,7 @@ Everything else in the package is generic over `OPS`; adding an op is adding a r
 """
 from __future__ import annotations
 
+import contextvars
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -114,9 +115,14 @@ def _es(c: Case) -> int:
     return c.elements * c.itemsize
 
 
+#: the functional module the PyTorch builders call: torch.nn.functional, or gpu.torch while the
+#: `ours-torch` peer builds its runs (this library's ops through PyTorch, `--framework torch`)
+TORCH_FUNCTIONAL: contextvars.ContextVar = contextvars.ContextVar("torch_functional", default=None)
+
+
 def _torch():
     import torch
-    return torch, torch.nn.functional
+    return torch, TORCH_FUNCTIONAL.get() or torch.nn.functional
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,8 +29,9 @@ def _fmt(v, spec: str, width: int) -> str:
 
 
 def format_table(rows: Sequence[Row]) -> str:
+    interop = any(r.interop_ms is not None for r in rows)   # `--framework torch`: the overhead column
     head = (f"{'op':<28} {'shape':<20} {'dtype':<7} {'peer':<13} {'ms':>9} {'GB/s':>8} "
-            f"{'%copy':>6} {'%spec':>6} {'vs best':>8}  status")
+            f"{'%copy':>6} {'%spec':>6} {'vs best':>8}" + (f" {'interop ms':>10}" if interop else "") + "  status")
     lines, prev = [head, "-" * len(head)], None
     for r in rows:
         key = (r.op, r.shape, r.layout, r.dtype)
@@ -41,7 +42,8 @@ def format_table(rows: Sequence[Row]) -> str:
         status = "" if r.status == "ok" else f"{r.status}: {r.detail}"
         lines.append(f"{r.op:<28} {shape:<20} {r.dtype:<7} {r.peer:<13} {_fmt(r.time_ms, '.4g', 9)}"
                      f" {_fmt(r.gbps, '.1f', 8)} {_fmt(r.pct_copy, '.0f', 6)} {_fmt(r.pct_spec, '.0f', 6)}"
-                     f" {_fmt(r.speedup, '.2f', 7)}{'x' if r.speedup is not None else ' '}  {status}")
+                     f" {_fmt(r.speedup, '.2f', 7)}{'x' if r.speedup is not None else ' '}"
+                     + (f" {_fmt(r.interop_ms, '+.3f', 10)}" if interop else "") + f"  {status}")
     return "\n".join(lines)
 
 

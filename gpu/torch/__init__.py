@@ -1,0 +1,23 @@
+"""PyTorch interop: drop-in batch norm and cross-entropy for torch models (needs the `torch` extra).
+
+    import gpu.torch as gt
+    y = gt.batch_norm(x, running_mean, running_var, weight, bias, training=True)   # F.batch_norm
+    loss = gt.cross_entropy(logits, target)                                      # F.cross_entropy
+    model = gt.convert(model)       # every torch.nn.BatchNorm*d -> gpu.torch.BatchNorm*d
+    criterion = gt.CrossEntropyLoss(label_smoothing=0.1)
+
+CPU tensors run the NumPy path and CUDA tensors the CUDA kernels, with no copy either way (see
+`gpu.torch._bridge`). The functions are `torch.library.custom_op`s (``torch.ops.gpu.*``) with
+autograd and fake implementations: gradcheck and ``torch.compile(fullgraph=True)`` work.
+``import gpu`` does not import torch; ``import gpu.torch`` does.
+"""
+try:
+    import torch as _torch  # noqa: F401
+except ImportError as e:  # pragma: no cover - exercised only without torch
+    raise ImportError("gpu.torch needs PyTorch: pip install 'gpu[torch]' (see README.md, PyTorch)") from e
+
+from .functional import batch_norm, cross_entropy
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, CrossEntropyLoss, convert
+
+__all__ = ["batch_norm", "cross_entropy", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "CrossEntropyLoss",
+           "convert"]

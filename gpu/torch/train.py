@@ -1,0 +1,190 @@
+"""`gpu-train --framework torch`: the same MLP as a torch model, with this library's modules.
+
+`to_torch(model)` turns a `gpu.nn.Sequential` (as built by `gpu.train.build_model`) into a
+`torch.nn.Sequential` with the same weights: Standardize -> a fixed affine module, Linear ->
+`torch.nn.Linear` (W transposed), BatchNorm -> `gpu.torch.BatchNorm1d`, the activations ->
+torch's. `fit` trains it with the loss `gpu.torch.CrossEntropyLoss` and autograd, on the same
+mini-batches, validation schedule and optimizer as `gpu.nn.fit`: the optimizer is `gpu.nn`'s own,
+updating the torch parameters through zero-copy array views of them. From one seed the two paths
+start from identical weights and follow the same curve up to float32 rounding.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..nn import layers as L
+from ..nn.data import minibatches
+from ..nn.layers import Parameter
+from ..nn.trainer import History
+from . import _bridge as TB
+from .modules import BatchNorm1d, CrossEntropyLoss
+
+_ACTIVATIONS = {L.ReLU: nn.ReLU, L.Sigmoid: nn.Sigmoid, L.Tanh: nn.Tanh}
+
+
+class Standardize(nn.Module):
+    """y = (x - mean) / std with fixed buffers (fit on the training set by gpu.nn)."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def _t(a) -> torch.Tensor:
+    return torch.from_numpy(np.array(a.get() if hasattr(a, "get") else a))
+
+
+def to_torch(model: L.Sequential, device: str = "cpu") -> nn.Sequential:
+    """The gpu.nn MLP as a torch model with gpu.torch's BatchNorm1d, the same weights, on `device`."""
+    out = []
+    for layer in model.layers:
+        if isinstance(layer, L.Standardize):
+            out.append(Standardize(_t(layer.mean), _t(layer.std)))
+        elif isinstance(layer, L.Linear):
+            lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.b is not None)
+            with torch.no_grad():
+                lin.weight.copy_(_t(layer.W.data).T)
+                if layer.b is not None:
+                    lin.bias.copy_(_t(layer.b.data))
+            out.append(lin)
+        elif isinstance(layer, L.BatchNorm):
+            bn = BatchNorm1d(layer.num_features[0], eps=layer.eps, momentum=layer.momentum)
+            with torch.no_grad():
+                bn.weight.copy_(_t(layer.gamma.data))
+                bn.bias.copy_(_t(layer.beta.data))
+                bn.running_mean.copy_(_t(layer.running_mean))
+                bn.running_var.copy_(_t(layer.running_var))
+            out.append(bn)
+        elif type(layer) in _ACTIVATIONS:
+            out.append(_ACTIVATIONS[type(layer)]())
+        else:
+            raise TypeError(f"model: no torch counterpart for layer {type(layer).__name__}")
+    return nn.Sequential(*out).to(device)
+
+
+class _Views:
+    """gpu.nn Parameters whose arrays are views of the torch parameters (no copies): gpu.nn's
+    optimizers update the torch model in place."""
+
+    def __init__(self, params: list[torch.Tensor]):
+        self.params = params
+        self.views = [Parameter(TB.to_array(p.data)) for p in params]
+
+    def refresh_grads(self) -> None:
+        for v, p in zip(self.views, self.params):
+            v.grad = TB.to_array(p.grad)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> tuple[float, float]:
+    """(mean loss, accuracy) in eval mode; the mode is restored afterwards."""
+    was = model.training
+    model.eval()
+    crit = CrossEntropyLoss(reduction="sum")
+    loss, correct = 0.0, 0
+    try:
+        for s in range(0, len(X), batch_size):
+            logits = model(X[s:s + batch_size])
+            loss += float(crit(logits, y[s:s + batch_size]))
+            correct += int((logits.argmax(1) == y[s:s + batch_size]).sum())
+    finally:
+        model.train(was)
+    return loss / len(X), correct / len(X)
+
+
+def fit(model: nn.Module, make_optimizer: Callable[[list], Any], train, val, *, epochs: int, batch_size: int,
+        seed: int = 0, schedule: Callable[[int], float] | None = None, eval_every: int | None = None,
+        max_steps: int | None = None, progress: bool = True, desc: str = "") -> History:
+    """`gpu.nn.fit` for a torch model: train = (X, y) tensors on the model's device; the optimizer
+    is a gpu.nn optimizer built by `make_optimizer(parameters)` over views of the torch tensors."""
+    X, y = train
+    device = X.device
+    params = [p for p in model.parameters() if p.requires_grad]
+    views = _Views(params)
+    opt = make_optimizer(views.views)
+    crit = CrossEntropyLoss()
+    rng = np.random.default_rng(seed)
+    hist = History()
+    model.train()
+
+    def validate(step: int) -> None:
+        if val is not None and (not hist.eval_step or hist.eval_step[-1] != step):
+            loss, acc = evaluate(model, *val)
+            hist.eval_step.append(step)
+            hist.val_loss.append(loss)
+            hist.val_acc.append(acc)
+
+    start = time.perf_counter()
+    validate(0)
+    step = 0
+    for epoch in range(epochs):
+        if schedule is not None:
+            opt.lr = schedule(epoch)
+        t0 = time.perf_counter()
+        loss_sum, correct, seen = 0.0, 0, 0
+        for idx in minibatches(len(X), batch_size, rng):
+            idx_t = torch.from_numpy(idx).to(device)
+            xb, yb = X[idx_t], y[idx_t]
+            for p in params:
+                p.grad = None
+            logits = model(xb)
+            loss_t = crit(logits, yb)
+            loss_t.backward()
+            views.refresh_grads()
+            with TB.running_on(device):
+                opt.step()
+            loss = float(loss_t.detach())  # one sync per step: the curve is the product
+            step += 1
+            hist.step_loss.append(loss)
+            loss_sum += loss * len(idx)
+            correct += int((logits.argmax(1) == yb).sum())
+            seen += len(idx)
+            if eval_every and step % eval_every == 0:
+                validate(step)
+            if max_steps is not None and step >= max_steps:
+                break
+        validate(step)
+        summary = {"epoch": epoch + 1, "step": step, "lr": opt.lr, "train_loss": loss_sum / seen,
+                   "train_acc": correct / seen, "seconds": time.perf_counter() - t0}
+        if val is not None:
+            summary |= {"val_loss": hist.val_loss[-1], "val_acc": hist.val_acc[-1]}
+        hist.epochs.append(summary)
+        if progress:
+            line = f"{desc}epoch {epoch + 1}/{epochs}: loss={summary['train_loss']:.4f} acc={summary['train_acc']:.3f}"
+            if val is not None:
+                line += f" val_acc={summary['val_acc']:.3f}"
+            print(f"{line} ({summary['seconds']:.1f} s) [torch]", file=sys.stderr, flush=True)
+        if max_steps is not None and step >= max_steps:
+            break
+    hist.wall_time = time.perf_counter() - start
+    return hist
+
+
+def run(args, model: L.Sequential, train, val, label: str = "") -> History:
+    """gpu.train's `run` for `--framework torch`: the gpu.nn model converted by `to_torch`, on
+    torch tensors of args.device (cpu, or gpu: CUDA), trained by `fit`."""
+    from ..nn.optim import DEFAULT_LR, inverse_time_decay, make_optimizer
+    device = torch.device("cuda" if args.device == "gpu" else "cpu")
+    torch.set_num_threads(args.threads)     # as the BLAS limit of the gpu.nn path (--threads)
+    tmodel = to_torch(model, device)
+
+    def tensors(d):
+        return (torch.from_numpy(np.ascontiguousarray(d[0], np.float32)).to(device),
+                torch.from_numpy(np.asarray(d[1], np.int64)).to(device))
+    lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
+    train_t, val_t = tensors(train), tensors(val)
+    evaluate(tmodel, *(t[:2] for t in val_t))     # the first custom-op calls load torch's op machinery
+    return fit(tmodel, lambda params: make_optimizer(args.optimizer, params, lr), train_t, val_t,
+               epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+               schedule=inverse_time_decay(lr, args.lr_decay) if args.lr_decay else None,
+               eval_every=args.eval_every, max_steps=args.max_steps, progress=not args.quiet, desc=label)
