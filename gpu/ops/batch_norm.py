@@ -535,7 +535,101 @@ def _direct_forward(xp, x, gamma, beta, lay: _Layout, eps: float):
     return y, mean.reshape(lay.kept_shape), var.reshape(lay.kept_shape), invstd.reshape(lay.kept_shape)
 
 
+
+# Small x: one thread, BLAS sums. For an x of at most _SMALL_ELEMENTS elements (float32 or
+# float64 storage, a C-contiguous array whose (outer, C, inner) view is a reshape) NumPy's call
+# overhead is the cost: a reduction along a strided axis runs a short inner loop per row (8.8 us
+# for 256x64 float32, against 1.5 us for the same sums as a BLAS matrix-vector product). These
+# functions take the fewest NumPy calls, sum through ``ones @ v`` and work on the flat (C,)
+# statistics; the sums are the same sequential per-channel accumulations as NumPy's along axis 0.
+
+#: x of at most this many elements takes the small path (the switch: docs/BENCHMARKS.md, "NumPy path").
+_SMALL_ELEMENTS = 1 << 15
+
+_ONES: dict[tuple, np.ndarray] = {}
+
+
+def _ones(n: int, dtype, value: float = 1.0) -> np.ndarray:
+    """A read-only vector of n ``value``s (kept): ``_ones(n, dt, 1 / m) @ v`` is a mean."""
+    key = (n, dtype, value)
+    o = _ONES.get(key)
+    if o is None:
+        if len(_ONES) >= 256:
+            _ONES.clear()
+        o = _ONES[key] = np.full(n, value, dtype)
+        o.flags.writeable = False
+    return o
+
+
+_SMALL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _small_view(x, lay: _Layout):
+    """x as the (outer, C * inner) matrix of its (outer, C, inner) view (no copy), if the small path
+    takes it; else None. Every operation then runs over rows of C * inner elements, and a
+    per-channel operand is one such row (`_pc`)."""
+    if (type(x) is not np.ndarray or x.size > _SMALL_ELEMENTS or lay.perm is not None or x.size == 0
+            or x.dtype not in _SMALL_DTYPES or not x.flags.c_contiguous):
+        return None
+    return x.reshape(lay.outer, lay.C * lay.inner)
+
+
+def _small_mean(v, inv_m, C: int):
+    """Per-channel means of a small view, (C,), or of a stack of them, (k, C): sums weighted by 1/M
+    (each product rounds once), over the rows, then over each channel's inner run."""
+    s = _ones(v.shape[-2], v.dtype, inv_m) @ v
+    inner = v.shape[-1] // C
+    return s if inner == 1 else s.reshape(s.shape[:-1] + (C, inner)) @ _ones(inner, v.dtype)
+
+
+def _pc(v, a):
+    """A (C,) per-channel array as a row of the small view v (each value repeated inner times)."""
+    inner = v.shape[-1] // a.shape[0]
+    return a if inner == 1 else a.repeat(inner)
+
+
+def _small_stats(v, m: int, C: int):
+    """(mean, var, c, c_mean) of a small view, flat (C,), the corrected two-pass of `_group_stats`
+    (c = x - mean0 is kept for the forward); None if a statistic is not finite (the blocked path's
+    overflow-safe recomputation takes over)."""
+    inv_m = float(v.dtype.type(1 / m))
+    mean0 = _small_mean(v, inv_m, C)
+    cc = np.empty((2,) + v.shape, v.dtype)          # c and c^2: their means in one product
+    c = np.subtract(v, _pc(v, mean0), out=cc[0])
+    np.square(c, out=cc[1])
+    c_mean, var = _small_mean(cc, inv_m, C)
+    var -= c_mean * c_mean
+    np.maximum(var, 0, out=var)
+    mean0 += c_mean
+    # one O(C) check: an inf or NaN in either makes the product sum non-finite (so may an
+    # overflowing product of finite values: the blocked path then computes the same statistics)
+    if not math.isfinite(mean0 @ var):
+        return None
+    return mean0, var, c, c_mean
+
+
+def _small_coefficients(invstd, gamma, beta, center, acc):
+    """(scale, shift') of y = x_or_c * scale + shift', flat (C,), from the batch-norm affine with
+    the center folded into the shift."""
+    scale = invstd if gamma is None else invstd * gamma.reshape(-1).astype(acc, copy=False)
+    if beta is None:
+        return scale, np.negative(center * scale)
+    return scale, np.subtract(beta.reshape(-1).astype(acc, copy=False), center * scale)
+
+
+def _small_affine(v, scale, shift, shape):
+    """v * scale + shift per channel (two passes, the first one allocating y), in x's shape."""
+    y = np.multiply(v, _pc(v, scale))
+    y += _pc(v, shift)
+    return y.reshape(shape)
+
+
 def _cpu_stats(xp, x, lay: _Layout):
+    v = _small_view(x, lay)
+    if v is not None:
+        stats = _small_stats(v, lay.m, lay.C)
+        if stats is not None:
+            return stats[0].reshape(lay.kept_shape), stats[1].reshape(lay.kept_shape)
     if _one_block(xp, x, lay):
         stats = _direct_stats(xp, x, lay, B.compute_dtype(x.dtype))
         if stats is not None:
@@ -554,11 +648,29 @@ def _update_running(lay, mean, var, running_mean, running_var, momentum):
     if running_mean is None:
         return
     unbiased = var * (lay.m / (lay.m - 1))
+    if running_mean.dtype == mean.dtype and running_var.dtype == var.dtype:
+        # in place, the same roundings: (1 - momentum) * r, momentum * stat, their sum
+        running_mean *= 1 - momentum
+        running_mean += momentum * mean
+        running_var *= 1 - momentum
+        running_var += momentum * unbiased
+        return
     running_mean[...] = ((1 - momentum) * running_mean + momentum * mean).astype(running_mean.dtype)
     running_var[...] = ((1 - momentum) * running_var + momentum * unbiased).astype(running_var.dtype)
 
 
 def _cpu_forward(xp, x, gamma, beta, running_mean, running_var, lay, eps, momentum):
+    v = _small_view(x, lay)
+    stats = None if v is None else _small_stats(v, lay.m, lay.C)
+    if stats is not None:
+        mean, var, c, c_mean = stats
+        invstd = _invstd(np, var, eps, x.dtype)
+        scale, shift = _small_coefficients(invstd, gamma, beta, c_mean, x.dtype)
+        c *= _pc(v, scale)                          # y = (c - c_mean) * scale + beta, in c
+        c += _pc(v, shift)
+        mean, var, invstd = mean.reshape(lay.kept_shape), var.reshape(lay.kept_shape), invstd.reshape(lay.kept_shape)
+        _update_running(lay, mean, var, running_mean, running_var, momentum)
+        return c.reshape(x.shape), mean, invstd
     direct = _direct_forward(xp, x, gamma, beta, lay, eps) if _one_block(xp, x, lay) else None
     if direct is not None:
         y, mean, var, invstd = direct
@@ -639,6 +751,11 @@ def _direct_backward(xp, dy, x, gamma, mean, invstd, lay: _Layout):
 
 
 def _cpu_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps):
+    v = _small_view(x, lay)
+    if v is not None:
+        acc = x.dtype
+        invstd = _invstd(np, running_var.reshape(-1).astype(acc, copy=False), eps, acc)
+        return _small_affine(v, *_small_coefficients(invstd, gamma, beta, running_mean.reshape(-1), acc), x.shape)
     if _one_block(xp, x, lay):
         acc = B.compute_dtype(x.dtype)
         rm, rv = _per_feature(running_mean, lay, acc, slice(None)), _per_feature(running_var, lay, acc, slice(None))
