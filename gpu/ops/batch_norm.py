@@ -878,9 +878,19 @@ def _smem(threads: int, vec: int, acc) -> int:
     return threads * (1 + 3 * vec) * acc.itemsize
 
 
-def _plan(dev, outer: int, C: int, inner: int, itemsize: int, acc, vector: bool, tune: _Tuning) -> _Plan:
+#: The kernels whose partials the streaming grid sizes: one wave of the more constrained of the two.
+_REDUCTIONS = ("batch_norm_stats", "batch_norm_backward_reduce")
+
+
+def _plan(dev, outer: int, C: int, inner: int, itemsize: int, acc, vector: bool, tune: _Tuning,
+          resident=None) -> _Plan:
     """Block shape and grid of the streaming kernels for an (outer, C, inner) view; ``vector``:
-    every element-wise operand is 16-byte aligned."""
+    every element-wise operand is 16-byte aligned.
+
+    grid.y is one wave of resident blocks over the tiles, so each tile's partials are as few as
+    keep every SM busy: ``resident(vector, threads, smem)`` gives the blocks per SM of the
+    reduction kernels (`_resident`: the occupancy calculator, registers included on a GPU); without
+    it, threads alone decide (an upper bound: the partials buffer then holds more than one wave)."""
     vmax = 16 // itemsize
     n = C if inner == 1 else inner                 # contiguous run: a row of channels, or a plane
     vector = vector and n % vmax == 0
@@ -905,8 +915,11 @@ def _plan(dev, outer: int, C: int, inner: int, itemsize: int, acc, vector: bool,
     T = bx * by
     grid_rows = tune.grid_rows
     if grid_rows is None:
-        per_sm = tune.blocks_per_sm or max(1, dev["max_threads_per_sm"] // T)
-        grid_rows = (dev["sm_count"] * per_sm) // (tiles * chunks)
+        per_sm = tune.blocks_per_sm
+        if per_sm is None:
+            per_sm = (resident(vector, T, _smem(T, vec, acc)) if resident is not None
+                      else dev["max_threads_per_sm"] // T)
+        grid_rows = (dev["sm_count"] * max(1, per_sm)) // (tiles * chunks)
     grid_rows = max(1, min(grid_rows, _launch.ceil_div(outer, by), dev["max_grid_dims"][1]))
     return _Plan(vector, vec, bx, T, tiles, chunks, grid_rows, _smem(T, vec, acc))
 
@@ -1010,6 +1023,18 @@ class _Plans:
 _PLANS = _launch.PlanCache()
 
 
+def _resident(xp, dtype, vector: bool, threads: int, smem: int) -> int:
+    """Blocks per SM that the reduction kernels (`_REDUCTIONS`) can each keep resident with
+    ``threads`` threads and ``smem`` bytes of dynamic shared memory: the occupancy calculator
+    (`max_cooperative_grid`; registers count on a GPU: 64 registers a thread at 256 threads allow 4
+    blocks of float32, not the 8 that threads alone would), the lesser of the two."""
+    dev = _launch.device(xp)
+    most = min(_kernels.max_cooperative_grid(
+        _kernels.get_kernel("batch_norm", name, xp, dtype, {"BN_VECTOR": int(vector)}), threads, smem)
+        for name in _REDUCTIONS)
+    return max(1, most // dev["sm_count"])
+
+
 def _plans(xp, v: _View, dtype, vector: bool, forward: bool) -> _Plans:
     """The plans for this view, kept per shape, dtype, alignment, device and knobs."""
     dev = _launch.device(xp)
@@ -1019,7 +1044,8 @@ def _plans(xp, v: _View, dtype, vector: bool, forward: bool) -> _Plans:
 
     def make():
         acc = B.compute_dtype(dtype)
-        p = _plan(dev, v.outer, v.C, v.inner, dtype.itemsize, acc, vector, tune)
+        p = _plan(dev, v.outer, v.C, v.inner, dtype.itemsize, acc, vector, tune,
+                  resident=lambda vec, T, smem: _resident(xp, dtype, vec, T, smem))
         onchip = _onchip_choice(xp, dev, p, v.outer, v.inner, acc, dtype, tune) if forward else None
         return _Plans(xp, dtype, p, onchip)
 
