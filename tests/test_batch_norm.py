@@ -340,9 +340,12 @@ def test_read_only_running_stats_rejected():
                          ids=["reduced-axis0", "nchw-like", "kept-axis0"])
 def test_numpy_path_row_blocks(monkeypatch, rng, shape, axis):
     # the NumPy path works on row blocks sized for the cache; force many tiny blocks (2 rows each),
-    # both where blocks share features (axis 0 reduced) and where each holds whole ones (kept)
+    # both where blocks share features (axis 0 reduced) and where each holds whole ones (kept);
+    # past the small-x path, without the compiled loops
     bn = importlib.import_module("gpu.ops.batch_norm")
     monkeypatch.setattr(_cpu, "BLOCK_BYTES", 2 * 4 * int(np.prod(shape[1:])))
+    monkeypatch.setattr(bn, "_SMALL_ELEMENTS", 0)
+    monkeypatch.setenv("GPU_CPU_JIT", "0")
     x, x64 = random(rng, shape, np.float32, offset=100.0)
     dy, dy64 = random(rng, shape, np.float32)
     keep = _keepdims(shape, axis)
@@ -366,8 +369,10 @@ def test_numpy_path_row_blocks(monkeypatch, rng, shape, axis):
 def test_numpy_small_path_switch(monkeypatch, rng, shape, axis, dtype):
     # x of at most _SMALL_ELEMENTS takes the small path (BLAS sums, one thread): the limit set to
     # x's size (small path) and one below it (the direct path) give the reference's answer both,
-    # at an offset where an uncorrected two-pass variance would lose digits
+    # at an offset where an uncorrected two-pass variance would lose digits (NumPy only: the
+    # compiled loops of the cpu-jit extra have their own tests)
     bn = importlib.import_module("gpu.ops.batch_norm")
+    monkeypatch.setenv("GPU_CPU_JIT", "0")
     x, x64 = random(rng, shape, dtype, scale=2.0, offset=300.0)
     keep, kept = _keepdims(shape, axis), _kept(shape, axis)
     gamma, beta = _params(rng, shape, axis, dtype)

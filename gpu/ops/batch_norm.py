@@ -30,7 +30,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from .. import _backend as B
-from .. import _cpu, _kernels, _launch
+from .. import _cpu, _jit, _kernels, _launch
 
 @dataclass(frozen=True)
 class _Layout:
@@ -624,6 +624,24 @@ def _small_affine(v, scale, shift, shape):
     return y.reshape(shape)
 
 
+def _jit_view(x, lay: _Layout, *others):
+    """x (and `others`, arrays of x's shape) as C-contiguous (outer, C, inner) views for the
+    compiled loops (`gpu._jit`), if they take this call: NumPy float32/float64 past the small path,
+    no transposed copy needed, Numba installed; else None."""
+    if (type(x) is not np.ndarray or x.size <= _SMALL_ELEMENTS or lay.perm is not None
+            or x.dtype not in _SMALL_DTYPES or not x.flags.c_contiguous
+            or any(type(o) is not np.ndarray or o.dtype != x.dtype or not o.flags.c_contiguous for o in others)
+            or not _jit.available()):
+        return None
+    shape = (lay.outer, lay.C, lay.inner)
+    return [a.reshape(shape) for a in (x,) + others]
+
+
+def _flat(p, acc):
+    """A per-channel array (kept or keepdims shape, or None) as a contiguous (C,) array of acc."""
+    return None if p is None else np.ascontiguousarray(p.reshape(-1), dtype=acc)
+
+
 def _cpu_stats(xp, x, lay: _Layout):
     v = _small_view(x, lay)
     if v is not None:
@@ -671,6 +689,13 @@ def _cpu_forward(xp, x, gamma, beta, running_mean, running_var, lay, eps, moment
         mean, var, invstd = mean.reshape(lay.kept_shape), var.reshape(lay.kept_shape), invstd.reshape(lay.kept_shape)
         _update_running(lay, mean, var, running_mean, running_var, momentum)
         return c.reshape(x.shape), mean, invstd
+    views = _jit_view(x, lay)
+    out = None if views is None else _jit.forward(views[0], _flat(gamma, x.dtype), _flat(beta, x.dtype), eps)
+    if out is not None:
+        y3, mean, var, invstd = out
+        mean, var, invstd = mean.reshape(lay.kept_shape), var.reshape(lay.kept_shape), invstd.reshape(lay.kept_shape)
+        _update_running(lay, mean, var, running_mean, running_var, momentum)
+        return y3.reshape(x.shape), mean, invstd
     direct = _direct_forward(xp, x, gamma, beta, lay, eps) if _one_block(xp, x, lay) else None
     if direct is not None:
         y, mean, var, invstd = direct
@@ -696,6 +721,14 @@ def _cpu_backward(xp, dy, x, gamma, mean, invstd, lay):
     # dx = k * (dy - dbeta/M - x_hat * dgamma/M) with k = gamma * invstd, x_hat = (x - mean) * invstd,
     # dbeta = sum(dy), dgamma = sum(dy * x_hat): dx = k * dy + a * (x - mean) + b, where
     # a = -k * invstd * dgamma / M and b = -k * dbeta / M.
+    views = _jit_view(x, lay, dy)
+    if views is not None:
+        acc = x.dtype
+        dx3, dgamma, dbeta = _jit.backward(views[1], views[0], _flat(mean, acc), _flat(invstd, acc),
+                                           _flat(gamma, acc), 1.0 / lay.m)
+        out_dtype = gamma.dtype if gamma is not None else x.dtype
+        return (dx3.reshape(x.shape), dgamma.reshape(lay.kept_shape).astype(out_dtype, copy=False),
+                dbeta.reshape(lay.kept_shape).astype(out_dtype, copy=False))
     if _one_block(xp, x, lay):
         return _direct_backward(xp, dy, x, gamma, mean, invstd, lay)
     blocks = _Blocks(xp, x, lay)
