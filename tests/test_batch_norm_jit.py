@@ -6,21 +6,30 @@ import numpy as np
 import pytest
 
 import gpu
-from gpu import _jit
+from gpu import _cpu, _jit
 from gpu.bench import reference as ref
 from gpu.ops import batch_norm as bn
 from conftest import assert_close, dtype_id, random
 
 pytestmark = pytest.mark.skipif(not _jit.available(), reason="needs Numba (pip install '.[cpu-jit]')")
 
-# (shape, axis), each past the small path's 32K elements (or forced past it), with why
+
+@pytest.fixture(autouse=True)
+def _past_small_path(monkeypatch):
+    # the compiled loops take x past the small-x path; its switch and the row blocks (16 KiB)
+    # lowered, so that small shapes run many blocks and their merges
+    monkeypatch.setattr(bn, "_SMALL_ELEMENTS", 4096)
+    monkeypatch.setattr(_cpu, "BLOCK_BYTES", 1 << 14)
+
+
+# (shape, axis), each past the (lowered) small-path switch, with why
 CASES = [
-    ((4099, 9), 0),                 # channels-last, rows not a multiple of the chunk, C prime
+    ((30011, 9), 0),                # channels-last, C prime: 66 blocks of 455 rows, the last 436
     ((40000, 1), 0),                # one channel: channels-first view of one plane (outer 1)
     ((3, 7, 41, 43), (0, 2, 3)),    # NCHW, odd planes
     ((5, 17, 13, 31), (0, 1, 2)),   # NHWC: channels-last rows of 31
     ((2, 20000), 1),                # the seed's (n, m) layout: one plane per unit
-    ((1, 33000), 0),                # one row: var 0 everywhere, y = beta
+    ((1, 5000), 0),                 # one row: var 0 everywhere, y = beta
 ]
 IDS = [f"{s}-ax{a}" for s, a in CASES]
 
@@ -86,7 +95,7 @@ def test_thread_count_does_not_change_a_bit(monkeypatch, rng):
 def test_non_finite_statistics_fall_back_to_the_numpy_path(rng):
     # an inf in one channel, and a variance past float32's sum of squares in another: the NumPy
     # path's answers (torch's special values; the overflow-safe variance)
-    x, _ = random(rng, (40000, 3), np.float32)
+    x, _ = random(rng, (20000, 3), np.float32)
     x[7, 0] = np.inf
     x[:, 2] *= np.float32(3e18)
     y, mean_f, invstd = gpu.batch_norm_forward(x)
@@ -97,7 +106,7 @@ def test_non_finite_statistics_fall_back_to_the_numpy_path(rng):
 
 
 def test_noncontiguous_or_half_inputs_take_the_numpy_path(rng):
-    x = random(rng, (40000, 4), np.float16)[0]
+    x = random(rng, (5000, 4), np.float16)[0]
     assert bn._jit_view(x, bn._layout(x, 0)) is None
-    xt = random(rng, (8, 40000), np.float32)[0].T
+    xt = random(rng, (8, 5000), np.float32)[0].T
     assert bn._jit_view(xt, bn._layout(xt, 0)) is None

@@ -544,7 +544,7 @@ def _direct_forward(xp, x, gamma, beta, lay: _Layout, eps: float):
 # statistics; the sums are the same sequential per-channel accumulations as NumPy's along axis 0.
 
 #: x of at most this many elements takes the small path (the switch: docs/BENCHMARKS.md, "NumPy path").
-_SMALL_ELEMENTS = 1 << 15
+_SMALL_ELEMENTS = 1 << 17
 
 _ONES: dict[tuple, np.ndarray] = {}
 
