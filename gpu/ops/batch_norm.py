@@ -172,7 +172,7 @@ def batch_stats(x, axis: int | Sequence[int] = 0):
             return _gpu_batch_stats(_xp_of(x), x, lay)
         with np.errstate(all="ignore"):
             mean, var = _cpu_stats(np, x, lay)
-        return mean.astype(x.dtype), var.astype(x.dtype)
+        return mean.astype(x.dtype, copy=False), var.astype(x.dtype, copy=False)
     xp, kernels = B.dispatch(x=x)
     x = B.as_float_array(xp, x, "x")
     lay = _layout(x, axis)
@@ -222,7 +222,8 @@ def batch_norm_forward(x, gamma=None, beta=None, *, axis: int | Sequence[int] = 
         if key[0] != "numpy":
             return _gpu_forward(_xp_of(x), x, gamma, beta, running_mean, running_var, lay, eps, momentum, None)
         with np.errstate(all="ignore"):
-            return _cpu_forward(np, x, *_kept(lay, gamma, beta, running_mean, running_var), lay, eps, momentum)
+            # gamma, beta in either accepted shape (reshaped there); running stats updated as kept
+            return _cpu_forward(np, x, gamma, beta, *_kept(lay, running_mean, running_var), lay, eps, momentum)
     xp, kernels = B.dispatch(x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
     x = B.as_float_array(xp, x, "x")
     lay = _layout(x, axis)
@@ -305,8 +306,8 @@ def batch_norm_inference(x, gamma, beta, running_mean, running_var, *, axis: int
         eps = B.check_real(eps, "eps", lo=0.0)
         if key[0] != "numpy":
             return _gpu_inference(_xp_of(x), x, gamma, beta, running_mean, running_var, lay, eps)
-        with np.errstate(all="ignore"):
-            return _cpu_inference(np, x, *_kept(lay, gamma, beta, running_mean, running_var), lay, eps)
+        with np.errstate(all="ignore"):   # per-feature arrays in either accepted shape: reshaped there
+            return _cpu_inference(np, x, gamma, beta, running_mean, running_var, lay, eps)
     xp, kernels = B.dispatch(x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
     x = B.as_float_array(xp, x, "x")
     lay = _layout(x, axis, allow_empty=True)     # an empty batch gives an empty y, as torch
@@ -787,8 +788,13 @@ def _cpu_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps):
     v = _small_view(x, lay)
     if v is not None:
         acc = x.dtype
-        invstd = _invstd(np, running_var.reshape(-1).astype(acc, copy=False), eps, acc)
-        return _small_affine(v, *_small_coefficients(invstd, gamma, beta, running_mean.reshape(-1), acc), x.shape)
+        rv = running_var.reshape(-1).astype(acc, copy=False)
+        if eps > 0 and gamma is not None:           # scale = gamma / sqrt(rv + eps): one divide
+            scale = np.divide(gamma.reshape(-1).astype(acc, copy=False), np.sqrt(rv + acc.type(eps)))
+            gamma = None
+        else:
+            scale = _invstd(np, rv, eps, acc)
+        return _small_affine(v, *_small_coefficients(scale, gamma, beta, running_mean.reshape(-1), acc), x.shape)
     if _one_block(xp, x, lay):
         acc = B.compute_dtype(x.dtype)
         rm, rv = _per_feature(running_mean, lay, acc, slice(None)), _per_feature(running_var, lay, acc, slice(None))
