@@ -9,12 +9,12 @@ each phase in one pass over memory, as PyTorch's CPU kernels do:
     backward  sums of dy and dy * (x - mean): dy and x read once;
               dx = k * dy + a * (x - mean) + b: dy, x read, dx written      5 E*s
 
-The loops are serial, one row block (``gpu._cpu``'s ~1 MiB blocks) per call, and release the GIL:
-the NumPy path's thread pool spreads the blocks over the cores, scheduled dynamically (a static
-split stalls on a loaded machine), results combined in block order. Numerics follow the NumPy
+The loops are serial and release the GIL: the NumPy path's thread pool runs one call per thread,
+each over a contiguous share of whole row blocks (``gpu._cpu``'s ~1 MiB), and every block leaves
+its own partial, combined in block order. Numerics follow the NumPy
 path: statistics by a two-pass within each block (its mean, then its centred sum of squares, from
-cache) merged across blocks by Chan's formula, with float64 accumulators: bitwise the same for
-any number of threads. A non-finite statistic returns
+cache) in float64, merged across blocks by Chan's formula; the backward's sums in x's dtype within
+a block, float64 across blocks: bitwise the same for any number of threads. A non-finite statistic returns
 None and the NumPy path (overflow-safe, PyTorch's special values) computes the call instead.
 
 Used by ``gpu.ops.batch_norm`` for float32/float64 x on the NumPy path past its small-x path, when
@@ -53,31 +53,36 @@ def _load():
 
 
 def _build(nb):
-    # Serial loops over one block of rows (channels-last, x as (outer, C)) or of planes
-    # (channels-first, x as (outer * C, inner)); gpu._cpu's pool runs the blocks on the cores
-    # (the loops release the GIL), scheduled dynamically, results in block order. Float64
-    # accumulators; error_model="numpy" keeps the loops free of Python's division checks.
+    # Serial loops over a range of rows (channels-last, x as (outer, C)) or of planes
+    # (channels-first, x as (outer * C, inner)); gpu._cpu's pool runs one range per thread (the
+    # loops release the GIL); partials per block, merged in block order. Float64 accumulators;
+    # error_model="numpy" keeps the loops free of Python's division checks.
     njit = nb.njit
     opts = dict(cache=True, nogil=True, error_model="numpy")
 
     @njit(**opts)
-    def rows_stats(x, r0, r1):
-        """(mean, M2) per channel of rows [r0, r1): their sum, then the centred squares (the
-        block is in cache by then)."""
+    def rows_stats(x, r0, r1, sub, pm, pq):
+        """(mean, M2) per channel of each block of `sub` rows in [r0, r1) (r0 a multiple of sub),
+        into pm[k], pq[k] for block k: its sum, then its centred squares (from cache)."""
         C = x.shape[1]
-        s = np.zeros(C)
-        for r in range(r0, r1):
-            row = x[r]
+        for b0 in range(r0, r1, sub):
+            b1 = min(r1, b0 + sub)
+            s = np.zeros(C)
+            for r in range(b0, b1):
+                row = x[r]
+                for c in range(C):
+                    s[c] += row[c]
+            s /= b1 - b0
+            q = np.zeros(C)
+            for r in range(b0, b1):
+                row = x[r]
+                for c in range(C):
+                    d = row[c] - s[c]
+                    q[c] += d * d
+            k = b0 // sub
             for c in range(C):
-                s[c] += row[c]
-        s /= r1 - r0
-        q = np.zeros(C)
-        for r in range(r0, r1):
-            row = x[r]
-            for c in range(C):
-                d = row[c] - s[c]
-                q[c] += d * d
-        return s, q
+                pm[k, c] = s[c]
+                pq[k, c] = q[c]
 
     @njit(**opts)
     def planes_stats(x, p0, p1, mean, m2):
@@ -135,17 +140,24 @@ def _build(nb):
                 yr[j] = (xr[j] - mu) * sc + sh
 
     @njit(**opts)
-    def rows_grad_sums(dy, x, mean, r0, r1):
+    def rows_grad_sums(dy, x, mean, r0, r1, sub, ps, pd):
+        """sum(dy), sum(dy * (x - mean)) per channel of each block of `sub` rows, into ps[k], pd[k]:
+        within a block in x's dtype (twice the vector width of float64; the NumPy path's sums are
+        float32 too), across blocks in float64."""
         C = x.shape[1]
-        s = np.zeros(C)
-        t = np.zeros(C)
-        for r in range(r0, r1):
-            g = dy[r]
-            xr = x[r]
+        for b0 in range(r0, r1, sub):
+            s = np.zeros(C, x.dtype)
+            t = np.zeros(C, x.dtype)
+            for r in range(b0, min(r1, b0 + sub)):
+                g = dy[r]
+                xr = x[r]
+                for c in range(C):
+                    s[c] += g[c]
+                    t[c] += g[c] * (xr[c] - mean[c])
+            k = b0 // sub
             for c in range(C):
-                s[c] += g[c]
-                t[c] += g[c] * (xr[c] - mean[c])
-        return s, t
+                ps[k, c] = s[c]
+                pd[k, c] = t[c]
 
     @njit(**opts)
     def planes_grad_sums(dy, x, mean, p0, p1, C, sdy, sdx):
@@ -187,10 +199,18 @@ def _build(nb):
     return {name: f for name, f in locals().items() if callable(f) and name not in ("njit",)}
 
 
-def _blocks(n: int, item_bytes: int) -> list[tuple[int, int]]:
-    """[start, stop) ranges of about _cpu.BLOCK_BYTES of rows or planes."""
-    step = max(1, _cpu.BLOCK_BYTES // max(1, item_bytes))
-    return [(i, min(n, i + step)) for i in range(0, n, step)]
+def _sub(item_bytes: int) -> int:
+    """Rows (or planes) per block: about _cpu.BLOCK_BYTES, so that a block stays in cache between
+    the two reads of the statistics. Blocks, not threads, set the merge order."""
+    return max(1, _cpu.BLOCK_BYTES // max(1, item_bytes))
+
+
+def _ranges(n: int, sub: int) -> list[tuple[int, int]]:
+    """[start, stop) of each thread's share of n items, in whole blocks of `sub`: one call per
+    thread (a call per block would cost the pool's overhead per megabyte)."""
+    blocks = -(-n // sub)
+    per = -(-blocks // max(1, min(_cpu.threads(), blocks)))
+    return [(i * sub, min(n, (i + per) * sub)) for i in range(0, blocks, per)]
 
 
 def _stats(k, x3):
@@ -198,14 +218,17 @@ def _stats(k, x3):
     outer, C, inner = x3.shape
     if inner == 1:
         x = x3.reshape(outer, C)
-        blocks = _blocks(outer, C * x.itemsize)
-        parts = _cpu.map_ordered(lambda b: k["rows_stats"](x, b[0], b[1]), blocks)
-        counts = np.array([b[1] - b[0] for b in blocks], np.float64)
-        mean, m2 = k["chan_merge"](np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts]), counts)
+        sub = _sub(C * x.itemsize)
+        nb = -(-outer // sub)
+        pm, pq = np.empty((nb, C)), np.empty((nb, C))
+        _cpu.map_ordered(lambda b: k["rows_stats"](x, b[0], b[1], sub, pm, pq), _ranges(outer, sub))
+        counts = np.full(nb, float(sub))
+        counts[-1] = outer - (nb - 1) * sub
+        mean, m2 = k["chan_merge"](pm, pq, counts)
         return mean, m2 / outer
     x = x3.reshape(outer * C, inner)
     pm, pq = np.empty(outer * C), np.empty(outer * C)
-    _cpu.map_ordered(lambda b: k["planes_stats"](x, b[0], b[1], pm, pq), _blocks(outer * C, inner * x.itemsize))
+    _cpu.map_ordered(lambda b: k["planes_stats"](x, b[0], b[1], pm, pq), _ranges(outer * C, _sub(inner * x.itemsize)))
     mean, m2 = k["chan_merge"](pm.reshape(outer, C), pq.reshape(outer, C), np.full(outer, float(inner)))
     return mean, m2 / (outer * inner)
 
@@ -229,11 +252,11 @@ def forward(x3, gamma, beta, eps: float):
     if inner == 1:
         x, y = x3.reshape(outer, C), y3.reshape(outer, C)
         _cpu.map_ordered(lambda b: k["rows_affine"](y, x, mean, scale, shift, b[0], b[1]),
-                         _blocks(outer, C * x.itemsize))
+                         _ranges(outer, _sub(C * x.itemsize)))
     else:
         x, y = x3.reshape(outer * C, inner), y3.reshape(outer * C, inner)
         _cpu.map_ordered(lambda b: k["planes_affine"](y, x, mean, scale, shift, b[0], b[1], C),
-                         _blocks(outer * C, inner * x.itemsize))
+                         _ranges(outer * C, _sub(inner * x.itemsize)))
     return y3, mean, var, invstd
 
 
@@ -245,15 +268,15 @@ def backward(dy3, x3, mean, invstd, gamma, inv_m):
     outer, C, inner = x3.shape
     if inner == 1:
         x, dy = x3.reshape(outer, C), dy3.reshape(outer, C)
-        blocks = _blocks(outer, 2 * C * x.itemsize)
-        parts = _cpu.map_ordered(lambda b: k["rows_grad_sums"](dy, x, mean, b[0], b[1]), blocks)
-        sdy, sdx = np.zeros(C), np.zeros(C)
-        for s, t in parts:                          # block order
-            sdy += s
-            sdx += t
+        sub = _sub(2 * C * x.itemsize)
+        blocks = _ranges(outer, sub)
+        nb = -(-outer // sub)
+        ps, pd = np.empty((nb, C)), np.empty((nb, C))
+        _cpu.map_ordered(lambda b: k["rows_grad_sums"](dy, x, mean, b[0], b[1], sub, ps, pd), blocks)
+        sdy, sdx = ps.sum(0), pd.sum(0)             # block order: the same bits for any threads
     else:
         x, dy = x3.reshape(outer * C, inner), dy3.reshape(outer * C, inner)
-        blocks = _blocks(outer * C, 2 * inner * x.itemsize)
+        blocks = _ranges(outer * C, _sub(2 * inner * x.itemsize))
         ps, pd = np.empty(outer * C), np.empty(outer * C)
         _cpu.map_ordered(lambda b: k["planes_grad_sums"](dy, x, mean, b[0], b[1], C, ps, pd), blocks)
         sdy, sdx = ps.reshape(outer, C).sum(0), pd.reshape(outer, C).sum(0)
