@@ -27,6 +27,6 @@ for order in forward reverse; do
     LD_PRELOAD="$libasan" \
     ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:halt_on_error=1" \
     UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
-    GPU_EMULATOR_ASAN=1 GPU_EMULATOR_ORDER="$order" \
+    GPU_EMULATOR_ASAN=1 GPU_EMULATOR_ORDER="$order" GPU_CPU_JIT=0 \
         "$python" -m pytest -q -m kernel -p no:cacheprovider --capture=sys "$@"
 done

@@ -340,9 +340,12 @@ def test_read_only_running_stats_rejected():
                          ids=["reduced-axis0", "nchw-like", "kept-axis0"])
 def test_numpy_path_row_blocks(monkeypatch, rng, shape, axis):
     # the NumPy path works on row blocks sized for the cache; force many tiny blocks (2 rows each),
-    # both where blocks share features (axis 0 reduced) and where each holds whole ones (kept)
+    # both where blocks share features (axis 0 reduced) and where each holds whole ones (kept);
+    # past the small-x path, without the compiled loops
     bn = importlib.import_module("gpu.ops.batch_norm")
     monkeypatch.setattr(_cpu, "BLOCK_BYTES", 2 * 4 * int(np.prod(shape[1:])))
+    monkeypatch.setattr(bn, "_SMALL_ELEMENTS", 0)
+    monkeypatch.setenv("GPU_CPU_JIT", "0")
     x, x64 = random(rng, shape, np.float32, offset=100.0)
     dy, dy64 = random(rng, shape, np.float32)
     keep = _keepdims(shape, axis)
@@ -357,3 +360,36 @@ def test_numpy_path_row_blocks(monkeypatch, rng, shape, axis):
     rm, rv = np.zeros(gamma.shape), np.ones(gamma.shape)
     y_inf = gpu.batch_norm_inference(x, gamma, beta, rm, rv, axis=axis)
     assert_close(y_inf, x64 / np.sqrt(1 + 1e-5) * gamma.reshape(keep) + beta.reshape(keep), np.float32, "y")
+
+
+@pytest.mark.parametrize("shape,axis", [((512, 64), 0), ((8, 16, 16, 16), (0, 2, 3)), ((8, 16, 16, 16), (0, 1, 2)),
+                                        ((3, 1, 5), (0, 2)), ((32768,), 0)],
+                         ids=["nc", "nchw", "nhwc", "one-channel", "1-d"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=dtype_id)
+def test_numpy_small_path_switch(monkeypatch, rng, shape, axis, dtype):
+    # x of at most _SMALL_ELEMENTS takes the small path (BLAS sums, one thread): the limit set to
+    # x's size (small path) and one below it (the direct path) give the reference's answer both,
+    # at an offset where an uncorrected two-pass variance would lose digits (NumPy only: the
+    # compiled loops of the cpu-jit extra have their own tests)
+    bn = importlib.import_module("gpu.ops.batch_norm")
+    monkeypatch.setenv("GPU_CPU_JIT", "0")
+    x, x64 = random(rng, shape, dtype, scale=2.0, offset=300.0)
+    keep, kept = _keepdims(shape, axis), _kept(shape, axis)
+    gamma, beta = _params(rng, shape, axis, dtype)
+    m = x.size // int(np.prod(kept))
+    ry, rmean, rinvstd, rvar = ref.batch_norm_forward(x64, gamma.reshape(keep), beta.reshape(keep), _axes(axis), 1e-5)
+    for limit in (x.size, x.size - 1):
+        monkeypatch.setattr(bn, "_SMALL_ELEMENTS", limit)
+        assert (bn._small_view(x, bn._layout(x, axis)) is not None) == (limit == x.size)
+        mean, var = gpu.batch_stats(x, axis=axis)
+        assert_close(mean, rmean.reshape(kept), dtype, "mean")
+        assert_close(var, rvar.reshape(kept), dtype, "var", factor=4)
+        rm, rv = np.full(kept, 0.5, dtype), np.full(kept, 2.0, dtype)
+        y, mean, invstd = gpu.batch_norm_forward(x, gamma, beta, axis=axis, running_mean=rm, running_var=rv)
+        assert_close(y, ry, dtype, "y")
+        assert_close(invstd, rinvstd.reshape(kept), dtype, "invstd", factor=4)
+        assert rel_err(rm, 0.9 * 0.5 + 0.1 * rmean.reshape(kept)) <= TOL[np.dtype(dtype)]
+        assert rel_err(rv, 0.9 * 2.0 + 0.1 * rvar.reshape(kept) * m / (m - 1)) <= 4 * TOL[np.dtype(dtype)]
+        y = gpu.batch_norm_inference(x, gamma, beta, rm, rv, axis=axis)
+        want = (x64 - rm.reshape(keep)) / np.sqrt(rv.reshape(keep) + 1e-5) * gamma.reshape(keep) + beta.reshape(keep)
+        assert_close(y, want, dtype, "y inference")

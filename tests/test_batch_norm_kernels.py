@@ -148,6 +148,8 @@ CASES = [
     ((2, 8), 0, {}),                                      # two rows
     ((64, 8), 0, {}),                                     # on chip, vectors of 4 floats, 2 lanes per row
     ((64, 8), 0, dict(path="twopass", threads=32, grid_rows=3)),  # grid merge across 3 blocks
+    ((272, 8), 0, dict(path="twopass", threads=32, grid_rows=17)),  # 17 partials, 16 threads a column:
+                                                          # the last block's thread 0 merges two
     ((37, 7), 0, {}),                                     # primes: scalar module, 7 of 8 lanes
     ((33, 40), 0, dict(path="twopass", grid_rows=2)),     # 10 vectors in a 16-lane tile: 6 idle
     ((5, 300), 0, dict(path="twopass", threads=32, grid_rows=2)),  # 3 tiles of 128 channels, last partial
@@ -163,6 +165,8 @@ CASES = [
     ((4, 5, 3, 3), (0, 2, 3), dict(path="twopass", threads=32, grid_rows=2)),  # one-warp blocks
     ((2, 3, 1, 1), (0, 2, 3), {}),                        # 1x1 spatial: inner = 1, channels-last
     ((4, 3, 8, 8), (0, 2, 3), dict(path="persistent", threads=32, grid_rows=2)),  # 2 blocks per channel
+    ((37, 2, 9, 9), (0, 2, 3), dict(path="twopass", threads=32, grid_rows=9)),  # scalar, 3 chunks x 9 rows:
+                                                          # 27 partials a channel
     # NHWC axis=(0, 1, 2): channels-last over N*H*W rows
     ((2, 3, 5, 16), (0, 1, 2), {}),                       # 30 rows x 16 channels
     ((2, 3, 5, 16), (0, 1, 2), dict(path="twopass", threads=32, grid_rows=4)),  # 4 blocks merge
@@ -328,13 +332,15 @@ def test_nan_stays_in_its_channel(dev, rng, shape, axis, knobs):
 
 @pytest.mark.kernel
 @pytest.mark.parametrize("knobs", [{}, dict(path="twopass", threads=32, grid_rows=5),
+                                   dict(path="twopass", threads=32, grid_rows=20),  # more partials than
+                                                                                    # threads a column
                                    dict(path="persistent", threads=32, grid_rows=5)],
-                         ids=["onchip", "grid", "persistent"])
+                         ids=["onchip", "grid", "grid-many", "persistent"])
 def test_bitwise_deterministic_across_block_orders(monkeypatch, rng, knobs):
     """The last block to arrive finalizes (two-pass), or every block merges the partials after the
     grid barrier (persistent); block order must not change a bit."""
-    x, _ = _rand(rng, (100, 12), np.float32, 3.0, 10.0)
-    dy, _ = _rand(rng, (100, 12), np.float32)
+    x, _ = _rand(rng, (400, 12), np.float32, 3.0, 10.0)
+    dy, _ = _rand(rng, (400, 12), np.float32)
     runs = []
     for seed in ("0", "7", "12345"):
         monkeypatch.setenv("GPU_EMULATOR_BLOCK_SEED", seed)
@@ -403,3 +409,27 @@ def test_persistent_switch_boundary(monkeypatch, launches, rng):
     with gpu.use_backend("emulate"), bn._tuned(threads=32, path="persistent"):
         with pytest.raises(ValueError, match="persistent"):
             gpu.batch_norm_forward(x)
+
+
+@pytest.mark.kernel
+def test_streaming_grid_is_one_wave_of_the_reductions_occupancy(launches, rng):
+    """grid.y (the partials per tile) is one wave of the blocks the reduction kernels can keep
+    resident, from the occupancy calculator (registers included on a GPU), not from threads alone:
+    a resident count of 2 per SM gives half the partials of 4."""
+    dev = _kernels.device_attributes(np)
+    acc = np.dtype(np.float32)
+    # (8192, 64) float32: 16 vectors a row, bx = 16, 16 rows a block of 256: one tile, 512 row blocks
+    plans = {n: bn._plan(dev, 8192, 64, 1, 4, acc, True, bn._DEFAULT_TUNING, resident=lambda v, T, smem, n=n: n)
+             for n in (1, 2, 4)}
+    assert [plans[n].grid_rows for n in (1, 2, 4)] == [dev["sm_count"], 2 * dev["sm_count"], 4 * dev["sm_count"]]
+    # the default: the emulator's occupancy calculator for both reductions (threads, blocks and
+    # shared memory per SM; the same call as cudaOccupancyMaxActiveBlocksPerMultiprocessor on a GPU)
+    p = plans[1]
+    want = min(_kernels.max_cooperative_grid(_kernels.get_kernel("batch_norm", k, np, np.float32, {"BN_VECTOR": 1}),
+                                             p.threads, p.smem) for k in bn._REDUCTIONS) // dev["sm_count"]
+    assert bn._resident(np, np.dtype(np.float32), True, p.threads, p.smem) == want
+    x, x64 = _rand(rng, (8192, 64), np.float32, 2.0, 3.0)
+    with gpu.use_backend("emulate"), bn._tuned(path="twopass"):
+        mean, var = gpu.batch_stats(x)
+    assert launches[0][1] == (1, min(dev["sm_count"] * want, 8192 // 16))
+    _check(mean, x64.mean(0), np.float32, "mean")

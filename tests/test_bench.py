@@ -290,3 +290,15 @@ def test_headline_suite_is_the_documented_shapes():
         ((4096, 1024), "nc"), ((32, 64, 56, 56), "nchw"), ((4096, 1000), ""), ((8192, 32000), "")]
     with pytest.raises(SystemExit):
         cli.parse_args(["--headline", "--quick"])
+
+
+def test_cpu_check_targets_are_per_workload():
+    # BN within 1.2x of PyTorch, CE at or better: 1.1x passes the one and misses the other
+    def row(op, shape, peer, ms):
+        return harness.Row(op, "", shape, "", (0,), "float32", "cpu", peer, time_ms=ms)
+    rows = [row("batch_norm_train", (4096, 1024), "ours", 11.0), row("batch_norm_train", (4096, 1024), "torch-cpu", 10.0),
+            row("softmax_cross_entropy_train", (4096, 1000), "ours", 11.0),
+            row("softmax_cross_entropy_train", (4096, 1000), "torch-cpu", 10.0)]
+    text, _ = cpu_check_report(rows)
+    bn_line, ce_line = (line for line in text.splitlines()[1:])
+    assert "1.10x ok (<= 1.2)" in bn_line and "1.10x MISSED (<= 1)" in ce_line

@@ -72,9 +72,12 @@ SUITES = {
 DEFAULT_DTYPES = {"gpu": ("float32", "float16"), "cpu": ("float32",)}
 
 #: The NumPy path's speed targets (float32, median of 10, PyTorch on 2 threads): at least 2x the
-#: seed's direct formulas and within 2.5x of PyTorch CPU, forward+backward.
+#: seed's direct formulas, and against PyTorch CPU within 1.2x for BN forward+backward and at or
+#: better for softmax-CE forward+backward (`max_slowdown_vs_torch`, per case).
 CPU_CHECK = {"cases": [("batch_norm_train", (4096, 1024), "nc"), ("softmax_cross_entropy_train", (4096, 1000), "")],
-             "min_speedup_vs_seed": 2.0, "max_slowdown_vs_torch": 2.5, "repeat": 10, "threads": 2}
+             "min_speedup_vs_seed": 2.0,
+             "max_slowdown_vs_torch": {"batch_norm_train": 1.2, "softmax_cross_entropy_train": 1.0},
+             "repeat": 10, "threads": 2}
 
 #: `--host`: the goal for this library's Python dispatch per public call, and how it is timed
 #: (the median over batches of calls; `--repeat` sets the calls per batch)

@@ -30,7 +30,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from .. import _backend as B
-from .. import _cpu, _kernels, _launch
+from .. import _cpu, _jit, _kernels, _launch
 from .. import _workspace as _ws
 
 @dataclass(frozen=True)
@@ -177,7 +177,7 @@ def batch_stats(x, axis: int | Sequence[int] = 0, *, comm=None):
             return _gpu_batch_stats(_xp_of(x), x, lay)
         with np.errstate(all="ignore"):
             mean, var = _cpu_stats(np, x, lay)
-        return mean.astype(x.dtype), var.astype(x.dtype)
+        return mean.astype(x.dtype, copy=False), var.astype(x.dtype, copy=False)
     xp, kernels = B.dispatch(x=x)
     x = B.as_float_array(xp, x, "x")
     lay = _layout(x, axis)
@@ -239,7 +239,8 @@ def batch_norm_forward(x, gamma=None, beta=None, *, axis: int | Sequence[int] = 
         if key[0] != "numpy":
             return _gpu_forward(_xp_of(x), x, gamma, beta, running_mean, running_var, lay, eps, momentum, None)
         with np.errstate(all="ignore"):
-            return _cpu_forward(np, x, *_kept(lay, gamma, beta, running_mean, running_var), lay, eps, momentum)
+            # gamma, beta in either accepted shape (reshaped there); running stats updated as kept
+            return _cpu_forward(np, x, gamma, beta, *_kept(lay, running_mean, running_var), lay, eps, momentum)
     xp, kernels = B.dispatch(x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
     x = B.as_float_array(xp, x, "x")
     lay = _layout(x, axis)
@@ -329,8 +330,8 @@ def batch_norm_inference(x, gamma, beta, running_mean, running_var, *, axis: int
         eps = B.check_real(eps, "eps", lo=0.0)
         if key[0] != "numpy":
             return _gpu_inference(_xp_of(x), x, gamma, beta, running_mean, running_var, lay, eps)
-        with np.errstate(all="ignore"):
-            return _cpu_inference(np, x, *_kept(lay, gamma, beta, running_mean, running_var), lay, eps)
+        with np.errstate(all="ignore"):   # per-feature arrays in either accepted shape: reshaped there
+            return _cpu_inference(np, x, gamma, beta, running_mean, running_var, lay, eps)
     xp, kernels = B.dispatch(x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
     x = B.as_float_array(xp, x, "x")
     lay = _layout(x, axis, allow_empty=True)     # an empty batch gives an empty y, as torch
@@ -559,7 +560,119 @@ def _direct_forward(xp, x, gamma, beta, lay: _Layout, eps: float):
     return y, mean.reshape(lay.kept_shape), var.reshape(lay.kept_shape), invstd.reshape(lay.kept_shape)
 
 
+
+# Small x: one thread, BLAS sums. For an x of at most _SMALL_ELEMENTS elements (float32 or
+# float64 storage, a C-contiguous array whose (outer, C, inner) view is a reshape) NumPy's call
+# overhead is the cost: a reduction along a strided axis runs a short inner loop per row (8.8 us
+# for 256x64 float32, against 1.5 us for the same sums as a BLAS matrix-vector product). These
+# functions take the fewest NumPy calls, sum through ``ones @ v`` and work on the flat (C,)
+# statistics; the sums are the same sequential per-channel accumulations as NumPy's along axis 0.
+
+#: x of at most this many elements takes the small path (the switch: docs/BENCHMARKS.md, "NumPy path").
+_SMALL_ELEMENTS = 1 << 17
+
+_ONES: dict[tuple, np.ndarray] = {}
+
+
+def _ones(n: int, dtype, value: float = 1.0) -> np.ndarray:
+    """A read-only vector of n ``value``s (kept): ``_ones(n, dt, 1 / m) @ v`` is a mean."""
+    key = (n, dtype, value)
+    o = _ONES.get(key)
+    if o is None:
+        if len(_ONES) >= 256:
+            _ONES.clear()
+        o = _ONES[key] = np.full(n, value, dtype)
+        o.flags.writeable = False
+    return o
+
+
+_SMALL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _small_view(x, lay: _Layout):
+    """x as the (outer, C * inner) matrix of its (outer, C, inner) view (no copy), if the small path
+    takes it; else None. Every operation then runs over rows of C * inner elements, and a
+    per-channel operand is one such row (`_pc`)."""
+    if (type(x) is not np.ndarray or x.size > _SMALL_ELEMENTS or lay.perm is not None or x.size == 0
+            or x.dtype not in _SMALL_DTYPES or not x.flags.c_contiguous):
+        return None
+    return x.reshape(lay.outer, lay.C * lay.inner)
+
+
+def _small_mean(v, inv_m, C: int):
+    """Per-channel means of a small view, (C,), or of a stack of them, (k, C): sums weighted by 1/M
+    (each product rounds once), over the rows, then over each channel's inner run."""
+    s = _ones(v.shape[-2], v.dtype, inv_m) @ v
+    inner = v.shape[-1] // C
+    return s if inner == 1 else s.reshape(s.shape[:-1] + (C, inner)) @ _ones(inner, v.dtype)
+
+
+def _pc(v, a):
+    """A (C,) per-channel array as a row of the small view v (each value repeated inner times)."""
+    inner = v.shape[-1] // a.shape[0]
+    return a if inner == 1 else a.repeat(inner)
+
+
+def _small_stats(v, m: int, C: int):
+    """(mean, var, c, c_mean) of a small view, flat (C,), the corrected two-pass of `_group_stats`
+    (c = x - mean0 is kept for the forward); None if a statistic is not finite (the blocked path's
+    overflow-safe recomputation takes over)."""
+    inv_m = float(v.dtype.type(1 / m))
+    mean0 = _small_mean(v, inv_m, C)
+    cc = np.empty((2,) + v.shape, v.dtype)          # c and c^2: their means in one product
+    c = np.subtract(v, _pc(v, mean0), out=cc[0])
+    np.square(c, out=cc[1])
+    c_mean, var = _small_mean(cc, inv_m, C)
+    var -= c_mean * c_mean
+    np.maximum(var, 0, out=var)
+    mean0 += c_mean
+    # one O(C) check: an inf or NaN in either makes the product sum non-finite (so may an
+    # overflowing product of finite values: the blocked path then computes the same statistics)
+    if not math.isfinite(mean0 @ var):
+        return None
+    return mean0, var, c, c_mean
+
+
+def _small_coefficients(invstd, gamma, beta, center, acc):
+    """(scale, shift') of y = x_or_c * scale + shift', flat (C,), from the batch-norm affine with
+    the center folded into the shift."""
+    scale = invstd if gamma is None else invstd * gamma.reshape(-1).astype(acc, copy=False)
+    if beta is None:
+        return scale, np.negative(center * scale)
+    return scale, np.subtract(beta.reshape(-1).astype(acc, copy=False), center * scale)
+
+
+def _small_affine(v, scale, shift, shape):
+    """v * scale + shift per channel (two passes, the first one allocating y), in x's shape."""
+    y = np.multiply(v, _pc(v, scale))
+    y += _pc(v, shift)
+    return y.reshape(shape)
+
+
+def _jit_view(x, lay: _Layout, *others):
+    """x (and `others`, arrays of x's shape) as C-contiguous (outer, C, inner) views for the
+    compiled loops (`gpu._jit`), if they take this call: NumPy float32/float64 past the small path,
+    no transposed copy needed, Numba installed; else None."""
+    if (type(x) is not np.ndarray or x.size <= _SMALL_ELEMENTS or lay.perm is not None
+            or x.dtype not in _SMALL_DTYPES or not x.flags.c_contiguous
+            or any(type(o) is not np.ndarray or o.dtype != x.dtype or not o.flags.c_contiguous for o in others)
+            or not _jit.available()):
+        return None
+    shape = (lay.outer, lay.C, lay.inner)
+    return [a.reshape(shape) for a in (x,) + others]
+
+
+def _flat(p, acc):
+    """A per-channel array (kept or keepdims shape, or None) as a contiguous (C,) array of acc."""
+    return None if p is None else np.ascontiguousarray(p.reshape(-1), dtype=acc)
+
+
 def _cpu_stats(xp, x, lay: _Layout):
+    v = _small_view(x, lay)
+    if v is not None:
+        stats = _small_stats(v, lay.m, lay.C)
+        if stats is not None:
+            return stats[0].reshape(lay.kept_shape), stats[1].reshape(lay.kept_shape)
     if _one_block(xp, x, lay):
         stats = _direct_stats(xp, x, lay, B.compute_dtype(x.dtype))
         if stats is not None:
@@ -578,11 +691,36 @@ def _update_running(lay, mean, var, running_mean, running_var, momentum):
     if running_mean is None:
         return
     unbiased = var * (lay.m / (lay.m - 1))
+    if running_mean.dtype == mean.dtype and running_var.dtype == var.dtype:
+        # in place, the same roundings: (1 - momentum) * r, momentum * stat, their sum
+        running_mean *= 1 - momentum
+        running_mean += momentum * mean
+        running_var *= 1 - momentum
+        running_var += momentum * unbiased
+        return
     running_mean[...] = ((1 - momentum) * running_mean + momentum * mean).astype(running_mean.dtype)
     running_var[...] = ((1 - momentum) * running_var + momentum * unbiased).astype(running_var.dtype)
 
 
 def _cpu_forward(xp, x, gamma, beta, running_mean, running_var, lay, eps, momentum):
+    v = _small_view(x, lay)
+    stats = None if v is None else _small_stats(v, lay.m, lay.C)
+    if stats is not None:
+        mean, var, c, c_mean = stats
+        invstd = _invstd(np, var, eps, x.dtype)
+        scale, shift = _small_coefficients(invstd, gamma, beta, c_mean, x.dtype)
+        c *= _pc(v, scale)                          # y = (c - c_mean) * scale + beta, in c
+        c += _pc(v, shift)
+        mean, var, invstd = mean.reshape(lay.kept_shape), var.reshape(lay.kept_shape), invstd.reshape(lay.kept_shape)
+        _update_running(lay, mean, var, running_mean, running_var, momentum)
+        return c.reshape(x.shape), mean, invstd
+    views = _jit_view(x, lay)
+    out = None if views is None else _jit.forward(views[0], _flat(gamma, x.dtype), _flat(beta, x.dtype), eps)
+    if out is not None:
+        y3, mean, var, invstd = out
+        mean, var, invstd = mean.reshape(lay.kept_shape), var.reshape(lay.kept_shape), invstd.reshape(lay.kept_shape)
+        _update_running(lay, mean, var, running_mean, running_var, momentum)
+        return y3.reshape(x.shape), mean, invstd
     direct = _direct_forward(xp, x, gamma, beta, lay, eps) if _one_block(xp, x, lay) else None
     if direct is not None:
         y, mean, var, invstd = direct
@@ -608,6 +746,14 @@ def _cpu_backward(xp, dy, x, gamma, mean, invstd, lay):
     # dx = k * (dy - dbeta/M - x_hat * dgamma/M) with k = gamma * invstd, x_hat = (x - mean) * invstd,
     # dbeta = sum(dy), dgamma = sum(dy * x_hat): dx = k * dy + a * (x - mean) + b, where
     # a = -k * invstd * dgamma / M and b = -k * dbeta / M.
+    views = _jit_view(x, lay, dy)
+    if views is not None:
+        acc = x.dtype
+        dx3, dgamma, dbeta = _jit.backward(views[1], views[0], _flat(mean, acc), _flat(invstd, acc),
+                                           _flat(gamma, acc), 1.0 / lay.m)
+        out_dtype = gamma.dtype if gamma is not None else x.dtype
+        return (dx3.reshape(x.shape), dgamma.reshape(lay.kept_shape).astype(out_dtype, copy=False),
+                dbeta.reshape(lay.kept_shape).astype(out_dtype, copy=False))
     if _one_block(xp, x, lay):
         return _direct_backward(xp, dy, x, gamma, mean, invstd, lay)
     blocks = _Blocks(xp, x, lay)
@@ -663,6 +809,16 @@ def _direct_backward(xp, dy, x, gamma, mean, invstd, lay: _Layout):
 
 
 def _cpu_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps):
+    v = _small_view(x, lay)
+    if v is not None:
+        acc = x.dtype
+        rv = running_var.reshape(-1).astype(acc, copy=False)
+        if eps > 0 and gamma is not None:           # scale = gamma / sqrt(rv + eps): one divide
+            scale = np.divide(gamma.reshape(-1).astype(acc, copy=False), np.sqrt(rv + acc.type(eps)))
+            gamma = None
+        else:
+            scale = _invstd(np, rv, eps, acc)
+        return _small_affine(v, *_small_coefficients(scale, gamma, beta, running_mean.reshape(-1), acc), x.shape)
     if _one_block(xp, x, lay):
         acc = B.compute_dtype(x.dtype)
         rm, rv = _per_feature(running_mean, lay, acc, slice(None)), _per_feature(running_var, lay, acc, slice(None))
@@ -785,9 +941,19 @@ def _smem(threads: int, vec: int, acc) -> int:
     return threads * (1 + 3 * vec) * acc.itemsize
 
 
-def _plan(dev, outer: int, C: int, inner: int, itemsize: int, acc, vector: bool, tune: _Tuning) -> _Plan:
+#: The kernels whose partials the streaming grid sizes: one wave of the more constrained of the two.
+_REDUCTIONS = ("batch_norm_stats", "batch_norm_backward_reduce")
+
+
+def _plan(dev, outer: int, C: int, inner: int, itemsize: int, acc, vector: bool, tune: _Tuning,
+          resident=None) -> _Plan:
     """Block shape and grid of the streaming kernels for an (outer, C, inner) view; ``vector``:
-    every element-wise operand is 16-byte aligned."""
+    every element-wise operand is 16-byte aligned.
+
+    grid.y is one wave of resident blocks over the tiles, so each tile's partials are as few as
+    keep every SM busy: ``resident(vector, threads, smem)`` gives the blocks per SM of the
+    reduction kernels (`_resident`: the occupancy calculator, registers included on a GPU); without
+    it, threads alone decide (an upper bound: the partials buffer then holds more than one wave)."""
     vmax = 16 // itemsize
     n = C if inner == 1 else inner                 # contiguous run: a row of channels, or a plane
     vector = vector and n % vmax == 0
@@ -812,8 +978,11 @@ def _plan(dev, outer: int, C: int, inner: int, itemsize: int, acc, vector: bool,
     T = bx * by
     grid_rows = tune.grid_rows
     if grid_rows is None:
-        per_sm = tune.blocks_per_sm or max(1, dev["max_threads_per_sm"] // T)
-        grid_rows = (dev["sm_count"] * per_sm) // (tiles * chunks)
+        per_sm = tune.blocks_per_sm
+        if per_sm is None:
+            per_sm = (resident(vector, T, _smem(T, vec, acc)) if resident is not None
+                      else dev["max_threads_per_sm"] // T)
+        grid_rows = (dev["sm_count"] * max(1, per_sm)) // (tiles * chunks)
     grid_rows = max(1, min(grid_rows, _launch.ceil_div(outer, by), dev["max_grid_dims"][1]))
     return _Plan(vector, vec, bx, T, tiles, chunks, grid_rows, _smem(T, vec, acc))
 
@@ -917,6 +1086,18 @@ class _Plans:
 _PLANS = _launch.PlanCache()
 
 
+def _resident(xp, dtype, vector: bool, threads: int, smem: int) -> int:
+    """Blocks per SM that the reduction kernels (`_REDUCTIONS`) can each keep resident with
+    ``threads`` threads and ``smem`` bytes of dynamic shared memory: the occupancy calculator
+    (`max_cooperative_grid`; registers count on a GPU: 64 registers a thread at 256 threads allow 4
+    blocks of float32, not the 8 that threads alone would), the lesser of the two."""
+    dev = _launch.device(xp)
+    most = min(_kernels.max_cooperative_grid(
+        _kernels.get_kernel("batch_norm", name, xp, dtype, {"BN_VECTOR": int(vector)}), threads, smem)
+        for name in _REDUCTIONS)
+    return max(1, most // dev["sm_count"])
+
+
 def _plans(xp, v: _View, dtype, vector: bool, forward: bool) -> _Plans:
     """The plans for this view, kept per shape, dtype, alignment, device and knobs."""
     dev = _launch.device(xp)
@@ -926,7 +1107,8 @@ def _plans(xp, v: _View, dtype, vector: bool, forward: bool) -> _Plans:
 
     def make():
         acc = B.compute_dtype(dtype)
-        p = _plan(dev, v.outer, v.C, v.inner, dtype.itemsize, acc, vector, tune)
+        p = _plan(dev, v.outer, v.C, v.inner, dtype.itemsize, acc, vector, tune,
+                  resident=lambda vec, T, smem: _resident(xp, dtype, vec, T, smem))
         onchip = _onchip_choice(xp, dev, p, v.outer, v.inner, acc, dtype, tune) if forward else None
         return _Plans(xp, dtype, p, onchip)
 

@@ -1,0 +1,293 @@
+"""The NumPy path's compiled batch-norm loops (the optional ``cpu-jit`` extra: Numba).
+
+NumPy cannot fuse: its training forward crosses x four times (sum, centred sums, scale, shift)
+and its backward six, each pass a separate loop over memory or cache. These Numba loops take
+each phase in one pass over memory, as PyTorch's CPU kernels do:
+
+    forward   statistics: x read once (each block twice, the second time from cache);
+              normalize: x read, y written                                  3 E*s
+    backward  sums of dy and dy * (x - mean): dy and x read once;
+              dx = k * dy + a * (x - mean) + b: dy, x read, dx written      5 E*s
+
+The loops are serial and release the GIL: the NumPy path's thread pool runs one call per thread,
+each over a contiguous share of whole row blocks (``gpu._cpu``'s ~1 MiB), and every block leaves
+its own partial, combined in block order. Numerics follow the NumPy
+path: statistics by a two-pass within each block (its mean, then its centred sum of squares, from
+cache) in float64, merged across blocks by Chan's formula; the backward's sums in x's dtype within
+a block, float64 across blocks: bitwise the same for any number of threads. A non-finite statistic returns
+None and the NumPy path (overflow-safe, PyTorch's special values) computes the call instead.
+
+Used by ``gpu.ops.batch_norm`` for float32/float64 x on the NumPy path past its small-x path, when
+Numba imports and ``GPU_CPU_JIT`` is not ``0``. The NumPy path stays the reference: the tests run
+both (tests/test_batch_norm_jit.py, skipped without Numba). Loops compile on first use (cached on
+disk by Numba).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from gpu import _cpu
+
+_kernels = None
+
+
+def available() -> bool:
+    """Whether the compiled loops can run: Numba imports and ``GPU_CPU_JIT`` is not ``0``."""
+    if os.environ.get("GPU_CPU_JIT", "1") == "0":
+        return False
+    return _load() is not None
+
+
+def _load():
+    global _kernels
+    if _kernels is None:
+        try:
+            import numba
+        except ImportError:
+            _kernels = False
+            return None
+        _kernels = _build(numba)
+    return _kernels or None
+
+
+def _build(nb):
+    # Serial loops over a range of rows (channels-last, x as (outer, C)) or of planes
+    # (channels-first, x as (outer * C, inner)); gpu._cpu's pool runs one range per thread (the
+    # loops release the GIL); partials per block, merged in block order. Float64 accumulators;
+    # error_model="numpy" keeps the loops free of Python's division checks.
+    njit = nb.njit
+    opts = dict(cache=True, nogil=True, error_model="numpy")
+
+    @njit(**opts)
+    def rows_stats(x, r0, r1, sub, pm, pq):
+        """(mean, M2) per channel of each block of `sub` rows in [r0, r1) (r0 a multiple of sub),
+        into pm[k], pq[k] for block k: its sum, then its centred squares (from cache)."""
+        C = x.shape[1]
+        for b0 in range(r0, r1, sub):
+            b1 = min(r1, b0 + sub)
+            s = np.zeros(C)
+            for r in range(b0, b1):
+                row = x[r]
+                for c in range(C):
+                    s[c] += row[c]
+            s /= b1 - b0
+            q = np.zeros(C)
+            for r in range(b0, b1):
+                row = x[r]
+                for c in range(C):
+                    d = row[c] - s[c]
+                    q[c] += d * d
+            k = b0 // sub
+            for c in range(C):
+                pm[k, c] = s[c]
+                pq[k, c] = q[c]
+
+    @njit(**opts)
+    def planes_stats(x, p0, p1, mean, m2):
+        """(mean, M2) of each plane p in [p0, p1) of x (planes, inner), into mean[p], m2[p]."""
+        inner = x.shape[1]
+        for p in range(p0, p1):
+            row = x[p]
+            s = 0.0
+            for j in range(inner):
+                s += row[j]
+            s /= inner
+            q = 0.0
+            for j in range(inner):
+                d = row[j] - s
+                q += d * d
+            mean[p] = s
+            m2[p] = q
+
+    @njit(**opts)
+    def chan_merge(pm, pq, counts):
+        """Chan's merge of partials (k, C) with `counts` values each, in order: (mean, M2)."""
+        mean = pm[0].copy()
+        m2 = pq[0].copy()
+        na = counts[0]
+        for k in range(1, pm.shape[0]):
+            nb_ = counts[k]
+            nab = na + nb_
+            w = nb_ / nab
+            f = na * w
+            for c in range(pm.shape[1]):
+                d = pm[k, c] - mean[c]
+                mean[c] += d * w
+                m2[c] += pq[k, c] + d * d * f
+            na = nab
+        return mean, m2
+
+    @njit(**opts)
+    def rows_affine(y, x, center, scale, shift, r0, r1):
+        C = x.shape[1]
+        for r in range(r0, r1):
+            xr = x[r]
+            yr = y[r]
+            for c in range(C):
+                yr[c] = (xr[c] - center[c]) * scale[c] + shift[c]
+
+    @njit(**opts)
+    def planes_affine(y, x, center, scale, shift, p0, p1, C):
+        inner = x.shape[1]
+        for p in range(p0, p1):
+            c = p % C
+            mu, sc, sh = center[c], scale[c], shift[c]
+            xr = x[p]
+            yr = y[p]
+            for j in range(inner):
+                yr[j] = (xr[j] - mu) * sc + sh
+
+    @njit(**opts)
+    def rows_grad_sums(dy, x, mean, r0, r1, sub, ps, pd):
+        """sum(dy), sum(dy * (x - mean)) per channel of each block of `sub` rows, into ps[k], pd[k]:
+        within a block in x's dtype (twice the vector width of float64; the NumPy path's sums are
+        float32 too), across blocks in float64."""
+        C = x.shape[1]
+        for b0 in range(r0, r1, sub):
+            s = np.zeros(C, x.dtype)
+            t = np.zeros(C, x.dtype)
+            for r in range(b0, min(r1, b0 + sub)):
+                g = dy[r]
+                xr = x[r]
+                for c in range(C):
+                    s[c] += g[c]
+                    t[c] += g[c] * (xr[c] - mean[c])
+            k = b0 // sub
+            for c in range(C):
+                ps[k, c] = s[c]
+                pd[k, c] = t[c]
+
+    @njit(**opts)
+    def planes_grad_sums(dy, x, mean, p0, p1, C, sdy, sdx):
+        inner = x.shape[1]
+        for p in range(p0, p1):
+            mu = mean[p % C]
+            g = dy[p]
+            xr = x[p]
+            s = 0.0
+            t = 0.0
+            for j in range(inner):
+                s += g[j]
+                t += g[j] * (xr[j] - mu)
+            sdy[p] = s
+            sdx[p] = t
+
+    @njit(**opts)
+    def rows_grad_apply(dx, dy, x, mean, k, a, b, r0, r1):
+        C = x.shape[1]
+        for r in range(r0, r1):
+            g = dy[r]
+            xr = x[r]
+            out = dx[r]
+            for c in range(C):
+                out[c] = (xr[c] - mean[c]) * a[c] + b[c] + g[c] * k[c]
+
+    @njit(**opts)
+    def planes_grad_apply(dx, dy, x, mean, k, a, b, p0, p1, C):
+        inner = x.shape[1]
+        for p in range(p0, p1):
+            c = p % C
+            mu, kk, aa, bb = mean[c], k[c], a[c], b[c]
+            g = dy[p]
+            xr = x[p]
+            out = dx[p]
+            for j in range(inner):
+                out[j] = (xr[j] - mu) * aa + bb + g[j] * kk
+
+    return {name: f for name, f in locals().items() if callable(f) and name not in ("njit",)}
+
+
+def _sub(item_bytes: int) -> int:
+    """Rows (or planes) per block: about _cpu.BLOCK_BYTES, so that a block stays in cache between
+    the two reads of the statistics. Blocks, not threads, set the merge order."""
+    return max(1, _cpu.BLOCK_BYTES // max(1, item_bytes))
+
+
+def _ranges(n: int, sub: int) -> list[tuple[int, int]]:
+    """[start, stop) of each thread's share of n items, in whole blocks of `sub`: one call per
+    thread (a call per block would cost the pool's overhead per megabyte)."""
+    blocks = -(-n // sub)
+    per = -(-blocks // max(1, min(_cpu.threads(), blocks)))
+    return [(i * sub, min(n, (i + per) * sub)) for i in range(0, blocks, per)]
+
+
+def _stats(k, x3):
+    """(mean, biased var) per channel, float64."""
+    outer, C, inner = x3.shape
+    if inner == 1:
+        x = x3.reshape(outer, C)
+        sub = _sub(C * x.itemsize)
+        nb = -(-outer // sub)
+        pm, pq = np.empty((nb, C)), np.empty((nb, C))
+        _cpu.map_ordered(lambda b: k["rows_stats"](x, b[0], b[1], sub, pm, pq), _ranges(outer, sub))
+        counts = np.full(nb, float(sub))
+        counts[-1] = outer - (nb - 1) * sub
+        mean, m2 = k["chan_merge"](pm, pq, counts)
+        return mean, m2 / outer
+    x = x3.reshape(outer * C, inner)
+    pm, pq = np.empty(outer * C), np.empty(outer * C)
+    _cpu.map_ordered(lambda b: k["planes_stats"](x, b[0], b[1], pm, pq), _ranges(outer * C, _sub(inner * x.itemsize)))
+    mean, m2 = k["chan_merge"](pm.reshape(outer, C), pq.reshape(outer, C), np.full(outer, float(inner)))
+    return mean, m2 / (outer * inner)
+
+
+def forward(x3, gamma, beta, eps: float):
+    """Training forward of a C-contiguous (outer, C, inner) float32/float64 view. Returns
+    (y3, mean, var, invstd), per-channel arrays (C,) in x's dtype, or None when a statistic is not
+    finite (the NumPy path then computes the call). gamma, beta: (C,) arrays of x's dtype or None."""
+    k = _load()
+    mean, var = _stats(k, x3)
+    if not (np.isfinite(mean).all() and np.isfinite(var).all()):
+        return None
+    acc = x3.dtype
+    mean, var = mean.astype(acc), var.astype(acc)
+    with np.errstate(divide="ignore"):
+        invstd = np.where(var + acc.type(eps) == 0, acc.type(0), 1 / np.sqrt(var + acc.type(eps))).astype(acc)
+    scale = invstd if gamma is None else (invstd * gamma).astype(acc, copy=False)
+    shift = np.zeros_like(mean) if beta is None else beta
+    y3 = np.empty_like(x3)
+    outer, C, inner = x3.shape
+    if inner == 1:
+        x, y = x3.reshape(outer, C), y3.reshape(outer, C)
+        _cpu.map_ordered(lambda b: k["rows_affine"](y, x, mean, scale, shift, b[0], b[1]),
+                         _ranges(outer, _sub(C * x.itemsize)))
+    else:
+        x, y = x3.reshape(outer * C, inner), y3.reshape(outer * C, inner)
+        _cpu.map_ordered(lambda b: k["planes_affine"](y, x, mean, scale, shift, b[0], b[1], C),
+                         _ranges(outer * C, _sub(inner * x.itemsize)))
+    return y3, mean, var, invstd
+
+
+def backward(dy3, x3, mean, invstd, gamma, inv_m):
+    """dx3 and the per-channel (dgamma, dbeta) of a (outer, C, inner) view, x's dtype; mean,
+    invstd, gamma (or None): (C,) arrays of x's dtype."""
+    k = _load()
+    acc = x3.dtype
+    outer, C, inner = x3.shape
+    if inner == 1:
+        x, dy = x3.reshape(outer, C), dy3.reshape(outer, C)
+        sub = _sub(2 * C * x.itemsize)
+        blocks = _ranges(outer, sub)
+        nb = -(-outer // sub)
+        ps, pd = np.empty((nb, C)), np.empty((nb, C))
+        _cpu.map_ordered(lambda b: k["rows_grad_sums"](dy, x, mean, b[0], b[1], sub, ps, pd), blocks)
+        sdy, sdx = ps.sum(0), pd.sum(0)             # block order: the same bits for any threads
+    else:
+        x, dy = x3.reshape(outer * C, inner), dy3.reshape(outer * C, inner)
+        blocks = _ranges(outer * C, _sub(2 * inner * x.itemsize))
+        ps, pd = np.empty(outer * C), np.empty(outer * C)
+        _cpu.map_ordered(lambda b: k["planes_grad_sums"](dy, x, mean, b[0], b[1], C, ps, pd), blocks)
+        sdy, sdx = ps.reshape(outer, C).sum(0), pd.reshape(outer, C).sum(0)
+    dbeta = sdy.astype(acc)
+    dgamma = (sdx * invstd).astype(acc)
+    kk = invstd if gamma is None else (invstd * gamma).astype(acc, copy=False)
+    a = (-kk * invstd * dgamma * acc.type(inv_m)).astype(acc, copy=False)
+    b = (-kk * dbeta * acc.type(inv_m)).astype(acc, copy=False)
+    dx3 = np.empty_like(x3)
+    dx = dx3.reshape(x.shape)
+    fn = k["rows_grad_apply"] if inner == 1 else k["planes_grad_apply"]
+    extra = () if inner == 1 else (C,)
+    _cpu.map_ordered(lambda bl: fn(dx, dy, x, mean, kk, a, b, bl[0], bl[1], *extra), blocks)
+    return dx3, dgamma, dbeta
