@@ -661,7 +661,10 @@ def test_bench_framework_torch_rows(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 
 def test_train_framework_torch_follows_the_gpu_nn_path(tmp_path):
-    # the same MLP, initial weights, batches and optimizer: the same run up to float32 rounding
+    # the same MLP, initial weights, batches and optimizer: the same run up to float32 rounding.
+    # SGD, not the default Adam: Adam's first steps move every weight by about lr whatever the
+    # gradient's size, so a gradient that is zero up to rounding (sign flipped between the two
+    # frameworks' GEMMs) becomes a full-size difference (3e-4 in the validation loss after one step)
     import json
     pytest.importorskip("sklearn")
     from gpu.train import main
@@ -669,10 +672,11 @@ def test_train_framework_torch_follows_the_gpu_nn_path(tmp_path):
     for fw in ("nn", "torch"):
         path = tmp_path / f"{fw}.json"
         assert main(["--dataset", "digits", "--framework", fw, "--epochs", "1", "--max-steps", "40", "--quiet",
+                     "--optimizer", "sgd",
                      "--json", str(path)]) == 0
         runs[fw] = json.loads(path.read_text())["runs"]["with BN"]
     for key in ("final_train_loss", "final_val_loss", "final_val_acc"):
-        assert runs["torch"][key] == pytest.approx(runs["nn"][key], rel=1e-4, abs=1e-4), key
+        assert runs["torch"][key] == pytest.approx(runs["nn"][key], rel=1e-5, abs=1e-6), key
 
 
 def test_torch_model_mirrors_gpu_nn_model():
