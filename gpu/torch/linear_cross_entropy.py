@@ -96,8 +96,8 @@ def _check(input, weight, target, bias, ce_weight, ignore_index, reduction, labe
         if chunk_size < 1:
             raise ValueError(f"chunk_size: expected at least 1 row, got {chunk_size}")
     if input.dtype not in _FLOATS:
-        raise RuntimeError(f"input: expected a floating dtype (float16, bfloat16, float32 or float64), "
-                           f"got {input.dtype}")
+        raise NotImplementedError(f'input: "fused_linear_cross_entropy" not implemented for dtype {input.dtype} '
+                                  "(expected float16, bfloat16, float32 or float64)")
     if weight.dtype != input.dtype:
         raise RuntimeError(f"weight: expected input's dtype {input.dtype}, got {weight.dtype}")
     if input.dim() < 1:
