@@ -9,6 +9,8 @@ Peers:
                 return_grad=True), dh = dz W, dW = dz^T h (CPU only)
   torch         F.cross_entropy(F.linear(h, W), target) and autograd, eager (when torch is
                 installed; on the GPU when it sees one)
+  gpu.torch     ours through torch: gpu.torch.fused_linear_cross_entropy(h, W, target) and
+                autograd (the gradients come from the forward's chunked pass)
 
 Peak memory: on the CPU the process's resident high-water mark (VmHWM, reset through
 /proc/self/clear_refs before each measured call) above its resident size at the start, so NumPy,
@@ -101,7 +103,19 @@ def _peers_cpu(h, W, t):
             loss.backward()
             return loss.detach(), hh.grad, WW.grad
         peers["torch"] = torch_eager
+        peers["gpu.torch"] = _through_gpu_torch(torch, th, tW, tt)
     return peers
+
+
+def _through_gpu_torch(torch, th, tW, tt):
+    import gpu.torch as gt
+
+    def run():
+        hh, WW = th.detach().requires_grad_(), tW.detach().requires_grad_()
+        loss = gt.fused_linear_cross_entropy(hh, WW, tt)
+        loss.backward()
+        return loss.detach(), hh.grad, WW.grad
+    return run
 
 
 def run(shape=None, dtype: str | None = None, device: str = "auto", repeat: int | None = None,
@@ -136,7 +150,7 @@ def run(shape=None, dtype: str | None = None, device: str = "auto", repeat: int 
             peak = _cpu_peak(fn)
             sec = _time(fn, repeat, warmup)
             rows.append({"peer": name, "ms": sec * 1e3, "peak_mib": peak, "max_rel_err": err})
-            print(f"  {name:6s} {sec * 1e3:10.1f} ms   peak {peak:8.1f} MiB   rel. err. vs numpy {err:.1e}",
+            print(f"  {name:9s} {sec * 1e3:10.1f} ms   peak {peak:8.1f} MiB   rel. err. vs numpy {err:.1e}",
                   flush=True)
     base = next((r for r in rows if r["peer"] == "torch"), None)
     ours = next((r for r in rows if r["peer"] == "ours"), None)
@@ -207,16 +221,17 @@ def _run_gpu(rng, N, H, V, dtype, repeat, warmup) -> list[dict]:
         loss.backward()
         return loss.detach(), hh.grad, WW.grad
 
-    out = torch_eager()
-    del out
-    torch.cuda.synchronize()
-    start = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = torch_eager()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - start) / 2**20
-    del out
-    sec = _time(torch_eager, repeat, warmup, torch.cuda.synchronize)
-    rows.append({"peer": "torch", "dtype": dtype, "ms": sec * 1e3, "peak_mib": peak})
-    print(f"  torch  {sec * 1e3:10.2f} ms   peak {peak:8.1f} MiB ({dtype})", flush=True)
+    for name, fn in (("torch", torch_eager), ("gpu.torch", _through_gpu_torch(torch, th, tW, tt))):
+        out = fn()
+        del out
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - start) / 2**20
+        del out
+        sec = _time(fn, repeat, warmup, torch.cuda.synchronize)
+        rows.append({"peer": name, "dtype": dtype, "ms": sec * 1e3, "peak_mib": peak})
+        print(f"  {name:9s} {sec * 1e3:10.2f} ms   peak {peak:8.1f} MiB ({dtype})", flush=True)
     return rows

@@ -4,7 +4,8 @@
     y = gt.batch_norm(x, running_mean, running_var, weight, bias, training=True)   # F.batch_norm
     loss = gt.cross_entropy(logits, target)                                      # F.cross_entropy
     model = gt.convert(model)       # every torch.nn.BatchNorm*d -> gpu.torch.BatchNorm*d
-    criterion = gt.CrossEntropyLoss(label_smoothing=0.1)
+    criterion = gt.CrossEntropyLoss(label_smoothing=0.1, z_loss=1e-4)
+    loss = gt.fused_linear_cross_entropy(h, lm_head.weight, next_tokens)    # logits never held
 
 CPU tensors run the NumPy path and CUDA tensors the CUDA kernels, with no copy either way (see
 `gpu.torch._bridge`). The functions are `torch.library.custom_op`s (``torch.ops.gpu.*``) with
@@ -17,7 +18,8 @@ except ImportError as e:  # pragma: no cover - exercised only without torch
     raise ImportError("gpu.torch needs PyTorch: pip install 'gpu[torch]' (see README.md, PyTorch)") from e
 
 from .functional import batch_norm, cross_entropy
+from .linear_cross_entropy import FusedLinearCrossEntropyLoss, fused_linear_cross_entropy
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, CrossEntropyLoss, convert
 
 __all__ = ["batch_norm", "cross_entropy", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "CrossEntropyLoss",
-           "convert"]
+           "convert", "fused_linear_cross_entropy", "FusedLinearCrossEntropyLoss"]

@@ -255,13 +255,21 @@ _batch_norm_fwd.register_autograd(_bn_backward, setup_context=_bn_setup_context)
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None,
                   size_average: Optional[bool] = None, ignore_index: int = -100,
                   reduce: Optional[bool] = None, reduction: str = "mean",
-                  label_smoothing: float = 0.0) -> Tensor:
+                  label_smoothing: float = 0.0, *, z_loss: float = 0.0, softcap: Optional[float] = None,
+                  return_z_loss: bool = False):
     """`torch.nn.functional.cross_entropy` on the package's fused softmax + cross-entropy op.
 
     input (C,), (N, C) or (N, C, d1, ...), contiguous or channels_last; target class indices
     (int64 or uint8) of input's shape without C, or class probabilities of input's shape. The
     gradient is the dz written by the forward pass, scaled by the upstream gradient. Under autocast
     the input is taken in float32, as torch's cross_entropy.
+
+    Additions, keyword-only (Liger-Kernel's ``lse_square_scale``, ``softcap``, ``return_z_loss``):
+    ``z_loss`` (>= 0) adds z_loss * logsumexp(row)^2 per non-ignored row ('mean' averages it over
+    those rows; class weights do not scale it); ``softcap`` (None or > 0) reads
+    softcap * tanh(z / softcap) for the logits; both with exact gradients in the same fused pass.
+    ``return_z_loss=True`` returns ``(loss, z_term)``: the z-loss part of the loss (included in
+    it) under the same reduction, detached (for logging, as Liger-Kernel's).
 
     >>> import torch, gpu.torch as gt
     >>> loss = gt.cross_entropy(torch.randn(4, 10, requires_grad=True), torch.tensor([1, 2, 3, 4]))
@@ -286,6 +294,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         raise TypeError(f"label_smoothing: expected a float, got {type(label_smoothing).__name__}")
     if not label_smoothing <= 1.0:
         raise RuntimeError(f"label_smoothing: must be between 0.0 and 1.0, got {label_smoothing}")
+    z_loss, softcap = _check_z_loss_softcap(z_loss, softcap)
     if input.dtype not in _FLOATS:
         raise NotImplementedError(f'input: "cross_entropy" not implemented for dtype {input.dtype} '
                                   "(expected float16, bfloat16, float32 or float64)")
@@ -320,9 +329,21 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         if weight is not None and weight.dtype != input.dtype:
             raise RuntimeError(f"weight: expected dtype {input.dtype} (the input's), got {weight.dtype}")
     need_grad = torch.is_grad_enabled() and input.requires_grad
-    loss, _ = torch.ops.gpu.cross_entropy_fwd(TB.dense(input), target, weight, int(ignore_index), reduction,
-                                              float(label_smoothing), need_grad)
-    return loss
+    loss, _, z_term = torch.ops.gpu.cross_entropy_fwd(TB.dense(input), target, weight, int(ignore_index), reduction,
+                                                     float(label_smoothing), need_grad, z_loss, softcap,
+                                                     bool(return_z_loss))
+    return (loss, z_term) if return_z_loss else loss
+
+
+def _check_z_loss_softcap(z_loss, softcap) -> Tuple[float, Optional[float]]:
+    """Python numbers only (a tensor would be read back to the host): z_loss >= 0, softcap None or
+    > 0, both finite; TypeError / ValueError naming the argument."""
+    for name, v in (("z_loss", z_loss), ("softcap", softcap)):
+        if v is not None and (not isinstance(v, numbers.Real) or isinstance(v, bool)):
+            raise TypeError(f"{name}: expected a float, got {type(v).__name__}")
+    if z_loss is None:
+        raise TypeError("z_loss: expected a float, got NoneType")
+    return _sm._check_z_loss_softcap(float(z_loss), None if softcap is None else float(softcap))
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -342,7 +363,8 @@ def _ce_layout(input: Tensor):
 
 @torch.library.custom_op("gpu::cross_entropy_fwd", mutates_args=())
 def _cross_entropy_fwd(input: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
-                       reduction: str, label_smoothing: float, need_grad: bool) -> Tuple[Tensor, Tensor]:
+                       reduction: str, label_smoothing: float, need_grad: bool, z_loss: float,
+                       softcap: Optional[float], return_z: bool) -> Tuple[Tensor, Tensor, Tensor]:
     z, axis, last = _ce_layout(input)
     probs = target.dtype.is_floating_point
     t = TB.features_last(target, last) if probs else target
@@ -350,25 +372,29 @@ def _cross_entropy_fwd(input: Tensor, target: Tensor, weight: Optional[Tensor], 
         try:
             out = _sm.softmax_cross_entropy(TB.to_array(z), TB.to_array(t), axis=axis, reduction=reduction,
                                             ignore_index=ignore_index, label_smoothing=label_smoothing,
-                                            weight=TB.to_array(weight), return_grad=need_grad)
+                                            weight=TB.to_array(weight), z_loss=z_loss, softcap=softcap,
+                                            return_grad=need_grad, return_z_loss=return_z)
         except ValueError as e:
             if str(e).startswith("target: class index"):
                 raise IndexError(str(e)) from None      # torch's exception type for a target out of range
             raise
-        loss, dz = out if need_grad else (out, None)
+        out = out if isinstance(out, tuple) else (out,)
+        loss, z_term, dz = out[0], (out[1] if return_z else None), (out[-1] if need_grad else None)
         loss = TB.from_array(loss)
+        z_term = TB.from_array(z_term) if return_z else input.new_empty((0,))
         if dz is not None:
             dz = TB.like(TB.features_first(TB.from_array(dz), last), input)
     if dz is None:
         dz = input.new_empty((0,))
-    return loss, dz
+    return loss, dz, z_term
 
 
 @_cross_entropy_fwd.register_fake
-def _(input, target, weight, ignore_index, reduction, label_smoothing, need_grad):
+def _(input, target, weight, ignore_index, reduction, label_smoothing, need_grad, z_loss, softcap, return_z):
     axis = 1 if input.dim() >= 2 else 0
     shape = (input.shape[:axis] + input.shape[axis + 1:]) if reduction == "none" else ()
-    return input.new_empty(shape), (torch.empty_like(input) if need_grad else input.new_empty((0,)))
+    return (input.new_empty(shape), (torch.empty_like(input) if need_grad else input.new_empty((0,))),
+            input.new_empty(shape if return_z else (0,)))
 
 
 @torch.library.custom_op("gpu::cross_entropy_bwd", mutates_args=())
@@ -384,12 +410,13 @@ def _(dz, grad_loss):
 
 
 def _ce_setup_context(ctx, inputs, output):
-    input, target, weight, _, reduction, label_smoothing, need_grad = inputs
-    _, dz = output
+    input, target, weight, _, reduction, label_smoothing, need_grad, _, softcap, _ = inputs
+    _, dz, z_term = output
+    ctx.mark_non_differentiable(z_term)     # the z-loss part, returned for logging (as Liger-Kernel's)
     # dz stays differentiable (its graph leads a double backward to the clear error of
     # cross_entropy_bwd); its gradient is never asked for: no zeros of z's size for it
     ctx.set_materialize_grads(False)
-    ctx.need_grad, ctx.reduction, ctx.label_smoothing = need_grad, reduction, label_smoothing
+    ctx.need_grad, ctx.reduction, ctx.label_smoothing, ctx.softcap = need_grad, reduction, label_smoothing, softcap
     probs_grad = target.dtype.is_floating_point and target.requires_grad
     ctx.probs_grad = probs_grad
     if probs_grad:          # the target's gradient needs log-softmax: saved inputs, computed by torch
@@ -398,11 +425,11 @@ def _ce_setup_context(ctx, inputs, output):
         ctx.save_for_backward(dz)
 
 
-def _ce_backward(ctx, grad_loss, _grad_dz):
+def _ce_backward(ctx, grad_loss, _grad_dz, _grad_z_term):
     dz = ctx.saved_tensors[0]
     grad_input = grad_target = None
     if grad_loss is None:
-        return None, None, None, None, None, None, None
+        return (None,) * 10
     if ctx.needs_input_grad[0]:
         if not ctx.need_grad:
             raise RuntimeError("gpu.torch.cross_entropy: the input's gradient was not computed in the forward "
@@ -414,6 +441,8 @@ def _ce_backward(ctx, grad_loss, _grad_dz):
     if ctx.probs_grad and ctx.needs_input_grad[1]:
         _, input, weight = ctx.saved_tensors
         axis = 1 if input.dim() >= 2 else 0
+        if ctx.softcap is not None:         # the loss reads the capped logits (z-loss: no target in it)
+            input = ctx.softcap * torch.tanh(input / ctx.softcap)
         g = -torch.log_softmax(input, axis) * (1.0 - ctx.label_smoothing)
         if weight is not None:
             g = g * weight.view((-1,) + (1,) * (input.dim() - axis - 1))
@@ -421,7 +450,7 @@ def _ce_backward(ctx, grad_loss, _grad_dz):
         if ctx.reduction == "mean":
             gl = gl / (input.numel() // max(input.shape[axis], 1))
         grad_target = g * gl
-    return grad_input, grad_target, None, None, None, None, None
+    return (grad_input, grad_target) + (None,) * 8
 
 
 def _unit_scale(grad_loss: Tensor) -> bool:

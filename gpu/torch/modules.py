@@ -7,6 +7,8 @@ torch checkpoint loads into them and theirs into torch's modules.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
 
@@ -49,11 +51,26 @@ class BatchNorm3d(_BatchNormForward, nn.BatchNorm3d):
 
 class CrossEntropyLoss(nn.CrossEntropyLoss):
     """`torch.nn.CrossEntropyLoss` (same arguments: weight, size_average, ignore_index, reduce,
-    reduction, label_smoothing) on the package's fused softmax + cross-entropy."""
+    reduction, label_smoothing) on the package's fused softmax + cross-entropy, with
+    `gpu.torch.cross_entropy`'s keyword-only additions ``z_loss``, ``softcap`` and
+    ``return_z_loss`` (forward then returns ``(loss, z_term)``)."""
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+    def __init__(self, weight: Optional[Tensor] = None, size_average=None, ignore_index: int = -100, reduce=None,
+                 reduction: str = "mean", label_smoothing: float = 0.0, *, z_loss: float = 0.0,
+                 softcap: Optional[float] = None, return_z_loss: bool = False, **kwargs) -> None:
+        super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing, **kwargs)
+        self.z_loss, self.softcap, self.return_z_loss = z_loss, softcap, return_z_loss
+
+    def forward(self, input: Tensor, target: Tensor):
         return F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
-                               reduction=self.reduction, label_smoothing=self.label_smoothing)
+                               reduction=self.reduction, label_smoothing=self.label_smoothing,
+                               z_loss=self.z_loss, softcap=self.softcap, return_z_loss=self.return_z_loss)
+
+    def extra_repr(self) -> str:
+        # torch's (empty) when the additions keep their defaults
+        extra = [f"{k}={v!r}" for k, v, d in (("z_loss", self.z_loss, 0.0), ("softcap", self.softcap, None),
+                                              ("return_z_loss", self.return_z_loss, False)) if v != d]
+        return ", ".join(filter(None, [super().extra_repr()] + extra))
 
 
 _SWAP = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
