@@ -209,6 +209,9 @@ def main() -> None:
         np.savez(os.path.join(outdir, str(size), f"rank{comm.rank}.npz"), **arrays)
         with open(os.path.join(outdir, str(size), f"rank{comm.rank}.json"), "w") as f:
             json.dump(info, f)
+    if engine != "mpi":             # gpu-bench --distributed on these ranks: checked, then timed
+        from gpu.bench import distributed as bench
+        bench.run([(4, 3, 2, 2)], None, "cpu", "torch", 2, 0, 0, os.path.join(outdir, "bench.json"), [])
     if engine == "mpi":
         world.comm.Barrier()
     else:

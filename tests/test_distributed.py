@@ -103,6 +103,7 @@ def launched(engine: str, size: int, tmp_path_factory):
     if engine not in _RUNS:
         out = tmp_path_factory.mktemp(engine)
         run_ranks(engine, 3, [str(WORKER), "mpi" if engine == "mpi" else "gloo", str(out)])
+        _RUNS[f"{engine}-dir"] = out
         _RUNS[engine] = {n: [(dict(np.load(out / str(n) / f"rank{r}.npz")),
                               json.loads((out / str(n) / f"rank{r}.json").read_text())) for r in range(n)]
                          for n in (2, 3)}
@@ -436,3 +437,19 @@ def test_sync_batch_norm_compiles_fullgraph(tmp_path):
             torch.testing.assert_close(a, b)
     finally:
         dist.destroy_process_group()
+
+
+@needs_torch
+def test_bench_distributed(tmp_path_factory):
+    # gpu-bench --distributed's run on the gloo launch's 3 ranks: every peer checked, then timed
+    launched("gloo", 3, tmp_path_factory)
+    rows = json.loads((_RUNS["gloo-dir"] / "bench.json").read_text())["rows"]
+    assert [r["peer"] for r in rows] == ["ours", "ours-torch", "torch-algo"], rows
+    assert all(r["status"] == "ok" and 0 <= r["share"] <= 1.5 for r in rows), rows
+
+
+def test_bench_distributed_launcher_drops_ranks():
+    # --ranks P launches P ranks of the same command line, less --ranks
+    from gpu.bench.distributed import _without_ranks
+    assert _without_ranks(["--distributed", "--ranks", "2", "--repeat", "3", "--ranks=4"]) == \
+        ["--distributed", "--repeat", "3"]
