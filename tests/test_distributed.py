@@ -412,7 +412,6 @@ def test_convert_sync_batchnorm_keeps_tensors():
         assert m.weight is w and m.running_mean is rm and m.num_batches_tracked is nbt and m.training == training
     assert bns[2].process_group is group and bns[0].process_group is None
     assert type(gt.SyncBatchNorm.convert_sync_batchnorm(torch.nn.BatchNorm2d(2))) is gt.SyncBatchNorm
-    assert type(gt.convert(torch.nn.SyncBatchNorm(2))) is gt.SyncBatchNorm
 
 
 @needs_torch

@@ -56,16 +56,13 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
                                reduction=self.reduction, label_smoothing=self.label_smoothing)
 
 
-from .sync_batchnorm import SyncBatchNorm  # noqa: E402  (after the classes above: no cycle)
-
-_SWAP = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d,
-         nn.SyncBatchNorm: SyncBatchNorm}
+_SWAP = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
 
 
 def convert(module: nn.Module) -> nn.Module:
-    """Swap every `torch.nn.BatchNorm1d/2d/3d` and `torch.nn.SyncBatchNorm` in `module` (itself
-    included) for ours, keeping its parameters and buffers (the same tensors: device, dtype and
-    requires_grad unchanged), its arguments (a SyncBatchNorm's process_group) and its training mode; everything else is left as it is. Returns the converted
+    """Swap every `torch.nn.BatchNorm1d/2d/3d` in `module` (itself included) for ours, keeping its
+    parameters and buffers (the same tensors: device, dtype and requires_grad unchanged), its
+    arguments and its training mode; everything else is left as it is. Returns the converted
     module (a new one only when `module` itself is a batch norm), as
     `torch.nn.SyncBatchNorm.convert_sync_batchnorm`.
 
