@@ -16,9 +16,9 @@ DDP's, then counts each example once); a rank with no rows gets zeros. When the 
 gradient the backward runs no collective (as torch's), so all ranks must agree on that.
 
 Unlike torch's module this one runs on CPU tensors too (gloo), and on CUDA tensors (NCCL).
-`torch.compile` sees the two ops as opaque custom ops that perform collectives: it compiles with
-graph breaks (fullgraph=False); with fullgraph=True it works where dynamo traces the module's
-``torch.distributed`` queries (world size, group name) as constants.
+`torch.compile` sees the two ops as opaque custom ops (fake implementations, autograd) whose
+collectives run eagerly inside them; the group travels by name. `sync_batch_norm` compiles with
+fullgraph=True (tests/test_distributed.py, on a group of one rank).
 
     import torch, gpu.torch as gt
     model = gt.SyncBatchNorm.convert_sync_batchnorm(model)   # every BatchNorm*d / SyncBatchNorm
@@ -69,7 +69,7 @@ def sync_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: 
     number of rows per rank, zero included. Arguments as `gpu.torch.batch_norm`; running_mean and
     running_var (optional) are updated in place with the global statistics.
 
-    >>> y = gt.sync_batch_norm(x, rm, rv, weight, bias)     # doctest: +SKIP (needs ranks)
+    >>> y = gt.sync_batch_norm(x, rm, rv, weight, bias)     # doctest: +SKIP
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("process_group: torch.distributed is not initialized (call "
