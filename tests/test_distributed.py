@@ -2,8 +2,8 @@
 wheel) and as torch.distributed gloo ranks on 127.0.0.1, against single-process batch norm on the
 concatenated batch (a float64 NumPy reference computed here).
 
-Each launch runs every case of tests/_dist_worker.py once (a few seconds); the tests below read
-its outputs. Every subprocess has a timeout and its own process group, killed on failure.
+One launch of 3 ranks per engine runs every case of tests/_dist_worker.py once (a few seconds;
+with gloo also gpu.torch.SyncBatchNorm's); the tests below read its outputs. Every subprocess has a timeout and its own process group, killed on failure.
 """
 from __future__ import annotations
 
@@ -94,18 +94,20 @@ def run_ranks(engine: str, size: int, argv: list[str], timeout: float = LAUNCH_T
     return outs
 
 
-_RUNS: dict[tuple, list] = {}
+_RUNS: dict[object, object] = {}
 
 
 def launched(engine: str, size: int, tmp_path_factory):
-    """Every rank's (arrays, info) of one launch of the worker, run once per (engine, size)."""
-    key = (engine, size)
-    if key not in _RUNS:
-        out = tmp_path_factory.mktemp(f"{engine}{size}")
-        run_ranks(engine, size, [str(WORKER), "mpi" if engine == "mpi" else "gloo", str(out)])
-        _RUNS[key] = [(dict(np.load(out / f"rank{r}.npz")), json.loads((out / f"rank{r}.json").read_text()))
-                      for r in range(size)]
-    return _RUNS[key]
+    """Every rank's (arrays, info) of the `size`-rank cases. ONE launch of 3 ranks per engine runs
+    them all (the 2-rank cases on a group of ranks 0 and 1): launches dominate the time."""
+    if engine not in _RUNS:
+        out = tmp_path_factory.mktemp(engine)
+        run_ranks(engine, 3, [str(WORKER), "mpi" if engine == "mpi" else "gloo", str(out)])
+        _RUNS[f"{engine}-dir"] = out
+        _RUNS[engine] = {n: [(dict(np.load(out / str(n) / f"rank{r}.npz")),
+                              json.loads((out / str(n) / f"rank{r}.json").read_text())) for r in range(n)]
+                         for n in (2, 3)}
+    return _RUNS[engine][size]
 
 
 def reference(x, dy, gamma, beta, axis, eps=1e-5, momentum=0.1):
@@ -287,3 +289,166 @@ def test_two_process_training_reaches_single_process_accuracy(engine, sync_bn, t
     acc = two["runs"]["with BN"]["final_val_acc"]
     assert acc >= single["final_val_acc"] - 0.02, (acc, single["final_val_acc"])
     assert sum(o.count("val acc") for o in outs) == 1      # rank 0 logs, rank 1 does not
+
+
+# ---------------------------------------------------------------------------------------------
+# gpu.torch.SyncBatchNorm (torch's own SyncBatchNorm trains on CUDA only: the references are the
+# float64 batch norm of the concatenated batch, and torch's module where it runs on the CPU)
+# ---------------------------------------------------------------------------------------------
+
+needs_torch = pytest.mark.skipif(not HAVE_TORCH, reason="torch missing")
+
+
+def _sbn_cases():
+    return [pytest.param(size, c, id=c[0]) for size in (2, 3) for c in W.SBN_CASES[size]]
+
+
+@needs_torch
+@pytest.mark.parametrize("size,case", _sbn_cases())
+def test_sync_batchnorm_module_equals_concatenated(size, case, tmp_path_factory):
+    # [5, 3] unequal (on a process_group of ranks 0 and 1), float64 and channels_last float32;
+    # [8, 0] a rank with no rows; [1, 1, 1] one row per rank (a batch of 3 over the world)
+    name, split, feat, dt, last = case
+    ranks = launched("gloo", size, tmp_path_factory)
+    x, dy = W.global_batch(name, split, feat, dt)
+    C = feat[0]
+    axis = (0,) + tuple(range(2, x.ndim))
+    ref = reference(x, dy, np.linspace(0.5, 1.5, C).astype(dt), np.linspace(-1, 1, C).astype(dt), axis)
+    tol = TOL[np.dtype(dt)]
+    got = [a for a, _ in ranks]
+    for k in ("y", "dx"):
+        whole = np.concatenate([g[f"{name}/{k}"].astype(np.float64) for g in got])
+        assert np.linalg.norm(whole - ref[k]) <= tol * np.linalg.norm(ref[k]), k
+    for k in ("rm", "rv"):                         # the global count's unbiased variance, every rank
+        for g in got:
+            assert np.linalg.norm(g[f"{name}/{k}"] - ref[k]) <= tol * np.linalg.norm(ref[k]), k
+    if len(set(split)) == 1:                       # equal counts: torch's merge, computed here, agrees
+        np.testing.assert_allclose(got[0][f"{name}/rv"], _torch_formula_running_var(x, split, axis), rtol=tol)
+    # weight and bias gradients: each rank's own rows, as torch's SyncBatchNorm (DDP then averages)
+    keep = [1] * x.ndim
+    keep[1] = -1
+    xhat = (x.astype(np.float64) - ref["mean"].reshape(keep)) * ref["invstd"].reshape(keep)
+    bounds = np.cumsum([0] + split)
+    for r, g in enumerate(got):
+        rows = slice(bounds[r], bounds[r + 1])
+        local = {"dbeta": dy[rows].astype(np.float64).sum(axis=axis),
+                 "dgamma": (dy[rows].astype(np.float64) * xhat[rows]).sum(axis=axis)}
+        for k, v in local.items():
+            assert np.linalg.norm(g[f"{name}/{k}"] - v) <= tol * 4 * np.linalg.norm(ref[k]), (r, k)
+        assert int(g[f"{name}/nbt"]) == 1
+    for _, info in ranks:
+        assert info["sbn"]["counts"][name] == [1, 1], info["sbn"]["counts"]     # one forward, one backward
+        assert info["sbn"][f"{name}/channels_last"] == last
+
+
+@needs_torch
+def test_convert_sync_batchnorm_model_equals_single_process(tmp_path_factory):
+    # torch's BatchNorm2d and BatchNorm1d(momentum=None) converted, two training steps over 2
+    # ranks against the unconverted model on the whole batch: outputs, running statistics and
+    # num_batches_tracked on every rank, parameter gradients summed over the ranks
+    import torch
+    ranks = launched("gloo", 2, tmp_path_factory)
+    assert ranks[0][1]["sbn"]["converted"] == ["gpu.torch.sync_batchnorm.SyncBatchNorm"] * 2
+    model = W.sbn_model()
+    x, _ = W.global_batch("sbn-model", [5, 3], (2, 3, 2), "float64")
+    for _ in range(2):
+        out = model(torch.from_numpy(x))
+        (out * torch.arange(1.0, 6.0, dtype=torch.float64)).sum().backward()
+    whole = np.concatenate([a["model/out"] for a, _ in ranks])
+    np.testing.assert_allclose(whole, out.detach().numpy(), rtol=1e-10, atol=1e-12)
+    for k, v in model.state_dict().items():
+        for a, _ in ranks:
+            np.testing.assert_allclose(a[f"model/{k}"], v.numpy(), rtol=1e-12, atol=1e-14, err_msg=k)
+    for k, p in model.named_parameters():
+        total = sum(a[f"model/grad/{k}"] for a, _ in ranks)
+        np.testing.assert_allclose(total, p.grad.numpy(), rtol=1e-9, atol=1e-10, err_msg=k)
+
+
+@needs_torch
+def test_sync_batchnorm_state_dict_and_single_process_fallback():
+    # without torch.distributed (and in eval) both modules run plain batch norm: ours against
+    # torch's SyncBatchNorm itself, with state_dicts exchanged both ways
+    import torch
+    import gpu.torch as gt
+    torch.manual_seed(1)
+    ours, theirs = gt.SyncBatchNorm(5, momentum=None), torch.nn.SyncBatchNorm(5, momentum=None)
+    assert repr(ours) == repr(theirs) and list(ours.state_dict()) == list(theirs.state_dict())
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 1.5)
+        theirs.bias.uniform_(-1, 1)
+    ours.load_state_dict(theirs.state_dict())
+    for step in range(2):                          # momentum None: the cumulative average
+        x = torch.randn(7, 5, 3) * 2 + 1
+        torch.testing.assert_close(ours(x), theirs(x))
+    for k, v in theirs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[k], v)
+    ours.running_var.mul_(1.5)
+    theirs.load_state_dict(ours.state_dict())      # and back
+    ours.eval(), theirs.eval()
+    x = torch.randn(4, 5, 3)
+    torch.testing.assert_close(ours(x), theirs(x))
+    with pytest.raises(RuntimeError, match="not initialized"):
+        gt.sync_batch_norm(x, None, None)
+    with pytest.raises(ValueError, match="expected at least 2D"):
+        ours(torch.randn(5))
+
+
+@needs_torch
+def test_convert_sync_batchnorm_keeps_tensors():
+    # every batch norm becomes ours: torch's BatchNorm1d/2d/3d and SyncBatchNorm (its group kept),
+    # gpu.torch's BatchNorm2d; the same parameter and buffer tensors, the training mode kept
+    import torch
+    import gpu.torch as gt
+    group = object()
+    sync = torch.nn.SyncBatchNorm(6, process_group=group)
+    model = torch.nn.Sequential(torch.nn.BatchNorm1d(3), torch.nn.Sequential(gt.BatchNorm2d(4).eval(), sync),
+                                torch.nn.BatchNorm3d(5, affine=False, track_running_stats=False))
+    before = [(m.weight, m.running_mean, m.num_batches_tracked, m.training)
+              for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    out = gt.SyncBatchNorm.convert_sync_batchnorm(model)
+    bns = [m for m in out.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert [type(m) for m in bns] == [gt.SyncBatchNorm] * 4
+    for m, (w, rm, nbt, training) in zip(bns, before):
+        assert m.weight is w and m.running_mean is rm and m.num_batches_tracked is nbt and m.training == training
+    assert bns[2].process_group is group and bns[0].process_group is None
+    assert type(gt.SyncBatchNorm.convert_sync_batchnorm(torch.nn.BatchNorm2d(2))) is gt.SyncBatchNorm
+
+
+@needs_torch
+def test_sync_batch_norm_compiles_fullgraph(tmp_path):
+    # the custom ops (fake implementations, autograd) under torch.compile(fullgraph=True), on a
+    # group of one rank in this process: the same numbers as eager
+    import torch
+    import torch.distributed as dist
+    import gpu.torch as gt
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch._dynamo.reset()
+        x = torch.randn(6, 3, 4, dtype=torch.float64, requires_grad=True)
+        w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+        f = torch.compile(lambda x, w: gt.sync_batch_norm(x, None, None, w), backend="aot_eager", fullgraph=True)
+        y = f(x, w)
+        grads = torch.autograd.grad(y, (x, w), torch.ones_like(y) + x.detach())
+        y0 = torch.nn.functional.batch_norm(x, None, None, w, training=True)
+        grads0 = torch.autograd.grad(y0, (x, w), torch.ones_like(y0) + x.detach())
+        torch.testing.assert_close(y, y0)
+        for a, b in zip(grads, grads0):
+            torch.testing.assert_close(a, b)
+    finally:
+        dist.destroy_process_group()
+
+
+@needs_torch
+def test_bench_distributed(tmp_path_factory):
+    # gpu-bench --distributed's run on the gloo launch's 3 ranks: every peer checked, then timed
+    launched("gloo", 3, tmp_path_factory)
+    rows = json.loads((_RUNS["gloo-dir"] / "bench.json").read_text())["rows"]
+    assert [r["peer"] for r in rows] == ["ours", "ours-torch", "torch-algo"], rows
+    assert all(r["status"] == "ok" and 0 <= r["share"] <= 1.5 for r in rows), rows
+
+
+def test_bench_distributed_launcher_drops_ranks():
+    # --ranks P launches P ranks of the same command line, less --ranks
+    from gpu.bench.distributed import _without_ranks
+    assert _without_ranks(["--distributed", "--ranks", "2", "--repeat", "3", "--ranks=4"]) == \
+        ["--distributed", "--repeat", "3"]

@@ -8,6 +8,7 @@
     gpu-bench --host                        # Python dispatch per call, the kernel launch a no-op
     gpu-bench --op flce                     # fused linear + cross-entropy: time and peak memory
     gpu-bench --framework torch             # this library through gpu.torch against PyTorch's own ops
+    gpu-bench --distributed --ranks 2       # synchronized BN over 2 local gloo ranks (or under torchrun/mpiexec)
 
 Each row is checked against the float64 reference before it is timed (a wrong result is WRONG,
 never fast) and reported against the op's minimum bytes: effective GB/s, that as a percentage of
@@ -115,6 +116,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="torch: this library through PyTorch (gpu.torch, peer ours-torch) beside ours on arrays and "
                         "PyTorch's own ops, forward+backward at the headline shapes unless --op/--shape/--quick; "
                         "the 'interop ms' column is ours-torch's time minus ours'")
+    p.add_argument("--distributed", action="store_true",
+                   help="synchronized batch norm forward+backward per step across ranks, ours against torch's "
+                        "SyncBatchNorm, with the collectives' share; run under torchrun or mpiexec, or with --ranks")
+    p.add_argument("--ranks", type=int, metavar="P", help="--distributed: launch P local gloo ranks (127.0.0.1)")
+    p.add_argument("--engine", choices=("auto", "torch", "mpi"), default="auto",
+                   help="--distributed: the engine (auto: torch.distributed under torchrun or --ranks, mpi4py "
+                        "under mpiexec)")
     p.add_argument("--op", type=parse_ops, help="ops or families (" + ", ".join(FAMILIES) + ")")
     p.add_argument("--shape", action="append", type=parse_shape, metavar="AxBx..[:LAYOUT]",
                    help="replace the suite's shapes (repeatable); LAYOUT nc|nchw|nhwc for batch norm")
@@ -140,6 +148,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--repeat: at least 1")
     if args.cpu_check and (args.quick or args.headline or args.shape or args.op or args.host):
         p.error("--cpu-check runs its own cases: drop --quick, --headline, --shape, --op and --host")
+    if args.ranks is not None and (not args.distributed or args.ranks < 1):
+        p.error("--ranks: a positive count, with --distributed")
+    if args.distributed and (args.cpu_check or args.host or args.op or args.framework != "arrays"):
+        p.error("--distributed runs its own peers: drop --cpu-check, --host, --op and --framework")
     if args.quick and args.headline:
         p.error("--quick and --headline are two suites: give one")
     if args.framework == "torch":
@@ -214,6 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.host:
         return main_host(args, argv)
+    if args.distributed:
+        return main_distributed(args, argv)
     if args.op and "flce" in args.op:
         return main_flce(args)
     started = time.perf_counter()
@@ -348,6 +362,20 @@ def main_flce(args: argparse.Namespace) -> int:
         status |= flce.run(shapes[0] if shapes else None, dt, args.device, args.repeat, args.warmup, args.seed,
                            args.json)
     return status
+
+
+def main_distributed(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    """`gpu-bench --distributed`: synchronized batch norm across ranks (gpu/bench/distributed.py)."""
+    from . import distributed
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if args.ranks is not None:
+        return distributed.launch_local(args.ranks, argv, timeout=min(args.time_limit, 3600.0))
+    dtypes = args.dtype or [None]
+    if len(dtypes) > 1:
+        print("gpu-bench: --distributed takes one --dtype", file=sys.stderr)
+        return 2
+    return distributed.run([s for s, _ in args.shape or []], dtypes[0], args.device, args.engine, args.repeat,
+                           args.warmup, args.seed, args.json, argv)
 
 
 def main_host(args: argparse.Namespace, argv: Sequence[str] | None) -> int:

@@ -205,8 +205,9 @@ class TorchCommunicator(Communicator):
 
     def _allgather(self, buf, out) -> None:
         import torch.distributed as dist
-        self._wait(dist.all_gather_into_tensor(self._tensor(out).view(-1), self._tensor(buf),
-                                               group=self.group, async_op=True))
+        # all_gather_single where torch has it (all_gather_into_tensor is deprecated there)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        self._wait(gather(self._tensor(out).view(-1), self._tensor(buf), group=self.group, async_op=True))
 
     def _allreduce(self, buf, out) -> None:
         import torch.distributed as dist

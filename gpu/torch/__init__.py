@@ -4,6 +4,7 @@
     y = gt.batch_norm(x, running_mean, running_var, weight, bias, training=True)   # F.batch_norm
     loss = gt.cross_entropy(logits, target)                                      # F.cross_entropy
     model = gt.convert(model)       # every torch.nn.BatchNorm*d -> gpu.torch.BatchNorm*d
+    model = gt.SyncBatchNorm.convert_sync_batchnorm(model)    # synchronized over torch.distributed
     criterion = gt.CrossEntropyLoss(label_smoothing=0.1, z_loss=1e-4)
     loss = gt.fused_linear_cross_entropy(h, lm_head.weight, next_tokens)    # logits never held
 
@@ -20,6 +21,8 @@ except ImportError as e:  # pragma: no cover - exercised only without torch
 from .functional import batch_norm, cross_entropy
 from .linear_cross_entropy import FusedLinearCrossEntropyLoss, fused_linear_cross_entropy
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, CrossEntropyLoss, convert
+from .sync_batchnorm import SyncBatchNorm, sync_batch_norm
 
 __all__ = ["batch_norm", "cross_entropy", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "CrossEntropyLoss",
-           "convert", "fused_linear_cross_entropy", "FusedLinearCrossEntropyLoss"]
+           "convert", "fused_linear_cross_entropy", "FusedLinearCrossEntropyLoss", "SyncBatchNorm",
+           "sync_batch_norm"]

@@ -1,0 +1,258 @@
+"""`SyncBatchNorm`: a drop-in for `torch.nn.SyncBatchNorm` on the package's synchronized batch norm.
+
+The module subclasses torch's, so the constructor (``process_group=`` included), attributes,
+parameters, buffers, state_dict keys, `train()/eval()` and `extra_repr` are torch's: a checkpoint
+of either loads into the other. In training with a process group of more than one rank the
+forward runs ``gpu::sync_batch_norm_fwd``: each rank's (count, mean, M2) per channel, ONE packed
+allgather through ``gpu.distributed.wrap(process_group)`` and a merge in rank order (the same
+statistics, bitwise, on every rank; unequal batch sizes and ranks with no rows are exact, the
+running variance unbiased with the global count). The backward, ``gpu::sync_batch_norm_bwd``,
+runs ONE packed all-reduce of (sum dy, sum dy * x_hat). Everything else (eval, one rank,
+torch.distributed not initialized) is `gpu.torch.batch_norm`.
+
+Gradients follow torch's SyncBatchNorm: the input's gradient uses the sums over every rank; the
+weight's and bias's are this rank's own (a data-parallel all-reduce of the parameter gradients,
+DDP's, then counts each example once); a rank with no rows gets zeros. When the input needs no
+gradient the backward runs no collective (as torch's), so all ranks must agree on that.
+
+Unlike torch's module this one runs on CPU tensors too (gloo), and on CUDA tensors (NCCL).
+`torch.compile` sees the two ops as opaque custom ops (fake implementations, autograd) whose
+collectives run eagerly inside them; the group travels by name. `sync_batch_norm` compiles with
+fullgraph=True (tests/test_distributed.py, on a group of one rank).
+
+    import torch, gpu.torch as gt
+    model = gt.SyncBatchNorm.convert_sync_batchnorm(model)   # every BatchNorm*d / SyncBatchNorm
+    model = torch.nn.parallel.DistributedDataParallel(model)
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .. import distributed as D
+from ..ops import batch_norm as _bn
+from . import _bridge as TB
+from . import functional as F
+
+__all__ = ["SyncBatchNorm", "sync_batch_norm"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The process group travels into the ops by name (custom ops take no Python objects)
+# ---------------------------------------------------------------------------------------------
+
+def _group_name(group) -> str:
+    return group.group_name
+
+
+def _communicator(group_name: str) -> D.Communicator:
+    """The gpu.distributed adapter of the named group: the same adapter every call (its header
+    check runs once per channel count)."""
+    from torch.distributed.distributed_c10d import _resolve_process_group
+    return D.wrap(_resolve_process_group(group_name))
+
+
+# ---------------------------------------------------------------------------------------------
+# The functional form
+# ---------------------------------------------------------------------------------------------
+
+def sync_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                    weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                    momentum: Optional[float] = 0.1, eps: float = 1e-5, process_group: Any = None, *,
+                    num_batches_tracked: Optional[Tensor] = None) -> Tensor:
+    """Training-mode batch norm over the batch concatenated across `process_group`'s ranks (None:
+    the default group), as `torch.nn.SyncBatchNorm` in training. Every rank of the group must call
+    it with the same channel count and dtype (a mismatch is a ValueError on every rank); any
+    number of rows per rank, zero included. Arguments as `gpu.torch.batch_norm`; running_mean and
+    running_var (optional) are updated in place with the global statistics.
+
+    >>> y = gt.sync_batch_norm(x, rm, rv, weight, bias)     # doctest: +SKIP
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("process_group: torch.distributed is not initialized (call "
+                           "torch.distributed.init_process_group first)")
+    group = process_group if process_group is not None else dist.group.WORLD
+    # the shared checks, less the per-rank "more than 1 value per channel": one row per rank is a
+    # batch of P rows here
+    C = F._check_batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps,
+                            num_batches_tracked)
+    if not eps > 0 and F._torch_rejects_eps0():
+        raise ValueError(f"eps: must be positive during training, got {eps}")
+    if C == 0:
+        raise ValueError("SyncBatchNorm number of input channels should be non-zero")
+    weight, bias, running_mean, running_var = (None if p is None else p.view(C) if p.dim() != 1 else p
+                                               for p in (weight, bias, running_mean, running_var))
+    if (running_mean is None) != (running_var is None):
+        raise RuntimeError("running_mean, running_var: pass both or neither")
+    if momentum is None and running_mean is not None and num_batches_tracked is None:
+        raise TypeError("momentum: None (the cumulative average) needs num_batches_tracked, the count of "
+                        "updates (use gpu.torch.SyncBatchNorm, or pass num_batches_tracked=)")
+    if running_mean is None:
+        num_batches_tracked = None
+    y, _, _, rm, rv, nbt = torch.ops.gpu.sync_batch_norm_fwd(
+        TB.dense(input), weight, bias, running_mean, running_var, num_batches_tracked,
+        None if momentum is None else float(momentum), float(eps), _group_name(group))
+    if running_mean is not None:
+        with torch.no_grad():
+            running_mean.copy_(rm)
+            running_var.copy_(rv)
+            if num_batches_tracked is not None:
+                num_batches_tracked.copy_(nbt)
+    return y
+
+
+@torch.library.custom_op("gpu::sync_batch_norm_fwd", mutates_args=())
+def _sync_fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+              running_mean: Optional[Tensor], running_var: Optional[Tensor],
+              num_batches_tracked: Optional[Tensor], momentum: Optional[float], eps: float,
+              group: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y, mean, invstd, running_mean', running_var', num_batches_tracked') as
+    gpu::batch_norm_fwd in training, the statistics those of every rank's batch: ONE allgather."""
+    acc = TB.compute_dtype(input.dtype)
+    none = input.new_empty((0,), dtype=acc)
+    rm, rv, nbt = (none.clone() if r is None else r.clone() for r in (running_mean, running_var, num_batches_tracked))
+    stats = running_mean is not None
+    last = TB.channels_last(input)
+    with TB.running_on(input.device):
+        y, mean, invstd = _bn.batch_norm_forward(
+            TB.to_array(TB.features_last(input, last)), TB.to_array(weight), TB.to_array(bias),
+            axis=TB.bn_axis(input.dim(), last), eps=eps, running_mean=TB.to_array(rm) if stats else None,
+            running_var=TB.to_array(rv) if stats else None, momentum=momentum,
+            num_batches_tracked=TB.to_array(nbt) if num_batches_tracked is not None else None,
+            comm=_communicator(group))
+        y = TB.features_first(TB.from_array(y), last)
+        mean, invstd = TB.from_array(mean), TB.from_array(invstd)
+    return TB.like(y, input), mean, invstd, rm, rv, nbt
+
+
+@_sync_fwd.register_fake
+def _(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, group):
+    acc = TB.compute_dtype(input.dtype)
+    C = input.shape[1]
+    rm, rv, nbt = (input.new_empty((0,), dtype=acc) if r is None else torch.empty_like(r)
+                   for r in (running_mean, running_var, num_batches_tracked))
+    return (torch.empty_like(input), input.new_empty((C,), dtype=acc), input.new_empty((C,), dtype=acc),
+            rm, rv, nbt)
+
+
+@torch.library.custom_op("gpu::sync_batch_norm_bwd", mutates_args=())
+def _sync_bwd(grad_out: Tensor, input: Tensor, weight: Optional[Tensor], mean: Tensor, invstd: Tensor,
+              group: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias): dx from the sums over every rank (ONE all-reduce), dweight and dbias
+    this rank's own, as torch's SyncBatchNorm."""
+    last = TB.channels_last(input)
+    grad_out = grad_out.contiguous(memory_format=TB.memory_format(input))
+    with TB.running_on(input.device):
+        dx, dw, db = _bn.batch_norm_backward(
+            TB.to_array(TB.features_last(grad_out, last)), TB.to_array(TB.features_last(input, last)),
+            TB.to_array(weight), TB.to_array(mean), TB.to_array(invstd), axis=TB.bn_axis(input.dim(), last),
+            comm=_communicator(group))
+        dx = TB.features_first(TB.from_array(dx), last)
+        dw, db = TB.from_array(dw), TB.from_array(db)
+    return TB.like(dx, input), dw, db
+
+
+@_sync_bwd.register_fake
+def _(grad_out, input, weight, mean, invstd, group):
+    pdt = weight.dtype if weight is not None else input.dtype
+    C = input.shape[1]
+    return torch.empty_like(input), input.new_empty((C,), dtype=pdt), input.new_empty((C,), dtype=pdt)
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, bias, *_, group = inputs
+    _, mean, invstd, rm, rv, nbt = output
+    ctx.mark_non_differentiable(mean, invstd, rm, rv, nbt)
+    ctx.set_materialize_grads(False)
+    ctx.group = group
+    ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+    ctx.save_for_backward(input, weight, mean, invstd)
+
+
+def _backward(ctx, grad_y, *_grad_stats):
+    input, weight, mean, invstd = ctx.saved_tensors
+    if grad_y is None:              # the peers still run the all-reduce: take part with zeros
+        grad_y = torch.zeros_like(input)
+    if ctx.needs_input_grad[0]:
+        dx, dw, db = torch.ops.gpu.sync_batch_norm_bwd(grad_y, input, weight, mean, invstd, ctx.group)
+    else:                           # no input gradient: no collective, as torch's SyncBatchNorm
+        dx = None
+        _, dw, db = torch.ops.gpu.batch_norm_bwd(grad_y, input, weight, mean, invstd)
+    return (dx, dw if ctx.has_weight else None, db if ctx.has_bias else None,
+            None, None, None, None, None, None)
+
+
+_sync_fwd.register_autograd(_backward, setup_context=_setup_context)
+_sync_bwd.register_autograd(F._no_double_backward("batch_norm"), setup_context=lambda ctx, inputs, output: None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The module
+# ---------------------------------------------------------------------------------------------
+
+class SyncBatchNorm(nn.SyncBatchNorm):
+    """`torch.nn.SyncBatchNorm` (same arguments: num_features, eps, momentum, affine,
+    track_running_stats, process_group, device, dtype) on the package's synchronized batch norm:
+    one collective forward, one backward; exact for unequal per-rank batch sizes. Inputs (N, C,
+    ...) on the CPU (gloo) or CUDA (NCCL).
+
+    >>> import torch, gpu.torch as gt
+    >>> bn = gt.SyncBatchNorm(16)          # in training under torch.distributed: synchronized
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
+        update = self.training and self.track_running_stats
+        nbt = self.num_batches_tracked if update else None
+        momentum = self.momentum
+        if momentum is None and nbt is None:
+            momentum = 0.0                      # torch's factor when nothing is updated
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        running_mean = self.running_mean if not self.training or self.track_running_stats else None
+        running_var = self.running_var if not self.training or self.track_running_stats else None
+        group = None
+        if bn_training and self.training and dist.is_available() and dist.is_initialized():
+            group = self.process_group if self.process_group is not None else dist.group.WORLD
+            if dist.get_world_size(group) < 2:
+                group = None
+        if group is None:                       # eval, one rank, no torch.distributed: plain batch norm
+            return F.batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training,
+                                momentum, self.eps, num_batches_tracked=nbt)
+        return sync_batch_norm(input, running_mean, running_var, self.weight, self.bias, momentum, self.eps,
+                               group, num_batches_tracked=nbt)
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:
+        """Every batch norm in `module` (itself included): torch's ``BatchNorm1d/2d/3d`` and
+        ``SyncBatchNorm``, gpu.torch's ``BatchNorm*d`` and ``SyncBatchNorm``, becomes this class,
+        keeping its parameters and buffers (the same tensors), arguments and training mode, as
+        `torch.nn.SyncBatchNorm.convert_sync_batchnorm`. ``process_group`` scopes the
+        synchronization (None: the whole world, or the group a SyncBatchNorm already had).
+        Returns the converted module (a new one only when `module` itself is a batch norm).
+
+        >>> import torch, gpu.torch as gt
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
+        >>> model = gt.SyncBatchNorm.convert_sync_batchnorm(model)
+        """
+        out = module
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            group = process_group if process_group is not None else getattr(module, "process_group", None)
+            out = cls(module.num_features, module.eps, module.momentum, module.affine,
+                      module.track_running_stats, group)
+            if module.affine:
+                with torch.no_grad():
+                    out.weight = module.weight
+                    out.bias = module.bias
+            out.running_mean = module.running_mean
+            out.running_var = module.running_var
+            out.num_batches_tracked = module.num_batches_tracked
+            out.training = module.training
+            if hasattr(module, "qconfig"):
+                out.qconfig = module.qconfig
+        for name, child in module.named_children():
+            out.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+        return out
