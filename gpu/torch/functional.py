@@ -69,12 +69,18 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
         TB.dense(input), weight, bias, running_mean, running_var, num_batches_tracked, bool(training),
         None if momentum is None else float(momentum), float(eps))
     if training and running_mean is not None:
-        with torch.no_grad():
-            running_mean.copy_(rm)
-            running_var.copy_(rv)
-            if num_batches_tracked is not None:
-                num_batches_tracked.copy_(nbt)
+        store_running_stats((running_mean, running_var, num_batches_tracked), (rm, rv, nbt))
     return y
+
+
+def store_running_stats(buffers, values) -> None:
+    """The op's new running statistics into the caller's buffers (running_mean, running_var,
+    num_batches_tracked or None): the ops return them rather than mutate their inputs, which
+    torch does not allow an op with autograd."""
+    with torch.no_grad():
+        for buf, new in zip(buffers, values):
+            if buf is not None:
+                buf.copy_(new)
 
 
 def _check_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, nbt) -> int:
@@ -163,17 +169,39 @@ def _batch_norm_fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Tens
         if num_batches_tracked is not None:
             nbt += 1
         return torch.empty_like(input), input.new_zeros((C,), dtype=acc), input.new_zeros((C,), dtype=acc), rm, rv, nbt
+    y, mean, invstd = _train_forward(input, weight, bias, rm if running_mean is not None else None,
+                                     rv if running_var is not None else None,
+                                     nbt if num_batches_tracked is not None else None, momentum, eps)
+    return y, mean, invstd, rm, rv, nbt
+
+
+def _check_ce_options(reduction, ignore_index, label_smoothing) -> None:
+    """torch's checks of F.cross_entropy's options, with its exception types (a negative
+    label_smoothing is accepted, as torch does)."""
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction: {reduction!r} is not a valid value (expected 'none', 'mean' or 'sum')")
+    if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    if not isinstance(label_smoothing, numbers.Real) or isinstance(label_smoothing, bool):
+        raise TypeError(f"label_smoothing: expected a float, got {type(label_smoothing).__name__}")
+    if not label_smoothing <= 1.0:
+        raise RuntimeError(f"label_smoothing: must be between 0.0 and 1.0, got {label_smoothing}")
+
+
+def _train_forward(input, weight, bias, rm, rv, nbt, momentum, eps, comm=None):
+    """(y, mean, invstd) of the package's training forward on the tensors' arrays (no copies), the
+    running statistics rm/rv/nbt (or None) updated in place; ``comm``: synchronized over ranks."""
     last = TB.channels_last(input)
-    stats = running_mean is not None
     with TB.running_on(input.device):
         y, mean, invstd = _bn.batch_norm_forward(
             TB.to_array(TB.features_last(input, last)), TB.to_array(weight), TB.to_array(bias),
-            axis=TB.bn_axis(input.dim(), last), eps=eps, running_mean=TB.to_array(rm) if stats else None,
-            running_var=TB.to_array(rv) if stats else None, momentum=momentum,
-            num_batches_tracked=TB.to_array(nbt) if num_batches_tracked is not None else None)
+            axis=TB.bn_axis(input.dim(), last), eps=eps,
+            running_mean=None if rm is None else TB.to_array(rm),
+            running_var=None if rv is None else TB.to_array(rv), momentum=momentum,
+            num_batches_tracked=None if nbt is None else TB.to_array(nbt), comm=comm)
         y = TB.features_first(TB.from_array(y), last)
         mean, invstd = TB.from_array(mean), TB.from_array(invstd)
-    return TB.like(y, input), mean, invstd, rm, rv, nbt
+    return TB.like(y, input), mean, invstd
 
 
 @_batch_norm_fwd.register_fake
@@ -286,14 +314,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         input = input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
         target = target.float() if target.dtype in (torch.float16, torch.bfloat16) else target
         weight = weight.float() if weight is not None and weight.dtype in (torch.float16, torch.bfloat16) else weight
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction: {reduction!r} is not a valid value (expected 'none', 'mean' or 'sum')")
-    if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
-    if not isinstance(label_smoothing, numbers.Real) or isinstance(label_smoothing, bool):
-        raise TypeError(f"label_smoothing: expected a float, got {type(label_smoothing).__name__}")
-    if not label_smoothing <= 1.0:
-        raise RuntimeError(f"label_smoothing: must be between 0.0 and 1.0, got {label_smoothing}")
+    _check_ce_options(reduction, ignore_index, label_smoothing)
     z_loss, softcap = _check_z_loss_softcap(z_loss, softcap)
     if input.dtype not in _FLOATS:
         raise NotImplementedError(f'input: "cross_entropy" not implemented for dtype {input.dtype} '

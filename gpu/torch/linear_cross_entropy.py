@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ..ops import linear_cross_entropy as _lce
 from . import _bridge as TB
-from .functional import _FLOATS, _REDUCTIONS, _check_z_loss_softcap, _unit_scale
+from .functional import _FLOATS, _check_ce_options, _check_z_loss_softcap, _unit_scale
 
 
 def fused_linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None, *,
@@ -82,14 +82,7 @@ def _check(input, weight, target, bias, ce_weight, ignore_index, reduction, labe
     TB.check_tensor(bias, "bias", optional=True)
     TB.check_tensor(ce_weight, "ce_weight", optional=True)
     TB.check_devices(input=input, weight=weight, target=target, bias=bias, ce_weight=ce_weight)
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction: {reduction!r} is not a valid value (expected 'none', 'mean' or 'sum')")
-    if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
-    if not isinstance(label_smoothing, numbers.Real) or isinstance(label_smoothing, bool):
-        raise TypeError(f"label_smoothing: expected a float, got {type(label_smoothing).__name__}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise RuntimeError(f"label_smoothing: must be between 0.0 and 1.0, got {label_smoothing}")
+    _check_ce_options(reduction, ignore_index, label_smoothing)
     if chunk_size is not None:
         if not isinstance(chunk_size, numbers.Integral) or isinstance(chunk_size, bool):
             raise TypeError(f"chunk_size: expected an int or None, got {type(chunk_size).__name__}")

@@ -22,17 +22,24 @@ class _BatchNormForward:
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        update = self.training and self.track_running_stats
-        nbt = self.num_batches_tracked if update else None
-        momentum = self.momentum
-        if momentum is None and nbt is None:
-            momentum = 0.0                      # torch's factor when nothing is updated
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        return F.batch_norm(input,
-                            self.running_mean if not self.training or self.track_running_stats else None,
-                            self.running_var if not self.training or self.track_running_stats else None,
-                            self.weight, self.bias, bn_training, momentum, self.eps,
-                            num_batches_tracked=nbt)
+        running_mean, running_var, bn_training, momentum, nbt = forward_arguments(self)
+        return F.batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training, momentum,
+                            self.eps, num_batches_tracked=nbt)
+
+
+def forward_arguments(bn: nn.modules.batchnorm._NormBase):
+    """(running_mean, running_var, bn_training, momentum, num_batches_tracked) a batch-norm
+    module's forward passes on, as torch's _BatchNorm.forward decides them: the buffers when
+    they are used, batch statistics in training or without buffers, and num_batches_tracked
+    (incremented on the device by the op) only when the running statistics are updated."""
+    update = bn.training and bn.track_running_stats
+    nbt = bn.num_batches_tracked if update else None
+    momentum = bn.momentum
+    if momentum is None and nbt is None:
+        momentum = 0.0                      # torch's factor when nothing is updated
+    bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    use = not bn.training or bn.track_running_stats
+    return (bn.running_mean if use else None, bn.running_var if use else None, bn_training, momentum, nbt)
 
 
 class BatchNorm1d(_BatchNormForward, nn.BatchNorm1d):

@@ -36,6 +36,7 @@ from .. import distributed as D
 from ..ops import batch_norm as _bn
 from . import _bridge as TB
 from . import functional as F
+from .modules import forward_arguments
 
 __all__ = ["SyncBatchNorm", "sync_batch_norm"]
 
@@ -96,11 +97,7 @@ def sync_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: 
         TB.dense(input), weight, bias, running_mean, running_var, num_batches_tracked,
         None if momentum is None else float(momentum), float(eps), _group_name(group))
     if running_mean is not None:
-        with torch.no_grad():
-            running_mean.copy_(rm)
-            running_var.copy_(rv)
-            if num_batches_tracked is not None:
-                num_batches_tracked.copy_(nbt)
+        F.store_running_stats((running_mean, running_var, num_batches_tracked), (rm, rv, nbt))
     return y
 
 
@@ -115,17 +112,10 @@ def _sync_fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     none = input.new_empty((0,), dtype=acc)
     rm, rv, nbt = (none.clone() if r is None else r.clone() for r in (running_mean, running_var, num_batches_tracked))
     stats = running_mean is not None
-    last = TB.channels_last(input)
-    with TB.running_on(input.device):
-        y, mean, invstd = _bn.batch_norm_forward(
-            TB.to_array(TB.features_last(input, last)), TB.to_array(weight), TB.to_array(bias),
-            axis=TB.bn_axis(input.dim(), last), eps=eps, running_mean=TB.to_array(rm) if stats else None,
-            running_var=TB.to_array(rv) if stats else None, momentum=momentum,
-            num_batches_tracked=TB.to_array(nbt) if num_batches_tracked is not None else None,
-            comm=_communicator(group))
-        y = TB.features_first(TB.from_array(y), last)
-        mean, invstd = TB.from_array(mean), TB.from_array(invstd)
-    return TB.like(y, input), mean, invstd, rm, rv, nbt
+    y, mean, invstd = F._train_forward(input, weight, bias, rm if stats else None, rv if stats else None,
+                                       nbt if num_batches_tracked is not None else None, momentum, eps,
+                                       comm=_communicator(group))
+    return y, mean, invstd, rm, rv, nbt
 
 
 @_sync_fwd.register_fake
@@ -206,14 +196,7 @@ class SyncBatchNorm(nn.SyncBatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
-        update = self.training and self.track_running_stats
-        nbt = self.num_batches_tracked if update else None
-        momentum = self.momentum
-        if momentum is None and nbt is None:
-            momentum = 0.0                      # torch's factor when nothing is updated
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        running_mean = self.running_mean if not self.training or self.track_running_stats else None
-        running_var = self.running_var if not self.training or self.track_running_stats else None
+        running_mean, running_var, bn_training, momentum, nbt = forward_arguments(self)
         group = None
         if bn_training and self.training and dist.is_available() and dist.is_initialized():
             group = self.process_group if self.process_group is not None else dist.group.WORLD
