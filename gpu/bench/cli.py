@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import importlib.util
 import math
-import os
 import signal
 import sys
 import time

@@ -151,6 +151,29 @@ def _to_host(values) -> list:
     return (stacked if isinstance(stacked, np.ndarray) else stacked.get()).tolist()
 
 
+def end_epoch(hist: History, epoch: int, epochs: int, step: int, lr: float, loss_sum: float, correct: int,
+              seen: int, t0: float, *, bar=None, progress: bool = True, desc: str = "", tag: str = "") -> dict:
+    """The epoch's summary (train loss and accuracy over `seen` examples, the last validation),
+    appended to ``hist.epochs`` and shown: on the tqdm `bar`, which is closed, else one line on
+    stderr when `progress`. Shared by `fit` and gpu.torch's training loop."""
+    summary = {"epoch": epoch + 1, "step": step, "lr": lr, "train_loss": loss_sum / seen,
+               "train_acc": correct / seen, "seconds": time.perf_counter() - t0}
+    if hist.eval_step:
+        summary |= {"val_loss": hist.val_loss[-1], "val_acc": hist.val_acc[-1]}
+    hist.epochs.append(summary)
+    if bar is not None:
+        if hist.eval_step:
+            bar.set_postfix(loss=f"{summary['train_loss']:.4f}", acc=f"{summary['train_acc']:.3f}",
+                            val_acc=f"{summary['val_acc']:.3f}")
+        bar.close()
+    elif progress:
+        line = f"{desc}epoch {epoch + 1}/{epochs}: loss={summary['train_loss']:.4f} acc={summary['train_acc']:.3f}"
+        if hist.eval_step:
+            line += f" val_acc={summary['val_acc']:.3f}"
+        print(f"{line} ({summary['seconds']:.1f} s){tag}", file=sys.stderr, flush=True)
+    return summary
+
+
 def fit(model: Sequential, head: SoftmaxCrossEntropy, optimizer: Optimizer,
         train: tuple[Any, Any], val: tuple[Any, Any] | None = None, *, epochs: int,
         batch_size: int, seed: int = 0, schedule: Callable[[int], float] | None = None,
@@ -258,24 +281,8 @@ def fit(model: Sequential, head: SoftmaxCrossEntropy, optimizer: Optimizer,
         log_point(i + 1 if len(ends) else 0)
         check_errors()
         validate(step)
-        summary = {"epoch": epoch + 1, "step": step, "lr": optimizer.lr,
-                   "train_loss": loss_sum / seen, "train_acc": correct / seen,
-                   "seconds": time.perf_counter() - t0}
-        if val is not None:
-            summary |= {"val_loss": hist.val_loss[-1], "val_acc": hist.val_acc[-1]}
-        hist.epochs.append(summary)
-        if bar is not None:
-            if val is not None:
-                bar.set_postfix(loss=f"{summary['train_loss']:.4f}",
-                                acc=f"{summary['train_acc']:.3f}",
-                                val_acc=f"{summary['val_acc']:.3f}")
-            bar.close()
-        elif progress:
-            line = (f"{desc}epoch {epoch + 1}/{epochs}: loss={summary['train_loss']:.4f} "
-                    f"acc={summary['train_acc']:.3f}")
-            if val is not None:
-                line += f" val_acc={summary['val_acc']:.3f}"
-            print(f"{line} ({summary['seconds']:.1f} s)", file=sys.stderr, flush=True)
+        end_epoch(hist, epoch, epochs, step, optimizer.lr, loss_sum, correct, seen, t0,
+                  bar=bar, progress=progress, desc=desc)
         if max_steps is not None and step >= max_steps:
             break
     hist.wall_time = time.perf_counter() - start

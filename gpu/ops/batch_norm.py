@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import threading
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 

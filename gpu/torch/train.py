@@ -10,7 +10,6 @@ start from identical weights and follow the same curve up to float32 rounding.
 """
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any, Callable
 
@@ -21,7 +20,7 @@ from torch import nn
 from ..nn import layers as L
 from ..nn.data import minibatches
 from ..nn.layers import Parameter
-from ..nn.trainer import History
+from ..nn.trainer import History, end_epoch
 from . import _bridge as TB
 from .modules import BatchNorm1d, CrossEntropyLoss
 
@@ -131,9 +130,14 @@ def fit(model: nn.Module, make_optimizer: Callable[[list], Any], train, val, *, 
         if schedule is not None:
             opt.lr = schedule(epoch)
         t0 = time.perf_counter()
-        loss_sum, correct, seen = 0.0, 0, 0
-        for idx in minibatches(len(X), batch_size, rng):
-            idx_t = torch.from_numpy(idx).to(device)
+        batches = list(minibatches(len(X), batch_size, rng))
+        # each step's (loss, correct) stays on the device; read back once, at the epoch's end
+        stats = torch.zeros((2, len(batches)), dtype=torch.float64, device=device)
+        order = torch.from_numpy(np.concatenate(batches)).to(device) if batches else None
+        at = 0
+        for i, idx in enumerate(batches):
+            idx_t = order[at:at + len(idx)]
+            at += len(idx)
             xb, yb = X[idx_t], y[idx_t]
             for p in params:
                 p.grad = None
@@ -143,27 +147,21 @@ def fit(model: nn.Module, make_optimizer: Callable[[list], Any], train, val, *, 
             views.refresh_grads()
             with TB.running_on(device):
                 opt.step()
-            loss = float(loss_t.detach())  # one sync per step: the curve is the product
+            with torch.no_grad():
+                stats[0, i] = loss_t.detach()
+                stats[1, i] = (logits.argmax(1) == yb).sum()
             step += 1
-            hist.step_loss.append(loss)
-            loss_sum += loss * len(idx)
-            correct += int((logits.argmax(1) == yb).sum())
-            seen += len(idx)
             if eval_every and step % eval_every == 0:
                 validate(step)
             if max_steps is not None and step >= max_steps:
                 break
+        done = i + 1 if batches else 0
+        losses, hits = stats[:, :done].cpu().numpy()
+        sizes = np.array([len(b) for b in batches[:done]])
+        hist.step_loss.extend(losses.tolist())
         validate(step)
-        summary = {"epoch": epoch + 1, "step": step, "lr": opt.lr, "train_loss": loss_sum / seen,
-                   "train_acc": correct / seen, "seconds": time.perf_counter() - t0}
-        if val is not None:
-            summary |= {"val_loss": hist.val_loss[-1], "val_acc": hist.val_acc[-1]}
-        hist.epochs.append(summary)
-        if progress:
-            line = f"{desc}epoch {epoch + 1}/{epochs}: loss={summary['train_loss']:.4f} acc={summary['train_acc']:.3f}"
-            if val is not None:
-                line += f" val_acc={summary['val_acc']:.3f}"
-            print(f"{line} ({summary['seconds']:.1f} s) [torch]", file=sys.stderr, flush=True)
+        end_epoch(hist, epoch, epochs, step, opt.lr, float(losses @ sizes), int(hits.sum()), int(sizes.sum()), t0,
+                  progress=progress, desc=desc, tag=" [torch]")
         if max_steps is not None and step >= max_steps:
             break
     hist.wall_time = time.perf_counter() - start
