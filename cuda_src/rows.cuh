@@ -352,9 +352,9 @@ template <class Op>
 __device__ __forceinline__ void rows_block(Op op, const scalar_t* z, index_t rows, int C,
                                            int cache_cols, int vec) {
     constexpr int V = SM_PACK;
-    // vectors in flight per thread in pass 1: 4 of z; 2 of z and 2 of y when a y may be read (1
-    // each for 16-bit types: 2 x 16 halves unpacked to float spill under the CE kernel's 64 registers)
-    constexpr int U = !Op::kHasY ? 4 : sizeof(scalar_t) >= 4 ? 2 : 1;
+    // vectors in flight per thread in pass 1: 4 of z; 2 of z and 2 of y when a y may be read; half
+    // that for 16-bit types (8 elements a vector, unpacked to float: more spill on sm_80, NVRTC 12)
+    constexpr int U = (Op::kHasY ? 2 : 4) / (sizeof(scalar_t) >= 4 ? 1 : 2);
     __shared__ typename Op::Stats scratch[32];
     const int tid = threadIdx.x;
     const int nt = blockDim.x;
