@@ -5,7 +5,7 @@
 //
 // Offers:
 //   rows_warp<N>(op, z, rows, C, lanes, vec)       inner == 1, C <= 32 N: the row in registers
-//   rows_block(op, z, rows, C, cached, vec)        inner == 1, any C: a block per row
+//   rows_block(op, z, rows, C, cache_cols, vec)    inner == 1, any C: a block per row
 //   rows_strided(op, z, outer, C, inner, cached)   inner > 1: classes `inner` elements apart
 //   online_add / online_merge                      the online (max, sum of exp) pair
 //   acc_exp / acc_log / acc_rcp / acc_tanh         inline exp, log, 1/x, tanh in acc_t (no slow paths)
@@ -15,10 +15,11 @@
 //
 // Every path reads a row once for its statistics (pass 1), merges them across the threads that
 // share the row, finishes the row, then writes each element (pass 2) from registers (warp path),
-// shared memory (cached=1) or a second read (cached=0, ideally from L2). The statistics of
+// shared memory (cached columns) or a second read (the rest, ideally from L2). The statistics of
 // softmax-like ops are an online (max, sum of exp) pair, so pass 1 is ONE read of the row; exp is
-// exp2 of a log2(e)-prescaled difference. Merges run in a fixed order (butterfly, then warps or
-// thread rows in order), so results are bitwise reproducible for a given launch shape.
+// exp2 of a log2(e)-prescaled difference. Merges run in a fixed order (butterflies over lanes,
+// then over warps; thread rows in order), so results are bitwise reproducible for a given launch
+// shape.
 //
 // The Op interface (x: an element of z; y: the element of the dense second input at the same
 // position, or 0; col: its class index; the struct is passed by value and may keep per-thread
@@ -52,9 +53,9 @@
 //                 C <= 32, so short rows share a warp), N values per lane; vec=1 (C % SM_PACK == 0,
 //                 z, y and the output 16-byte aligned) loads and stores 16-byte vectors.
 //   rows_block    1-D blocks, a multiple of 32 threads, any grid: one block per row, grid-stride.
-//                 cached=1: the row is cached in dynamic shared memory, ceil_div(C + SM_PACK,
-//                 SM_PACK) * SM_PACK elements for z (the same again for y); cached=0 (rows past the
-//                 shared-memory limit): an online pass, then a second read of the row.
+//                 The leading cache_cols columns (C: the row; 0: none) are kept in dynamic shared
+//                 memory, SM_BLOCK_REGION(min(cache_cols, C)) elements for z (the same again for
+//                 y); the rest (rows past the shared-memory limit) are read a second time.
 //   rows_strided  blocks of (32, TY) threads, TY <= SM_STRIDED_MAX_TY, any grid: grid-stride over
 //                 tiles of 32 inner positions (outer * ceil_div(inner, 32) < 2^31); cached=1 keeps
 //                 the (C, 32) tile of z (and y) in dynamic shared memory.
@@ -159,6 +160,22 @@ __device__ __forceinline__ Pack<scalar_t> load_pack_coherent(const scalar_t* p) 
     return *reinterpret_cast<const Pack<scalar_t>*>(p);
 }
 
+// Shared-memory vectors are indexed as uint4 (a 16-byte element of an array of them), so the
+// compiler sees their alignment and emits one LDS.128 / STS.128. Through a scalar_t pointer (a Pack
+// copy, or a uint4 cast of zc + c) it cannot prove it and splits them into four 4-byte accesses: at
+// a 16-byte stride between threads, 4-way bank conflicts and four instructions for one.
+__device__ __forceinline__ Pack<scalar_t> load_pack_shared(const uint4* p, int k) {
+    const uint4 raw = p[k];
+    Pack<scalar_t> out;
+    memcpy(&out, &raw, sizeof(out));
+    return out;
+}
+__device__ __forceinline__ void store_pack_shared(uint4* p, int k, const Pack<scalar_t>& x) {
+    uint4 raw;
+    memcpy(&raw, &x, sizeof(raw));
+    p[k] = raw;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Online (max, sum of exp) statistics
 // ---------------------------------------------------------------------------------------------
@@ -196,17 +213,22 @@ __device__ __forceinline__ typename Op::Stats group_allreduce(typename Op::Stats
 }
 
 // Every thread gets the block's result. Blocks are a multiple of 32 threads; ends with a barrier.
+// The warps' partials are merged by a butterfly over the lanes (lane w takes warp w's partial,
+// lanes past the last warp the identity): log2(32) = 5 merges a thread where a serial sweep over
+// the partials costs nw - 1 merges and as many shared-memory loads of a Stats. Every warp runs the
+// same butterfly on the same values, so every thread ends with the same bits.
 template <class Op>
-__device__ __forceinline__ typename Op::Stats block_allreduce(typename Op::Stats st, typename Op::Stats* scratch) {
+__device__ __forceinline__ typename Op::Stats block_allreduce(const Op& op, typename Op::Stats st,
+                                                              typename Op::Stats* scratch) {
     const int tid = block_thread_rank();
     const int nw = block_num_threads() / GPU_WARP;
+    const int lane = tid % GPU_WARP;
     st = group_allreduce<Op>(st, GPU_WARP);
-    if (tid % GPU_WARP == 0) scratch[tid / GPU_WARP] = st;
+    if (lane == 0) scratch[tid / GPU_WARP] = st;
     __syncthreads();
-    st = scratch[0];
-    for (int w = 1; w < nw; ++w) Op::merge(st, scratch[w]);   // same order in every thread
+    st = lane < nw ? scratch[lane] : op.init();
     __syncthreads();
-    return st;
+    return group_allreduce<Op>(st, GPU_WARP);
 }
 
 template <class Op>
@@ -304,27 +326,46 @@ __device__ __forceinline__ void rows_warp(Op op, const scalar_t* z, index_t rows
 }
 
 // ---------------------------------------------------------------------------------------------
-// Path 2: a block per row (inner == 1), the row cached in shared memory when it fits
+// Path 2: a block per row (inner == 1), the row (or its leading columns) in shared memory
 // ---------------------------------------------------------------------------------------------
 // Columns [0, head) and [head + nvec V, C) are scalar, [head, head + nvec V) are 16-byte vectors
 // (head: elements up to the row's first 16-byte boundary; vec=0 makes every column scalar).
-// Shared memory holds column c at c + shift, shift = (V - head) % V, so cached vectors are aligned
-// too: (C + V) elements for z, the same again for y.
+// Columns [0, cache_cols) are kept in shared memory (a vector when it starts there): cache_cols = C
+// keeps the row, 0 none, anything between a prefix (rows past the shared-memory limit: the rest is
+// read again, from L2 if it is still there). Shared memory holds column c at c + shift,
+// shift = (V - head) % V, so cached vectors are aligned too: SM_BLOCK_REGION(cache_cols) elements
+// for z, the same again for y (the host sizes the launch with the same formula).
+//
+// The row's traffic: pass 1 reads every column once; columns that are not read again (cached, or
+// no pass 2) are loaded with evict-first hints, so they do not push the re-read columns out of
+// L2. The re-read columns are the row's end, read last in pass 1 and first in pass 2 (pass 2 runs
+// its vectors from the end of the row backwards): between the two reads of a column lie only the
+// columns after it, in every block, which keeps the L2 working set at (resident blocks) x
+// (uncached bytes of a row), not the whole rows.
+// Pass 1 keeps SM_BLOCK_UNROLL vectors (of z, and as many of y) in flight per thread.
 
 extern __shared__ Pack<scalar_t> sm_dynamic[];
 
+#define SM_BLOCK_REGION(cols) ((ceil_div((cols), SM_PACK) + 2) * SM_PACK)
+
 template <class Op>
 __device__ __forceinline__ void rows_block(Op op, const scalar_t* z, index_t rows, int C,
-                                           int cached, int vec) {
+                                           int cache_cols, int vec) {
     constexpr int V = SM_PACK;
+    // vectors in flight per thread in pass 1: 4 of z; 2 of z and 2 of y when a y may be read; half
+    // that for 16-bit types (8 elements a vector, unpacked to float: more spill on sm_80, NVRTC 12)
+    constexpr int U = (Op::kHasY ? 2 : 4) / (sizeof(scalar_t) >= 4 ? 1 : 2);
     __shared__ typename Op::Stats scratch[32];
     const int tid = threadIdx.x;
     const int nt = blockDim.x;
     scalar_t* const out = op.dest();
     const scalar_t* const yp = op.ysrc();
     const bool has_y = Op::kHasY && yp != nullptr;
+    const int ccols = out == nullptr ? 0 : (cache_cols < C ? cache_cols : C);   // no pass 2: nothing kept
     scalar_t* const zc = reinterpret_cast<scalar_t*>(sm_dynamic);
-    scalar_t* const yc = zc + ceil_div(C + V, V) * V;
+    scalar_t* const yc = zc + SM_BLOCK_REGION(ccols);
+    uint4* const zvec = reinterpret_cast<uint4*>(sm_dynamic);   // the same memory, by vector
+    uint4* const yvec = zvec + SM_BLOCK_REGION(ccols) / V;
 
     for (index_t row = blockIdx.x; row < rows; row += gridDim.x) {
         const index_t base = row * (index_t)C;
@@ -336,53 +377,85 @@ __device__ __forceinline__ void rows_block(Op op, const scalar_t* z, index_t row
         }
         const int shift = (V - head % V) % V;
         const int tail0 = head + nvec * V;
+        const int hv = (head + shift) / V;   // vector k is shared-memory vector hv + k
+        // vectors [0, kc) start in the cached columns
+        const int kc = ccols <= head ? 0 : min(nvec, ceil_div(ccols - head, V));
 
         const typename Op::Ctx ctx = op.begin(row, true, to_acc(z[base]));
         typename Op::Stats st = op.init();
         // pass 1: statistics (and the shared-memory copy)
         for (int c = tid; c < head; c += nt) {
-            const scalar_t xs = z[base + c];
-            const scalar_t ys = has_y ? yp[base + c] : scalar_zero();
-            if (cached) { zc[c + shift] = xs; if (has_y) yc[c + shift] = ys; }
+            const bool keep = c < ccols;
+            const scalar_t xs = keep || out == nullptr ? __ldcs(z + base + c) : z[base + c];
+            const scalar_t ys = has_y ? (keep ? __ldcs(yp + base + c) : yp[base + c]) : scalar_zero();
+            if (keep) { zc[c + shift] = xs; if (has_y) yc[c + shift] = ys; }
             op.add(st, ctx, to_acc(xs), to_acc(ys), c);
         }
-        for (int k = tid; k < nvec; k += nt) {
-            const int c0 = head + k * V;
-            const Pack<scalar_t> p = load_pack_coherent(z + base + c0);
-            Pack<scalar_t> q;
-            if (has_y) q = load_pack_coherent(yp + base + c0);
-            if (cached) {
-                *reinterpret_cast<Pack<scalar_t>*>(zc + c0 + shift) = p;
-                if (has_y) *reinterpret_cast<Pack<scalar_t>*>(yc + c0 + shift) = q;
-            }
+        // vectors [k0, k1): `keep` stores them in shared memory; `once` (not read again) streams them
+        auto vectors = [&](int k0, int k1, bool keep, bool once) {
+            int k = k0 + tid;
+            for (; k + (U - 1) * nt < k1; k += U * nt) {
+                Pack<scalar_t> p[U], q[U];
 #pragma unroll
-            for (int i = 0; i < V; ++i) op.add(st, ctx, to_acc(p.v[i]), has_y ? to_acc(q.v[i]) : acc_t(0), c0 + i);
-        }
+                for (int u = 0; u < U; ++u) {
+                    const int c0 = head + (k + u * nt) * V;
+                    p[u] = once ? load_pack_stream(z + base + c0) : load_pack_coherent(z + base + c0);
+                    if (has_y) q[u] = once ? load_pack_stream(yp + base + c0) : load_pack_coherent(yp + base + c0);
+                }
+#pragma unroll
+                for (int u = 0; u < U; ++u) {
+                    const int c0 = head + (k + u * nt) * V;
+                    if (keep) {
+                        store_pack_shared(zvec, hv + k + u * nt, p[u]);
+                        if (has_y) store_pack_shared(yvec, hv + k + u * nt, q[u]);
+                    }
+#pragma unroll
+                    for (int i = 0; i < V; ++i)
+                        op.add(st, ctx, to_acc(p[u].v[i]), has_y ? to_acc(q[u].v[i]) : acc_t(0), c0 + i);
+                }
+            }
+            for (; k < k1; k += nt) {
+                const int c0 = head + k * V;
+                const Pack<scalar_t> p = once ? load_pack_stream(z + base + c0) : load_pack_coherent(z + base + c0);
+                Pack<scalar_t> q;
+                if (has_y) q = once ? load_pack_stream(yp + base + c0) : load_pack_coherent(yp + base + c0);
+                if (keep) {
+                    store_pack_shared(zvec, hv + k, p);
+                    if (has_y) store_pack_shared(yvec, hv + k, q);
+                }
+#pragma unroll
+                for (int i = 0; i < V; ++i) op.add(st, ctx, to_acc(p.v[i]), has_y ? to_acc(q.v[i]) : acc_t(0), c0 + i);
+            }
+        };
+        if (kc > 0) vectors(0, kc, true, true);
+        if (kc < nvec) vectors(kc, nvec, false, out == nullptr);
         for (int c = tail0 + tid; c < C; c += nt) {
-            const scalar_t xs = z[base + c];
-            const scalar_t ys = has_y ? yp[base + c] : scalar_zero();
-            if (cached) { zc[c + shift] = xs; if (has_y) yc[c + shift] = ys; }
+            const bool keep = c < ccols;
+            const scalar_t xs = keep || out == nullptr ? __ldcs(z + base + c) : z[base + c];
+            const scalar_t ys = has_y ? (keep ? __ldcs(yp + base + c) : yp[base + c]) : scalar_zero();
+            if (keep) { zc[c + shift] = xs; if (has_y) yc[c + shift] = ys; }
             op.add(st, ctx, to_acc(xs), to_acc(ys), c);
         }
-        st = block_allreduce<Op>(st, scratch);   // its barriers also publish the cached row
+        st = block_allreduce<Op>(op, st, scratch);   // its barriers also publish the cached columns
         const typename Op::Fin fin = op.finish(st, ctx, row, tid == 0);
 
         if (out != nullptr) {
-            // pass 2: outputs; uncached rows are read again (last use: streaming loads)
-            const bool from_smem = cached != 0;
-            for (int c = tid; c < head; c += nt) {
+            // pass 2: outputs, the row's end first (the columns read last in pass 1); columns that
+            // are not cached are read again (last use: streaming loads)
+            for (int c = tail0 + tid; c < C; c += nt) {
+                const bool keep = c < ccols;
                 acc_t xv = 0, yv = 0;
-                if (Op::kReadsX) xv = to_acc(from_smem ? zc[c + shift] : __ldcs(z + base + c));
-                if (has_y) yv = to_acc(from_smem ? yc[c + shift] : __ldcs(yp + base + c));
+                if (Op::kReadsX) xv = to_acc(keep ? zc[c + shift] : __ldcs(z + base + c));
+                if (has_y) yv = to_acc(keep ? yc[c + shift] : __ldcs(yp + base + c));
                 store_out<Op>(out + base + c, op.out_value(fin, xv, yv, c));
             }
-            for (int k = tid; k < nvec; k += nt) {
+            for (int j = tid; j < nvec; j += nt) {
+                const int k = nvec - 1 - j;
                 const int c0 = head + k * V;
+                const bool keep = k < kc;
                 Pack<scalar_t> p, q, o;
-                if (Op::kReadsX)
-                    p = from_smem ? *reinterpret_cast<const Pack<scalar_t>*>(zc + c0 + shift) : load_pack_stream(z + base + c0);
-                if (has_y)
-                    q = from_smem ? *reinterpret_cast<const Pack<scalar_t>*>(yc + c0 + shift) : load_pack_stream(yp + base + c0);
+                if (Op::kReadsX) p = keep ? load_pack_shared(zvec, hv + k) : load_pack_stream(z + base + c0);
+                if (has_y) q = keep ? load_pack_shared(yvec, hv + k) : load_pack_stream(yp + base + c0);
 #pragma unroll
                 for (int i = 0; i < V; ++i)
                     o.v[i] = from_acc<scalar_t>(op.out_value(fin, Op::kReadsX ? to_acc(p.v[i]) : acc_t(0),
@@ -390,14 +463,15 @@ __device__ __forceinline__ void rows_block(Op op, const scalar_t* z, index_t row
                 if (Op::kStream) store_pack_stream(out + base + c0, o);
                 else store_pack(out + base + c0, o);
             }
-            for (int c = tail0 + tid; c < C; c += nt) {
+            for (int c = tid; c < head; c += nt) {
+                const bool keep = c < ccols;
                 acc_t xv = 0, yv = 0;
-                if (Op::kReadsX) xv = to_acc(from_smem ? zc[c + shift] : __ldcs(z + base + c));
-                if (has_y) yv = to_acc(from_smem ? yc[c + shift] : __ldcs(yp + base + c));
+                if (Op::kReadsX) xv = to_acc(keep ? zc[c + shift] : __ldcs(z + base + c));
+                if (has_y) yv = to_acc(keep ? yc[c + shift] : __ldcs(yp + base + c));
                 store_out<Op>(out + base + c, op.out_value(fin, xv, yv, c));
             }
         }
-        if (cached) __syncthreads();   // the next row overwrites the cache
+        if (ccols > 0) __syncthreads();   // the next row overwrites the cache
     }
     op.end_block();
 }

@@ -30,10 +30,13 @@
 // Paths (chosen by gpu/ops/softmax.py; z viewed as a C-contiguous (outer, C, inner) array):
 //   *_warp_n{N}  rows_warp: inner == 1, C <= 32 N, the row in registers, `lanes` lanes per row.
 //                Block 128 threads, grid = min(row groups, resident blocks).
-//   *_block      rows_block: inner == 1, longer rows, one block per row. cached=1 keeps the row
-//                (and the probability target) in shared memory, so it is read once from DRAM;
-//                cached=0 (rows past the shared-memory limit, e.g. 128K-256K vocabularies) reads
-//                it a second time, ideally from L2. Block 128..1024 threads by row length.
+//   *_block      rows_block: inner == 1, longer rows, one block per row. `cached` columns of the
+//                row (and of the probability target) are kept in shared memory: the whole row
+//                where it fits, so it is read once from DRAM; else (e.g. 128K-256K vocabularies)
+//                the leading columns the budget holds, the rest read a second time, from L2: the
+//                rest of the row is read last in pass 1 and first in pass 2, and the kept columns
+//                are read with evict-first hints, so the L2 working set is resident blocks x the
+//                uncached part of a row. Block 128..1024 threads by row length.
 //   *_strided    rows_strided: inner > 1 (classes on axis 0 of (C, m), or axis 1 of NCHW), a
 //                (32, TY) block per tile of 32 inner positions (coalesced along inner).
 //   softmax_cross_entropy_weight_sum  integer targets, reduction 'mean' with a gradient: the denominator
@@ -41,7 +44,7 @@
 //                targets alone (8 bytes a row), reduced deterministically.
 //
 // Bytes per op (E elements of s bytes, R rows), for the cached paths:
-//   softmax / log-softmax  2 E s      (uncached path: 3 E s, one read from L2 if it fits)
+//   softmax / log-softmax  2 E s      (a partly cached row: the rest read again, from L2 if it fits)
 //   hardmax                2 E s      (never needs the row cached: the output needs only argmax)
 //   CE loss only           E s + 8 R (+ s R for 'none')
 //   CE loss + dz           2 E s + 8 R (+ E s for probability targets); in place: same bytes,
@@ -449,6 +452,7 @@ CE_WARP_KERNEL(1, 4) CE_WARP_KERNEL(2, 4) CE_WARP_KERNEL(4, 4) CE_WARP_KERNEL(8,
 CE_WARP_KERNEL(16, 4) CE_WARP_KERNEL(32, 1)
 #endif
 
+// cached: the leading columns of a row kept in shared memory (rows_block's cache_cols)
 extern "C" __global__ void __launch_bounds__(SM_BLOCK_MAX_THREADS)
 softmax_block(scalar_t* __restrict__ out, const scalar_t* __restrict__ z, index_t rows, int C, int cached,
               int vec, int log) {

@@ -28,6 +28,9 @@ PATHS = {
     "warp": {},                                                 # C <= 1024: a lane group per row
     "block_cached": {"warp_max_cols": 0},                       # a block per row, row in shared memory
     "block_online": {"warp_max_cols": 0, "smem_bytes": 0},      # a block per row, row read twice
+    # a block of 32 threads per row, its first (96 // 16 - 2) * pack columns in shared memory (half
+    # that with probability targets), the rest read twice
+    "block_partial": {"warp_max_cols": 0, "smem_bytes": 96, "block_threads": 32},
 }
 
 EXTRA = {
@@ -113,6 +116,8 @@ SHAPES = [
     ((3, 37), -1, "block_cached"),    # prime: misaligned rows, scalar head and tail
     ((3, 7), -1, "block_online"),     # vocab 7, online path (row read twice: the cap taken twice)
     ((2, 64), -1, "block_online"),    # online path, aligned vectors
+    ((3, 37), -1, "block_partial"),   # a cached prefix, the rest read twice (the cap taken twice there)
+    ((2, 300), -1, "block_partial"),  # several vectors per thread, unrolled pass 1 (float64)
     ((7, 6), 0, "warp"),              # the seed's (classes, m): strided, inner 6
     ((2, 5, 3), 1, "warp"),           # NCHW-style, strided
 ]

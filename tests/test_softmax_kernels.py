@@ -34,6 +34,11 @@ PATHS = {
     "warp": {},                                                 # C <= 1024: a lane group per row
     "block_cached": {"warp_max_cols": 0},                       # a block per row, row in shared memory
     "block_online": {"warp_max_cols": 0, "smem_bytes": 0},      # a block per row, row read twice
+    # a block of 32 threads per row, its first (96 // 16 - 2) * pack columns in shared memory (16
+    # float32s, 8 float64s), the rest read twice
+    "block_partial": {"warp_max_cols": 0, "smem_bytes": 96, "block_threads": 32},
+    # a block of 32 threads per row, the row in shared memory: long rows run the unrolled pass 1
+    "block_cached_32": {"warp_max_cols": 0, "block_threads": 32},
 }
 
 
@@ -69,6 +74,11 @@ ROW_CASES = [
     (3, 64, "block_cached"),  # aligned rows, vectors only
     (3, 37, "block_online"),  # online path: statistics in one read, outputs in a second
     (2, 300, "block_online"),  # several vectors per thread in the online path
+    (3, 37, "block_partial"),  # prime: misaligned rows, the cached prefix ends inside the vectors
+    (2, 300, "block_partial"),  # several vectors per thread, most of them read twice
+    (2, 2053, "block_partial"),  # prime, past 4 vectors x 32 threads: unrolled pass 1 + remainder
+    (2, 2053, "block_cached_32"),  # the same rows wholly cached: unrolled pass 1 with its stores
+    (3, 7, "block_partial"),  # shorter than the cached prefix: the whole row cached
 ]
 
 
@@ -94,8 +104,11 @@ def test_natural_switches():
     assert dev_rows(1024).path == "warp" and dev_rows(1024).n == 32
     assert dev_rows(33).n == 2 and dev_rows(32).lanes == 32 and dev_rows(5).lanes == 8
     assert dev_rows(1025).path == "block" and dev_rows(1025).cached
-    # the shared-memory limit (227 KiB opt-in less scratch): float32 rows past ~57K classes read twice
-    assert dev_rows(50257).cached and not dev_rows(131072).cached
+    # the shared-memory limit (227 KiB opt-in less scratch): float32 rows past ~57K classes keep
+    # their first 57080 columns there (a multiple of the 4-float vector) and read the rest twice
+    assert dev_rows(50257).cached == 50257
+    assert dev_rows(131072).cached == 57080 and dev_rows(131072).smem <= 227 * 1024 - 4096
+    assert dev_rows(57080).cached == 57080 and dev_rows(57081).cached == 57080   # the switch
     assert dev_rows(10, inner=3).path == "strided"
 
 
@@ -223,6 +236,8 @@ CE_SHAPES = [
     ((3, 37), -1, "block_cached"),    # prime: misaligned rows in the cached block path
     ((2, 64), -1, "block_online"),    # online path, aligned
     ((3, 29), -1, "block_online"),    # online path, scalar head/tail
+    ((3, 37), -1, "block_partial"),   # prime: a cached prefix, the misaligned rest read twice
+    ((2, 300), -1, "block_partial"),  # several vectors per thread, unrolled pass 1 (float64)
     ((10, 6), 0, "warp"),             # the seed's (classes, m): strided, inner 6
     ((2, 5, 3), 1, "warp"),           # NCHW-style: classes on axis 1, strided
 ]

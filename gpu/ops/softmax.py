@@ -573,8 +573,9 @@ def _cpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
 # z is viewed as a C-contiguous (outer, C, inner) array (a Fortran-ordered z as its transpose, no
 # copy); rows are (outer, inner) pairs. Path per call (the .cu header has the kernels' design):
 #   inner == 1, C <= warp_max_cols      *_warp_n{N}: a lane group per row, the row in registers
-#   inner == 1, row fits shared memory   *_block, cached=1: a block per row, read once
-#   inner == 1, larger rows              *_block, cached=0: online statistics, row read twice
+#   inner == 1, row fits shared memory   *_block, cached=C: a block per row, read once
+#   inner == 1, larger rows              *_block, 0 < cached < C: the leading columns in shared
+#                                        memory, the rest read twice (the second read from L2)
 #   inner > 1                            *_strided: (32, TY) blocks over tiles of 32 inner positions
 # Grids are min(work, one wave of resident blocks); kernels grid-stride over the rest.
 
@@ -650,7 +651,7 @@ class _Plan:
     n: int = 0       # warp: values per lane
     lanes: int = 32  # warp: lanes per row
     vec: int = 0     # 16-byte vector loads
-    cached: int = 0  # block/strided: row (tile) kept in shared memory
+    cached: int = 0  # strided: the tile kept in shared memory (0/1); block: its leading columns kept
     kernels: dict = field(default_factory=dict, compare=False, repr=False)   # fetched once
 
     def kernel(self, xp, op: str, dtype, exact: bool = False):
@@ -732,10 +733,14 @@ def _make_plan(dev, lay: _Layout, itemsize: int, aligned: bool, vec_first: bool,
     most = _k("SM_BLOCK_MAX_THREADS" if itemsize < 8 else "SM_BLOCK_MAX_THREADS_F64")
     threads = _TUNING.block_threads or max(128, min(most,
                                                      _launch.pow2_ceil(_launch.ceil_div(C, 4 * pack))))
-    region = _launch.ceil_div(C + pack, pack) * 16
-    smem = region * regions
-    cached = int(cache and smem <= budget)
-    smem = smem if cached else 0
+    # The leading `cached` columns stay in shared memory: the whole row where it fits, else as many
+    # as the budget holds (the rest is read again, from L2: see rows_block). Its region per operand:
+    # SM_BLOCK_REGION(cached) elements, (ceil(cached / pack) + 2) 16-byte vectors.
+    cached = 0
+    if cache:
+        cached = min(C, (budget // (16 * regions) - 2) * pack)
+        cached = cached if cached > 0 else 0
+    smem = (_launch.ceil_div(cached, pack) + 2) * 16 * regions if cached else 0
     return _Plan("block", min(lay.rows, _launch.resident_blocks(dev, threads, smem)), (threads,), smem,
                  vec=int(aligned), cached=cached)
 
@@ -831,7 +836,8 @@ def _make_ce_recipe(xp, lay, dtype, acc, ce, want_loss, grad, dl_stride, alignme
     if denom:
         flags |= K["CE_DENOM"]
     code = K["CE_RED_MEAN_ROWS"] if red == "mean" and ce.probs else K[_CE_RED[red]]
-    plan = _plan(xp, lay, dtype.itemsize, *alignment, dense_target=ce.probs,
+    # loss only: no second pass, so nothing to keep in shared memory (it would only cut occupancy)
+    plan = _plan(xp, lay, dtype.itemsize, *alignment, dense_target=ce.probs, cache=grad,
                  max_n=8 if dtype == np.float64 else 32)
     k = plan.kernel(xp, "softmax_cross_entropy", dtype)
     scalars = plan.sizes(lay, rows=None) | {
