@@ -40,9 +40,10 @@ START=$(date +%s)
 rm -f "$OUTDIR"/{device.txt,deps.txt,tests.log,memcheck.log,bench.log,bench.jsonl,bench.json,summary.txt}
 
 # The kernel test files; the GPU-marked tests among them skip without a GPU.
-KERNEL_TESTS=(tests/test_batch_norm_kernels.py tests/test_softmax_kernels.py tests/test_batch_norm.py
-              tests/test_softmax.py tests/test_numerics_batch_norm.py tests/test_numerics_softmax.py
-              tests/test_emulator.py)
+KERNEL_TESTS=(tests/test_batch_norm_kernels.py tests/test_softmax_kernels.py tests/test_gpu_paths.py
+              tests/test_batch_norm.py tests/test_softmax.py tests/test_numerics_batch_norm.py
+              tests/test_numerics_softmax.py tests/test_ce_zloss_softcap.py tests/test_linear_cross_entropy.py
+              tests/test_cuda_graph.py tests/test_emulator.py tests/test_torch_interop.py tests/test_torch_flce.py)
 # memcheck: every batch-norm path in float32 and the cross-entropy paths, on the GPU (serial)
 MEMCHECK_K="test_paths_float32 or test_ce_paths"
 MEMCHECK_TESTS=(tests/test_batch_norm_kernels.py tests/test_softmax_kernels.py)

@@ -114,7 +114,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--framework", choices=("arrays", "torch"), default="arrays",
                    help="torch: this library through PyTorch (gpu.torch, peer ours-torch) beside ours on arrays and "
                         "PyTorch's own ops, forward+backward at the headline shapes unless --op/--shape/--quick; "
-                        "the 'interop ms' column is ours-torch's time minus ours'")
+                        "the 'interop ms' column is the median of paired differences, ours-torch minus ours, timed back to back")
     p.add_argument("--distributed", action="store_true",
                    help="synchronized batch norm forward+backward per step across ranks, ours against torch's "
                         "SyncBatchNorm, with the collectives' share; run under torchrun or mpiexec, or with --ranks")

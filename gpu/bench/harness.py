@@ -542,18 +542,44 @@ def run_case(case: Case, peers: Sequence[Peer], device, settings: Settings,
         finally:
             runs = cycle = None  # the peer's closures hold its tensors and graphs: drop them now
         tick()
+    done = [r for r in rows if r.status == "ok"]
+    ours = next((r for r in done if r.peer == "ours"), None)
+    for peer, r in zip(peers, rows):
+        if isinstance(peer, TorchInteropPeer) and r.status == "ok" and ours is not None:
+            try:
+                r.interop_ms = interop_overhead(case, sets, next(p for p in peers if p.name == "ours"), peer,
+                                                device, settings)
+            except Exception as e:
+                r.detail = f"interop: {_one_line(e)}"
+                device.release()
     del sets, reference
     device.release()
 
-    done = [r for r in rows if r.status == "ok"]
     for r in done:
         others = [o.time_ms for o in done if o is not r]
         r.speedup = min(others) / r.time_ms if others else None
-    ours = next((r for r in done if r.peer == "ours"), None)
-    for r in done:
-        if isinstance(next(p for p in peers if p.name == r.peer), TorchInteropPeer) and ours is not None:
-            r.interop_ms = r.time_ms - ours.time_ms
     return rows
+
+
+def interop_overhead(case: Case, sets: list[dict], ours: Peer, through: Peer, device, settings: Settings) -> float:
+    """ms that calling this library through PyTorch adds: the median of paired differences, each
+    pair one call of `through` then one of `ours` on the same inputs, back to back, so that both
+    see the same machine state (warm caches, the same load). Two medians measured minutes apart on
+    a shared machine differ by more than the overhead itself."""
+    with ours.context(), through.context():
+        a, b = itertools.cycle(ours.build(case, sets)), itertools.cycle(through.build(case, sets))
+        for _ in range(max(1, settings.warmup)):
+            next(a)()
+            next(b)()
+        diffs, start = [], time.perf_counter()
+        while len(diffs) < settings.repeat:
+            tb = device.time(lambda: next(b)(), 1, 0, math.inf)[0]
+            ta = device.time(lambda: next(a)(), 1, 0, math.inf)[0]
+            diffs.append(tb - ta)
+            if time.perf_counter() - start > settings.budget and len(diffs) >= MIN_SAMPLES:
+                break
+        a = b = None
+    return float(np.median(diffs)) * 1e3
 
 
 
