@@ -21,6 +21,26 @@ from gpu import _kernels
 from gpu.ops import batch_norm as bn
 from conftest import BFLOAT16, DTYPES, TOL, dtype_id, rel_err, to_numpy
 
+try:
+    from cuda.bindings import nvrtc as _nvrtc  # noqa: F401
+    _PTXAS_COUNTS = True
+except Exception:
+    _PTXAS_COUNTS = False
+
+
+@pytest.fixture(autouse=True)
+def _registers_from_ptxas():
+    """Without NVRTC the emulator bounds a kernel's registers by its __launch_bounds__ alone (the
+    most the compiler may use), which can leave a forced persistent grid no room: there, these
+    tests relax the emulator's register check (the fit with ptxas's real counts is tested wherever
+    NVRTC is installed, as in CI)."""
+    if _PTXAS_COUNTS:
+        yield
+        return
+    from gpu import _emulator
+    with _emulator.modes(relax=["registers"]):
+        yield
+
 
 @pytest.fixture
 def launches(monkeypatch):
