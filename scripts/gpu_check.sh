@@ -44,9 +44,10 @@ KERNEL_TESTS=(tests/test_batch_norm_kernels.py tests/test_softmax_kernels.py tes
               tests/test_batch_norm.py tests/test_softmax.py tests/test_numerics_batch_norm.py
               tests/test_numerics_softmax.py tests/test_ce_zloss_softcap.py tests/test_linear_cross_entropy.py
               tests/test_cuda_graph.py tests/test_emulator.py tests/test_torch_interop.py tests/test_torch_flce.py)
-# memcheck: every batch-norm path in float32 and the cross-entropy paths, on the GPU (serial)
-MEMCHECK_K="test_paths_float32 or test_ce_paths"
-MEMCHECK_TESTS=(tests/test_batch_norm_kernels.py tests/test_softmax_kernels.py)
+# memcheck: every batch-norm path in float32, and every softmax/CE and batch-norm path forced at
+# small sizes (GPU_PATHS_SMALL=1), on the GPU (serial)
+MEMCHECK_K="test_paths_float32 or test_softmax_and_cross_entropy_paths or test_batch_norm_paths"
+MEMCHECK_TESTS=(tests/test_batch_norm_kernels.py tests/test_gpu_paths.py)
 # --dry-run: the same files' kernel tests on the emulator, a selection that takes seconds
 DRY_K="test_paths_float32 or test_ce_paths or test_row_softmax or test_block_sum or test_batch_stats"
 
@@ -244,7 +245,7 @@ elif (( DRY )); then
 elif missing pytest; then
     skip memcheck "$LOG" "pytest not importable"
 # API errors are off: CuPy and PyTorch probe the driver with calls that may fail by design.
-elif run memcheck "$(limit 45 90)" "$LOG" "$SAN" --tool memcheck --report-api-errors no --error-exitcode 3 \
+elif export GPU_PATHS_SMALL=1 && run memcheck "$(limit 45 90)" "$LOG" "$SAN" --tool memcheck --report-api-errors no --error-exitcode 3 \
         "${PYTEST[@]}" -m gpu -k "$MEMCHECK_K" "${MEMCHECK_TESTS[@]}"; then
     summary=$(grep -E 'ERROR SUMMARY' "$LOG" | tail -n 1 | sed 's/^=* *//')
     last=$(grep -E '(passed|failed|error|skipped)' "$LOG" | grep -v 'ERROR SUMMARY' | tail -n 1 | sed 's/=//g; s/^ *//')

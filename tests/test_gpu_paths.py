@@ -4,11 +4,14 @@ The same cases run twice: on the emulator at small sizes (marker `kernel`, in CI
 the forcing itself are checked) and on a GPU at real sizes (marker `gpu`: shared memory above the
 48 KiB opt-in, thousands of blocks meeting at one ticket, the cooperative grid of the persistent
 batch norm, an index past 2^31 elements). Each case asserts the kernel it meant to reach ran.
-`scripts/gpu_check.sh` runs this file first on a lent GPU.
+`scripts/gpu_check.sh` runs this file on a lent GPU, and again under compute-sanitizer's memcheck
+with GPU_PATHS_SMALL=1: the same forced paths at the emulator's sizes, which memcheck covers in
+seconds.
 """
 from __future__ import annotations
 
 import importlib
+import os
 
 import numpy as np
 import pytest
@@ -22,6 +25,9 @@ S = importlib.import_module("gpu.ops.softmax")
 BN = importlib.import_module("gpu.ops.batch_norm")
 
 F16, F32 = np.dtype(np.float16), np.dtype(np.float32)
+
+#: GPU sizes on a GPU, unless GPU_PATHS_SMALL=1 (the memcheck run)
+BIG = os.environ.get("GPU_PATHS_SMALL", "0") in ("", "0")
 
 BACKENDS = [pytest.param("emulate", marks=pytest.mark.kernel),
             pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -70,8 +76,8 @@ SOFTMAX_CASES = [
 @pytest.mark.parametrize("small,big,tune,kernel", SOFTMAX_CASES, ids=[f"{b[0]}x{b[1]}-{k}" for _, b, _, k in SOFTMAX_CASES])
 @pytest.mark.parametrize("dtype", [F32, F16], ids=["float32", "float16"])
 def test_softmax_and_cross_entropy_paths(where, rng, small, big, tune, kernel, dtype):
-    shape = big if where == "cuda" else small
-    if where == "cuda" and tune.get("smem_bytes") == 4096:
+    shape = big if where == "cuda" and BIG else small
+    if shape is big and tune.get("smem_bytes") == 4096:
         tune = {}          # on a GPU the planner itself keeps the head of a 128256-long row
     z = (rng.standard_normal(shape) * 3).astype(dtype)
     t = rng.integers(0, shape[1], shape[0])
@@ -105,7 +111,7 @@ BN_CASES = [
 @pytest.mark.parametrize("small,big,axis,knobs,kernel", BN_CASES, ids=[f"{'x'.join(map(str, b))}-{k.get('path', 'auto')}"
                                                                         for _, b, _, k, _ in BN_CASES])
 def test_batch_norm_paths(where, rng, small, big, axis, knobs, kernel):
-    shape = big if where == "cuda" else small
+    shape = big if where == "cuda" and BIG else small
     dtype = F32
     x = (rng.standard_normal(shape) * 2 + 0.5).astype(dtype)
     kept = tuple(i for i in range(x.ndim) if i not in (axis if isinstance(axis, tuple) else (axis,)))
@@ -139,6 +145,8 @@ def test_index_past_2_31_elements(rng):
     """softmax, cross-entropy and batch statistics over arrays of more than 2^31 elements (float16,
     4 GiB each): the rows and channels at the end are addressed with 64-bit offsets."""
     import cupy
+    if not BIG:
+        pytest.skip("GPU_PATHS_SMALL=1: the small sizes only")
     C = 1024
     rows = (1 << 31) // C + 3
     if _free_bytes() < 4 * rows * C * 2 + (1 << 30):
