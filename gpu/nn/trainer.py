@@ -36,6 +36,14 @@ class History:
         """The first evaluated step whose validation accuracy is >= target, or None."""
         return next((s for s, a in zip(self.eval_step, self.val_acc) if a >= target), None)
 
+    def validate(self, step: int, evaluate: Callable[[], tuple[float, float]] | None) -> None:
+        """Record ``evaluate()``'s (loss, accuracy) at `step`, once per step; nothing without one."""
+        if evaluate is not None and (not self.eval_step or self.eval_step[-1] != step):
+            loss, acc = evaluate()
+            self.eval_step.append(step)
+            self.val_loss.append(loss)
+            self.val_acc.append(acc)
+
 
 def _tqdm():
     """tqdm's class, or None where it is not installed (the progress is then one line an epoch)."""
@@ -210,11 +218,7 @@ def fit(model: Sequential, head: SoftmaxCrossEntropy, optimizer: Optimizer,
     model.train()
 
     def validate(step: int) -> None:
-        if val is not None and (not hist.eval_step or hist.eval_step[-1] != step):
-            loss, acc = evaluate(model, head, *val)
-            hist.eval_step.append(step)
-            hist.val_loss.append(loss)
-            hist.val_acc.append(acc)
+        hist.validate(step, None if val is None else lambda: evaluate(model, head, *val))
 
     start = time.perf_counter()
     validate(0)

@@ -117,11 +117,7 @@ def fit(model: nn.Module, make_optimizer: Callable[[list], Any], train, val, *, 
     model.train()
 
     def validate(step: int) -> None:
-        if val is not None and (not hist.eval_step or hist.eval_step[-1] != step):
-            loss, acc = evaluate(model, *val)
-            hist.eval_step.append(step)
-            hist.val_loss.append(loss)
-            hist.val_acc.append(acc)
+        hist.validate(step, None if val is None else lambda: evaluate(model, *val))
 
     start = time.perf_counter()
     validate(0)
