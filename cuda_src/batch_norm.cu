@@ -16,9 +16,10 @@
 //                       update r = (1-momentum)*r + momentum*stat (var unbiased by M/(M-1)).
 //   batch_norm_apply            y = (x - center[c]) * scale[c] + shift[c]: the training forward's second
 //                       pass (center = batch mean) and inference (center = running mean).
-//   batch_norm_forward_onchip   training forward with x held in registers (<= BN_ONCHIP_ROWS rows per
-//                       thread, at most BN_ONCHIP_THREADS threads) from the statistics to the
-//                       normalization: stats, finalize and normalize in one launch, x read once.
+//   batch_norm_forward_onchip   training forward with x held on chip (BN_ONCHIP_ROWS rows per thread in
+//                       registers, then up to cache_rows more in the row cache, shared memory; at
+//                       most BN_ONCHIP_THREADS threads) from the statistics to the normalization:
+//                       stats, finalize and normalize in one launch, x read once.
 //                       Either one block holds a whole tile (all rows of its channels; an ordinary
 //                       launch), or the tile's rows and chunks spread over gy*chunks blocks that
 //                       exchange Welford partials across a grid barrier (persistent: a cooperative
@@ -29,8 +30,14 @@
 //                       the coefficients of dx = k*dy + a*(x - mean) + b:
 //                       k = gamma*invstd, a = -k*invstd*dgamma/M, b = -k*dbeta/M.
 //   batch_norm_backward_apply   dx from those coefficients.
+//   batch_norm_backward_onchip  both in one launch with dy and x held on chip (BN_BACKWARD_ROWS[_16BIT] rows of
+//                       each in registers, then the row cache), as batch_norm_forward_onchip: the
+//                       sums, a grid barrier when several blocks share a tile, every block merging
+//                       the tile's partials, dx from the coefficients; block part 0 writes dgamma
+//                       and dbeta.
 //
-// Persistent forward. With several blocks per tile, batch_norm_forward_onchip cannot wait for the last
+// Persistent forward (and backward: batch_norm_backward_onchip does the same with its sums). With
+// several blocks per tile, batch_norm_forward_onchip cannot wait for the last
 // block to finalize (the others would have to drop their rows): each block stores its partial in
 // the workspace, grid.sync() (cooperative_groups; the launch is cooperative, so the grid must fit
 // the device at once: gpu/ops/batch_norm.py sizes it from max_cooperative_grid), then every block merges
@@ -45,14 +52,20 @@
 //   forward, training, two-pass       3 E*s                (batch_norm_stats + batch_norm_apply; the second read
 //                                                           of x hits L2 when x fits there)
 //   inference                         2 E*s                (batch_norm_inference_params + batch_norm_apply)
-//   backward                          5 E*s                (batch_norm_backward_reduce reads dy, x;
+//   backward, on chip                 3 E*s                (batch_norm_backward_onchip: dy, x read once)
+//   backward, two kernels             5 E*s                (batch_norm_backward_reduce reads dy, x;
 //                                                           batch_norm_backward_apply reads dy, x, writes dx)
+// The on-chip paths run where the tile's rows fit its blocks' registers and shared memory, the
+// blocks of a persistent grid all resident at once (an H200: about 30 MB of x forward, of x and
+// dy together backward): gpu/ops/batch_norm.py (_onchip_choice) picks the path.
 //
 // Accumulation in ACC_T (float for half/bfloat16/float, double for double); x, y, dy, dx in
 // SCALAR_T; every per-channel array (gamma, beta, running stats, mean, invstd, coefficients,
 // workspace) in ACC_T (the Python side converts mixed parameter dtypes). Element offsets are
 // index_t (64 bits); C < 2^31. Blocks: 1-D, a multiple of 32 threads, <= BN_MAX_THREADS; bx a
-// power of two; dynamic shared memory = blockDim.x * (1 + 3*VEC) * sizeof(ACC_T).
+// power of two; dynamic shared memory = blockDim.x * (1 + 3*VEC) * sizeof(ACC_T) (the backward's
+// sums: 2*VEC), plus the on-chip kernels' row cache: cache_rows * blockDim.x vectors (backward:
+// twice that).
 //
 // Special values (PyTorch's answers unless said): statistics stay finite whenever the true
 // variance is (channels.cuh's scaled Welford); an inf in a channel gives mean inf, var NaN; a NaN,
@@ -66,6 +79,10 @@
 #define BN_ONCHIP_ROWS 8     // rows per thread batch_norm_forward_onchip keeps in registers
 #define BN_ONCHIP_THREADS 256  // its largest block; one block per SM may use up to 255 registers
                                // (bfloat16 at sm_90: 157, as the row cache and its float copies stay live)
+#define BN_BACKWARD_ROWS 8   // rows of dy and x per thread batch_norm_backward_onchip keeps in registers
+#define BN_BACKWARD_ROWS_16BIT 4  // the same for half and bfloat16 (their float copies: bfloat16 at 8 rows
+                                  // takes 254 registers at sm_90)
+#define BN_CACHE_UNROLL 8    // rows of loads in flight per thread while the on-chip kernels fill the row cache
 #define BN_MAX_COLS 64       // largest bx of a channels-last tile (bounds batch_norm_forward_onchip's smem)
 
 // flags (host: gpu/ops/batch_norm.py _HAS_GAMMA, _HAS_BETA, _RUNNING)
@@ -103,6 +120,55 @@ __device__ __forceinline__ Affine bn_affine(acc_t invstd, const acc_t* gamma, co
 // a*(x - mean) + b is the same map with its own coefficients.
 __device__ __forceinline__ acc_t bn_apply(acc_t x, acc_t center, acc_t scale, acc_t shift) {
     return (x - center) * scale + shift;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The on-chip kernels' rows: registers, then the row cache
+// ---------------------------------------------------------------------------------------------
+// batch_norm_forward_onchip and batch_norm_backward_onchip hold every row a thread visits from the
+// reduction to the elementwise pass: the first ones in registers, up to `cache_rows` more in the
+// row cache, dynamic shared memory after the reduction's area (blockDim.x * kWords words, a
+// multiple of 16 bytes). Cached row k of thread i is slot k * blockDim.x + i: consecutive threads
+// store and load consecutive 16-byte slots (st.shared.v4 / ld.shared.v4, no bank conflict), and
+// each thread reads back only what it wrote, so no barrier orders the two.
+
+__device__ __forceinline__ Vec* row_cache(acc_t* smem, int words) {
+    return reinterpret_cast<Vec*>(smem + blockDim.x * words);
+}
+
+// Whether cached row k (of row r0 + k * step) is one of the thread's rows.
+__device__ __forceinline__ bool cached_row(const Tile& t, index_t r0, int k, int cache_rows) {
+    return k < cache_rows && r0 + k * t.step < t.rows;
+}
+
+__device__ __forceinline__ Vec normalize_vec(const Vec& v, const acc_t* mu, const acc_t* sc, const acc_t* sh) {
+    Vec out;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) out.v[j] = from_acc<scalar_t>(bn_apply(to_acc(v.v[j]), mu[j], sc[j], sh[j]));
+    return out;
+}
+
+// dx = k*dy + a*(x - mean) + b, lane by lane.
+__device__ __forceinline__ Vec grad_vec(const Vec& g, const Vec& v, const acc_t* mu, const acc_t* ca,
+                                        const acc_t* cb, const acc_t* ck) {
+    Vec out;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j)
+        out.v[j] = from_acc<scalar_t>(bn_apply(to_acc(v.v[j]), mu[j], ca[j], cb[j]) + ck[j] * to_acc(g.v[j]));
+    return out;
+}
+
+// A thread's lanes' coefficients from the three rows of coef_smem that a finalize left
+// (channels-last: lane j of column tx is slot tx*VEC + j; channels-first: slot 0).
+__device__ __forceinline__ void coefficients_of(acc_t* c0, acc_t* c1, acc_t* c2, const acc_t* coef_smem, int bx,
+                                                index_t inner) {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+        const int q = inner == 1 ? (int)(threadIdx.x % bx) * VEC + j : 0;
+        c0[j] = coef_smem[q];
+        c1[j] = coef_smem[BN_MAX_COLS * VEC + q];
+        c2[j] = coef_smem[2 * BN_MAX_COLS * VEC + q];
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -193,7 +259,7 @@ batch_norm_stats(acc_t* mean, acc_t* var, acc_t* invstd, acc_t* scale, acc_t* sh
          const acc_t* __restrict__ gamma, const acc_t* __restrict__ beta, index_t outer, int C,
          index_t inner, int bx, int chunks, acc_t inv_m, acc_t unbias, acc_t eps, acc_t momentum,
          int flags) {
-    extern __shared__ acc_t bn_smem[];
+    extern __shared__ __align__(16) acc_t bn_smem[];
     const Tile t = make_tile(outer, C, inner, bx, chunks);
     const StatsOut o = {mean, var, invstd, scale, shift, running_mean, running_var,
                         gamma, beta, batches, inv_m, unbias, eps, momentum, flags};
@@ -216,21 +282,24 @@ batch_norm_stats(acc_t* mean, acc_t* var, acc_t* invstd, acc_t* scale, acc_t* sh
         finish_stats<1>(w.fold(), t, C, o, ws, counters, bn_smem);
 }
 
-// Every row of the grid in registers: grid = (tiles * chunks, gy), by * gy * BN_ONCHIP_ROWS >= outer.
-// gy * chunks == 1: an ordinary launch (ws unused); else a cooperative one with ws holding
-// 3 * gy * chunks * C words.
+// Every row of the grid on chip: grid = (tiles * chunks, gy), by * gy * (BN_ONCHIP_ROWS + cache_rows)
+// >= outer; a thread's first BN_ONCHIP_ROWS rows in registers, the next cache_rows in the row cache
+// (dynamic shared memory after the reduction's area). gy * chunks == 1: an ordinary launch (ws
+// unused); else a cooperative one with ws holding 4 * gy * chunks * C words.
 extern "C" __global__ void __launch_bounds__(BN_ONCHIP_THREADS, 1)
 batch_norm_forward_onchip(scalar_t* y, acc_t* mean, acc_t* var, acc_t* invstd, acc_t* scale, acc_t* shift,
                   acc_t* running_mean, acc_t* running_var, acc_t* ws, const scalar_t* __restrict__ x,
                   const long long* __restrict__ batches,
                   const acc_t* __restrict__ gamma, const acc_t* __restrict__ beta, index_t outer,
                   int C, index_t inner, int bx, int chunks, acc_t inv_m, acc_t unbias, acc_t eps,
-                  acc_t momentum, int flags) {
-    extern __shared__ acc_t bn_smem[];
+                  acc_t momentum, int flags, int cache_rows) {
+    extern __shared__ __align__(16) acc_t bn_smem[];
     __shared__ acc_t coef_smem[3 * BN_MAX_COLS * VEC];
     const Tile t = make_tile(outer, C, inner, bx, chunks);
     const StatsOut o = {mean, var, invstd, scale, shift, running_mean, running_var,
                         gamma, beta, batches, inv_m, unbias, eps, momentum, flags};
+    Vec* cache = row_cache(bn_smem, BnWelford<VEC>::kWords);
+    const index_t r0 = t.row + (index_t)BN_ONCHIP_ROWS * t.step;   // the cache's first row
     Vec v[BN_ONCHIP_ROWS];
     BnWelford<VEC> w;
     w.init();
@@ -241,6 +310,19 @@ batch_norm_forward_onchip(scalar_t* y, acc_t* mean, acc_t* var, acc_t* invstd, a
 #pragma unroll
         for (int u = 0; u < BN_ONCHIP_ROWS; ++u)
             if (t.row + u * t.step < t.rows) w.push(v[u]);
+        for (int k = 0; k < cache_rows && r0 + k * t.step < t.rows; k += BN_CACHE_UNROLL) {
+            Vec c[BN_CACHE_UNROLL];
+#pragma unroll
+            for (int u = 0; u < BN_CACHE_UNROLL; ++u)
+                if (cached_row(t, r0, k + u, cache_rows)) c[u] = load_vec(x + (r0 + (k + u) * t.step) * t.stride + t.base);
+#pragma unroll
+            for (int u = 0; u < BN_CACHE_UNROLL; ++u) {
+                if (cached_row(t, r0, k + u, cache_rows)) {
+                    w.push(c[u]);
+                    cache[(k + u) * blockDim.x + threadIdx.x] = c[u];
+                }
+            }
+        }
     }
     if (inner == 1)
         onchip_stats<VEC>(w, t, C, o, ws, bn_smem, coef_smem);
@@ -249,24 +331,16 @@ batch_norm_forward_onchip(scalar_t* y, acc_t* mean, acc_t* var, acc_t* invstd, a
     __syncthreads();
     if (!t.active) return;
     acc_t mu[VEC], sc[VEC], sh[VEC];
+    coefficients_of(mu, sc, sh, coef_smem, bx, inner);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-        // channels-last: lane j of column tx is slot tx*VEC + j; channels-first: slot 0
-        const int q = inner == 1 ? (int)(threadIdx.x % bx) * VEC + j : 0;
-        mu[j] = coef_smem[q];
-        sc[j] = coef_smem[BN_MAX_COLS * VEC + q];
-        sh[j] = coef_smem[2 * BN_MAX_COLS * VEC + q];
-    }
-#pragma unroll
-    for (int u = 0; u < BN_ONCHIP_ROWS; ++u) {
-        if (t.row + u * t.step < t.rows) {
-            Vec out;
-#pragma unroll
-            for (int j = 0; j < VEC; ++j)
-                out.v[j] = from_acc<scalar_t>(bn_apply(to_acc(v[u].v[j]), mu[j], sc[j], sh[j]));
-            store_vec(y + (t.row + u * t.step) * t.stride + t.base, out);
-        }
-    }
+    for (int u = 0; u < BN_ONCHIP_ROWS; ++u)
+        if (t.row + u * t.step < t.rows)
+            store_vec(y + (t.row + u * t.step) * t.stride + t.base, normalize_vec(v[u], mu, sc, sh));
+#pragma unroll 4
+    for (int k = 0; k < cache_rows; ++k)   // each thread reads back only its own slots: no barrier
+        if (cached_row(t, r0, k, cache_rows))
+            store_vec(y + (r0 + k * t.step) * t.stride + t.base,
+                      normalize_vec(cache[k * blockDim.x + threadIdx.x], mu, sc, sh));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -300,12 +374,8 @@ __device__ __forceinline__ void apply_rows(scalar_t* out, const scalar_t* __rest
         for (int u = 0; u < BN_UNROLL; ++u) {
             if (r + u * t.step < t.rows) {
                 Vec o;
-#pragma unroll
-                for (int j = 0; j < VEC; ++j) {
-                    acc_t v = bn_apply(to_acc(vx[u].v[j]), mu[j], ca[j], cb[j]);
-                    if (BACKWARD) v += ck[j] * to_acc(vg[u].v[j]);
-                    o.v[j] = from_acc<scalar_t>(v);
-                }
+                if constexpr (BACKWARD) o = grad_vec(vg[u], vx[u], mu, ca, cb, ck);
+                else o = normalize_vec(vx[u], mu, ca, cb);
                 store_vec(out + (r + u * t.step) * t.stride + t.base, o);
             }
         }
@@ -348,26 +418,67 @@ struct GradOut {
     int flags;
 };
 
+// Channel c's gradient coefficients from its sums: dgamma, dbeta written out when `write` (and
+// k, a, b too when o.k is given: the streaming path's second kernel reads them); (k, a, b) left in
+// coef for reuse.
+__device__ __forceinline__ void grad_channel(const GradOut& o, int c, acc_t sum_dy, acc_t sum_dyx, bool write,
+                                             acc_t* coef) {
+    const acc_t istd = o.invstd[c];
+    const acc_t dbeta = sum_dy, dgamma = sum_dyx * istd;
+    // k is the forward's scale; beta plays no part in dx
+    const acc_t k = bn_affine(istd, o.gamma, nullptr, c, o.flags & BN_HAS_GAMMA).scale;
+    coef[0] = k;
+    coef[1] = -k * istd * dgamma * o.inv_m;
+    coef[2] = -k * dbeta * o.inv_m;
+    if (!write) return;
+    o.dgamma[c] = dgamma;
+    o.dbeta[c] = dbeta;
+    if (o.k) {
+        o.k[c] = coef[0];
+        o.a[c] = coef[1];
+        o.b[c] = coef[2];
+    }
+}
+
+// The tile's coefficients from its merged sums (threads threadIdx.x < S); with coef_smem, (k, a, b)
+// of lane j of column col also at coef_smem[w * BN_MAX_COLS * VEC + col * L + j].
+template <int L>
+__device__ __forceinline__ void finalize_grad_tile(const BnGradSums<L>& s, const Tile& t, const GradOut& o,
+                                                   bool write, acc_t* coef_smem) {
+    if ((int)threadIdx.x < t.ncols && t.col_active) {
+#pragma unroll
+        for (int j = 0; j < L; ++j) {
+            acc_t coef[3];
+            grad_channel(o, t.c0 + j, s.dy[j], s.dyx[j], write, coef);
+            if (coef_smem) {
+                const int q = threadIdx.x * L + j;
+                coef_smem[q] = coef[0];
+                coef_smem[BN_MAX_COLS * VEC + q] = coef[1];
+                coef_smem[2 * BN_MAX_COLS * VEC + q] = coef[2];
+            }
+        }
+    }
+}
+
 template <int L>
 __device__ __forceinline__ void finish_grad(BnGradSums<L> s, const Tile& t, int C, const GradOut& o,
                                             acc_t* ws, unsigned int* counters, acc_t* smem) {
     s = reduce_columns(s, t.ncols, smem);
     if (!merge_grid(s, t, C, ws, counters, smem)) return;
-    if ((int)threadIdx.x < t.ncols && t.col_active) {
-#pragma unroll
-        for (int j = 0; j < L; ++j) {
-            const int c = t.c0 + j;
-            const acc_t istd = o.invstd[c];
-            const acc_t dbeta = s.dy[j], dgamma = s.dyx[j] * istd;
-            // k is the forward's scale; beta plays no part in dx
-            const acc_t k = bn_affine(istd, o.gamma, nullptr, c, o.flags & BN_HAS_GAMMA).scale;
-            o.dgamma[c] = dgamma;
-            o.dbeta[c] = dbeta;
-            o.k[c] = k;
-            o.a[c] = -k * istd * dgamma * o.inv_m;
-            o.b[c] = -k * dbeta * o.inv_m;
-        }
+    finalize_grad_tile(s, t, o, true, nullptr);
+}
+
+// batch_norm_backward_onchip: as onchip_stats, for the sums; block part 0 writes dgamma, dbeta.
+template <int L>
+__device__ __forceinline__ void onchip_grad(BnGradSums<L> s, const Tile& t, int C, const GradOut& o,
+                                            acc_t* ws, acc_t* smem, acc_t* coef_smem) {
+    s = reduce_columns(s, t.ncols, smem);
+    if (t.nparts > 1) {
+        store_tile_partial(s, t, C, ws);
+        cooperative_groups::this_grid().sync();  // orders the partials' stores before the loads
+        s = merge_tile_partials<BnGradSums<L>>(t, C, ws, smem);
     }
+    finalize_grad_tile(s, t, o, t.part == 0, coef_smem);
 }
 
 extern "C" __global__ void __launch_bounds__(BN_MAX_THREADS)
@@ -376,7 +487,7 @@ batch_norm_backward_reduce(acc_t* dgamma, acc_t* dbeta, acc_t* k, acc_t* a, acc_
                    const acc_t* __restrict__ mean, const acc_t* __restrict__ invstd,
                    const acc_t* __restrict__ gamma, index_t outer, int C, index_t inner, int bx,
                    int chunks, acc_t inv_m, int flags) {
-    extern __shared__ acc_t bn_smem[];
+    extern __shared__ __align__(16) acc_t bn_smem[];
     const Tile t = make_tile(outer, C, inner, bx, chunks);
     const GradOut o = {dgamma, dbeta, k, a, b, invstd, gamma, inv_m, flags};
     BnGradSums<VEC> s;
@@ -403,4 +514,80 @@ batch_norm_backward_reduce(acc_t* dgamma, acc_t* dbeta, acc_t* k, acc_t* a, acc_
         finish_grad<VEC>(s, t, C, o, ws, counters, bn_smem);
     else
         finish_grad<1>(s.fold(), t, C, o, ws, counters, bn_smem);
+}
+
+// The backward with x and dy on chip, dx = k*dy + a*(x - mean) + b from sums it reduced itself:
+// dy and x read once (3 E*s with dx). The launch of batch_norm_forward_onchip: grid = (tiles *
+// chunks, gy), by * gy * (kRows + cache_rows) >= outer (kRows: BN_BACKWARD_ROWS, or _16BIT for
+// 16-bit types), the row cache holding cache_rows rows of dy and then as many of x; gy * chunks
+// == 1 an ordinary launch, else a cooperative one with ws holding 2 * gy * chunks * C words.
+extern "C" __global__ void __launch_bounds__(BN_ONCHIP_THREADS, 1)
+batch_norm_backward_onchip(scalar_t* dx, acc_t* dgamma, acc_t* dbeta, acc_t* ws, const scalar_t* __restrict__ dy,
+                           const scalar_t* __restrict__ x, const acc_t* __restrict__ mean,
+                           const acc_t* __restrict__ invstd, const acc_t* __restrict__ gamma, index_t outer,
+                           int C, index_t inner, int bx, int chunks, acc_t inv_m, int flags, int cache_rows) {
+    extern __shared__ __align__(16) acc_t bn_smem[];
+    __shared__ acc_t coef_smem[3 * BN_MAX_COLS * VEC];
+    const Tile t = make_tile(outer, C, inner, bx, chunks);
+    const GradOut o = {dgamma, dbeta, nullptr, nullptr, nullptr, invstd, gamma, inv_m, flags};
+    Vec* cache_dy = row_cache(bn_smem, BnGradSums<VEC>::kWords);
+    Vec* cache_x = cache_dy + cache_rows * blockDim.x;
+    constexpr int kRows = sizeof(scalar_t) >= 4 ? BN_BACKWARD_ROWS : BN_BACKWARD_ROWS_16BIT;
+    const index_t r0 = t.row + (index_t)kRows * t.step;
+    Vec vg[kRows], vx[kRows];
+    acc_t mu[VEC];
+    BnGradSums<VEC> s;
+    s.init();
+    if (t.active) {
+        load_channel_values(mu, mean, t, inner);
+#pragma unroll
+        for (int u = 0; u < kRows; ++u) {
+            if (t.row + u * t.step < t.rows) {
+                const index_t off = (t.row + u * t.step) * t.stride + t.base;
+                vg[u] = load_vec(dy + off);
+                vx[u] = load_vec(x + off);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < kRows; ++u)
+            if (t.row + u * t.step < t.rows) s.push(vg[u], vx[u], mu);
+        for (int k = 0; k < cache_rows && r0 + k * t.step < t.rows; k += BN_CACHE_UNROLL / 2) {
+            Vec cg[BN_CACHE_UNROLL / 2], cx[BN_CACHE_UNROLL / 2];
+#pragma unroll
+            for (int u = 0; u < BN_CACHE_UNROLL / 2; ++u) {
+                if (cached_row(t, r0, k + u, cache_rows)) {
+                    const index_t off = (r0 + (k + u) * t.step) * t.stride + t.base;
+                    cg[u] = load_vec(dy + off);
+                    cx[u] = load_vec(x + off);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < BN_CACHE_UNROLL / 2; ++u) {
+                if (cached_row(t, r0, k + u, cache_rows)) {
+                    s.push(cg[u], cx[u], mu);
+                    cache_dy[(k + u) * blockDim.x + threadIdx.x] = cg[u];
+                    cache_x[(k + u) * blockDim.x + threadIdx.x] = cx[u];
+                }
+            }
+        }
+    }
+    if (inner == 1)
+        onchip_grad<VEC>(s, t, C, o, ws, bn_smem, coef_smem);
+    else
+        onchip_grad<1>(s.fold(), t, C, o, ws, bn_smem, coef_smem);
+    __syncthreads();
+    if (!t.active) return;
+    acc_t ck[VEC], ca[VEC], cb[VEC];
+    coefficients_of(ck, ca, cb, coef_smem, bx, inner);
+#pragma unroll
+    for (int u = 0; u < kRows; ++u)
+        if (t.row + u * t.step < t.rows)
+            store_vec(dx + (t.row + u * t.step) * t.stride + t.base, grad_vec(vg[u], vx[u], mu, ca, cb, ck));
+#pragma unroll 4
+    for (int k = 0; k < cache_rows; ++k) {
+        if (cached_row(t, r0, k, cache_rows)) {
+            const int i = k * blockDim.x + threadIdx.x;
+            store_vec(dx + (r0 + k * t.step) * t.stride + t.base, grad_vec(cache_dy[i], cache_x[i], mu, ca, cb, ck));
+        }
+    }
 }

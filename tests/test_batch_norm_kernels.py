@@ -44,13 +44,14 @@ def _registers_from_ptxas():
 
 @pytest.fixture
 def launches(monkeypatch):
-    """(name, grid, BN_VECTOR, cooperative) of the kernels launched, in order (which path ran)."""
+    """(name, grid, BN_VECTOR, cooperative, shared_mem) of the kernels launched, in order (which
+    path ran)."""
     names: list[tuple] = []
     real = _kernels.launch
 
     def spy(kernel, grid, block, args, shared_mem=0, cooperative=False):
         names.append((kernel.name, tuple(grid) if isinstance(grid, tuple) else (grid,),
-                      dict(kernel.defines).get("BN_VECTOR"), cooperative))
+                      dict(kernel.defines).get("BN_VECTOR"), cooperative, shared_mem))
         return real(kernel, grid, block, args, shared_mem, cooperative)
 
     monkeypatch.setattr(_kernels, "launch", spy)
@@ -178,6 +179,12 @@ CASES = [
     ((1, 1), 0, {}),                                      # one element
     ((200, 8), 0, dict(path="persistent", threads=32, grid_rows=3)),  # x on chip in 3 blocks, grid.sync
     ((37, 7), 0, dict(path="persistent", threads=32, grid_rows=2)),   # persistent, scalar module
+    ((600, 8), 0, dict(path="persistent", threads=32, grid_rows=3)),  # 12-13 rows a thread: past the
+                                                          # 8 register rows, the rest in the row cache
+                                                          # (5: a partial unroll)
+    ((600, 7), 0, dict(path="persistent", threads=32, grid_rows=3)),  # the row cache, scalar module
+    ((3000, 4), 0, dict(path="onchip")),                  # one block of 256 holds 12 rows a thread:
+                                                          # an ordinary launch with a row cache
     # NCHW axis=(0, 2, 3): channels-first
     ((2, 3, 5, 7), (0, 2, 3), {}),                        # inner = 35, prime: scalar, 64 lanes per plane
     ((3, 4, 8, 8), (0, 2, 3), {}),                        # inner = 64: 16 vector lanes, 2 rows per warp
@@ -185,6 +192,8 @@ CASES = [
     ((4, 5, 3, 3), (0, 2, 3), dict(path="twopass", threads=32, grid_rows=2)),  # one-warp blocks
     ((2, 3, 1, 1), (0, 2, 3), {}),                        # 1x1 spatial: inner = 1, channels-last
     ((4, 3, 8, 8), (0, 2, 3), dict(path="persistent", threads=32, grid_rows=2)),  # 2 blocks per channel
+    ((40, 3, 8, 8), (0, 2, 3), dict(path="persistent", threads=32, grid_rows=2)),  # 10 planes a thread:
+                                                          # the row cache, channels-first
     ((37, 2, 9, 9), (0, 2, 3), dict(path="twopass", threads=32, grid_rows=9)),  # scalar, 3 chunks x 9 rows:
                                                           # 27 partials a channel
     # NHWC axis=(0, 1, 2): channels-last over N*H*W rows
@@ -216,7 +225,8 @@ def _check_grid(launches, knobs):
     if "grid_rows" in knobs:
         assert any(g[1:] == (knobs["grid_rows"],) for name, g, *_ in launches if name != "batch_norm_inference_params")
     if knobs.get("path") == "persistent":
-        assert any(name == "batch_norm_forward_onchip" and coop for name, _, _, coop in launches)
+        assert any(name == "batch_norm_forward_onchip" and coop for name, _, _, coop, _ in launches)
+        assert any(name == "batch_norm_backward_onchip" and coop for name, _, _, coop, _ in launches)
 
 
 # a few shapes for every dtype: vector and scalar module, both layouts, multi-block
@@ -228,6 +238,7 @@ DTYPE_CASES = [
     ((2, 3, 5, 7), (0, 2, 3), dict(threads=32, grid_rows=2)),  # scalar, two blocks per channel
     ((64, 16), 0, dict(path="persistent", threads=32, grid_rows=3)),  # vectors on chip in 3 blocks
     ((2, 3, 5, 7), (0, 2, 3), dict(path="persistent", threads=32, grid_rows=2)),  # scalar, persistent
+    ((400, 16), 0, dict(path="persistent", threads=32, grid_rows=2)),  # 12-13 rows a thread: the row cache
 ]
 
 
@@ -254,9 +265,10 @@ def test_path_selection(launches, rng):
         with bn._tuned(path="twopass", threads=32, grid_rows=3):
             gpu.batch_norm_forward(x)                              # stats over 3 blocks, then apply
         gpu.batch_norm_forward(x[:, :7])                           # strided: copied; C = 7: scalar
-    assert launches[0] == ("batch_norm_forward_onchip", (1, 1), "1", False)
-    assert launches[1] == ("batch_norm_stats", (1, 3), "1", False) and launches[2] == ("batch_norm_apply", (1, 3), "1", False)
-    assert all(v == "0" for _, _, v, _ in launches[3:])
+    assert launches[0][:4] == ("batch_norm_forward_onchip", (1, 1), "1", False)
+    assert launches[1][:4] == ("batch_norm_stats", (1, 3), "1", False)
+    assert launches[2][:4] == ("batch_norm_apply", (1, 3), "1", False)
+    assert all(v == "0" for _, _, v, *_ in launches[3:])
 
 
 @pytest.mark.kernel
@@ -393,42 +405,93 @@ def test_no_channels_launches_nothing(launches):
     assert y.shape == dx.shape == yi.shape == (4, 0) and mean.shape == m.shape == dg.shape == (0,)
 
 
-_ROWS_MAX = _kernels.constants("batch_norm")["BN_ONCHIP_THREADS"] * _kernels.constants("batch_norm")["BN_ONCHIP_ROWS"]   # rows of one 1-lane-wide tile on chip
+_BN = _kernels.constants("batch_norm")
+
+
+def _cache_capacity(threads: int, limit: int, static: int) -> int:
+    """Rows of one float4 column a block of `threads` holds on chip in the forward: BN_ONCHIP_ROWS
+    in registers plus the row cache in what `limit` bytes of shared memory leave after the static
+    coefficients and the reduction's area (a BnWelford<4>, 13 floats, per thread)."""
+    return threads * (_BN["BN_ONCHIP_ROWS"] + (limit - static - threads * 13 * 4) // (threads * 16))
+
+
+def _forward_kernel():
+    return _kernels.get_kernel("batch_norm", "batch_norm_forward_onchip", np, np.float32, {"BN_VECTOR": 1})
 
 
 @pytest.mark.kernel
-def test_onchip_refuses_what_does_not_fit(rng):
-    """A tile of more rows than a block holds in registers cannot be forced on chip."""
-    x = rng.standard_normal((_ROWS_MAX + 1, 4)).astype(np.float32)   # one float4 per row
+def test_onchip_refuses_what_does_not_fit(launches, rng):
+    """One block per tile (an ordinary launch) holds 256 threads x (8 register rows + the row cache
+    in the default 48 KiB of shared memory); one row more cannot be forced on chip."""
+    k = _forward_kernel()
+    most = _cache_capacity(_BN["BN_ONCHIP_THREADS"], _kernels.device_attributes(np)["max_shared_memory_per_block"],
+                           k.static_smem)
+    x, x64 = _rand(rng, (most, 4), np.float32, 2.0, 3.0)   # one float4 per row: a 1-lane tile
     with gpu.use_backend("emulate"), bn._tuned(path="onchip"):
+        y, _, invstd = gpu.batch_norm_forward(x)
+        assert launches[0][:4] == ("batch_norm_forward_onchip", (1, 1), "1", False)
+        _check(y, _ref_forward(x64, None, None, 0, 1e-5)[0], np.float32, f"y ({most} rows)")
         with pytest.raises(ValueError, match="onchip"):
-            gpu.batch_norm_forward(x)
+            gpu.batch_norm_forward(np.concatenate([x, x[:1]]))
 
 
 @pytest.mark.kernel
 def test_persistent_switch_boundary(monkeypatch, launches, rng):
-    """x stays on chip across the grid exactly while the cooperative grid holding it fits the
-    device at once. One emulated SM; 32-thread blocks of one float4 column hold 32 x 8 rows each,
-    and the SM holds `most` such blocks: `most` blocks' worth of rows runs persistent, one row more
-    takes the two-pass path (and cannot be forced on chip)."""
-    monkeypatch.setenv("GPU_EMULATOR_SM_COUNT", "1")
-    k = _kernels.get_kernel("batch_norm", "batch_norm_forward_onchip", np, np.float32, {"BN_VECTOR": 1})
-    most = _kernels.max_cooperative_grid(k, 32, 32 * (1 + 2 * 4) * 4)  # the reductions' smem: T*(1+2*VEC) floats
-    rows = most * 32 * _kernels.constants("batch_norm")["BN_ONCHIP_ROWS"]
-    for n, path in ((rows, "batch_norm_forward_onchip"), (rows + 1, "batch_norm_stats")):
+    """x stays on chip across the grid while a cooperative grid holding it fits the device at once.
+    Two emulated SMs (one tile: fewer tiles than SMs, so not one block per tile); 32-thread blocks
+    of one float4 column hold 32 x 8 rows each in registers, and the device holds `most` such
+    blocks: `most` blocks' worth of rows runs from registers alone (no row cache); one row more
+    takes a wave of at most 2 blocks per SM with the rest in the row cache; past what the SMs'
+    shared memory holds, the two-pass path (and persistent cannot be forced)."""
+    monkeypatch.setenv("GPU_EMULATOR_SM_COUNT", "2")
+    k = _forward_kernel()
+    reduce_smem = 32 * (1 + 3 * 4) * 4                   # the reductions' area: T * (1 + 3*VEC) floats
+    most = _kernels.max_cooperative_grid(k, 32, reduce_smem)
+    rows = most * 32 * _BN["BN_ONCHIP_ROWS"]
+    dev = _kernels.device_attributes(np)
+    beyond = 3 * _cache_capacity(32, dev["max_shared_memory_per_block_optin"], k.static_smem)
+    for n in (rows, rows + 1, beyond):
         x, x64 = _rand(rng, (n, 4), np.float32, 2.0, 3.0)
         launches.clear()
         with gpu.use_backend("emulate"), bn._tuned(threads=32):
             y, mean, invstd = gpu.batch_norm_forward(x)
-        assert launches[0][0] == path
-        if path == "batch_norm_forward_onchip":
-            assert launches[0][1] == (1, most) and launches[0][3]
+        name, grid, _, coop, smem = launches[0]
+        if n == rows:
+            assert (name, grid, coop, smem) == ("batch_norm_forward_onchip", (1, most), True, reduce_smem)
+        elif n == rows + 1:
+            assert name == "batch_norm_forward_onchip" and coop and grid[1] <= 4 and smem > reduce_smem
+        else:
+            assert name == "batch_norm_stats"
         y_ref, mean_ref, invstd_ref, _ = _ref_forward(x64, None, None, 0, 1e-5)
         _check(y, y_ref, np.float32, f"y ({n} rows)")
         _check(invstd, invstd_ref, np.float32, f"invstd ({n} rows)")
     with gpu.use_backend("emulate"), bn._tuned(threads=32, path="persistent"):
         with pytest.raises(ValueError, match="persistent"):
             gpu.batch_norm_forward(x)
+
+
+# (shape, axis, knobs, forward smem, backward smem): the row cache's cases of CASES reach it. With
+# float4 vectors, the reductions' area is T x 13 floats (forward) and T x 8 (backward), and each
+# cached row T x 16 bytes per tensor (backward: dy and x); 8 register rows either way (float32).
+# (600, 8) in 3 blocks of 32 threads, 16 rows a pass, gives 13 rows a thread: 8 + 5 cached.
+ROW_CACHE_CASES = [
+    ((600, 8), 0, dict(path="persistent", threads=32, grid_rows=3), 32 * 52 + 5 * 512, 32 * 32 + 5 * 1024),
+    ((3000, 4), 0, dict(path="onchip"), 256 * 52 + 4 * 4096, 256 * 32 + 4 * 8192),    # 12 rows: 8 + 4
+    ((40, 3, 8, 8), (0, 2, 3), dict(path="persistent", threads=32, grid_rows=2), 32 * 52 + 2 * 512,
+     32 * 32 + 2 * 1024),                                                  # 10 planes a thread: 8 + 2
+]
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("shape,axis,knobs,fwd_smem,bwd_smem", ROW_CACHE_CASES,
+                         ids=[f"{s}-{kn['path']}" for s, _, kn, *_ in ROW_CACHE_CASES])
+def test_row_cache_is_reached(launches, rng, shape, axis, knobs, fwd_smem, bwd_smem):
+    x = rng.standard_normal(shape).astype(np.float32)
+    with gpu.use_backend("emulate"), bn._tuned(**knobs):
+        y, mean, invstd = gpu.batch_norm_forward(x, axis=axis)
+        gpu.batch_norm_backward(x, x, None, mean, invstd, axis=axis)
+    assert launches[0][0] == "batch_norm_forward_onchip" and launches[0][4] == fwd_smem
+    assert launches[1][0] == "batch_norm_backward_onchip" and launches[1][4] == bwd_smem
 
 
 @pytest.mark.kernel

@@ -94,23 +94,29 @@ def test_softmax_and_cross_entropy_paths(where, rng, small, big, tune, kernel, d
     assert_close(dz, want_dz, dtype, "dz")
 
 
-# (emulator shape, GPU shape, axis, _tuned knobs, kernel): the batch-norm engine's paths
+# (emulator shape, GPU shape, axis, _tuned knobs, forward kernel, backward kernel): the batch-norm
+# engine's paths
 BN_CASES = [
     # the streaming two-pass path with a grid merge: (262144, 256) float32 on a GPU is thousands of
-    # blocks arriving at one ticket per tile
-    ((300, 8), (262144, 256), 0, dict(path="twopass"), "batch_norm_stats"),
-    # the persistent cooperative path: x kept on chip across grid.sync()
-    ((200, 8), (4096, 1024), 0, dict(path="persistent"), "batch_norm_forward_onchip"),
+    # blocks arriving at one ticket per tile; the backward's two kernels likewise
+    ((300, 8), (262144, 256), 0, dict(path="twopass"), "batch_norm_stats", "batch_norm_backward_reduce"),
+    # the persistent cooperative path: x (forward), dy and x (backward) kept on chip across
+    # grid.sync(); on an H200, 16 blocks of 256 a tile, 32 rows a thread: 8 in registers, 24 in the
+    # row cache (forward 96 KiB, backward 192 KiB of shared memory: past the 48 KiB opt-in)
+    ((200, 8), (4096, 1024), 0, dict(path="persistent"), "batch_norm_forward_onchip", "batch_norm_backward_onchip"),
+    # the row cache at small sizes too (3 blocks of 32 threads, 13 rows a thread)
+    ((600, 8), (600, 8), 0, dict(path="persistent", threads=32, grid_rows=3), "batch_norm_forward_onchip",
+     "batch_norm_backward_onchip"),
     # channels-first NCHW, the per-channel strided tiles
-    ((4, 5, 6, 6), (32, 64, 56, 56), (0, 2, 3), {}, "batch_norm"),
+    ((4, 5, 6, 6), (32, 64, 56, 56), (0, 2, 3), {}, "batch_norm", "batch_norm_backward"),
     # channels-last NHWC
-    ((4, 6, 6, 5), (32, 56, 56, 64), (0, 1, 2), {}, "batch_norm"),
+    ((4, 6, 6, 5), (32, 56, 56, 64), (0, 1, 2), {}, "batch_norm", "batch_norm_backward"),
 ]
 
 
-@pytest.mark.parametrize("small,big,axis,knobs,kernel", BN_CASES, ids=[f"{'x'.join(map(str, b))}-{k.get('path', 'auto')}"
-                                                                        for _, b, _, k, _ in BN_CASES])
-def test_batch_norm_paths(where, rng, small, big, axis, knobs, kernel):
+@pytest.mark.parametrize("small,big,axis,knobs,kernel,backward", BN_CASES,
+                         ids=[f"{'x'.join(map(str, b))}-{k.get('path', 'auto')}" for _, b, _, k, *_ in BN_CASES])
+def test_batch_norm_paths(where, rng, small, big, axis, knobs, kernel, backward):
     shape = big if where == "cuda" and BIG else small
     dtype = F32
     x = (rng.standard_normal(shape) * 2 + 0.5).astype(dtype)
@@ -123,6 +129,7 @@ def test_batch_norm_paths(where, rng, small, big, axis, knobs, kernel):
         (y, mean, invstd), names = _run(where, gpu.batch_norm_forward, x, g, b, axis=axis)
         _ran(names, kernel)
         (dx, dg, db), names = _run(where, gpu.batch_norm_backward, dy, x, g, mean, invstd, axis=axis)
+        _ran(names, backward)
     axes = axis if isinstance(axis, tuple) else (axis,)
     bshape = [shape[i] if i in kept else 1 for i in range(x.ndim)]
     g64, b64 = g.astype(np.float64).reshape(bshape), b.astype(np.float64).reshape(bshape)

@@ -865,6 +865,8 @@ class _Tuning:
     grid_rows: int | None = None   # force grid.y, the blocks sharing a tile's rows
     path: str = "auto"             # training forward: "auto", "onchip" (one block per tile),
                                    # "persistent" (x on chip across a cooperative grid) or "twopass"
+    backward_path: str | None = None  # backward: the same choices (dy and x on chip; "twopass":
+                                   # batch_norm_backward_reduce + _apply); None follows ``path``
     vector: bool | None = None     # False forces the scalar module; None: vectors where aligned
 
 
@@ -919,7 +921,8 @@ class _Plan:
     tiles: int        # channels-last: C / (bx * vec) tiles; channels-first: C
     chunks: int       # channels-first: pieces of the inner axis per channel
     grid_rows: int    # grid.y
-    smem: int         # dynamic shared memory of the reductions
+    smem: int         # dynamic shared memory of the reductions (and the on-chip kernels' row cache)
+    cache_rows: int = 0   # on-chip kernels: rows per thread in the row cache, after the register rows
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -986,57 +989,105 @@ def _plan(dev, outer: int, C: int, inner: int, itemsize: int, acc, vector: bool,
     return _Plan(vector, vec, bx, T, tiles, chunks, grid_rows, _smem(T, vec, acc))
 
 
-def _onchip_plan(p: _Plan, outer: int, inner: int, acc) -> _Plan | None:
-    """batch_norm_forward_onchip's plan: one block per tile holding all its rows, or None if they
-    do not fit in BN_ONCHIP_ROWS rows per thread of a block of at most BN_ONCHIP_THREADS threads."""
+class _OnChip(NamedTuple):
+    """An on-chip kernel: its name, the constant of its register rows, and the tensors it keeps on
+    chip (x; or dy and x)."""
+
+    kernel: str
+    rows: str
+    rows_16bit: str
+    tensors: int
+
+    def register_rows(self, dtype) -> int:
+        return _k(self.rows if dtype.itemsize >= 4 else self.rows_16bit)
+
+    def smem(self, threads: int, vec: int, itemsize: int, acc, cache_rows: int) -> int:
+        """Dynamic shared memory: the reduction's area (a BnWelford<VEC> or BnGradSums<VEC> per
+        thread), then the row cache (cache_rows vectors per thread and tensor)."""
+        words = 1 + 3 * vec if self.tensors == 1 else 2 * vec
+        return threads * (words * acc.itemsize + cache_rows * vec * itemsize * self.tensors)
+
+
+_FORWARD_ONCHIP = _OnChip("batch_norm_forward_onchip", "BN_ONCHIP_ROWS", "BN_ONCHIP_ROWS", 1)
+_BACKWARD_ONCHIP = _OnChip("batch_norm_backward_onchip", "BN_BACKWARD_ROWS", "BN_BACKWARD_ROWS_16BIT", 2)
+
+
+def _onchip_geometry(xp, dtype, spec: _OnChip, p: _Plan, outer: int, gy: int, by_max: int, cooperative: bool):
+    """The on-chip plan of gy blocks per tile (by threads along the rows, at most ``by_max``): each
+    thread's rows in registers, then the row cache; None if its shared memory exceeds the block's
+    limit (the opt-in limit for a cooperative grid, else the default 48 KiB: many waves of blocks
+    keep their occupancy) or a cooperative grid does not fit the device at once."""
+    rows = spec.register_rows(dtype)
+    by = max(32 // p.bx, min(by_max, _launch.pow2_ceil(_launch.ceil_div(outer, gy * rows))))
+    T = p.bx * by
+    gy = max(1, min(gy, _launch.ceil_div(outer, by)))   # no block without rows
+    cache = max(0, _launch.ceil_div(outer, gy * by) - rows)
+    acc = B.compute_dtype(dtype)
+    smem = spec.smem(T, p.vec, dtype.itemsize, acc, cache)
+    plan = _Plan(p.vector, p.vec, p.bx, T, p.tiles, p.chunks if cooperative else 1, gy, smem, cache)
+    k = _kernels.get_kernel("batch_norm", spec.kernel, xp, dtype, plan.defines)
+    dev = _launch.device(xp)
+    limit = dev["max_shared_memory_per_block_optin" if cooperative else "max_shared_memory_per_block"]
+    if k.static_smem + smem > limit:
+        return None
+    if cooperative and plan.tiles * plan.parts > _kernels.max_cooperative_grid(k, T, smem):
+        return None
+    return plan
+
+
+def _onchip_plan(xp, dtype, spec: _OnChip, p: _Plan, outer: int, inner: int) -> _Plan | None:
+    """One block per tile holding all its rows (an ordinary launch), or None if they do not fit a
+    block of at most BN_ONCHIP_THREADS threads: its register rows and a row cache within the
+    default 48 KiB of shared memory."""
     if p.chunks != 1 or (inner == 1 and p.bx > _k("BN_MAX_COLS")):
         return None
-    by = max(32 // p.bx, _launch.pow2_ceil(_launch.ceil_div(outer, _k("BN_ONCHIP_ROWS"))))
-    T = p.bx * by
-    if T > _k("BN_ONCHIP_THREADS"):
-        return None
-    return _Plan(p.vector, p.vec, p.bx, T, p.tiles, 1, 1, _smem(T, p.vec, acc))
+    return _onchip_geometry(xp, dtype, spec, p, outer, 1, max(1, _k("BN_ONCHIP_THREADS") // p.bx), False)
 
 
-def _persistent_plan(xp, p: _Plan, outer: int, inner: int, acc, dtype, tune: _Tuning) -> _Plan | None:
-    """batch_norm_forward_onchip's cooperative plan: a tile's rows (and, channels-first, its chunks)
-    spread over gy blocks of at most BN_ONCHIP_THREADS threads (capped by the ``threads`` knob)
-    holding BN_ONCHIP_ROWS rows per thread; None if a block cannot hold its share or the grid does
-    not fit the device at once (``max_cooperative_grid``). ``grid_rows`` forces gy."""
-    rows, most_threads = _k("BN_ONCHIP_ROWS"), _k("BN_ONCHIP_THREADS")
+def _persistent_plan(xp, dtype, spec: _OnChip, p: _Plan, outer: int, inner: int, tune: _Tuning) -> _Plan | None:
+    """The cooperative on-chip plan: a tile's rows (and, channels-first, its chunks) spread over gy
+    blocks of at most BN_ONCHIP_THREADS threads (capped by the ``threads`` knob), every block
+    resident at once (``max_cooperative_grid``). First the register rows alone (the most blocks);
+    where those cannot hold x, one wave of 2, then 1 block per SM with the rest of each thread's
+    rows in the row cache (up to the opt-in shared memory: 227 KiB a block on an H100/H200). None
+    if the tile's rows fit in neither. ``grid_rows`` forces gy."""
     if inner == 1 and p.bx > _k("BN_MAX_COLS"):
         return None
-    per_block = max(1, min(tune.threads, most_threads) // p.bx) * rows
-    gy = tune.grid_rows or _launch.ceil_div(outer, per_block)
-    by = max(32 // p.bx, _launch.pow2_ceil(_launch.ceil_div(outer, gy * rows)))
-    T = p.bx * by
-    if T > most_threads:
-        return None
-    gy = min(gy, _launch.ceil_div(outer, by))        # no block without rows
-    plan = _Plan(p.vector, p.vec, p.bx, T, p.tiles, p.chunks, gy, _smem(T, p.vec, acc))
-    k = _kernels.get_kernel("batch_norm", "batch_norm_forward_onchip", xp, dtype, plan.defines)
-    fits = _kernels.max_cooperative_grid(k, T, plan.smem)
-    return plan if plan.tiles * plan.parts <= fits else None
+    by_max = max(1, min(tune.threads, _k("BN_ONCHIP_THREADS")) // p.bx)
+    if tune.grid_rows:
+        return _onchip_geometry(xp, dtype, spec, p, outer, tune.grid_rows, by_max, True)
+    plan = _onchip_geometry(xp, dtype, spec, p, outer, _launch.ceil_div(outer, by_max * spec.register_rows(dtype)),
+                            by_max, True)
+    if plan is not None:
+        return plan
+    sm_count = _launch.device(xp)["sm_count"]
+    for per_sm in (2, 1):
+        gy = sm_count * per_sm // (p.tiles * p.chunks)
+        plan = _onchip_geometry(xp, dtype, spec, p, outer, gy, by_max, True) if gy >= 1 else None
+        if plan is not None:
+            return plan
+    return None
 
 
-def _onchip_choice(xp, dev, p: _Plan, outer: int, inner: int, acc, dtype, tune: _Tuning) -> _Plan | None:
-    """The training forward's on-chip plan (x read once), or None for the two-pass path.
+def _onchip_choice(xp, dev, p: _Plan, outer: int, inner: int, dtype, tune: _Tuning, spec: _OnChip,
+                   path: str) -> _Plan | None:
+    """The on-chip plan of the training forward (x read once) or of the backward (dy and x read
+    once), or None for the two-kernel path.
 
-    ``auto``: one block per tile when that costs no parallelism (the two-pass grid has one block
-    per tile anyway, or there are tiles enough to fill every SM); else the persistent grid if x fits
-    on chip across the blocks the device holds at once; else two-pass. ``onchip``/``persistent``
-    force one of the two (ValueError if it does not fit), ``twopass`` the two-pass path.
+    ``auto``: one block per tile when that costs no parallelism (the streaming grid has one block
+    per tile anyway, or there are tiles enough to fill every SM); else the persistent grid if the
+    rows fit on chip across the blocks the device holds at once; else two kernels. ``onchip`` /
+    ``persistent`` force one of the two (ValueError if it does not fit), ``twopass`` two kernels.
     """
-    path = tune.path
     if path == "twopass":
         return None
     if path in ("auto", "onchip"):
-        plan = _onchip_plan(p, outer, inner, acc)
+        plan = _onchip_plan(xp, dtype, spec, p, outer, inner)
         if path == "onchip" and plan is None:
             raise ValueError(f"path='onchip': a tile of {outer} rows does not fit one block")
         if plan is not None and (path == "onchip" or p.grid_rows == 1 or p.tiles >= dev["sm_count"]):
             return plan
-    plan = _persistent_plan(xp, p, outer, inner, acc, dtype, tune)
+    plan = _persistent_plan(xp, dtype, spec, p, outer, inner, tune)
     if path == "persistent" and plan is None:
         raise ValueError(f"path='persistent': {outer} rows x {p.tiles} tiles do not fit on chip across "
                          "the blocks the device holds at once")
@@ -1097,18 +1148,24 @@ def _resident(xp, dtype, vector: bool, threads: int, smem: int) -> int:
     return max(1, most // dev["sm_count"])
 
 
-def _plans(xp, v: _View, dtype, vector: bool, forward: bool) -> _Plans:
-    """The plans for this view, kept per shape, dtype, alignment, device and knobs."""
+def _plans(xp, v: _View, dtype, vector: bool, op: str | None) -> _Plans:
+    """The plans for this view, kept per shape, dtype, alignment, device and knobs; with the on-chip
+    plan of ``op`` ("forward" or "backward"; None: the streaming plan alone)."""
     dev = _launch.device(xp)
     tune = _TUNING
     # the default knobs by identity (hashing the dataclass costs more than the rest of the key)
-    key = (v.outer, v.C, v.inner, dtype, vector, forward, id(dev), None if tune is _DEFAULT_TUNING else tune)
+    key = (v.outer, v.C, v.inner, dtype, vector, op, id(dev), None if tune is _DEFAULT_TUNING else tune)
 
     def make():
         acc = B.compute_dtype(dtype)
         p = _plan(dev, v.outer, v.C, v.inner, dtype.itemsize, acc, vector, tune,
                   resident=lambda vec, T, smem: _resident(xp, dtype, vec, T, smem))
-        onchip = _onchip_choice(xp, dev, p, v.outer, v.inner, acc, dtype, tune) if forward else None
+        onchip = None
+        if op == "forward":
+            onchip = _onchip_choice(xp, dev, p, v.outer, v.inner, dtype, tune, _FORWARD_ONCHIP, tune.path)
+        elif op == "backward":
+            onchip = _onchip_choice(xp, dev, p, v.outer, v.inner, dtype, tune, _BACKWARD_ONCHIP,
+                                    tune.path if tune.backward_path is None else tune.backward_path)
         return _Plans(xp, dtype, p, onchip)
 
     return _PLANS.get(key, make)
@@ -1160,7 +1217,7 @@ def _stats_launch(xp, x, gamma, beta, running_mean, running_var, lay, eps, momen
     rm, rv = _as_acc(xp, running_mean, acc), _as_acc(xp, running_var, acc)
     y3 = B.empty(xp, v.x.shape, x.dtype) if normalize else None
     # outputs come from the array library's allocator, 16-byte aligned: only x decides
-    plans = _plans(xp, v, x.dtype, v.aligned, normalize)
+    plans = _plans(xp, v, x.dtype, v.aligned, "forward" if normalize else None)
     p, onchip = plans.p, plans.onchip
     # absent arrays: a valid pointer the kernel never reads (the flags say so)
     named = {"mean": mean, "var": var, "invstd": invstd, "scale": scale, "shift": shift,
@@ -1172,7 +1229,7 @@ def _stats_launch(xp, x, gamma, beta, running_mean, running_var, lay, eps, momen
     if onchip is not None:
         ws, _ = _workspace(xp, onchip, 4, C, acc)
         k = plans.kernel("batch_norm_forward_onchip", onchip)
-        named.update(plans.fixed(v, onchip, acc), y=y3, ws=ws)
+        named.update(plans.fixed(v, onchip, acc), y=y3, ws=ws, cache_rows=np.int32(onchip.cache_rows))
         _kernels.launch(k, onchip.grid, onchip.threads, k.args_from(named), shared_mem=onchip.smem,
                         cooperative=onchip.parts > 1)
     else:
@@ -1218,7 +1275,7 @@ def _gpu_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps):
     scale, shift = _ws.get(xp).buffer("batch_norm.params", acc, 2 * v.C).reshape(2, v.C)   # scratch
     g, b = _as_acc(xp, gamma, acc), _as_acc(xp, beta, acc)
     rm, rv = _as_acc(xp, running_mean, acc), _as_acc(xp, running_var, acc)
-    plans = _plans(xp, v, x.dtype, v.aligned, False)
+    plans = _plans(xp, v, x.dtype, v.aligned, None)
     T = _k("BN_PARAMS_THREADS")
     k = plans.kernel("batch_norm_inference_params", plans.p)
     _kernels.launch(k, _launch.ceil_div(v.C, T), T,
@@ -1241,20 +1298,30 @@ def _gpu_backward(xp, dy, x, gamma, mean, invstd, lay, sync=None):
     dgamma, dbeta, k, a, b = B.empty(xp, (5, C), acc)              # one allocation, five rows
     if C > 0:
         mu, istd, g = _as_acc(xp, mean, acc), _as_acc(xp, invstd, acc), _as_acc(xp, gamma, acc)
-        plans = _plans(xp, v, x.dtype, v.aligned and vg.aligned, False)
-        p = plans.p
-        ws, counters = _workspace(xp, p, 2, C, acc)
-        geo = plans.geometry(v, p)
-        kr = plans.kernel("batch_norm_backward_reduce", p)
-        _kernels.launch(kr, p.grid, p.threads, kr.args_from(geo | {
-            "dgamma": dgamma, "dbeta": dbeta, "k": k, "a": a, "b": b, "ws": ws, "counters": counters, "dy": vg.x,
-            "x": v.x, "mean": mu, "invstd": istd, "gamma": g if g is not None else istd,
-            "inv_m": plans.scalars(v, acc)["inv_m"], "flags": _flags(g)}), shared_mem=p.smem)
-        if sync is not None:
-            sync(dgamma, dbeta, k, a, b)
-        ka = plans.kernel("batch_norm_backward_apply", p)
-        _kernels.launch(ka, p.grid, p.threads, ka.args_from(geo | {
-            "dx": dx3, "dy": vg.x, "x": v.x, "mean": mu, "k": k, "a": a, "b": b}))
+        # synchronized batch norm rewrites the coefficients between two kernels: no on-chip path
+        plans = _plans(xp, v, x.dtype, v.aligned and vg.aligned, "backward" if sync is None else None)
+        p, onchip = plans.p, plans.onchip
+        if onchip is not None:
+            ws, _ = _workspace(xp, onchip, 2, C, acc)
+            ko = plans.kernel("batch_norm_backward_onchip", onchip)
+            _kernels.launch(ko, onchip.grid, onchip.threads, ko.args_from(plans.geometry(v, onchip) | {
+                "dx": dx3, "dgamma": dgamma, "dbeta": dbeta, "ws": ws, "dy": vg.x, "x": v.x, "mean": mu,
+                "invstd": istd, "gamma": g if g is not None else istd, "inv_m": plans.scalars(v, acc)["inv_m"],
+                "flags": _flags(g), "cache_rows": np.int32(onchip.cache_rows)}),
+                shared_mem=onchip.smem, cooperative=onchip.parts > 1)
+        else:
+            ws, counters = _workspace(xp, p, 2, C, acc)
+            geo = plans.geometry(v, p)
+            kr = plans.kernel("batch_norm_backward_reduce", p)
+            _kernels.launch(kr, p.grid, p.threads, kr.args_from(geo | {
+                "dgamma": dgamma, "dbeta": dbeta, "k": k, "a": a, "b": b, "ws": ws, "counters": counters,
+                "dy": vg.x, "x": v.x, "mean": mu, "invstd": istd, "gamma": g if g is not None else istd,
+                "inv_m": plans.scalars(v, acc)["inv_m"], "flags": _flags(g)}), shared_mem=p.smem)
+            if sync is not None:
+                sync(dgamma, dbeta, k, a, b)
+            ka = plans.kernel("batch_norm_backward_apply", p)
+            _kernels.launch(ka, p.grid, p.threads, ka.args_from(geo | {
+                "dx": dx3, "dy": vg.x, "x": v.x, "mean": mu, "k": k, "a": a, "b": b}))
     return (v.restore(dx3), dgamma.reshape(lay.kept_shape).astype(out_dtype, copy=False),
             dbeta.reshape(lay.kept_shape).astype(out_dtype, copy=False))
 
