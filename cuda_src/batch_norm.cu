@@ -207,19 +207,30 @@ __device__ __forceinline__ void finalize_channel(const StatsOut& o, int c, acc_t
     }
 }
 
-// Finalize the tile's channels from its merged states (in threads threadIdx.x < S). When
-// `coef_smem` is given, also leave word w of (mean, scale, shift) of lane j of column col at
-// coef_smem[w * BN_MAX_COLS * VEC + col * L + j], for the block to normalize with.
+// The final values of lane j (channel c) of merged statistics: finalize_channel.
 template <int L>
-__device__ __forceinline__ void finalize_tile(const BnWelford<L>& w, const Tile& t, const StatsOut& o, bool write,
+__device__ __forceinline__ void finalize_lane(const StatsOut& o, const BnWelford<L>& w, int j, int c, bool write,
+                                              acc_t* coef) {
+    finalize_channel(o, c, w.mean[j], w.variance(j, o.inv_m), write, coef);
+}
+
+// ---------------------------------------------------------------------------------------------
+// A tile's reduction, end to end (A: BnWelford with StatsOut, or BnGradSums with GradOut)
+// ---------------------------------------------------------------------------------------------
+
+// Finalize the tile's channels from its merged partials (in threads threadIdx.x < S). When
+// `coef_smem` is given, also leave word w of the three coefficients of lane j of column col at
+// coef_smem[w * BN_MAX_COLS * VEC + col * L + j], for the block to apply.
+template <class A, class Out>
+__device__ __forceinline__ void finalize_tile(const A& a, const Tile& t, const Out& o, bool write,
                                               acc_t* coef_smem) {
     if ((int)threadIdx.x < t.ncols && t.col_active) {
 #pragma unroll
-        for (int j = 0; j < L; ++j) {
+        for (int j = 0; j < A::kLanes; ++j) {
             acc_t coef[3];
-            finalize_channel(o, t.c0 + j, w.mean[j], w.variance(j, o.inv_m), write, coef);
+            finalize_lane(o, a, j, t.c0 + j, write, coef);
             if (coef_smem) {
-                const int q = threadIdx.x * L + j;
+                const int q = threadIdx.x * A::kLanes + j;
                 coef_smem[q] = coef[0];
                 coef_smem[BN_MAX_COLS * VEC + q] = coef[1];
                 coef_smem[2 * BN_MAX_COLS * VEC + q] = coef[2];
@@ -228,28 +239,29 @@ __device__ __forceinline__ void finalize_tile(const BnWelford<L>& w, const Tile&
     }
 }
 
-// batch_norm_stats: block reduce, grid merge through the counter, finalize.
-template <int L>
-__device__ __forceinline__ void finish_stats(BnWelford<L> w, const Tile& t, int C, const StatsOut& o,
-                                             acc_t* ws, unsigned int* counters, acc_t* smem) {
-    w = reduce_columns(w, t.ncols, smem);
-    if (!merge_grid(w, t, C, ws, counters, smem)) return;
-    finalize_tile(w, t, o, true, nullptr);
+// The streaming kernels (batch_norm_stats, batch_norm_backward_reduce): block reduce, grid merge
+// through the counter, the last block finalizes.
+template <class A, class Out>
+__device__ __forceinline__ void finish_streaming(A a, const Tile& t, int C, const Out& o, acc_t* ws,
+                                                 unsigned int* counters, acc_t* smem) {
+    a = reduce_columns(a, t.ncols, smem);
+    if (!merge_grid(a, t, C, ws, counters, smem)) return;
+    finalize_tile(a, t, o, true, nullptr);
 }
 
-// batch_norm_forward_onchip: block reduce; with several blocks per tile, partials through the workspace
+// The on-chip kernels: block reduce; with several blocks per tile, partials through the workspace
 // and a grid barrier, merged by every block; the coefficients into coef_smem. Block part 0 writes
-// the statistics.
-template <int L>
-__device__ __forceinline__ void onchip_stats(BnWelford<L> w, const Tile& t, int C, const StatsOut& o,
-                                             acc_t* ws, acc_t* smem, acc_t* coef_smem) {
-    w = reduce_columns(w, t.ncols, smem);
+// the per-channel outputs.
+template <class A, class Out>
+__device__ __forceinline__ void finish_onchip(A a, const Tile& t, int C, const Out& o, acc_t* ws, acc_t* smem,
+                                              acc_t* coef_smem) {
+    a = reduce_columns(a, t.ncols, smem);
     if (t.nparts > 1) {
-        store_tile_partial(w, t, C, ws);
+        store_tile_partial(a, t, C, ws);
         cooperative_groups::this_grid().sync();  // orders the partials' stores before the loads
-        w = merge_tile_partials<BnWelford<L>>(t, C, ws, smem);
+        a = merge_tile_partials<A>(t, C, ws, smem);
     }
-    finalize_tile(w, t, o, t.part == 0, coef_smem);
+    finalize_tile(a, t, o, t.part == 0, coef_smem);
 }
 
 extern "C" __global__ void __launch_bounds__(BN_MAX_THREADS)
@@ -277,9 +289,9 @@ batch_norm_stats(acc_t* mean, acc_t* var, acc_t* invstd, acc_t* scale, acc_t* sh
         }
     }
     if (inner == 1)
-        finish_stats<VEC>(w, t, C, o, ws, counters, bn_smem);
+        finish_streaming(w, t, C, o, ws, counters, bn_smem);
     else
-        finish_stats<1>(w.fold(), t, C, o, ws, counters, bn_smem);
+        finish_streaming(w.fold(), t, C, o, ws, counters, bn_smem);
 }
 
 // Every row of the grid on chip: grid = (tiles * chunks, gy), by * gy * (BN_ONCHIP_ROWS + cache_rows)
@@ -325,9 +337,9 @@ batch_norm_forward_onchip(scalar_t* y, acc_t* mean, acc_t* var, acc_t* invstd, a
         }
     }
     if (inner == 1)
-        onchip_stats<VEC>(w, t, C, o, ws, bn_smem, coef_smem);
+        finish_onchip(w, t, C, o, ws, bn_smem, coef_smem);
     else
-        onchip_stats<1>(w.fold(), t, C, o, ws, bn_smem, coef_smem);
+        finish_onchip(w.fold(), t, C, o, ws, bn_smem, coef_smem);
     __syncthreads();
     if (!t.active) return;
     acc_t mu[VEC], sc[VEC], sh[VEC];
@@ -440,45 +452,10 @@ __device__ __forceinline__ void grad_channel(const GradOut& o, int c, acc_t sum_
     }
 }
 
-// The tile's coefficients from its merged sums (threads threadIdx.x < S); with coef_smem, (k, a, b)
-// of lane j of column col also at coef_smem[w * BN_MAX_COLS * VEC + col * L + j].
 template <int L>
-__device__ __forceinline__ void finalize_grad_tile(const BnGradSums<L>& s, const Tile& t, const GradOut& o,
-                                                   bool write, acc_t* coef_smem) {
-    if ((int)threadIdx.x < t.ncols && t.col_active) {
-#pragma unroll
-        for (int j = 0; j < L; ++j) {
-            acc_t coef[3];
-            grad_channel(o, t.c0 + j, s.dy[j], s.dyx[j], write, coef);
-            if (coef_smem) {
-                const int q = threadIdx.x * L + j;
-                coef_smem[q] = coef[0];
-                coef_smem[BN_MAX_COLS * VEC + q] = coef[1];
-                coef_smem[2 * BN_MAX_COLS * VEC + q] = coef[2];
-            }
-        }
-    }
-}
-
-template <int L>
-__device__ __forceinline__ void finish_grad(BnGradSums<L> s, const Tile& t, int C, const GradOut& o,
-                                            acc_t* ws, unsigned int* counters, acc_t* smem) {
-    s = reduce_columns(s, t.ncols, smem);
-    if (!merge_grid(s, t, C, ws, counters, smem)) return;
-    finalize_grad_tile(s, t, o, true, nullptr);
-}
-
-// batch_norm_backward_onchip: as onchip_stats, for the sums; block part 0 writes dgamma, dbeta.
-template <int L>
-__device__ __forceinline__ void onchip_grad(BnGradSums<L> s, const Tile& t, int C, const GradOut& o,
-                                            acc_t* ws, acc_t* smem, acc_t* coef_smem) {
-    s = reduce_columns(s, t.ncols, smem);
-    if (t.nparts > 1) {
-        store_tile_partial(s, t, C, ws);
-        cooperative_groups::this_grid().sync();  // orders the partials' stores before the loads
-        s = merge_tile_partials<BnGradSums<L>>(t, C, ws, smem);
-    }
-    finalize_grad_tile(s, t, o, t.part == 0, coef_smem);
+__device__ __forceinline__ void finalize_lane(const GradOut& o, const BnGradSums<L>& s, int j, int c, bool write,
+                                              acc_t* coef) {
+    grad_channel(o, c, s.dy[j], s.dyx[j], write, coef);
 }
 
 extern "C" __global__ void __launch_bounds__(BN_MAX_THREADS)
@@ -511,9 +488,9 @@ batch_norm_backward_reduce(acc_t* dgamma, acc_t* dbeta, acc_t* k, acc_t* a, acc_
         }
     }
     if (inner == 1)
-        finish_grad<VEC>(s, t, C, o, ws, counters, bn_smem);
+        finish_streaming(s, t, C, o, ws, counters, bn_smem);
     else
-        finish_grad<1>(s.fold(), t, C, o, ws, counters, bn_smem);
+        finish_streaming(s.fold(), t, C, o, ws, counters, bn_smem);
 }
 
 // The backward with x and dy on chip, dx = k*dy + a*(x - mean) + b from sums it reduced itself:
@@ -572,9 +549,9 @@ batch_norm_backward_onchip(scalar_t* dx, acc_t* dgamma, acc_t* dbeta, acc_t* ws,
         }
     }
     if (inner == 1)
-        onchip_grad<VEC>(s, t, C, o, ws, bn_smem, coef_smem);
+        finish_onchip(s, t, C, o, ws, bn_smem, coef_smem);
     else
-        onchip_grad<1>(s.fold(), t, C, o, ws, bn_smem, coef_smem);
+        finish_onchip(s.fold(), t, C, o, ws, bn_smem, coef_smem);
     __syncthreads();
     if (!t.active) return;
     acc_t ck[VEC], ca[VEC], cb[VEC];

@@ -22,7 +22,7 @@
 //                                       (common.cuh's last_block_ticket) merges: it holds the
 //                                       tile's final partial
 // A partial type A provides init, merge, shfl_down, save / load (shared memory) and
-// store_partial / load_partial (workspace), and kWords, its words per thread.
+// store_partial / load_partial (workspace), kLanes, and kWords, its words per thread.
 //
 // View. gpu/ops/batch_norm.py maps every layout onto the (outer, C, inner) view:
 //     (N, C) axis=0 -> (N, C, 1)      NCHW axis=(0,2,3) -> (N, C, H*W)
@@ -177,6 +177,7 @@ __device__ __forceinline__ double bn_pow2_inv(double d) {
 
 template <int L>
 struct BnWelford {
+    static constexpr int kLanes = L;
     static constexpr int kWords = 1 + 3 * L;
     acc_t n, mean[L], m2[L], sc[L];
 
@@ -328,6 +329,7 @@ struct BnWelford {
 // Backward sums of L lanes: sum(dy) and sum(dy * (x - mean)).
 template <int L>
 struct BnGradSums {
+    static constexpr int kLanes = L;
     static constexpr int kWords = 2 * L;
     acc_t dy[L], dyx[L];
 
