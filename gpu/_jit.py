@@ -59,6 +59,10 @@ def _build(nb):
     # error_model="numpy" keeps the loops free of Python's division checks.
     njit = nb.njit
     opts = dict(cache=True, nogil=True, error_model="numpy")
+    # the sums along a plane may be reassociated (several accumulators, SIMD lanes): 3-4x faster
+    # than one serial chain of float64 adds, still a fixed order (the same bits on any thread
+    # count); NaN and inf keep their IEEE meaning (no other fast-math flag)
+    planes = dict(opts, fastmath={"reassoc"})
 
     @njit(**opts)
     def rows_stats(x, r0, r1, sub, pm, pq):
@@ -84,7 +88,7 @@ def _build(nb):
                 pm[k, c] = s[c]
                 pq[k, c] = q[c]
 
-    @njit(**opts)
+    @njit(**planes)
     def planes_stats(x, p0, p1, mean, m2):
         """(mean, M2) of each plane p in [p0, p1) of x (planes, inner), into mean[p], m2[p]."""
         inner = x.shape[1]
@@ -159,7 +163,7 @@ def _build(nb):
                 ps[k, c] = s[c]
                 pd[k, c] = t[c]
 
-    @njit(**opts)
+    @njit(**planes)
     def planes_grad_sums(dy, x, mean, p0, p1, C, sdy, sdx):
         inner = x.shape[1]
         for p in range(p0, p1):
@@ -196,6 +200,73 @@ def _build(nb):
             for j in range(inner):
                 out[j] = (xr[j] - mu) * aa + bb + g[j] * kk
 
+    # Small x (the NumPy path's small-x switch): the whole call in one serial compiled call, where
+    # NumPy's per-call cost (a microsecond or more per ufunc, 3-4 per BLAS product) outweighs the
+    # arithmetic. The statistics are `rows_stats` or `planes_stats` + `chan_merge` over one block:
+    # the bits of the blocked loops above for an x of one block.
+
+    @njit(**opts)
+    def small_stats(x3, mean, var):
+        """(mean, biased var) per channel of a whole (outer, C, inner) x, stored into mean, var (C,)
+        of x's dtype. Returns whether both are finite there."""
+        outer, C, inner = x3.shape
+        if inner == 1:
+            pm, pq = np.empty((1, C)), np.empty((1, C))
+            rows_stats(x3.reshape((outer, C)), 0, outer, outer, pm, pq)
+            mu, m2 = pm[0], pq[0]
+        else:
+            pm, pq = np.empty(outer * C), np.empty(outer * C)
+            planes_stats(x3.reshape((outer * C, inner)), 0, outer * C, pm, pq)
+            mu, m2 = chan_merge(pm.reshape((outer, C)), pq.reshape((outer, C)), np.full(outer, float(inner)))
+        n = outer * inner
+        ok = True
+        for c in range(C):
+            mean[c] = mu[c]
+            var[c] = m2[c] / n
+            ok = ok and np.isfinite(mean[c]) and np.isfinite(var[c])
+        return ok
+
+    @njit(**opts)
+    def small_affine(y3, x3, center, scale, shift):
+        """y = (x - center) * scale + shift over a whole (outer, C, inner) x."""
+        outer, C, inner = x3.shape
+        if inner == 1:
+            rows_affine(y3.reshape((outer, C)), x3.reshape((outer, C)), center, scale, shift, 0, outer)
+        else:
+            planes_affine(y3.reshape((outer * C, inner)), x3.reshape((outer * C, inner)), center, scale, shift,
+                          0, outer * C, C)
+
+    @njit(**opts)
+    def small_forward(y3, mean, var, invstd, x3, gamma, beta, eps, rm, rv, keep, momentum, unbias):
+        """The training forward of a whole x: `small_stats`, invstd = 1 / sqrt(var + eps) (0 where
+        var + eps == 0, PyTorch's native op), y = (x - mean) * invstd * gamma + beta; per-channel
+        arrays (C,) of x's dtype, eps a scalar of it. Running statistics rm, rv (empty: none)
+        updated in place with the NumPy path's roundings in x's dtype: rm * keep + momentum * mean,
+        rv * keep + momentum * (var * unbias). Returns False (nothing written but the statistics)
+        when a statistic is not finite."""
+        if not small_stats(x3, mean, var):
+            return False
+        scale = np.empty_like(mean)
+        for c in range(mean.shape[0]):
+            v = var[c] + eps
+            invstd[c] = 0 if v == 0 else 1 / np.sqrt(v)
+            scale[c] = invstd[c] * gamma[c]
+        small_affine(y3, x3, mean, scale, beta)
+        for c in range(rm.shape[0]):
+            rm[c] = rm[c] * keep + momentum * mean[c]
+            rv[c] = rv[c] * keep + momentum * (var[c] * unbias)
+        return True
+
+    @njit(**opts)
+    def small_inference(y3, x3, gamma, beta, running_mean, running_var, eps):
+        """Inference over a whole x: y = (x - running_mean) * gamma / sqrt(running_var + eps) + beta
+        (scale 0 where running_var + eps == 0); per-channel arrays (C,) of x's dtype."""
+        scale = np.empty_like(gamma)
+        for c in range(gamma.shape[0]):
+            v = running_var[c] + eps
+            scale[c] = 0 if v == 0 else gamma[c] / np.sqrt(v)
+        small_affine(y3, x3, running_mean, scale, beta)
+
     return {name: f for name, f in locals().items() if callable(f) and name not in ("njit",)}
 
 
@@ -231,6 +302,54 @@ def _stats(k, x3):
     _cpu.map_ordered(lambda b: k["planes_stats"](x, b[0], b[1], pm, pq), _ranges(outer * C, _sub(inner * x.itemsize)))
     mean, m2 = k["chan_merge"](pm.reshape(outer, C), pq.reshape(outer, C), np.full(outer, float(inner)))
     return mean, m2 / (outer * inner)
+
+
+def _param(p, C: int, dtype, fill: float):
+    """A (C,) per-channel array of dtype for the loops (``fill`` for None): contiguous, writeable
+    (Numba compiles read-only arrays as another type)."""
+    if p is None:
+        return np.full(C, fill, dtype)
+    a = p.reshape(-1)
+    if a.dtype != dtype or not (a.flags.c_contiguous and a.flags.writeable):
+        a = np.array(a, dtype)
+    return a
+
+
+def small_stats(x3):
+    """(mean, biased var) per channel of a small C-contiguous (outer, C, inner) float32/float64
+    view in one serial call, (C,) arrays of x's dtype; None when one is not finite."""
+    mean, var = np.empty(x3.shape[1], x3.dtype), np.empty(x3.shape[1], x3.dtype)
+    return (mean, var) if _load()["small_stats"](x3, mean, var) else None
+
+
+def small_forward(x3, gamma, beta, eps: float, running=None):
+    """`forward` for a small x, one serial call: (y3, mean, var, invstd) or None. ``running``:
+    (running_mean, running_var, momentum, M), the two (C,) C-contiguous arrays of x's dtype, to be
+    updated in place as ``gpu.ops.batch_norm``'s NumPy path does (with M / (M - 1) for the
+    variance); not touched when None is returned."""
+    C, dt = x3.shape[1], x3.dtype
+    y3 = np.empty_like(x3)
+    mean, var, invstd = np.empty(C, dt), np.empty(C, dt), np.empty(C, dt)
+    if running is None:
+        rm = rv = np.empty(0, dt)
+        momentum = m = 2
+    else:
+        rm, rv, momentum, m = running
+    if not _load()["small_forward"](y3, mean, var, invstd, x3, _param(gamma, C, dt, 1.0), _param(beta, C, dt, 0.0),
+                                    dt.type(eps), rm, rv, dt.type(1 - momentum), dt.type(momentum),
+                                    dt.type(m / (m - 1))):
+        return None
+    return y3, mean, var, invstd
+
+
+def small_inference(x3, gamma, beta, running_mean, running_var, eps: float):
+    """Inference for a small x, one serial call: y3. Per-channel arrays in any float dtype (or
+    None for gamma, beta)."""
+    C, dt = x3.shape[1], x3.dtype
+    y3 = np.empty_like(x3)
+    _load()["small_inference"](y3, x3, _param(gamma, C, dt, 1.0), _param(beta, C, dt, 0.0),
+                               _param(running_mean, C, dt, 0.0), _param(running_var, C, dt, 0.0), dt.type(eps))
+    return y3
 
 
 def forward(x3, gamma, beta, eps: float):
