@@ -9,28 +9,35 @@ each phase in one pass over memory, as PyTorch's CPU kernels do:
     backward  sums of dy and dy * (x - mean): dy and x read once;
               dx = k * dy + a * (x - mean) + b: dy, x read, dx written      5 E*s
 
-The loops are serial and release the GIL: the NumPy path's thread pool runs one call per thread,
-each over a contiguous share of whole row blocks (``gpu._cpu``'s ~1 MiB), and every block leaves
-its own partial, combined in block order. Numerics follow the NumPy
+Each phase is a prange over row blocks (``gpu._cpu``'s ~1 MiB) on Numba's threads (OpenMP or
+TBB: workers that spin between regions, as PyTorch's; the NumPy path's Python pool, whose workers
+are woken per call, started a share hundreds of microseconds late on a VM), ``gpu._cpu.threads()``
+of them; every block leaves its own partial, combined in block order. Numerics follow the NumPy
 path: statistics by a two-pass within each block (its mean, then its centred sum of squares, from
 cache) in float64, merged across blocks by Chan's formula; the backward's sums in x's dtype within
-a block, float64 across blocks: bitwise the same for any number of threads. A non-finite statistic returns
-None and the NumPy path (overflow-safe, PyTorch's special values) computes the call instead.
+a block, float64 across blocks: bitwise the same for any number of threads. A non-finite statistic
+returns None and the NumPy path (overflow-safe, PyTorch's special values) computes the call instead.
 
-Used by ``gpu.ops.batch_norm`` for float32/float64 x on the NumPy path past its small-x path, when
-Numba imports and ``GPU_CPU_JIT`` is not ``0``. The NumPy path stays the reference: the tests run
+Small x (the NumPy path's small-x switch, at most 128K elements) takes one serial compiled call per
+op (statistics, the training forward with the running statistics, inference): there NumPy's cost
+is per call, about 20 ufunc and BLAS calls against one.
+
+Used by ``gpu.ops.batch_norm`` for C-contiguous float32/float64 x on the NumPy path, when Numba
+imports and ``GPU_CPU_JIT`` is not ``0``. The NumPy path stays the reference: the tests run
 both (tests/test_batch_norm_jit.py, skipped without Numba). Loops compile on first use (cached on
 disk by Numba).
 """
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 
 from gpu import _cpu
 
 _kernels = None
+_numba = None
 
 
 def available() -> bool:
@@ -41,21 +48,22 @@ def available() -> bool:
 
 
 def _load():
-    global _kernels
+    global _kernels, _numba
     if _kernels is None:
         try:
             import numba
         except ImportError:
             _kernels = False
             return None
+        _numba = numba
         _kernels = _build(numba)
     return _kernels or None
 
 
 def _build(nb):
     # Serial loops over a range of rows (channels-last, x as (outer, C)) or of planes
-    # (channels-first, x as (outer * C, inner)); gpu._cpu's pool runs one range per thread (the
-    # loops release the GIL); partials per block, merged in block order. Float64 accumulators;
+    # (channels-first, x as (outer * C, inner)); the `par_` drivers below run them block by block
+    # on Numba's threads; partials per block, merged in block order. Float64 accumulators;
     # error_model="numpy" keeps the loops free of Python's division checks.
     njit = nb.njit
     opts = dict(cache=True, nogil=True, error_model="numpy")
@@ -200,6 +208,61 @@ def _build(nb):
             for j in range(inner):
                 out[j] = (xr[j] - mu) * aa + bb + g[j] * kk
 
+    # The drivers: every block of `sub` rows (planes) of a call, spread over Numba's threads by
+    # prange (OpenMP or TBB workers that spin between regions: Python pool threads, woken per call,
+    # started a few hundred microseconds late on a VM and often left one thread doing both shares).
+    # Each block writes its own partial: the same bits for any number of threads.
+    par = dict(opts, parallel=True)
+    prange = nb.prange
+
+    @njit(**par)
+    def par_rows_stats(x, sub, pm, pq):
+        n = x.shape[0]
+        for k in prange(pm.shape[0]):
+            rows_stats(x, k * sub, min(n, (k + 1) * sub), sub, pm, pq)
+
+    @njit(**par)
+    def par_planes_stats(x, sub, mean, m2):
+        n = x.shape[0]
+        for k in prange(-(-n // sub)):
+            planes_stats(x, k * sub, min(n, (k + 1) * sub), mean, m2)
+
+    @njit(**par)
+    def par_rows_affine(y, x, center, scale, shift, sub):
+        n = x.shape[0]
+        for k in prange(-(-n // sub)):
+            rows_affine(y, x, center, scale, shift, k * sub, min(n, (k + 1) * sub))
+
+    @njit(**par)
+    def par_planes_affine(y, x, center, scale, shift, sub, C):
+        n = x.shape[0]
+        for k in prange(-(-n // sub)):
+            planes_affine(y, x, center, scale, shift, k * sub, min(n, (k + 1) * sub), C)
+
+    @njit(**par)
+    def par_rows_grad_sums(dy, x, mean, sub, ps, pd):
+        n = x.shape[0]
+        for k in prange(ps.shape[0]):
+            rows_grad_sums(dy, x, mean, k * sub, min(n, (k + 1) * sub), sub, ps, pd)
+
+    @njit(**par)
+    def par_planes_grad_sums(dy, x, mean, sub, C, sdy, sdx):
+        n = x.shape[0]
+        for k in prange(-(-n // sub)):
+            planes_grad_sums(dy, x, mean, k * sub, min(n, (k + 1) * sub), C, sdy, sdx)
+
+    @njit(**par)
+    def par_rows_grad_apply(dx, dy, x, mean, kk, a, b, sub):
+        n = x.shape[0]
+        for k in prange(-(-n // sub)):
+            rows_grad_apply(dx, dy, x, mean, kk, a, b, k * sub, min(n, (k + 1) * sub))
+
+    @njit(**par)
+    def par_planes_grad_apply(dx, dy, x, mean, kk, a, b, sub, C):
+        n = x.shape[0]
+        for k in prange(-(-n // sub)):
+            planes_grad_apply(dx, dy, x, mean, kk, a, b, k * sub, min(n, (k + 1) * sub), C)
+
     # Small x (the NumPy path's small-x switch): the whole call in one serial compiled call, where
     # NumPy's per-call cost (a microsecond or more per ufunc, 3-4 per BLAS product) outweighs the
     # arithmetic. The statistics are `rows_stats` or `planes_stats` + `chan_merge` over one block:
@@ -267,7 +330,7 @@ def _build(nb):
             scale[c] = 0 if v == 0 else gamma[c] / np.sqrt(v)
         small_affine(y3, x3, running_mean, scale, beta)
 
-    return {name: f for name, f in locals().items() if callable(f) and name not in ("njit",)}
+    return {name: f for name, f in locals().items() if callable(f) and name not in ("njit", "prange")}
 
 
 def _sub(item_bytes: int) -> int:
@@ -276,12 +339,16 @@ def _sub(item_bytes: int) -> int:
     return max(1, _cpu.BLOCK_BYTES // max(1, item_bytes))
 
 
-def _ranges(n: int, sub: int) -> list[tuple[int, int]]:
-    """[start, stop) of each thread's share of n items, in whole blocks of `sub`: one call per
-    thread (a call per block would cost the pool's overhead per megabyte)."""
-    blocks = -(-n // sub)
-    per = -(-blocks // max(1, min(_cpu.threads(), blocks)))
-    return [(i * sub, min(n, (i + per) * sub)) for i in range(0, blocks, per)]
+_par_lock = threading.Lock()
+
+
+def _par(name: str, *args):
+    """Run driver `name` on ``gpu._cpu.threads()`` of Numba's threads. One call at a time: Numba's
+    workqueue layer (without OpenMP or TBB) must not be entered by two threads at once, and two
+    teams on the same cores would only share them."""
+    with _par_lock:
+        _numba.set_num_threads(max(1, min(_cpu.threads(), _numba.config.NUMBA_NUM_THREADS)))
+        return _kernels[name](*args)
 
 
 def _stats(k, x3):
@@ -292,14 +359,14 @@ def _stats(k, x3):
         sub = _sub(C * x.itemsize)
         nb = -(-outer // sub)
         pm, pq = np.empty((nb, C)), np.empty((nb, C))
-        _cpu.map_ordered(lambda b: k["rows_stats"](x, b[0], b[1], sub, pm, pq), _ranges(outer, sub))
+        _par("par_rows_stats", x, sub, pm, pq)
         counts = np.full(nb, float(sub))
         counts[-1] = outer - (nb - 1) * sub
         mean, m2 = k["chan_merge"](pm, pq, counts)
         return mean, m2 / outer
     x = x3.reshape(outer * C, inner)
     pm, pq = np.empty(outer * C), np.empty(outer * C)
-    _cpu.map_ordered(lambda b: k["planes_stats"](x, b[0], b[1], pm, pq), _ranges(outer * C, _sub(inner * x.itemsize)))
+    _par("par_planes_stats", x, _sub(inner * x.itemsize), pm, pq)
     mean, m2 = k["chan_merge"](pm.reshape(outer, C), pq.reshape(outer, C), np.full(outer, float(inner)))
     return mean, m2 / (outer * inner)
 
@@ -370,12 +437,10 @@ def forward(x3, gamma, beta, eps: float):
     outer, C, inner = x3.shape
     if inner == 1:
         x, y = x3.reshape(outer, C), y3.reshape(outer, C)
-        _cpu.map_ordered(lambda b: k["rows_affine"](y, x, mean, scale, shift, b[0], b[1]),
-                         _ranges(outer, _sub(C * x.itemsize)))
+        _par("par_rows_affine", y, x, mean, scale, shift, _sub(C * x.itemsize))
     else:
         x, y = x3.reshape(outer * C, inner), y3.reshape(outer * C, inner)
-        _cpu.map_ordered(lambda b: k["planes_affine"](y, x, mean, scale, shift, b[0], b[1], C),
-                         _ranges(outer * C, _sub(inner * x.itemsize)))
+        _par("par_planes_affine", y, x, mean, scale, shift, _sub(inner * x.itemsize), C)
     return y3, mean, var, invstd
 
 
@@ -388,16 +453,15 @@ def backward(dy3, x3, mean, invstd, gamma, inv_m):
     if inner == 1:
         x, dy = x3.reshape(outer, C), dy3.reshape(outer, C)
         sub = _sub(2 * C * x.itemsize)
-        blocks = _ranges(outer, sub)
         nb = -(-outer // sub)
         ps, pd = np.empty((nb, C)), np.empty((nb, C))
-        _cpu.map_ordered(lambda b: k["rows_grad_sums"](dy, x, mean, b[0], b[1], sub, ps, pd), blocks)
+        _par("par_rows_grad_sums", dy, x, mean, sub, ps, pd)
         sdy, sdx = ps.sum(0), pd.sum(0)             # block order: the same bits for any threads
     else:
         x, dy = x3.reshape(outer * C, inner), dy3.reshape(outer * C, inner)
-        blocks = _ranges(outer * C, _sub(2 * inner * x.itemsize))
+        sub = _sub(2 * inner * x.itemsize)
         ps, pd = np.empty(outer * C), np.empty(outer * C)
-        _cpu.map_ordered(lambda b: k["planes_grad_sums"](dy, x, mean, b[0], b[1], C, ps, pd), blocks)
+        _par("par_planes_grad_sums", dy, x, mean, sub, C, ps, pd)
         sdy, sdx = ps.reshape(outer, C).sum(0), pd.reshape(outer, C).sum(0)
     dbeta = sdy.astype(acc)
     dgamma = (sdx * invstd).astype(acc)
@@ -406,7 +470,8 @@ def backward(dy3, x3, mean, invstd, gamma, inv_m):
     b = (-kk * dbeta * acc.type(inv_m)).astype(acc, copy=False)
     dx3 = np.empty_like(x3)
     dx = dx3.reshape(x.shape)
-    fn = k["rows_grad_apply"] if inner == 1 else k["planes_grad_apply"]
-    extra = () if inner == 1 else (C,)
-    _cpu.map_ordered(lambda bl: fn(dx, dy, x, mean, kk, a, b, bl[0], bl[1], *extra), blocks)
+    if inner == 1:
+        _par("par_rows_grad_apply", dx, dy, x, mean, kk, a, b, sub)
+    else:
+        _par("par_planes_grad_apply", dx, dy, x, mean, kk, a, b, sub, C)
     return dx3, dgamma, dbeta
