@@ -63,7 +63,8 @@ def map_ordered(fn: Callable[[T], R], items: Iterable[T], xp=np) -> list[R]:
     items = list(items)
     if xp is not np:
         return [fn(item) for item in items]
-    n = min(threads(), len(items))
+    workers = threads()
+    n = min(workers, len(items))
     if n < 2 or getattr(_local, "worker", False):
         return [fn(item) for item in items]
     results: list = [None] * len(items)
@@ -87,7 +88,7 @@ def map_ordered(fn: Callable[[T], R], items: Iterable[T], xp=np) -> list[R]:
 
     # helpers run in a copy of the caller's context: NumPy's errstate (a context variable) holds
     ctx = contextvars.copy_context()
-    pool = _get_pool(n - 1)
+    pool = _get_pool(workers - 1)     # one size per thread count: a pool is not rebuilt per call
     for _ in range(n - 1):
         pool.submit(ctx.copy().run, _as_worker, drain)
     _as_worker(drain)
