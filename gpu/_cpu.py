@@ -9,6 +9,7 @@ their timing. Each op module cuts its arrays into blocks with ``block_rows``, ru
 from __future__ import annotations
 
 import contextvars
+import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -52,24 +53,57 @@ def row_blocks(xp, rows: int, row_bytes: int) -> list[slice]:
 
 def map_ordered(fn: Callable[[T], R], items: Iterable[T], xp=np) -> list[R]:
     """[fn(item) for item in items], spread over the pool for NumPy; runs inline for CuPy, one
-    item, one thread, or when called from a pool worker (no nested waiting on the same pool)."""
+    item, one thread, or when called from a pool worker (no nested waiting on the same pool).
+
+    The calling thread takes items too, and every thread takes the next item not yet taken until
+    none is left: a pool worker woken late (hundreds of microseconds on a VM, often after the
+    caller has finished) takes fewer items or none, and the call waits only for items taken.
+    Results are in item order whoever computed them; the first error is raised once every taken
+    item has finished (they share the outputs)."""
     items = list(items)
     if xp is not np:
         return [fn(item) for item in items]
-    n = threads()
-    if n == 1 or len(items) < 2 or getattr(_local, "worker", False):
+    workers = threads()
+    n = min(workers, len(items))
+    if n < 2 or getattr(_local, "worker", False):
         return [fn(item) for item in items]
-    # workers run in a copy of the caller's context: NumPy's errstate (a context variable) holds
+    results: list = [None] * len(items)
+    errors: list[BaseException] = []
+    taken = itertools.count()          # next() is atomic under the GIL: each index taken once
+    finished = [0]
+    lock, all_done = threading.Lock(), threading.Event()
+
+    def drain():
+        for i in iter(taken.__next__, None):
+            if i >= len(items):
+                return
+            try:
+                results[i] = fn(items[i])
+            except BaseException as e:  # noqa: B036  (raised by the caller below)
+                errors.append(e)
+            with lock:
+                finished[0] += 1
+                if finished[0] == len(items):
+                    all_done.set()
+
+    # helpers run in a copy of the caller's context: NumPy's errstate (a context variable) holds
     ctx = contextvars.copy_context()
-    return list(_get_pool(n).map(lambda item: ctx.copy().run(_as_worker, fn, item), items))
+    pool = _get_pool(workers - 1)     # one size per thread count: a pool is not rebuilt per call
+    for _ in range(n - 1):
+        pool.submit(ctx.copy().run, _as_worker, drain)
+    _as_worker(drain)
+    all_done.wait()
+    if errors:
+        raise errors[0]
+    return results
 
 
-def _as_worker(fn, item):
-    _local.worker = True
+def _as_worker(fn, *args):
+    saved, _local.worker = getattr(_local, "worker", False), True
     try:
-        return fn(item)
+        return fn(*args)
     finally:
-        _local.worker = False
+        _local.worker = saved
 
 
 def _get_pool(n: int) -> ThreadPoolExecutor:

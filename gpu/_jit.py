@@ -9,28 +9,35 @@ each phase in one pass over memory, as PyTorch's CPU kernels do:
     backward  sums of dy and dy * (x - mean): dy and x read once;
               dx = k * dy + a * (x - mean) + b: dy, x read, dx written      5 E*s
 
-The loops are serial and release the GIL: the NumPy path's thread pool runs one call per thread,
-each over a contiguous share of whole row blocks (``gpu._cpu``'s ~1 MiB), and every block leaves
-its own partial, combined in block order. Numerics follow the NumPy
+Each phase is a prange over row blocks (``gpu._cpu``'s ~1 MiB) on Numba's threads (OpenMP or
+TBB: workers that spin between regions, as PyTorch's; the NumPy path's Python pool, whose workers
+are woken per call, started a share hundreds of microseconds late on a VM), ``gpu._cpu.threads()``
+of them; every block leaves its own partial, combined in block order. Numerics follow the NumPy
 path: statistics by a two-pass within each block (its mean, then its centred sum of squares, from
 cache) in float64, merged across blocks by Chan's formula; the backward's sums in x's dtype within
-a block, float64 across blocks: bitwise the same for any number of threads. A non-finite statistic returns
-None and the NumPy path (overflow-safe, PyTorch's special values) computes the call instead.
+a block, float64 across blocks: bitwise the same for any number of threads. A non-finite statistic
+returns None and the NumPy path (overflow-safe, PyTorch's special values) computes the call instead.
 
-Used by ``gpu.ops.batch_norm`` for float32/float64 x on the NumPy path past its small-x path, when
-Numba imports and ``GPU_CPU_JIT`` is not ``0``. The NumPy path stays the reference: the tests run
+Small x (the NumPy path's small-x switch, at most 128K elements) takes one serial compiled call per
+op (statistics, the training forward with the running statistics, inference): there NumPy's cost
+is per call, about 20 ufunc and BLAS calls against one.
+
+Used by ``gpu.ops.batch_norm`` for C-contiguous float32/float64 x on the NumPy path, when Numba
+imports and ``GPU_CPU_JIT`` is not ``0``. The NumPy path stays the reference: the tests run
 both (tests/test_batch_norm_jit.py, skipped without Numba). Loops compile on first use (cached on
 disk by Numba).
 """
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 
 from gpu import _cpu
 
 _kernels = None
+_numba = None
 
 
 def available() -> bool:
@@ -41,24 +48,29 @@ def available() -> bool:
 
 
 def _load():
-    global _kernels
+    global _kernels, _numba
     if _kernels is None:
         try:
             import numba
         except ImportError:
             _kernels = False
             return None
+        _numba = numba
         _kernels = _build(numba)
     return _kernels or None
 
 
 def _build(nb):
     # Serial loops over a range of rows (channels-last, x as (outer, C)) or of planes
-    # (channels-first, x as (outer * C, inner)); gpu._cpu's pool runs one range per thread (the
-    # loops release the GIL); partials per block, merged in block order. Float64 accumulators;
+    # (channels-first, x as (outer * C, inner)); the `par_` drivers below run them block by block
+    # on Numba's threads; partials per block, merged in block order. Float64 accumulators;
     # error_model="numpy" keeps the loops free of Python's division checks.
     njit = nb.njit
     opts = dict(cache=True, nogil=True, error_model="numpy")
+    # the sums along a plane may be reassociated (several accumulators, SIMD lanes): 3-4x faster
+    # than one serial chain of float64 adds, still a fixed order (the same bits on any thread
+    # count); NaN and inf keep their IEEE meaning (no other fast-math flag)
+    planes = dict(opts, fastmath={"reassoc"})
 
     @njit(**opts)
     def rows_stats(x, r0, r1, sub, pm, pq):
@@ -84,7 +96,7 @@ def _build(nb):
                 pm[k, c] = s[c]
                 pq[k, c] = q[c]
 
-    @njit(**opts)
+    @njit(**planes)
     def planes_stats(x, p0, p1, mean, m2):
         """(mean, M2) of each plane p in [p0, p1) of x (planes, inner), into mean[p], m2[p]."""
         inner = x.shape[1]
@@ -159,7 +171,7 @@ def _build(nb):
                 ps[k, c] = s[c]
                 pd[k, c] = t[c]
 
-    @njit(**opts)
+    @njit(**planes)
     def planes_grad_sums(dy, x, mean, p0, p1, C, sdy, sdx):
         inner = x.shape[1]
         for p in range(p0, p1):
@@ -196,7 +208,129 @@ def _build(nb):
             for j in range(inner):
                 out[j] = (xr[j] - mu) * aa + bb + g[j] * kk
 
-    return {name: f for name, f in locals().items() if callable(f) and name not in ("njit",)}
+    # The drivers: every block of `sub` rows (planes) of a call, spread over Numba's threads by
+    # prange (OpenMP or TBB workers that spin between regions: Python pool threads, woken per call,
+    # started a few hundred microseconds late on a VM and often left one thread doing both shares).
+    # Each block writes its own partial: the same bits for any number of threads.
+    par = dict(opts, parallel=True)
+    prange = nb.prange
+
+    @njit(**par)
+    def par_rows_stats(x, sub, pm, pq):
+        n = x.shape[0]
+        for k in prange(pm.shape[0]):
+            rows_stats(x, k * sub, min(n, (k + 1) * sub), sub, pm, pq)
+
+    @njit(**par)
+    def par_planes_stats(x, sub, mean, m2):
+        n = x.shape[0]
+        for k in prange(-(-n // sub)):
+            planes_stats(x, k * sub, min(n, (k + 1) * sub), mean, m2)
+
+    @njit(**par)
+    def par_rows_affine(y, x, center, scale, shift, sub):
+        n = x.shape[0]
+        for k in prange(-(-n // sub)):
+            rows_affine(y, x, center, scale, shift, k * sub, min(n, (k + 1) * sub))
+
+    @njit(**par)
+    def par_planes_affine(y, x, center, scale, shift, sub, C):
+        n = x.shape[0]
+        for k in prange(-(-n // sub)):
+            planes_affine(y, x, center, scale, shift, k * sub, min(n, (k + 1) * sub), C)
+
+    @njit(**par)
+    def par_rows_grad_sums(dy, x, mean, sub, ps, pd):
+        n = x.shape[0]
+        for k in prange(ps.shape[0]):
+            rows_grad_sums(dy, x, mean, k * sub, min(n, (k + 1) * sub), sub, ps, pd)
+
+    @njit(**par)
+    def par_planes_grad_sums(dy, x, mean, sub, C, sdy, sdx):
+        n = x.shape[0]
+        for k in prange(-(-n // sub)):
+            planes_grad_sums(dy, x, mean, k * sub, min(n, (k + 1) * sub), C, sdy, sdx)
+
+    @njit(**par)
+    def par_rows_grad_apply(dx, dy, x, mean, kk, a, b, sub):
+        n = x.shape[0]
+        for k in prange(-(-n // sub)):
+            rows_grad_apply(dx, dy, x, mean, kk, a, b, k * sub, min(n, (k + 1) * sub))
+
+    @njit(**par)
+    def par_planes_grad_apply(dx, dy, x, mean, kk, a, b, sub, C):
+        n = x.shape[0]
+        for k in prange(-(-n // sub)):
+            planes_grad_apply(dx, dy, x, mean, kk, a, b, k * sub, min(n, (k + 1) * sub), C)
+
+    # Small x (the NumPy path's small-x switch): the whole call in one serial compiled call, where
+    # NumPy's per-call cost (a microsecond or more per ufunc, 3-4 per BLAS product) outweighs the
+    # arithmetic. The statistics are `rows_stats` or `planes_stats` + `chan_merge` over one block:
+    # the bits of the blocked loops above for an x of one block.
+
+    @njit(**opts)
+    def small_stats(x3, mean, var):
+        """(mean, biased var) per channel of a whole (outer, C, inner) x, stored into mean, var (C,)
+        of x's dtype. Returns whether both are finite there."""
+        outer, C, inner = x3.shape
+        if inner == 1:
+            pm, pq = np.empty((1, C)), np.empty((1, C))
+            rows_stats(x3.reshape((outer, C)), 0, outer, outer, pm, pq)
+            mu, m2 = pm[0], pq[0]
+        else:
+            pm, pq = np.empty(outer * C), np.empty(outer * C)
+            planes_stats(x3.reshape((outer * C, inner)), 0, outer * C, pm, pq)
+            mu, m2 = chan_merge(pm.reshape((outer, C)), pq.reshape((outer, C)), np.full(outer, float(inner)))
+        n = outer * inner
+        ok = True
+        for c in range(C):
+            mean[c] = mu[c]
+            var[c] = m2[c] / n
+            ok = ok and np.isfinite(mean[c]) and np.isfinite(var[c])
+        return ok
+
+    @njit(**opts)
+    def small_affine(y3, x3, center, scale, shift):
+        """y = (x - center) * scale + shift over a whole (outer, C, inner) x."""
+        outer, C, inner = x3.shape
+        if inner == 1:
+            rows_affine(y3.reshape((outer, C)), x3.reshape((outer, C)), center, scale, shift, 0, outer)
+        else:
+            planes_affine(y3.reshape((outer * C, inner)), x3.reshape((outer * C, inner)), center, scale, shift,
+                          0, outer * C, C)
+
+    @njit(**opts)
+    def small_forward(y3, mean, var, invstd, x3, gamma, beta, eps, rm, rv, keep, momentum, unbias):
+        """The training forward of a whole x: `small_stats`, invstd = 1 / sqrt(var + eps) (0 where
+        var + eps == 0, PyTorch's native op), y = (x - mean) * invstd * gamma + beta; per-channel
+        arrays (C,) of x's dtype, eps a scalar of it. Running statistics rm, rv (empty: none)
+        updated in place with the NumPy path's roundings in x's dtype: rm * keep + momentum * mean,
+        rv * keep + momentum * (var * unbias). Returns False (nothing written but the statistics)
+        when a statistic is not finite."""
+        if not small_stats(x3, mean, var):
+            return False
+        scale = np.empty_like(mean)
+        for c in range(mean.shape[0]):
+            v = var[c] + eps
+            invstd[c] = 0 if v == 0 else 1 / np.sqrt(v)
+            scale[c] = invstd[c] * gamma[c]
+        small_affine(y3, x3, mean, scale, beta)
+        for c in range(rm.shape[0]):
+            rm[c] = rm[c] * keep + momentum * mean[c]
+            rv[c] = rv[c] * keep + momentum * (var[c] * unbias)
+        return True
+
+    @njit(**opts)
+    def small_inference(y3, x3, gamma, beta, running_mean, running_var, eps):
+        """Inference over a whole x: y = (x - running_mean) * gamma / sqrt(running_var + eps) + beta
+        (scale 0 where running_var + eps == 0); per-channel arrays (C,) of x's dtype."""
+        scale = np.empty_like(gamma)
+        for c in range(gamma.shape[0]):
+            v = running_var[c] + eps
+            scale[c] = 0 if v == 0 else gamma[c] / np.sqrt(v)
+        small_affine(y3, x3, running_mean, scale, beta)
+
+    return {name: f for name, f in locals().items() if callable(f) and name not in ("njit", "prange")}
 
 
 def _sub(item_bytes: int) -> int:
@@ -205,12 +339,16 @@ def _sub(item_bytes: int) -> int:
     return max(1, _cpu.BLOCK_BYTES // max(1, item_bytes))
 
 
-def _ranges(n: int, sub: int) -> list[tuple[int, int]]:
-    """[start, stop) of each thread's share of n items, in whole blocks of `sub`: one call per
-    thread (a call per block would cost the pool's overhead per megabyte)."""
-    blocks = -(-n // sub)
-    per = -(-blocks // max(1, min(_cpu.threads(), blocks)))
-    return [(i * sub, min(n, (i + per) * sub)) for i in range(0, blocks, per)]
+_par_lock = threading.Lock()
+
+
+def _par(name: str, *args):
+    """Run driver `name` on ``gpu._cpu.threads()`` of Numba's threads. One call at a time: Numba's
+    workqueue layer (without OpenMP or TBB) must not be entered by two threads at once, and two
+    teams on the same cores would only share them."""
+    with _par_lock:
+        _numba.set_num_threads(max(1, min(_cpu.threads(), _numba.config.NUMBA_NUM_THREADS)))
+        return _kernels[name](*args)
 
 
 def _stats(k, x3):
@@ -221,16 +359,64 @@ def _stats(k, x3):
         sub = _sub(C * x.itemsize)
         nb = -(-outer // sub)
         pm, pq = np.empty((nb, C)), np.empty((nb, C))
-        _cpu.map_ordered(lambda b: k["rows_stats"](x, b[0], b[1], sub, pm, pq), _ranges(outer, sub))
+        _par("par_rows_stats", x, sub, pm, pq)
         counts = np.full(nb, float(sub))
         counts[-1] = outer - (nb - 1) * sub
         mean, m2 = k["chan_merge"](pm, pq, counts)
         return mean, m2 / outer
     x = x3.reshape(outer * C, inner)
     pm, pq = np.empty(outer * C), np.empty(outer * C)
-    _cpu.map_ordered(lambda b: k["planes_stats"](x, b[0], b[1], pm, pq), _ranges(outer * C, _sub(inner * x.itemsize)))
+    _par("par_planes_stats", x, _sub(inner * x.itemsize), pm, pq)
     mean, m2 = k["chan_merge"](pm.reshape(outer, C), pq.reshape(outer, C), np.full(outer, float(inner)))
     return mean, m2 / (outer * inner)
+
+
+def _param(p, C: int, dtype, fill: float):
+    """A (C,) per-channel array of dtype for the loops (``fill`` for None): contiguous, writeable
+    (Numba compiles read-only arrays as another type)."""
+    if p is None:
+        return np.full(C, fill, dtype)
+    a = p.reshape(-1)
+    if a.dtype != dtype or not (a.flags.c_contiguous and a.flags.writeable):
+        a = np.array(a, dtype)
+    return a
+
+
+def small_stats(x3):
+    """(mean, biased var) per channel of a small C-contiguous (outer, C, inner) float32/float64
+    view in one serial call, (C,) arrays of x's dtype; None when one is not finite."""
+    mean, var = np.empty(x3.shape[1], x3.dtype), np.empty(x3.shape[1], x3.dtype)
+    return (mean, var) if _load()["small_stats"](x3, mean, var) else None
+
+
+def small_forward(x3, gamma, beta, eps: float, running=None):
+    """`forward` for a small x, one serial call: (y3, mean, var, invstd) or None. ``running``:
+    (running_mean, running_var, momentum, M), the two (C,) C-contiguous arrays of x's dtype, to be
+    updated in place as ``gpu.ops.batch_norm``'s NumPy path does (with M / (M - 1) for the
+    variance); not touched when None is returned."""
+    C, dt = x3.shape[1], x3.dtype
+    y3 = np.empty_like(x3)
+    mean, var, invstd = np.empty(C, dt), np.empty(C, dt), np.empty(C, dt)
+    if running is None:
+        rm = rv = np.empty(0, dt)
+        momentum = m = 2
+    else:
+        rm, rv, momentum, m = running
+    if not _load()["small_forward"](y3, mean, var, invstd, x3, _param(gamma, C, dt, 1.0), _param(beta, C, dt, 0.0),
+                                    dt.type(eps), rm, rv, dt.type(1 - momentum), dt.type(momentum),
+                                    dt.type(m / (m - 1))):
+        return None
+    return y3, mean, var, invstd
+
+
+def small_inference(x3, gamma, beta, running_mean, running_var, eps: float):
+    """Inference for a small x, one serial call: y3. Per-channel arrays in any float dtype (or
+    None for gamma, beta)."""
+    C, dt = x3.shape[1], x3.dtype
+    y3 = np.empty_like(x3)
+    _load()["small_inference"](y3, x3, _param(gamma, C, dt, 1.0), _param(beta, C, dt, 0.0),
+                               _param(running_mean, C, dt, 0.0), _param(running_var, C, dt, 0.0), dt.type(eps))
+    return y3
 
 
 def forward(x3, gamma, beta, eps: float):
@@ -251,12 +437,10 @@ def forward(x3, gamma, beta, eps: float):
     outer, C, inner = x3.shape
     if inner == 1:
         x, y = x3.reshape(outer, C), y3.reshape(outer, C)
-        _cpu.map_ordered(lambda b: k["rows_affine"](y, x, mean, scale, shift, b[0], b[1]),
-                         _ranges(outer, _sub(C * x.itemsize)))
+        _par("par_rows_affine", y, x, mean, scale, shift, _sub(C * x.itemsize))
     else:
         x, y = x3.reshape(outer * C, inner), y3.reshape(outer * C, inner)
-        _cpu.map_ordered(lambda b: k["planes_affine"](y, x, mean, scale, shift, b[0], b[1], C),
-                         _ranges(outer * C, _sub(inner * x.itemsize)))
+        _par("par_planes_affine", y, x, mean, scale, shift, _sub(inner * x.itemsize), C)
     return y3, mean, var, invstd
 
 
@@ -269,16 +453,15 @@ def backward(dy3, x3, mean, invstd, gamma, inv_m):
     if inner == 1:
         x, dy = x3.reshape(outer, C), dy3.reshape(outer, C)
         sub = _sub(2 * C * x.itemsize)
-        blocks = _ranges(outer, sub)
         nb = -(-outer // sub)
         ps, pd = np.empty((nb, C)), np.empty((nb, C))
-        _cpu.map_ordered(lambda b: k["rows_grad_sums"](dy, x, mean, b[0], b[1], sub, ps, pd), blocks)
+        _par("par_rows_grad_sums", dy, x, mean, sub, ps, pd)
         sdy, sdx = ps.sum(0), pd.sum(0)             # block order: the same bits for any threads
     else:
         x, dy = x3.reshape(outer * C, inner), dy3.reshape(outer * C, inner)
-        blocks = _ranges(outer * C, _sub(2 * inner * x.itemsize))
+        sub = _sub(2 * inner * x.itemsize)
         ps, pd = np.empty(outer * C), np.empty(outer * C)
-        _cpu.map_ordered(lambda b: k["planes_grad_sums"](dy, x, mean, b[0], b[1], C, ps, pd), blocks)
+        _par("par_planes_grad_sums", dy, x, mean, sub, C, ps, pd)
         sdy, sdx = ps.reshape(outer, C).sum(0), pd.reshape(outer, C).sum(0)
     dbeta = sdy.astype(acc)
     dgamma = (sdx * invstd).astype(acc)
@@ -287,7 +470,8 @@ def backward(dy3, x3, mean, invstd, gamma, inv_m):
     b = (-kk * dbeta * acc.type(inv_m)).astype(acc, copy=False)
     dx3 = np.empty_like(x3)
     dx = dx3.reshape(x.shape)
-    fn = k["rows_grad_apply"] if inner == 1 else k["planes_grad_apply"]
-    extra = () if inner == 1 else (C,)
-    _cpu.map_ordered(lambda bl: fn(dx, dy, x, mean, kk, a, b, bl[0], bl[1], *extra), blocks)
+    if inner == 1:
+        _par("par_rows_grad_apply", dx, dy, x, mean, kk, a, b, sub)
+    else:
+        _par("par_planes_grad_apply", dx, dy, x, mean, kk, a, b, sub, C)
     return dx3, dgamma, dbeta

@@ -393,3 +393,30 @@ def test_numpy_small_path_switch(monkeypatch, rng, shape, axis, dtype):
         y = gpu.batch_norm_inference(x, gamma, beta, rm, rv, axis=axis)
         want = (x64 - rm.reshape(keep)) / np.sqrt(rv.reshape(keep) + 1e-5) * gamma.reshape(keep) + beta.reshape(keep)
         assert_close(y, want, dtype, "y inference")
+
+
+def test_cpu_engine_map_ordered(monkeypatch):
+    # the NumPy path's engine: the caller and the pool take items as they come; results in item
+    # order whoever computed them, the caller among them, and an item's error raised after all
+    import threading
+    import time
+    monkeypatch.setenv("GPU_CPU_THREADS", "2")
+    who = {}
+
+    def work(i):
+        who[i] = threading.current_thread()
+        time.sleep(0.002)               # releases the GIL, as NumPy's loops do
+        return i * i
+
+    assert _cpu.map_ordered(work, range(20)) == [i * i for i in range(20)]
+    assert threading.current_thread() in who.values()
+
+    def fail(i):
+        if i == 7:
+            raise KeyError(i)
+        return i
+
+    with pytest.raises(KeyError):
+        _cpu.map_ordered(fail, range(20))
+    assert _cpu.map_ordered(lambda i: _cpu.map_ordered(lambda j: i + j, range(3)), range(4)) == \
+        [[i + j for j in range(3)] for i in range(4)]      # nested: inline, no waiting on the pool

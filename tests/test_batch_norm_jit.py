@@ -110,3 +110,73 @@ def test_noncontiguous_or_half_inputs_take_the_numpy_path(rng):
     assert bn._jit_view(x, bn._layout(x, 0)) is None
     xt = random(rng, (8, 5000), np.float32)[0].T
     assert bn._jit_view(xt, bn._layout(xt, 0)) is None
+
+
+# (shape, axis) at most the small-path switch: one serial compiled call per op, with why
+SMALL_CASES = [
+    ((256, 64), 0),                 # the --quick dense shape: channels-last rows
+    ((8, 16, 8, 8), (0, 2, 3)),     # --quick NCHW: planes of 64, merged by Chan's formula
+    ((8, 8, 8, 16), (0, 1, 2)),     # --quick NHWC: rows of 16
+    ((3, 5, 7), (0, 2)),            # odd planes, fewer than a vector
+    ((5, 1), 0),                    # one channel, one value per row
+    ((2, 9), 1),                    # the seed's (n, m) layout: one plane per unit
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=dtype_id)
+@pytest.mark.parametrize("shape,axis", SMALL_CASES, ids=[f"{s}-ax{a}" for s, a in SMALL_CASES])
+def test_small_x_one_call_matches_reference_and_numpy_path(monkeypatch, rng, shape, axis, dtype):
+    monkeypatch.setattr(bn, "_SMALL_ELEMENTS", 1 << 17)
+    x, x64 = random(rng, shape, dtype, scale=2.0, offset=50.0)   # an offset: the two-pass matters
+    kept, keep = _kept(shape, axis)
+    gamma = (rng.standard_normal(kept) + 1.5).astype(dtype)
+    beta = rng.standard_normal(kept).astype(dtype)
+    m = x.size // int(np.prod(kept))
+    assert bn._small_jit(x, bn._layout(x, axis)) is not None     # the small compiled call takes it
+    outs = {}
+    for path in ("jit", "numpy"):
+        if path == "numpy":
+            _numpy_path(monkeypatch)
+        rm, rv = np.full(kept, 0.5, dtype), np.full(kept, 2.0, dtype)
+        y, mean, invstd = gpu.batch_norm_forward(x, gamma, beta, axis=axis, running_mean=rm, running_var=rv)
+        rm64, rv64 = np.zeros(kept), np.ones(kept)      # float64 running stats: updated outside the call
+        gpu.batch_norm_forward(x, gamma, beta, axis=axis, running_mean=rm64, running_var=rv64)
+        y_inf = gpu.batch_norm_inference(x, gamma, beta, rm, rv, axis=axis)
+        outs[path] = (y, mean, invstd, rm, rv, rm64, rv64, y_inf) + gpu.batch_stats(x, axis=axis)
+    ry, rmean, rinvstd, rvar = ref.batch_norm_forward(x64, gamma.reshape(keep), beta.reshape(keep), _axes(axis), 1e-5)
+    rmean, rinvstd, rvar = rmean.reshape(kept), rinvstd.reshape(kept), rvar.reshape(kept)
+    rm_want, rv_want = 0.9 * 0.5 + 0.1 * rmean, 0.9 * 2.0 + 0.1 * rvar * m / (m - 1)
+    for path, (y, mean, invstd, rm, rv, rm64, rv64, y_inf, smean, svar) in outs.items():
+        assert_close(y, ry, dtype, f"{path} y")
+        assert_close(mean, rmean, dtype, f"{path} mean")
+        assert_close(invstd, rinvstd, dtype, f"{path} invstd", factor=4)
+        assert_close(rm, rm_want, dtype, f"{path} running_mean")
+        assert_close(rv, rv_want, dtype, f"{path} running_var", factor=4)
+        assert_close(rm64, 0.1 * rmean, dtype, f"{path} running_mean float64")
+        assert_close(rv64, 0.9 + 0.1 * rvar * m / (m - 1), dtype, f"{path} running_var float64", factor=4)
+        want = (x64 - rm.reshape(keep)) / np.sqrt(rv.reshape(keep) + 1e-5) * gamma.reshape(keep) + beta.reshape(keep)
+        assert_close(y_inf, want, dtype, f"{path} inference")
+        assert_close(smean, rmean, dtype, f"{path} batch_stats mean")
+        assert_close(svar, rvar, dtype, f"{path} batch_stats var", factor=4)
+        assert all(a.dtype == np.dtype(dtype) for a in (y, mean, invstd, rm, rv, y_inf, smean, svar))
+
+
+def test_small_x_special_values(monkeypatch, rng):
+    # the small compiled call: eps = 0 with a constant feature gives invstd 0 and y = beta; an inf
+    # or a variance past float32 falls back to the NumPy path (torch's special values, the
+    # overflow-safe variance) and leaves the running statistics to it
+    monkeypatch.setattr(bn, "_SMALL_ELEMENTS", 1 << 17)
+    x, _ = random(rng, (64, 3), np.float32)
+    x[:, 1] = 2.5
+    beta = np.array([0.0, 7.0, 0.0], np.float32)
+    y, mean, invstd = gpu.batch_norm_forward(x, None, beta, eps=0.0)
+    assert invstd[1] == 0 and (y[:, 1] == 7.0).all() and np.isfinite(y).all()
+    x[5, 0] = np.inf
+    x[:, 2] *= np.float32(3e18)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    y, mean, invstd = gpu.batch_norm_forward(x, running_mean=rm, running_var=rv)
+    assert np.isinf(mean[0]) and np.isinf(rm[0]) and np.isnan(rv[0])
+    want = x[:, 2].astype(np.float64).var()
+    assert abs(1 / float(invstd[2]) ** 2 - want) <= 1e-4 * want
+    mean, var = gpu.batch_stats(x)
+    assert np.isinf(mean[0]) and np.isnan(var[0]) and abs(float(var[2]) - want) <= 1e-4 * want

@@ -23,8 +23,8 @@ CPU_NOTE = ("note: on the CPU, `ours` is this library's NumPy path (the CUDA ker
             "them on the CPU emulator), `seed` the seed's direct NumPy formulas, `torch-cpu` PyTorch on the CPU.\n"
             "%copy is against the copy bandwidth measured above; %spec is empty: a CPU has no datasheet bandwidth.\n"
             "The --quick shapes are tiny (8K-16K elements): a call takes tens of microseconds, mostly per-call cost;\n"
-            "ours runs them on one thread with no block machinery, and larger batch norms as compiled loops when the\n"
-            "cpu-jit extra (Numba) is installed.")
+            "ours runs them on one thread with no block machinery; with the cpu-jit extra (Numba) installed, batch\n"
+            "norm's statistics, forward and inference as one compiled call each, larger batch norms as compiled loops.")
 
 
 def _fmt(v, spec: str, width: int) -> str:

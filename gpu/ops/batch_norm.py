@@ -648,6 +648,14 @@ def _small_affine(v, scale, shift, shape):
     return y.reshape(shape)
 
 
+def _small_jit(x, lay: _Layout):
+    """x as the C-contiguous (outer, C, inner) view that `gpu._jit`'s small-x loops take (one
+    serial call for the whole op), when the small path takes x and Numba is there; else None."""
+    if _small_view(x, lay) is None or not _jit.available():
+        return None
+    return x.reshape(lay.outer, lay.C, lay.inner)
+
+
 def _jit_view(x, lay: _Layout, *others):
     """x (and `others`, arrays of x's shape) as C-contiguous (outer, C, inner) views for the
     compiled loops (`gpu._jit`), if they take this call: NumPy float32/float64 past the small path,
@@ -667,6 +675,10 @@ def _flat(p, acc):
 
 
 def _cpu_stats(xp, x, lay: _Layout):
+    x3 = _small_jit(x, lay)
+    stats = None if x3 is None else _jit.small_stats(x3)
+    if stats is not None:
+        return stats[0].reshape(lay.kept_shape), stats[1].reshape(lay.kept_shape)
     v = _small_view(x, lay)
     if v is not None:
         stats = _small_stats(v, lay.m, lay.C)
@@ -702,6 +714,19 @@ def _update_running(lay, mean, var, running_mean, running_var, momentum):
 
 
 def _cpu_forward(xp, x, gamma, beta, running_mean, running_var, lay, eps, momentum):
+    x3 = _small_jit(x, lay)
+    if x3 is not None:
+        # running statistics of x's dtype are updated inside the compiled call, others after it
+        fused = running_mean is not None and all(
+            r.dtype == x.dtype and r.flags.c_contiguous for r in (running_mean, running_var))
+        out = _jit.small_forward(x3, gamma, beta, eps, (running_mean.reshape(-1), running_var.reshape(-1),
+                                                        momentum, lay.m) if fused else None)
+        if out is not None:
+            y3, mean, var, invstd = out
+            mean, var, invstd = mean.reshape(lay.kept_shape), var.reshape(lay.kept_shape), invstd.reshape(lay.kept_shape)
+            if not fused:
+                _update_running(lay, mean, var, running_mean, running_var, momentum)
+            return y3.reshape(x.shape), mean, invstd
     v = _small_view(x, lay)
     stats = None if v is None else _small_stats(v, lay.m, lay.C)
     if stats is not None:
@@ -808,6 +833,9 @@ def _direct_backward(xp, dy, x, gamma, mean, invstd, lay: _Layout):
 
 
 def _cpu_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps):
+    x3 = _small_jit(x, lay)
+    if x3 is not None:
+        return _jit.small_inference(x3, gamma, beta, running_mean, running_var, eps).reshape(x.shape)
     v = _small_view(x, lay)
     if v is not None:
         acc = x.dtype
