@@ -29,12 +29,11 @@ disk by Numba).
 """
 from __future__ import annotations
 
-import os
 import threading
 
 import numpy as np
 
-from gpu import _cpu
+from gpu import _backend as B, _cpu
 
 _kernels = None
 _numba = None
@@ -42,7 +41,7 @@ _numba = None
 
 def available() -> bool:
     """Whether the compiled loops can run: Numba imports and ``GPU_CPU_JIT`` is not ``0``."""
-    if os.environ.get("GPU_CPU_JIT", "1") == "0":
+    if B.env("GPU_CPU_JIT", "1") == "0":
         return False
     return _load() is not None
 
@@ -447,7 +446,7 @@ def forward(x3, gamma, beta, eps: float):
 def backward(dy3, x3, mean, invstd, gamma, inv_m):
     """dx3 and the per-channel (dgamma, dbeta) of a (outer, C, inner) view, x's dtype; mean,
     invstd, gamma (or None): (C,) arrays of x's dtype."""
-    k = _load()
+    _load()                                         # the compiled loops, for _par
     acc = x3.dtype
     outer, C, inner = x3.shape
     if inner == 1:

@@ -329,8 +329,8 @@ def batch_norm_inference(x, gamma, beta, running_mean, running_var, *, axis: int
         eps = B.check_real(eps, "eps", lo=0.0)
         if key[0] != "numpy":
             return _gpu_inference(_xp_of(x), x, gamma, beta, running_mean, running_var, lay, eps)
-        with np.errstate(all="ignore"):   # per-feature arrays in either accepted shape: reshaped there
-            return _cpu_inference(np, x, gamma, beta, running_mean, running_var, lay, eps)
+        # per-feature arrays in either accepted shape: reshaped there
+        return _cpu_inference(np, x, gamma, beta, running_mean, running_var, lay, eps)
     xp, kernels = B.dispatch(x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
     x = B.as_float_array(xp, x, "x")
     lay = _layout(x, axis, allow_empty=True)     # an empty batch gives an empty y, as torch
@@ -346,8 +346,7 @@ def batch_norm_inference(x, gamma, beta, running_mean, running_var, *, axis: int
         _VALID.put(key, lay)
         return out
     _VALID.put(key, lay)
-    with np.errstate(all="ignore"):
-        return _cpu_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps)
+    return _cpu_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps)
 
 
 def batch_norm(x, gamma=None, beta=None, *, axis: int | Sequence[int] = 0, eps: float = 1e-5,
@@ -836,6 +835,11 @@ def _cpu_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps):
     x3 = _small_jit(x, lay)
     if x3 is not None:
         return _jit.small_inference(x3, gamma, beta, running_mean, running_var, eps).reshape(x.shape)
+    with np.errstate(all="ignore"):
+        return _numpy_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps)
+
+
+def _numpy_inference(xp, x, gamma, beta, running_mean, running_var, lay, eps):
     v = _small_view(x, lay)
     if v is not None:
         acc = x.dtype
