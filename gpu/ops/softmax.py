@@ -393,6 +393,14 @@ def _row_index(xp, shape):
     return tuple(xp.arange(s).reshape((-1,) + (1,) * (n - i - 1)) for i, s in enumerate(shape))
 
 
+def _take_rows(xp, a, loc, idx):
+    """a[..., idx] per row of a (..., C): through a's flat view at ``loc`` (row * C + idx) when a is
+    C-contiguous NumPy, else an open-mesh fancy index."""
+    if loc is not None and a.flags.c_contiguous:
+        return a.reshape(-1)[loc]
+    return a[_row_index(xp, a.shape[:-1]) + (idx,)]
+
+
 def _ce_no_classes(ce: _CE, want_loss: bool, dloss, inplace: bool):
     """Cross-entropy over an empty class axis (both paths; nothing to launch), as PyTorch: every
     class index is out of range unless ignored; row losses are 0, or NaN with label smoothing
@@ -474,7 +482,16 @@ def _cpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
         g, gz = xp.broadcast_to(g, row_shape), xp.broadcast_to(gz, row_shape)
         if not ce.probs:    # an ignored row's gradient is 0, whatever dloss and the denominator
             g, gz = xp.where(valid, g, 0.0), xp.where(valid, gz, 0.0)
+            # the per-row gradient coefficients, once for all rows rather than per block (fewer
+            # Python steps between a block's passes, where the threads take turns at the GIL)
+            hit = g * w_t * keep
+            coef_t = hit + g * (ls_c * w_all) if ls else hit
         dz = xp.empty(z.shape, ce.z.dtype)
+    if not ce.probs:
+        # flat index of each row's target class in a C-contiguous (rows..., C) array; a block
+        # subtracts its first row's offset (one fancy index instead of an open mesh per access)
+        t_flat = xp.arange(0, math.prod(row_shape) * C, C, dtype=xp.intp).reshape(row_shape) + tt
+        block_stride = math.prod(row_shape[2:]) * C   # elements per index along the block axis
     rows = xp.empty(row_shape, f64) if want_loss else None
     zrows = xp.zeros(row_shape, f64) if (zl and want_loss) or ce.return_z else None
 
@@ -508,8 +525,9 @@ def _cpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
                 rows[:, sl] = lse * wy_sum - _row_dot(xp, sh, wy)
         else:
             w_tb = w_t[:, sl]
+            t_loc = t_flat[:, sl] - (sl.start or 0) * block_stride if xp is np else None
             if want_loss:
-                picked = sh[_row_index(xp, sh.shape[:-1]) + (tt[:, sl],)]   # sh_t
+                picked = _take_rows(xp, sh, t_loc, tt[:, sl])   # sh_t
                 r = w_tb * (lse - picked)
                 if ls:
                     smooth_sh = _row_sum(xp, sh) if w is None else _row_dot(xp, sh, w)   # sum_c w_c sh_c
@@ -525,12 +543,14 @@ def _cpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
             e -= gb.astype(acc)[..., None] * wy
         else:
             # d/dz_j = p_j ((1-ls) w_t + ls W / C) - (1-ls) w_t [j == t] - (ls / C) w_j; 0 if ignored
-            hit = gb * w_tb * keep
-            coef = hit + gb * (ls_c * w_all) if ls else hit
+            hit_b, coef = hit[:, sl], coef_t[:, sl]
             if zc is not None:
                 coef = coef + zc
             e *= (coef / s).astype(acc)[..., None]
-            e[_row_index(xp, e.shape[:-1]) + (tt[:, sl],)] -= hit.astype(acc)
+            if t_loc is not None and e.flags.c_contiguous:
+                e.reshape(-1)[t_loc] -= hit_b.astype(acc)
+            else:
+                e[_row_index(xp, e.shape[:-1]) + (tt[:, sl],)] -= hit_b.astype(acc)
             if ls:
                 e -= (gb * ls_c).astype(acc)[..., None] * (1 if w is None else w)
         if cap is not None:   # through the soft-cap: d tanh = 1 - tanh^2
