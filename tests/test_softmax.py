@@ -278,8 +278,9 @@ def test_first_bad_target_sticks_until_checked(dev):
     gpu.check_errors()
 
 
-@pytest.mark.parametrize("shape,axis", [((23, 7), -1), ((7, 23), 0), ((5, 3, 6), 1)],
-                         ids=["classes-last", "classes-first", "middle"])
+@pytest.mark.parametrize("shape,axis", [((23, 7), -1), ((7, 23), 0), ((5, 3, 6), 1), ((6, 4, 9), -1)],
+                         ids=["classes-last", "classes-first", "middle",
+                              "rows-2d"])   # a block holds 2 x 4 rows: its target offsets skip 4 rows a step
 def test_numpy_path_row_blocks(monkeypatch, rng, shape, axis):
     # the NumPy path works on row blocks sized for the cache above DIRECT_BYTES; force blocks of
     # about 2 rows
