@@ -563,9 +563,12 @@ def run_case(case: Case, peers: Sequence[Peer], device, settings: Settings,
 
 def interop_overhead(case: Case, sets: list[dict], ours: Peer, through: Peer, device, settings: Settings) -> float:
     """ms that calling this library through PyTorch adds: the median of paired differences, each
-    pair one call of `through` then one of `ours` on the same inputs, back to back, so that both
-    see the same machine state (warm caches, the same load). Two medians measured minutes apart on
-    a shared machine differ by more than the overhead itself."""
+    sample two pairs back to back on the same inputs, `through` then `ours`, then `ours` then
+    `through`, so that both see the same machine state (warm caches, the same load) and the order
+    cancels: the second call of a pair pays for what the first left behind (at 1 GB a call, the
+    first touch of memory the allocator just returned to the system: +-200 ms of order bias seen
+    on a CPU with one order only). Two medians measured minutes apart on a shared machine differ
+    by more than the overhead itself."""
     with ours.context(), through.context():
         a, b = itertools.cycle(ours.build(case, sets)), itertools.cycle(through.build(case, sets))
         for _ in range(max(1, settings.warmup)):
@@ -575,7 +578,9 @@ def interop_overhead(case: Case, sets: list[dict], ours: Peer, through: Peer, de
         while len(diffs) < settings.repeat:
             tb = device.time(lambda: next(b)(), 1, 0, math.inf)[0]
             ta = device.time(lambda: next(a)(), 1, 0, math.inf)[0]
-            diffs.append(tb - ta)
+            ta2 = device.time(lambda: next(a)(), 1, 0, math.inf)[0]
+            tb2 = device.time(lambda: next(b)(), 1, 0, math.inf)[0]
+            diffs.append((tb - ta + tb2 - ta2) / 2)
             if time.perf_counter() - start > settings.budget and len(diffs) >= MIN_SAMPLES:
                 break
         a = b = None
