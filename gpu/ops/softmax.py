@@ -484,8 +484,9 @@ def _cpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
             g, gz = xp.where(valid, g, 0.0), xp.where(valid, gz, 0.0)
             # the per-row gradient coefficients, once for all rows rather than per block (fewer
             # Python steps between a block's passes, where the threads take turns at the GIL)
-            hit = g * w_t * keep
-            coef_t = hit + g * (ls_c * w_all) if ls else hit
+            with _quiet(xp):    # inf * 0 (all target weights 0): NaN, as PyTorch
+                hit = g * w_t * keep
+                coef_t = hit + g * (ls_c * w_all) if ls else hit
         dz = xp.empty(z.shape, ce.z.dtype)
     if not ce.probs:
         # flat index of each row's target class in a C-contiguous (rows..., C) array; a block
