@@ -96,13 +96,26 @@ def _check(nvrtc, result, what: str) -> None:
         raise NvrtcError(f"{what}: {err}")
 
 
+#: Files whose contents version an include directory (the CUDA runtime's, CCCL's): the cache key
+#: holds these, not the directory's path, so venvs with the same wheels share the compiled logs.
+_VERSION_FILES = ("cuda_runtime_api.h", "cuda_fp16.h", "cuda_bf16.h", "cuda/std/__cccl/version.h")
+
+
 def _log_cache(source: str, opts: list[str]) -> Path:
     from gpu._emulator import cache_dir
     nvrtc = _nvrtc()
     version = nvrtc.nvrtcVersion()[1:]
-    inc = _kernels.cuda_include_dir(version[0])
-    headers = [(h, os.stat(os.path.join(inc, h)).st_mtime_ns) for h in ("cuda_fp16.h", "cuda_bf16.h")]
-    key = hashlib.sha256(repr((version, headers, opts, source)).encode()).hexdigest()[:32]
+    headers, rest = [], []
+    for o in opts:
+        if o.startswith("-I"):
+            for f in _VERSION_FILES:
+                path = os.path.join(o[2:], f)
+                if os.path.isfile(path):
+                    with open(path, "rb") as fh:
+                        headers.append((f, hashlib.sha256(fh.read()).hexdigest()))
+        else:
+            rest.append(o)
+    key = hashlib.sha256(repr((version, headers, rest, source)).encode()).hexdigest()[:32]
     return cache_dir() / "nvrtc" / f"{key}.log"
 
 
