@@ -141,3 +141,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_configure(config):
+    # pytest-xdist (`-n auto`): idle workers take queued tests from busy ones. Under plain load
+    # scheduling the NVRTC compile checks (tests/test_nvrtc.py, up to two minutes each, collected
+    # last) queued up on one worker while the other sat idle for ten minutes of a CI run.
+    if getattr(config.option, "dist", "no") == "load":
+        config.option.dist = "worksteal"
