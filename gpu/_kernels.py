@@ -112,7 +112,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -1020,6 +1020,8 @@ def launch(kernel: Kernel, grid, block, args: Sequence[Any], shared_mem: int = 0
             from gpu import _workspace
             _workspace.discard(np)
             raise
+        if launch_observer is not None:
+            launch_observer(kernel, g, b, shared_mem, args)
     elif cooperative:
         # RawKernel passes its module's enable_cooperative_groups flag (which changes nothing in an
         # NVRTC compile) to the underlying Function; calling that directly chooses per launch
@@ -1046,6 +1048,10 @@ class LaunchLog:
 
 
 _launch_log: LaunchLog | None = None
+
+#: called after every emulated launch as ``launch_observer(kernel, grid, block, shared_mem, args)``
+#: (None: nothing is called). The tests' launch-hash recorder (``GPU_LAUNCH_HASH``) sets it.
+launch_observer: Callable[..., None] | None = None
 
 
 def launches_run() -> bool:

@@ -149,3 +149,63 @@ def pytest_configure(config):
     # last) queued up on one worker while the other sat idle for ten minutes of a CI run.
     if getattr(config.option, "dist", "no") == "load":
         config.option.dist = "worksteal"
+
+
+# ---------------------------------------------------------------------------------------------
+# The launch-hash recorder (GPU_LAUNCH_HASH=FILE): a hash of every emulated launch of each test
+# (kernel, defines, grid, block, shared memory, scalar arguments, every array argument's bytes
+# after the launch; workspace scratch by shape only, since its unused tail is left from earlier
+# calls), written to FILE.<worker>.json as {test id: [launch hashes]}. Two runs of the suite,
+# before and after a change that must not change any launch, are compared with
+# scripts/launch_hash_diff.py.
+# ---------------------------------------------------------------------------------------------
+
+_LAUNCH_HASH = os.environ.get("GPU_LAUNCH_HASH")
+if _LAUNCH_HASH:
+    import hashlib
+    import json
+
+    from gpu import _kernels as _K
+    from gpu import _workspace as _W
+
+    _hashes: dict[str, list[str]] = {}
+    _current: list[str] | None = None
+
+    def _scratch_ids() -> set[int]:
+        ws = getattr(_W._local, "ws", None)
+        if ws is None:
+            return set()
+        return {id(a) for a in list(ws._buffers.values()) + list(ws._counters.values())}
+
+    def _observe(kernel, grid, block, shared_mem, args) -> None:
+        if _current is None:
+            return
+        h = hashlib.sha256(repr((kernel.family, kernel.name, kernel.defines, grid, block,
+                                 int(shared_mem))).encode())
+        scratch = _scratch_ids()
+        for a in args:
+            if isinstance(a, np.ndarray):
+                h.update(repr((a.dtype.str, a.shape)).encode())
+                if id(a) not in scratch and id(a.base) not in scratch:
+                    h.update(np.ascontiguousarray(a).view(np.uint8).tobytes())
+            else:
+                h.update(repr((np.asarray(a).dtype.str, np.asarray(a).tobytes())).encode())
+        _current.append(h.hexdigest()[:16])
+
+    _K.launch_observer = _observe
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_call(item):
+        global _current
+        _current = []
+        try:
+            yield
+        finally:
+            if _current:
+                _hashes[item.nodeid] = _current
+            _current = None
+
+    def pytest_sessionfinish(session):
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+        with open(f"{_LAUNCH_HASH}.{worker}.json", "w") as f:
+            json.dump(_hashes, f, indent=0, sort_keys=True)
