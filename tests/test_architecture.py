@@ -216,9 +216,9 @@ def test_planning_defaults_fit_the_kernels_bounds():
 def test_cross_entropy_warp_kernels_match_the_planner():
     # float64 rows past 8 values per lane take the block path (registers): the planner's max_n
     # and the kernels the module holds must agree
-    from gpu.ops import softmax as sm
+    from gpu._engines import rows
     fam = _kernels.family("softmax")
     for dtype, max_n in ((np.float32, 32), (np.float64, 8)):
         mod = _kernels._module(fam, np, _kernels._all_defines(fam, np.dtype(dtype), {}))
-        have = {n for n in sm._WARP_NS if f"softmax_cross_entropy_warp_n{n}" in mod.kernels}
-        assert have == {n for n in sm._WARP_NS if n <= max_n}, dtype
+        have = {n for n in rows.WARP_NS if f"softmax_cross_entropy_warp_n{n}" in mod.kernels}
+        assert have == {n for n in rows.WARP_NS if n <= max_n}, dtype

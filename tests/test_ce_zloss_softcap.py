@@ -9,17 +9,16 @@ probability targets, return_grad, softmax_cross_entropy_backward, and every kern
 """
 from __future__ import annotations
 
-import importlib
 import itertools
 
 import numpy as np
 import pytest
 
 import gpu
+from gpu._engines import rows
 from gpu.bench import reference as ref
 from conftest import DTYPES, assert_close, dtype_id, random
 
-S = importlib.import_module("gpu.ops.softmax")
 
 F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
 
@@ -57,7 +56,7 @@ def _reference(z, t, axis=-1, **opts):
 
 
 def _run(backend, fn, *args, path="warp", **kwargs):
-    with S._tuning(**PATHS[path]):
+    with rows.tuned(**PATHS[path]):
         return backend.call(fn, *args, **kwargs)
 
 

@@ -18,10 +18,10 @@ import pytest
 
 import gpu
 from gpu import _kernels
+from gpu._engines import rows
 from gpu.bench import reference as ref
 from conftest import assert_close, to_numpy
 
-S = importlib.import_module("gpu.ops.softmax")
 BN = importlib.import_module("gpu.ops.batch_norm")
 
 F16, F32 = np.dtype(np.float16), np.dtype(np.float32)
@@ -58,7 +58,7 @@ def _ran(names, part):
     assert any(part in n for n in names), f"expected a launch of *{part}*, got {names}"
 
 
-# (emulator shape, GPU shape, _tuning, the kernel that must run): each forces one path of the
+# (emulator shape, GPU shape, rows.tuned knobs, the kernel that must run): each forces one path of the
 # softmax engine (cuda_src/rows.cuh); the GPU shapes are where it matters
 SOFTMAX_CASES = [
     # a lane group per row: the default for C <= 1024
@@ -82,7 +82,7 @@ def test_softmax_and_cross_entropy_paths(where, rng, small, big, tune, kernel, d
     z = (rng.standard_normal(shape) * 3).astype(dtype)
     t = rng.integers(0, shape[1], shape[0])
     t[::7] = -100
-    with S._tuning(**tune):
+    with rows.tuned(**tune):
         p, names = _run(where, gpu.softmax, z)
         _ran(names, kernel)
         (loss, dz), names = _run(where, gpu.softmax_cross_entropy, z, t, return_grad=True)

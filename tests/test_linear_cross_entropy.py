@@ -186,7 +186,7 @@ def test_bad_arguments(backend, change, exc, match):
 
 def test_auto_chunk_is_bounded():
     # the NumPy path's chunk: the 64 MiB bound over a row's bytes (logits, their gradient, h, dh)
-    rows = L._auto_chunk(np, 4096, 50257, 1024, F32, True)
+    rows = L.chunk_rows(np, 4096, 50257, 1024, F32, True)
     assert rows * (2 * 50257 + 2 * 1024) * 4 <= L.NUMPY_CHUNK_BYTES < (rows + 1) * (2 * 50257 + 2 * 1024) * 4
 
 

@@ -201,7 +201,7 @@ def test_cross_entropy_without_classes_matches_torch(case):
 
 
 # ---------------------------------------------------------------------------------------------
-# The NumPy path's unshifted exp (gpu/ops/softmax.py UNSHIFTED_SUMS) and its fallback
+# The NumPy path's unshifted exp (gpu/ops/softmax/numpy_path.py UNSHIFTED_SUMS) and its fallback
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("offset", [-40.0, -12.0, 0.0, 30.0, 60.0, 85.0, 1e4])
@@ -227,7 +227,7 @@ def test_logit_offsets_keep_full_precision(backend, rng, offset):
 def test_unshifted_and_shifted_blocks_mix(monkeypatch, rng):
     # NumPy path in blocks of 2 rows, where some blocks overflow the unshifted exp (+500 logits,
     # a -inf row, a NaN row) and are redone shifted: each block decides for itself
-    sm = importlib.import_module("gpu.ops.softmax")
+    sm = importlib.import_module("gpu.ops.softmax.numpy_path")
     monkeypatch.setattr(_cpu, "BLOCK_BYTES", 2 * 4 * 9)
     monkeypatch.setattr(sm, "DIRECT_BYTES", 0)
     z, _ = random(rng, (12, 9), np.float32, scale=3.0)

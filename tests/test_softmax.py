@@ -284,7 +284,7 @@ def test_first_bad_target_sticks_until_checked(dev):
 def test_numpy_path_row_blocks(monkeypatch, rng, shape, axis):
     # the NumPy path works on row blocks sized for the cache above DIRECT_BYTES; force blocks of
     # about 2 rows
-    sm = importlib.import_module("gpu.ops.softmax")
+    sm = importlib.import_module("gpu.ops.softmax.numpy_path")
     monkeypatch.setattr(_cpu, "BLOCK_BYTES", 2 * 4 * shape[axis])
     monkeypatch.setattr(sm, "DIRECT_BYTES", 0)
     z, z64, target, kw = _ce_inputs(rng, shape, axis, np.float32, dict(ignore=True, weight=True,

@@ -3,7 +3,7 @@
 tests/test_softmax.py runs the API cases on every backend; this file covers what only the kernels
 have: every path switch (lane group per row / block per row with the row in shared memory / online
 two-read block path / strided (outer, C, inner) tiles), forced at small sizes through
-gpu.softmax._tuning, the sizes around each switch, special values, kernel-detected bad targets,
+gpu._engines.rows.tuned, the sizes around each switch, special values, kernel-detected bad targets,
 poisoned outputs and the determinism of the loss reduction. Sizes stay small: the emulator runs
 each CUDA thread as a fiber (about 35 ns a switch).
 
@@ -18,17 +18,15 @@ import numpy as np
 import pytest
 
 import gpu
-import importlib
+from gpu._engines import rows
 from gpu.bench import reference as ref
 from conftest import DTYPES, assert_close, dtype_id, random, to_numpy
-
-S = importlib.import_module("gpu.ops.softmax")   # the module: gpu.softmax is the function
 
 pytestmark = pytest.mark.kernel
 
 F32 = np.dtype(np.float32)
 
-# Paths forced with _tuning: the emulated device has H100 shared memory, so small rows would all
+# Paths forced with rows.tuned: the emulated device has H100 shared memory, so small rows would all
 # take the warp path; these make the same small rows take each block path.
 PATHS = {
     "warp": {},                                                 # C <= 1024: a lane group per row
@@ -43,7 +41,7 @@ PATHS = {
 
 
 def emu(fn, *args, path="warp", **kwargs):
-    with gpu.use_backend("emulate"), S._tuning(**PATHS[path]):
+    with gpu.use_backend("emulate"), rows.tuned(**PATHS[path]):
         return fn(*args, **kwargs)
 
 
@@ -99,8 +97,8 @@ def test_softmax_paths(rng, rows, C, path, dtype):
 
 def test_natural_switches():
     """The default thresholds: which path each shape takes on the emulated device."""
-    dev_rows = lambda C, inner=1: S._plan(np, S._layout(np, np.empty((2, C, inner), np.float32), 1), 4,
-                                           True, True)
+    dev_rows = lambda C, inner=1: rows.plan(np, "softmax", rows.layout(np, np.empty((2, C, inner), np.float32), 1),
+                                            4, True, True)
     assert dev_rows(1024).path == "warp" and dev_rows(1024).n == 32
     assert dev_rows(33).n == 2 and dev_rows(32).lanes == 32 and dev_rows(5).lanes == 8
     assert dev_rows(1025).path == "block" and dev_rows(1025).cached
@@ -128,7 +126,7 @@ STRIDED_CASES = [
                                                                 for s, a, t in STRIDED_CASES])
 def test_softmax_strided(rng, shape, axis, tune, dtype):
     z, z64 = random(rng, shape, dtype, scale=3.0)
-    with gpu.use_backend("emulate"), S._tuning(**tune):
+    with gpu.use_backend("emulate"), rows.tuned(**tune):
         p, logp, h = gpu.softmax(z, axis=axis), gpu.log_softmax(z, axis=axis), gpu.hardmax(z, axis=axis)
     assert_close(p, ref.softmax(z64, axis), dtype, "softmax")
     if shape[axis] > 1:
@@ -333,7 +331,7 @@ def test_ce_bad_target_records_first_position(rng, path):
     deferred = "class index 5 at row 4 "
     gpu.check_errors()
     for grad in (False, True):
-        with gpu.use_backend("emulate"), S._tuning(**PATHS["warp" if path == "strided" else path]):
+        with gpu.use_backend("emulate"), rows.tuned(**PATHS["warp" if path == "strided" else path]):
             gpu.softmax_cross_entropy(z, t, axis=axis, return_grad=grad)     # recorded, not raised
             with pytest.raises(ValueError, match=deferred):
                 gpu.check_errors()

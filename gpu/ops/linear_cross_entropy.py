@@ -32,7 +32,7 @@ import numpy as np
 
 from .. import _backend as B
 from .. import _workspace
-from . import softmax as _sm
+from .softmax.cross_entropy import check_options, check_targets, compute, record_bad_target, rows_args
 
 #: The NumPy path's default bound on the memory a chunk takes (its logits, their gradient, which
 #: the NumPy cross-entropy writes to a second array, and the chunk's h and dh rows): 32 MiB. For
@@ -97,13 +97,8 @@ def fused_linear_cross_entropy(h, W, target, bias=None, *, chunk_size: int | Non
     row_shape = h.shape[:-1]
     if t.shape != row_shape:
         raise ValueError(f"target: expected h's shape without its last axis, {row_shape}; got {t.shape}")
-    reduction = B.check_choice(reduction, "reduction", _sm.REDUCTIONS)
-    try:
-        ignore_index = operator.index(ignore_index)
-    except TypeError:
-        raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}") from None
-    z_loss, softcap = _sm._check_z_loss_softcap(z_loss, softcap)
-    B.check_real(label_smoothing, "label_smoothing", None, 1.0)
+    reduction, ignore_index, label_smoothing, z_loss, softcap = check_options(reduction, ignore_index,
+                                                                               label_smoothing, z_loss, softcap)
     acc = B.compute_dtype(h.dtype)
     if weight is not None:
         weight = B.as_float_array(xp, weight, "weight")
@@ -127,10 +122,11 @@ def fused_linear_cross_entropy(h, W, target, bias=None, *, chunk_size: int | Non
     N = math.prod(row_shape)
     h2 = h.reshape(N, H)
     t = t.reshape(N)
-    if not kernels or _workspace.eager_checks():
-        _check_targets(t, V, ignore_index)
+    # no vocabulary: every target not ignored is out of range, raised at once on either path
+    if not kernels or _workspace.eager_checks() or V == 0:
+        check_targets(t, V, ignore_index)
     else:
-        _record_bad_target(xp, t, V, ignore_index)
+        record_bad_target(xp, t, V, ignore_index)
 
     # The global 'mean' denominators, from the targets alone (device scalars on the kernel path).
     valid = (t != ignore_index) & (t >= 0) & (t < V)
@@ -150,7 +146,7 @@ def fused_linear_cross_entropy(h, W, target, bias=None, *, chunk_size: int | Non
 
     Wc = W.astype(acc, copy=False)               # once: float32 for the narrow dtypes
     bc = None if bias is None else bias.astype(acc, copy=False)
-    rows = chunk_size or _auto_chunk(xp, N, V, H, acc, return_grad)
+    rows = chunk_size or chunk_rows(xp, N, V, H, acc, return_grad)
     rows = max(1, min(rows, N))
 
     want_z = bool(return_z_loss)
@@ -162,7 +158,6 @@ def fused_linear_cross_entropy(h, W, target, bias=None, *, chunk_size: int | Non
         dh = xp.empty((N, H), h.dtype)
         dW = xp.zeros((V, H), acc)
         db = xp.zeros(V, acc) if bias is not None else None
-    run = _sm._gpu_cross_entropy if kernels else _sm._cpu_cross_entropy
     buf = xp.empty((rows, V), acc) if N else None
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
@@ -171,23 +166,21 @@ def fused_linear_cross_entropy(h, W, target, bias=None, *, chunk_size: int | Non
         xp.matmul(hc, Wc.T, out=z)
         if bc is not None:
             z += bc
-        ce = _sm._CE(xp, z, t[r0:r1], -1, red_c, ignore_index, label_smoothing, weight, check_targets=False,
-                     z_loss=z_loss * r, softcap=softcap)
-        ce.return_z = want_z
+        args = rows_args(xp, z, t[r0:r1], weight, red_c, ignore_index, label_smoothing, z_loss * r, softcap, want_z)
         try:   # the kernels write dz over the chunk's logits; NumPy into a second array
-            loss_c, dz = run(ce, want_loss=True, inplace=kernels,
-                             dloss=(g if g_rows is None else g_rows[r0:r1]) if return_grad else None)
+            loss_c, z_c, dz = compute(args, kernels, want_loss=True, inplace=kernels,
+                                      dloss=(g if g_rows is None else g_rows[r0:r1]) if return_grad else None)
         except ValueError:
-            _check_targets(t, V, ignore_index)   # a kernel-flagged bad target: its position in t
+            check_targets(t, V, ignore_index)   # a kernel-flagged bad target (eager): its position in t
             raise
         if reduction == "none":
             loss_rows[r0:r1] = loss_c
             if want_z:
-                z_rows[r0:r1] = ce.z_term
+                z_rows[r0:r1] = z_c
         else:
             total = total + loss_c.astype(f64)
             if want_z:
-                z_total = z_total + ce.z_term.astype(f64)
+                z_total = z_total + z_c.astype(f64)
         if return_grad:
             # dz W as (W^T dz^T)^T: the same GEMM, but OpenBLAS takes 20-50x longer on dz @ W's
             # layout (few rows, a 50K-long inner axis); cuBLAS is indifferent
@@ -216,35 +209,10 @@ def fused_linear_cross_entropy(h, W, target, bias=None, *, chunk_size: int | Non
     return out if len(out) > 1 else loss
 
 
-def _check_targets(t, V: int, ignore_index: int) -> None:
-    """The NumPy path checks the class indices once, up front (the kernels flag bad ones)."""
-    if t.size and (int(t.min()) < 0 or int(t.max()) >= V):
-        bad = ((t < 0) | (t >= V)) & (t != ignore_index)
-        if bool(bad.any()):
-            raise _sm._bad_target_error(t, (int(bad.argmax()),), V, ignore_index)
-
-
-def _record_bad_target(xp, t, V: int, ignore_index: int) -> None:
-    """The kernel path, with no sync: the first out-of-range target, at its row in the whole call,
-    goes into the workspace's sticky record for ``gpu.check_errors()`` before any chunk runs (the
-    chunks' kernels would record rows relative to their chunk, and leave this record alone)."""
-    if not t.size:
-        return
-    bad = ((t < 0) | (t >= V)) & (t != ignore_index)
-    first = bad.argmax()
-    vals = xp.empty(4, np.int64)
-    # slices, not elements: an element assignment of a device scalar would read it back
-    vals[0:1] = first
-    vals[1:2] = t[first]
-    vals[2:3] = V
-    vals[3:4] = ignore_index
-    rec = _workspace.get(xp).error_record(_sm._BAD_TARGET)
-    xp.copyto(rec, vals, where=(rec[0] < 0) & bad[first])
-
-
-def _auto_chunk(xp, N: int, V: int, H: int, acc, grad: bool) -> int:
-    """Rows a chunk holds: the byte bound over a row's bytes (its logits; the NumPy path's
-    gradient is a second such row; its h and dh rows)."""
+def chunk_rows(xp, N: int, V: int, H: int, acc, grad: bool) -> int:
+    """The rows a chunk holds when chunk_size is None: the byte bound (NUMPY_CHUNK_BYTES, or the
+    device's share) over a row's bytes (its logits; the NumPy path's gradient is a second such
+    row; its h and dh rows)."""
     item = acc.itemsize
     if xp is np:
         budget, per_row = NUMPY_CHUNK_BYTES, (2 * V + 2 * H) * item

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ..ops import batch_norm as _bn
 from ..ops import softmax as _sm
+from ..ops.softmax.cross_entropy import check_z_loss_softcap
 from . import _bridge as TB
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -364,7 +365,7 @@ def _check_z_loss_softcap(z_loss, softcap) -> Tuple[float, Optional[float]]:
             raise TypeError(f"{name}: expected a float, got {type(v).__name__}")
     if z_loss is None:
         raise TypeError("z_loss: expected a float, got NoneType")
-    return _sm._check_z_loss_softcap(float(z_loss), None if softcap is None else float(softcap))
+    return check_z_loss_softcap(float(z_loss), None if softcap is None else float(softcap))
 
 
 def _autocast_enabled(device_type: str) -> bool:
