@@ -529,7 +529,7 @@ def _cpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
             t_loc = t_flat[:, sl] - (sl.start or 0) * block_stride if xp is np else None
             if want_loss:
                 picked = _take_rows(xp, sh, t_loc, tt[:, sl])   # sh_t
-                r = w_tb * (lse - picked)
+                r = xp.where(valid[:, sl], w_tb * (lse - picked), 0.0)   # ignored: 0 whatever the logits
                 if ls:
                     smooth_sh = _row_sum(xp, sh) if w is None else _row_dot(xp, sh, w)   # sum_c w_c sh_c
                     r = r * keep + xp.where(valid[:, sl], w_all * lse - smooth_sh, 0) * ls_c
@@ -556,6 +556,8 @@ def _cpu_cross_entropy(ce: _CE, want_loss: bool, dloss, inplace: bool = False):
                 e -= (gb * ls_c).astype(acc)[..., None] * (1 if w is None else w)
         if cap is not None:   # through the soft-cap: d tanh = 1 - tanh^2
             e *= 1 - th * th
+        if not ce.probs:      # ignored rows: 0 even where their logits are +inf or NaN (0 * NaN)
+            e[~valid[:, sl]] = 0
         if dz.dtype != acc:   # else e already is this block of dz
             dz[:, sl] = e
 
