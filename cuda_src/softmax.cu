@@ -189,7 +189,7 @@ struct CrossEntropyOp {
     static constexpr bool kReadsX = true, kHasY = true, kStream = true;
     struct Stats { acc_t m, s, zt, q, w; };  // zt: z at the target (one lane adds it)
     struct Ctx { long long t; acc_t pivot; bool active, valid, bad; };   // active: a real row
-    struct Fin { acc_t m, scale, sub_t, sub_w; long long t; };
+    struct Fin { acc_t m, scale, sub_t, sub_w; long long t; bool valid; };   // valid: Ctx's
 
     __device__ __forceinline__ scalar_t* dest() const { return (flags & CE_GRAD) ? dz : nullptr; }
     __device__ __forceinline__ const scalar_t* ysrc() const { return (flags & CE_PROBS) ? y : nullptr; }
@@ -273,6 +273,7 @@ struct CrossEntropyOp {
         Fin f;
         f.m = st.m;
         f.t = c.t;
+        f.valid = c.valid;
         acc_t loss, wt;
         if (flags & CE_PROBS) {
             const acc_t wy_sh = st.q + (c.pivot - st.m) * st.w;   // sum_c wy_c (z_c - M)
@@ -284,7 +285,8 @@ struct CrossEntropyOp {
         } else {
             wt = c.valid ? w_of(c.t) : acc_t(0);
             const acc_t keep = acc_t(1) - ls;
-            loss = wt * keep * (L - (st.zt - st.m));
+            // an ignored row adds exactly 0, whatever its logits (+inf or NaN: L is NaN, 0 * NaN)
+            loss = c.valid ? wt * keep * (L - (st.zt - st.m)) : acc_t(0);
             const acc_t gs = c.valid ? g * ls_c : acc_t(0);
             acc_t coef = g * wt * keep;
             if (ls > acc_t(0) && c.valid) {
@@ -310,6 +312,7 @@ struct CrossEntropyOp {
         return f;
     }
     __device__ __forceinline__ acc_t out_value(const Fin& f, acc_t x, acc_t yv, int col) const {
+        if (!f.valid) return acc_t(0);      // an ignored row: 0 even where its logits are +inf or NaN
         acc_t t = acc_t(0);
         x = capped(x, t);
         acc_t d = acc_exp(x - f.m) * f.scale;

@@ -99,9 +99,18 @@ def is_cupy_array(a: object) -> bool:
 def array_module(**arrays: object):
     """The array module (numpy or cupy) of the named arrays; None entries are skipped.
 
-    Raises TypeError naming the arguments when NumPy and CuPy arrays are mixed in one call.
-    Objects that are neither (lists, scalars) count as NumPy.
+    Raises TypeError naming the arguments when NumPy and CuPy arrays are mixed in one call, and
+    naming the argument for a torch.Tensor (gpu.torch is its API). Objects that are neither NumPy
+    nor CuPy arrays (lists, tuples, scalars, objects with ``__array__`` or the buffer protocol)
+    count as NumPy: they are read with ``np.asarray``, by NumPy's rules.
     """
+    tt = sys.modules.get("torch")
+    if tt is not None:               # no torch imported: no tensor can exist
+        for name, a in arrays.items():
+            if isinstance(a, tt.Tensor):
+                raise TypeError(f"{name}: got a torch.Tensor; the NumPy-style API takes NumPy or CuPy arrays "
+                                "and returns them (a tensor would lose autograd): use gpu.torch "
+                                "(gpu.torch.cross_entropy, batch_norm, ...) for tensors, or pass tensor.numpy()")
     cp = sys.modules.get("cupy")
     if cp is None:                   # no CuPy imported: no CuPy array can exist
         return np

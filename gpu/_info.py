@@ -1,6 +1,8 @@
 """gpu.info(): versions, and what this machine can run."""
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import platform
 import shutil
 
@@ -19,6 +21,40 @@ class Info(dict):
         return "\n".join(f"{k:<{width}}  {v}" for k, v in self.items())
 
     __repr__ = __str__
+
+
+#: optional packages: (module, distribution, the extra that installs it, what it enables here)
+OPTIONAL = (
+    ("torch", "torch", "torch",
+     "gpu.torch (functional ops, BatchNorm*d, CrossEntropyLoss, SyncBatchNorm), the tests' second oracle, "
+     "gpu-bench's torch peers, gpu-train --framework torch and --distributed torch"),
+    ("numba", "numba", "cpu-jit",
+     "the NumPy path's batch norm as compiled loops (gpu/_jit.py; GPU_CPU_JIT=0 turns them off)"),
+    ("mpi4py", "mpi4py", "distributed",
+     "gpu.distributed.wrap(MPI communicator), gpu-train --distributed mpi, gpu-bench --distributed under mpiexec"),
+    ("ml_dtypes", "ml_dtypes", "bf16", "bfloat16 arrays (every op, and bfloat16 tensors in gpu.torch)"),
+)
+
+
+def _optional_facts() -> dict[str, str]:
+    """Whether each optional package is installed and what it enables, without importing it
+    (`import gpu` and `gpu.info()` never import torch)."""
+    facts = {}
+    for module, dist, extra, enables in OPTIONAL:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):       # ValueError: sys.modules[module] is None (blocked)
+            found = False
+        if found:
+            try:
+                version = importlib.metadata.version(dist)
+            except importlib.metadata.PackageNotFoundError:
+                version = "installed"
+            off = module == "numba" and B.env("GPU_CPU_JIT", "1") == "0"
+            facts[module] = f"{version}{' (off: GPU_CPU_JIT=0)' if off else ''}: {enables}"
+        else:
+            facts[module] = f"not installed (the {extra} extra would enable: {enables})"
+    return facts
 
 
 def _cuda_facts() -> dict[str, str]:
@@ -53,6 +89,7 @@ def info() -> Info:
     """
     facts = Info({"gpu": __version__, "python": platform.python_version(), "numpy": np.__version__,
                   "bfloat16": "yes (ml_dtypes)" if B.BFLOAT16 is not None else "no (pip install ml_dtypes)"})
+    facts.update(_optional_facts())
     cuda = _cuda_facts()
     facts["cupy"] = cuda.pop("cupy")
     facts["GPU"] = cuda.pop("gpu")

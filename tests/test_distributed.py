@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+import gpu.distributed as D
 import pytest
 
 from conftest import TOL
@@ -214,8 +216,59 @@ def test_mismatch_is_an_error_on_every_rank(engine, tmp_path_factory):
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_engine_timeout_names_the_collective(engine, tmp_path_factory):
-    msg = launched(engine, 2, tmp_path_factory)[0][1]["errors"]["timeout"]
+    ranks = launched(engine, 2, tmp_path_factory)
+    msg = ranks[0][1]["errors"]["timeout"]
     assert msg and "batch_norm_forward" in msg and "allgather" in msg and "0.5" in msg, msg
+    # the timed-out collective stays in flight on rank 0 (never dropped) until the late rank joins
+    assert [info["abandoned"] for _, info in ranks] == [1, 0]
+    assert [info["drained"] for _, info in ranks] == [0, 0]
+
+
+class _LateEngine(D.Communicator):
+    """A one-rank adapter whose collectives complete only after `late` polls: an engine whose
+    peer comes late."""
+
+    engine = "late"
+
+    def __init__(self, late: int) -> None:
+        super().__init__(0, 1, timeout=0.01)
+        self.late, self.order = late, []
+
+    def _allreduce(self, buf, out) -> None:
+        req = {"polls": 0, "id": self.collectives}
+        self.order.append(("start", req["id"]))
+        out[...] = buf
+        if not self._finish(req, self.timeout):
+            self._abandon(req)
+            raise TimeoutError("late")
+
+    def _finish(self, req, timeout) -> bool:
+        req["polls"] += 1
+        done = timeout is None or timeout >= 1 or req["polls"] > self.late   # a long wait outlasts the peer
+        if done:
+            self.order.append(("done", req["id"]))
+        return done
+
+
+def test_timed_out_collective_is_kept_and_drained_first(monkeypatch):
+    # a timed-out collective is never dropped in flight: the next collective waits for it first,
+    # and the interpreter's exit drains what is left (registered once)
+    registered = []
+    monkeypatch.setattr(D, "_EXIT_DRAIN", [])
+    monkeypatch.setattr("atexit.register", registered.append)
+    comm = _LateEngine(late=1)
+    with pytest.raises(D.CollectiveError, match=r"first: allreduce of 3 float64 values failed on late rank 0 of 1 \(timeout 0.01 s\)"):
+        comm.allreduce(np.ones(3), "first")
+    assert len(comm.abandoned) == 1 and registered == [D._drain_all] and D._EXIT_DRAIN == [comm]
+    comm.late = 0
+    np.testing.assert_array_equal(comm.allreduce(np.arange(3.0), "second"), np.arange(3.0))
+    assert comm.abandoned == [] and comm.order == [("start", 1), ("done", 1), ("start", 2), ("done", 2)]
+    comm.late = 5
+    with pytest.raises(D.CollectiveError):
+        comm.allreduce(np.ones(3), "third")
+    assert not comm.drain(timeout=0.01) and len(comm.abandoned) == 1   # still in flight
+    D._drain_all()                                                     # the exit: waits it out
+    assert comm.abandoned == [] and registered == [D._drain_all]
 
 
 def test_import_gpu_imports_no_engine():

@@ -56,6 +56,9 @@ class Communicator:
         self.verified: set[Any] = set()
         #: device-side agreement flags not yet read on the host (batch norm's GPU path)
         self.pending: list[Any] = []
+        #: collectives whose wait timed out, still in flight in the engine (with their buffers):
+        #: they complete once the late peers join; `drain` waits for them
+        self.abandoned: list[Any] = []
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.engine} rank {self.rank} of {self.size}>"
@@ -77,9 +80,33 @@ class Communicator:
     def _allreduce(self, buf, out) -> None:
         raise NotImplementedError
 
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait (at most ``timeout`` seconds; None: the engine's own bound) for the collectives
+        abandoned by a timed-out wait, which complete once the late ranks join. True when none is
+        left in flight. The next collective and the interpreter's exit call it, so no collective
+        is still running in the engine when it or its process group is torn down."""
+        while self.abandoned:
+            if not self._finish(self.abandoned[0], timeout):
+                return False
+            self.abandoned.pop(0)
+        return True
+
+    def _finish(self, request, timeout: float | None) -> bool:
+        """Wait for one abandoned collective; False if it is still in flight after ``timeout``."""
+        raise NotImplementedError
+
+    def _abandon(self, request) -> None:
+        if not self.abandoned:
+            _drain_at_exit(self)
+        self.abandoned.append(request)
+
     def _call(self, what: str, op: str, buf, fn) -> None:
         self.collectives += 1
         try:
+            if self.abandoned:
+                # collectives complete in order: the abandoned ones first, so that their late
+                # peers' results land before this one's are read
+                self.drain(self.timeout)
             fn()
         except CollectiveError:
             raise
@@ -117,7 +144,6 @@ class MPICommunicator(Communicator):
         super().__init__(comm.Get_rank(), comm.Get_size(), timeout)
         self.comm = comm
         self._cuda_aware: bool | None = None
-        self.abandoned: list[Any] = []
 
     def cuda_aware(self) -> bool:
         """Whether the MPI library takes device pointers (MPIX_Query_cuda_support)."""
@@ -134,17 +160,22 @@ class MPICommunicator(Communicator):
         # always the nonblocking collective: MPI does not match a blocking collective on one rank
         # with a nonblocking one on another, and a timeout needs the nonblocking form
         req = start(blocking=False)
-        if self.timeout is None:
+        if not self._finish(req, self.timeout):
+            # MPI cannot cancel a collective: the request stays alive (with its buffers, the
+            # caller's) so that late peers still complete it without writing freed memory
+            self._abandon(req)
+            raise TimeoutError(f"no completion after {self.timeout:g} s")
+
+    def _finish(self, req, timeout: float | None) -> bool:
+        if timeout is None:
             req.Wait()
-            return
-        deadline = time.monotonic() + self.timeout
+            return True
+        deadline = time.monotonic() + timeout
         while not req.Test():
             if time.monotonic() > deadline:
-                # MPI cannot cancel a collective: the request stays alive (with its buffers, the
-                # caller's) so that late peers still complete it without writing freed memory
-                self.abandoned.append(req)
-                raise TimeoutError(f"no completion after {self.timeout:g} s")
+                return False
             time.sleep(1e-4)
+        return True
 
     def _staged(self, buf, out, start) -> None:
         """start(send, recv, blocking) on host copies of device buffers, through pinned memory."""
@@ -196,12 +227,24 @@ class TorchCommunicator(Communicator):
         return torch.from_numpy(a) if type(a) is np.ndarray else torch.from_dlpack(a)
 
     def _wait(self, work) -> None:
-        if self.timeout is None:
+        if not self._finish(work, self.timeout):
+            # the engine keeps running the collective (gloo cannot cancel one): keep the work and
+            # its tensors (the caller's buffers) until it completes, never drop it in flight
+            self._abandon(work)
+            raise TimeoutError(f"no completion after {self.timeout:g} s")
+
+    def _finish(self, work, timeout: float | None) -> bool:
+        if timeout is None:
             work.wait()
-        else:
-            import datetime
-            if not work.wait(timeout=datetime.timedelta(seconds=self.timeout)):
-                raise TimeoutError(f"no completion after {self.timeout:g} s")
+            return True
+        import datetime
+        try:
+            # torch raises on a timed-out wait (older releases returned False)
+            return bool(work.wait(timeout=datetime.timedelta(seconds=timeout)))
+        except RuntimeError:
+            if work.is_completed():        # completed with an error of its own: report that
+                raise
+            return False
 
     def _allgather(self, buf, out) -> None:
         import torch.distributed as dist
@@ -242,6 +285,36 @@ class NCCLCommunicator(Communicator):
         if not _is_device(buf):
             raise TypeError("comm: the NCCL communicator takes CuPy arrays, got a NumPy array")
         self.comm.all_reduce(buf, out, "sum")
+
+
+# ---------------------------------------------------------------------------------------------
+# abandoned collectives at exit
+# ---------------------------------------------------------------------------------------------
+
+_EXIT_DRAIN: list[Communicator] = []
+#: seconds the exit waits for each communicator's abandoned collectives
+EXIT_DRAIN_TIMEOUT = 60.0
+
+
+def _drain_at_exit(comm: Communicator) -> None:
+    """Register `comm` to be drained when the interpreter exits (atexit runs before the engine's
+    objects are torn down): a process whose collective timed out must not exit, or destroy its
+    process group, with that collective still running in the engine's threads."""
+    if not _EXIT_DRAIN:
+        import atexit
+        atexit.register(_drain_all)
+    if comm not in _EXIT_DRAIN:
+        _EXIT_DRAIN.append(comm)
+
+
+def _drain_all() -> None:
+    for comm in _EXIT_DRAIN:
+        try:
+            if not comm.drain(EXIT_DRAIN_TIMEOUT):
+                print(f"gpu.distributed: {comm!r}: {len(comm.abandoned)} timed-out collective(s) still "
+                      f"in flight at exit after {EXIT_DRAIN_TIMEOUT:g} s", file=sys.stderr)
+        except Exception as e:      # the engine is gone or failed: nothing left to wait for
+            print(f"gpu.distributed: {comm!r}: at exit: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------

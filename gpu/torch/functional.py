@@ -55,15 +55,24 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     >>> x = torch.randn(8, 3, 5, 5)
     >>> y = gt.batch_norm(x, torch.zeros(3), torch.ones(3), training=True)
     """
+    if type(training) is not bool:          # torch's argument parser takes a bool only
+        raise TypeError(f"training: expected a bool, got {type(training).__name__}")
     C = _check_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                           num_batches_tracked)
-    weight, bias, running_mean, running_var = (None if p is None else p.view(C) if p.dim() != 1 else p
-                                               for p in (weight, bias, running_mean, running_var))
-    if not training and running_mean is None:
-        raise RuntimeError("running_mean: must be defined in evaluation mode (training=False)")
-    if momentum is None and training and running_mean is not None and num_batches_tracked is None:
-        raise TypeError("momentum: None (the cumulative average) needs num_batches_tracked, the count of "
-                        "updates (use gpu.torch.BatchNorm*d, or pass num_batches_tracked=)")
+    weight, bias = (None if p is None else p.view(C) if p.dim() != 1 else p for p in (weight, bias))
+    if not training:
+        for name, r in (("running_mean", running_mean), ("running_var", running_var)):
+            if r is None:
+                raise RuntimeError(f"{name}: must be defined in evaluation mode (training=False)")
+    elif (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean, running_var: must either both be None or neither be None")
+    if momentum is None:
+        if not training or running_mean is None:
+            raise TypeError("momentum: expected a float, got None (None, the cumulative average, applies "
+                            "to training with running statistics and num_batches_tracked only)")
+        if num_batches_tracked is None:
+            raise TypeError("momentum: None (the cumulative average) needs num_batches_tracked, the count of "
+                            "updates (use gpu.torch.BatchNorm*d, or pass num_batches_tracked=)")
     if not training or running_mean is None:
         num_batches_tracked = None          # counts running-statistics updates only
     y, _, _, rm, rv, nbt = torch.ops.gpu.batch_norm_fwd(
@@ -107,6 +116,12 @@ def _check_batch_norm(input, running_mean, running_var, weight, bias, training, 
                                f"shape {tuple(input.shape)}), not {p.numel()}")
         if p.dtype not in _FLOATS:
             raise RuntimeError(f"{name}: expected a floating dtype, got {p.dtype}")
+        if name.startswith("running") and p.dim() != 1:
+            raise RuntimeError(f"{name}: expected a 1-D tensor of {C} elements, got shape {tuple(p.shape)}")
+    for name, r in (("running_mean", running_mean), ("running_var", running_var)):
+        if r is not None and r.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(f"{name}: batch_norm is not differentiable with respect to the running "
+                               "statistics; this input cannot have requires_grad True")
     if params:
         dt = params[0][1].dtype
         ok = (input.dtype,) + ((torch.float32,) if input.dtype in (torch.float16, torch.bfloat16) else ())
@@ -327,11 +342,13 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     if weight is not None and (weight.dim() != 1 or weight.shape[0] != C):
         raise RuntimeError(f"weight: should be defined either for all {C} classes or no classes, but got "
                            f"a weight tensor of shape {tuple(weight.shape)}")
-    probs = target.dtype.is_floating_point
+    # torch's order: a floating target of input's shape holds probabilities; any other target is
+    # checked as class indices (batch size, then shape, then dtype)
+    probs = target.dtype.is_floating_point and target.shape == input.shape
     if probs:
-        if target.shape != input.shape:
-            raise RuntimeError(f"target: class probabilities must have input's shape {tuple(input.shape)}, "
-                               f"got {tuple(target.shape)} (class indices must be int64)")
+        if ignore_index >= 0:
+            raise RuntimeError(f"ignore_index: {ignore_index} is not supported for floating point target "
+                               "(class probabilities); only a negative ignore_index (ignoring nothing)")
         # torch computes probability targets with type promotion over input, target and weight
         dt = torch.promote_types(input.dtype, target.dtype)
         if weight is not None:
@@ -339,15 +356,22 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         input, target = input.to(dt), target.to(dt)
         weight = None if weight is None else weight.to(dt)
     else:
-        if target.dtype not in (torch.int64, torch.uint8):
-            raise RuntimeError(f"target: expected dtype int64 (class indices) or a floating dtype (class "
-                               f"probabilities), got {target.dtype}")
         rows = input.shape[:axis] + input.shape[axis + 1:]
         if target.shape != rows:
-            if input.dim() >= 2 and target.dim() >= 1 and target.shape[0] != input.shape[0]:
+            batch = target.shape[0] if target.dim() else 0      # torch counts a 0-d target as a batch of 0
+            if input.dim() >= 2 and batch != input.shape[0]:
                 raise ValueError(f"target: expected input batch_size ({input.shape[0]}) to match target "
-                                 f"batch_size ({target.shape[0]})")
+                                 f"batch_size ({batch})")
             raise RuntimeError(f"target: expected size {list(rows)}, got {list(target.shape)}")
+        if target.dtype not in (torch.int64, torch.uint8):
+            raise RuntimeError(f"target: expected dtype int64 (class indices) or a floating dtype (class "
+                               f"probabilities of input's shape {tuple(input.shape)}), got {target.dtype}")
+        if target.dtype == torch.uint8 and input.dim() > 2:     # torch's spatial loss takes int64 only
+            raise RuntimeError(f"target: expected dtype int64 for an input of {input.dim()} dimensions "
+                               "(N, C, d1, ...), got uint8")
+        if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError("weight: cross_entropy with class indices is not differentiable with respect "
+                               "to the class weights; this input cannot have requires_grad True")
         if weight is not None and weight.dtype != input.dtype:
             raise RuntimeError(f"weight: expected dtype {input.dtype} (the input's), got {weight.dtype}")
     need_grad = torch.is_grad_enabled() and input.requires_grad
@@ -439,10 +463,12 @@ def _ce_setup_context(ctx, inputs, output):
     # cross_entropy_bwd); its gradient is never asked for: no zeros of z's size for it
     ctx.set_materialize_grads(False)
     ctx.need_grad, ctx.reduction, ctx.label_smoothing, ctx.softcap = need_grad, reduction, label_smoothing, softcap
-    probs_grad = target.dtype.is_floating_point and target.requires_grad
+    probs = target.dtype.is_floating_point
+    # probability targets: the target's and the class weights' gradients (torch computes both)
+    probs_grad = probs and (target.requires_grad or (weight is not None and weight.requires_grad))
     ctx.probs_grad = probs_grad
-    if probs_grad:          # the target's gradient needs log-softmax: saved inputs, computed by torch
-        ctx.save_for_backward(dz, input, weight)
+    if probs_grad:          # they need log-softmax: saved inputs, computed by torch
+        ctx.save_for_backward(dz, input, weight, target)
     else:
         ctx.save_for_backward(dz)
 
@@ -456,23 +482,41 @@ def _ce_backward(ctx, grad_loss, _grad_dz, _grad_z_term):
         if not ctx.need_grad:
             raise RuntimeError("gpu.torch.cross_entropy: the input's gradient was not computed in the forward "
                                "pass (it ran without grad mode)")
-        if _unit_scale(grad_loss):
+        if _unit_scale(grad_loss) and _saved_released():
             grad_input = dz         # loss.backward() of the loss itself: dz is the gradient, no pass
         else:
             grad_input = torch.ops.gpu.cross_entropy_bwd(dz, grad_loss)
-    if ctx.probs_grad and ctx.needs_input_grad[1]:
-        _, input, weight = ctx.saved_tensors
+    grad_weight = None
+    if ctx.probs_grad and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+        _, input, weight, target = ctx.saved_tensors
         axis = 1 if input.dim() >= 2 else 0
         if ctx.softcap is not None:         # the loss reads the capped logits (z-loss: no target in it)
             input = ctx.softcap * torch.tanh(input / ctx.softcap)
-        g = -torch.log_softmax(input, axis) * (1.0 - ctx.label_smoothing)
-        if weight is not None:
-            g = g * weight.view((-1,) + (1,) * (input.dim() - axis - 1))
+        # torch smooths the target only for label_smoothing > 0 (a negative one is taken as 0)
+        ls = max(ctx.label_smoothing, 0.0)
+        logp = torch.log_softmax(input, axis)
         gl = grad_loss.unsqueeze(axis) if grad_loss.dim() else grad_loss
         if ctx.reduction == "mean":
             gl = gl / (input.numel() // max(input.shape[axis], 1))
-        grad_target = g * gl
-    return (grad_input, grad_target) + (None,) * 8
+        w_shape = (-1,) + (1,) * (input.dim() - axis - 1)
+        if ctx.needs_input_grad[1]:
+            g = -logp * (1.0 - ls)
+            if weight is not None:
+                g = g * weight.view(w_shape)
+            grad_target = g * gl
+        if weight is not None and ctx.needs_input_grad[2]:    # loss = -sum_c w_c y'_c logp_c per row
+            y = target * (1.0 - ls) + ls / input.shape[axis] if ls > 0 else target
+            per = -(logp * y) * gl
+            grad_weight = per.sum([d for d in range(input.dim()) if d != axis]) if input.dim() > 1 else per
+    return (grad_input, grad_target, grad_weight) + (None,) * 7
+
+
+def _saved_released() -> bool:
+    """Whether this backward pass frees the graph's saved tensors after the node runs (no
+    retain_graph, no create_graph), so a saved gradient may be handed out as the gradient itself:
+    no later backward reads it, and the leaf's ``.grad`` accumulating into it in place is safe."""
+    keep = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return keep is not None and not keep()
 
 
 def _unit_scale(grad_loss: Tensor) -> bool:

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ..ops import linear_cross_entropy as _lce
 from . import _bridge as TB
-from .functional import _FLOATS, _check_ce_options, _check_z_loss_softcap, _unit_scale
+from .functional import _FLOATS, _check_ce_options, _check_z_loss_softcap, _saved_released, _unit_scale
 
 
 def fused_linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None, *,
@@ -112,6 +112,9 @@ def _check(input, weight, target, bias, ce_weight, ignore_index, reduction, labe
                                f"a weight tensor of shape {tuple(ce_weight.shape)}")
         if ce_weight.dtype not in _FLOATS:
             raise RuntimeError(f"ce_weight: expected a floating dtype, got {ce_weight.dtype}")
+        if ce_weight.requires_grad and torch.is_grad_enabled():    # as F.cross_entropy's class weight
+            raise RuntimeError("ce_weight: cross_entropy with class indices is not differentiable with respect "
+                               "to the class weights; this input cannot have requires_grad True")
     if target.dtype not in (torch.int64, torch.uint8):
         raise RuntimeError(f"target: expected dtype int64 (class indices), got {target.dtype}")
     if target.shape != input.shape[:-1]:
@@ -230,7 +233,8 @@ def _flce_backward(ctx, grad_loss, *_grad_rest):
             raise RuntimeError("gpu.torch.fused_linear_cross_entropy: the gradients were not computed in the "
                                "forward pass (it ran without grad mode)")
         dh, dW, db = ctx.saved_tensors
-        if not _unit_scale(grad_loss):      # loss.backward() of a CPU loss: the saved gradients as they are
+        # loss.backward() of a CPU loss, the graph freed after it: the saved gradients as they are
+        if not (_unit_scale(grad_loss) and _saved_released()):
             dh, dW, db = torch.ops.gpu.fused_linear_cross_entropy_bwd(grad_loss, dh, dW, db)
     need = ctx.needs_input_grad
     return ((dh if need[0] else None, dW if need[1] else None, None, db if ctx.has_bias and need[3] else None)

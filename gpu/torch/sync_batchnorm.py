@@ -1,10 +1,13 @@
 """`SyncBatchNorm`: a drop-in for `torch.nn.SyncBatchNorm` on the package's synchronized batch norm.
 
-The module subclasses torch's, so the constructor (``process_group=`` included), attributes,
-parameters, buffers, state_dict keys, `train()/eval()` and `extra_repr` are torch's: a checkpoint
-of either loads into the other. In training with a process group of more than one rank the
-forward runs ``gpu::sync_batch_norm_fwd``: each rank's (count, mean, M2) per channel, ONE packed
-allgather through ``gpu.distributed.wrap(process_group)`` and a merge in rank order (the same
+The module has torch's constructor (``process_group=`` included), attributes, parameters,
+buffers, state_dict keys, `train()/eval()` and `extra_repr`: a checkpoint of either loads into
+the other. It subclasses torch's ``_BatchNorm`` (as torch's SyncBatchNorm does), not
+``torch.nn.SyncBatchNorm``, which DistributedDataParallel refuses in a CPU module; so
+``isinstance(m, torch.nn.SyncBatchNorm)`` is False.
+
+In training with a process group of more than one rank the forward runs
+``gpu::sync_batch_norm_fwd``: each rank's (count, mean, M2) per channel, ONE packed allgather through ``gpu.distributed.wrap(process_group)`` and a merge in rank order (the same
 statistics, bitwise, on every rank; unequal batch sizes and ranks with no rows are exact, the
 running variance unbiased with the global count). The backward, ``gpu::sync_batch_norm_bwd``,
 runs ONE packed all-reduce of (sum dy, sum dy * x_hat). Everything else (eval, one rank,
@@ -15,7 +18,8 @@ weight's and bias's are this rank's own (a data-parallel all-reduce of the param
 DDP's, then counts each example once); a rank with no rows gets zeros. When the input needs no
 gradient the backward runs no collective (as torch's), so all ranks must agree on that.
 
-Unlike torch's module this one runs on CPU tensors too (gloo), and on CUDA tensors (NCCL).
+Unlike torch's module this one runs on CPU tensors too (gloo), DistributedDataParallel
+included, and on CUDA tensors (NCCL).
 `torch.compile` sees the two ops as opaque custom ops (fake implementations, autograd) whose
 collectives run eagerly inside them; the group travels by name. `sync_batch_norm` compiles with
 fullgraph=True (tests/test_distributed.py, on a group of one rank).
@@ -183,15 +187,39 @@ _sync_bwd.register_autograd(F._no_double_backward("batch_norm"), setup_context=l
 # The module
 # ---------------------------------------------------------------------------------------------
 
-class SyncBatchNorm(nn.SyncBatchNorm):
+class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """`torch.nn.SyncBatchNorm` (same arguments: num_features, eps, momentum, affine,
-    track_running_stats, process_group, device, dtype) on the package's synchronized batch norm:
-    one collective forward, one backward; exact for unequal per-rank batch sizes. Inputs (N, C,
-    ...) on the CPU (gloo) or CUDA (NCCL).
+    track_running_stats, process_group, device, dtype, and torch's other keywords) on the
+    package's synchronized batch norm: one collective forward, one backward; exact for unequal
+    per-rank batch sizes. Inputs (N, C, ...) on the CPU (gloo) or CUDA (NCCL).
+
+    A subclass of torch's ``_BatchNorm``, the base of ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm``,
+    not of ``torch.nn.SyncBatchNorm``: ``DistributedDataParallel`` refuses every instance of
+    that class in a CPU module ("SyncBatchNorm layers only work with GPU modules"), while this
+    one runs on the CPU too. So ``isinstance(m, torch.nn.SyncBatchNorm)`` is False and
+    ``isinstance(m, torch.nn.modules.batchnorm._BatchNorm)`` (what torch's own conversions and
+    FSDP look for) is True; parameters, buffers, state_dict keys, repr and the input checks are
+    torch's SyncBatchNorm's, so checkpoints load both ways.
 
     >>> import torch, gpu.torch as gt
     >>> bn = gt.SyncBatchNorm(16)          # in training under torch.distributed: synchronized
     """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, process_group: Any = None,
+                 device=None, dtype=None, **kwargs) -> None:
+        # **kwargs: the keywords a torch release adds (2.13's bias=), passed on as torch's module does
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
+                         **kwargs)
+        self.process_group = process_group
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def _check_non_zero_input_channels(self, input: Tensor) -> None:
+        if input.size(1) == 0:
+            raise ValueError("SyncBatchNorm number of input channels should be non-zero")
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)

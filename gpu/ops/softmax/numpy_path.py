@@ -295,7 +295,7 @@ class _Rows:
             t_loc = self.t_flat[:, sl] - (sl.start or 0) * self.block_stride if xp is np else None
             if self.rows is not None:
                 picked = _take_rows(xp, sh, t_loc, self.tt[:, sl])   # sh_t
-                r = self.w_t[:, sl] * (lse - picked)
+                r = xp.where(self.valid[:, sl], self.w_t[:, sl] * (lse - picked), 0.0)   # ignored: 0 whatever the logits
                 if ls:
                     smooth_sh = _row_sum(xp, sh) if w is None else _row_dot(xp, sh, w)   # sum_c w_c sh_c
                     r = r * self.keep + xp.where(self.valid[:, sl], self.w_all * lse - smooth_sh, 0) * self.ls_c
@@ -326,6 +326,8 @@ class _Rows:
                 e -= (gb * self.ls_c).astype(acc)[..., None] * (1 if w is None else w)
         if th is not None:   # through the soft-cap: d tanh = 1 - tanh^2
             e *= 1 - th * th
+        if not args.probs:   # ignored rows: 0 even where their logits are +inf or NaN (0 * NaN)
+            e[~self.valid[:, sl]] = 0
         if self.dz.dtype != acc:   # else e already is this block of dz
             self.dz[:, sl] = e
 
