@@ -63,6 +63,12 @@
 
 #define SM_PACK (Pack<scalar_t>::size)   // elements in one 16-byte vector
 #define SM_STRIDED_MAX_TY 8              // thread rows of the strided path's (32, TY) block
+// Block sizes the host plans with (gpu/_engines/rows.py reads these lines); an op's kernels use
+// them as their __launch_bounds__, so a launch past them fails instead of running with too few
+// registers.
+#define SM_WARP_THREADS 128              // warp path: rows of `lanes` lanes, 128 / lanes rows per block
+#define SM_BLOCK_MAX_THREADS 1024        // block path: one block per row, at most this many threads
+#define SM_BLOCK_MAX_THREADS_F64 512     // ... for float64 (its registers)
 
 // ---------------------------------------------------------------------------------------------
 // Scalar helpers: inline math in acc_t

@@ -27,7 +27,7 @@
 // q = sum w_c (z_c - P), then sum w_c sh_c = q + (P - M) W, which needs no rescaling on merge and
 // keeps the precision of the shifted sum for logits far from 0.
 //
-// Paths (chosen by gpu/ops/softmax.py; z viewed as a C-contiguous (outer, C, inner) array):
+// Paths (chosen by gpu/_engines/rows.py; z viewed as a C-contiguous (outer, C, inner) array):
 //   *_warp_n{N}  rows_warp: inner == 1, C <= 32 N, the row in registers, `lanes` lanes per row.
 //                Block 128 threads, grid = min(row groups, resident blocks).
 //   *_block      rows_block: inner == 1, longer rows, one block per row. `cached` columns of the
@@ -61,16 +61,15 @@
 // misalignment when vec=1; C < 2^31; element offsets and row counts are 64-bit (index_t).
 // Storage in SCALAR_T, accumulation in ACC_T (float, double for double).
 
-// No tuning defines: path thresholds are host-side (gpu/ops/softmax.py), so tests can force each path
+// No tuning defines: path thresholds are host-side (gpu/_engines/rows.py), so tests can force each path
 // at small sizes without building another module.
 
 #define SM_NO_ROW 0x7fffffffffffffffLL   // "no bad row" in the per-block minimum
 
-// Block sizes the host plans with (gpu/ops/softmax.py reads these lines): each kernel's
-// __launch_bounds__, so a launch past them fails instead of running with too few registers.
-#define SM_WARP_THREADS 128       // warp path: rows of `lanes` lanes, 128 / lanes rows per block
-#define SM_BLOCK_MAX_THREADS 1024 // block path: one block per row, at most this many threads
-#define SM_BLOCK_MAX_THREADS_F64 512  // ... for float64 (its registers)
+// The row paths' block sizes (SM_WARP_THREADS, SM_BLOCK_MAX_THREADS[_F64]) are rows.cuh's: each
+// kernel's __launch_bounds__ below, so a launch past them fails instead of running with too few
+// registers. The host plans with them (gpu/_engines/rows.py), and with this one
+// (gpu/ops/softmax/kernel_path.py):
 #define SM_WEIGHT_SUM_THREADS 256 // softmax_cross_entropy_weight_sum
 
 // ---------------------------------------------------------------------------------------------
@@ -143,7 +142,7 @@ struct HardmaxOp {
     __device__ __forceinline__ void end_block() {}
 };
 
-// Cross-entropy flags (host: gpu/ops/softmax.py _CE_*).
+// Cross-entropy flags (host: gpu/ops/softmax/kernel_path.py).
 #define CE_GRAD 1      // write dz
 #define CE_ROWS 2      // write the per-row losses (reduction 'none')
 #define CE_PROBS 4     // y holds class probabilities (else target holds class indices)

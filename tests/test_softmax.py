@@ -278,6 +278,35 @@ def test_first_bad_target_sticks_until_checked(dev):
     gpu.check_errors()
 
 
+def test_validated_calls_skip_the_checks_backward_included(monkeypatch):
+    # a kernel-path call like one that passed the checks (the arrays' signature and the options)
+    # skips them, the backward as the forward; dloss, which no signature holds, is checked every call
+    z, t = Z.copy(), T.copy()
+    with gpu.use_backend("emulate"):
+        want = gpu.softmax_cross_entropy_backward(z, t, 2.0, label_smoothing=0.1)
+        gpu.softmax_cross_entropy(z, t, return_grad=True, label_smoothing=0.1)
+
+        def checked(*args, **kwargs):
+            raise AssertionError("a validated call was checked again")
+
+        monkeypatch.setattr(gpu._backend, "as_float_array", checked)
+        np.testing.assert_array_equal(gpu.softmax_cross_entropy_backward(z, t, 2.0, label_smoothing=0.1), want)
+        gpu.softmax_cross_entropy(z, t, return_grad=True, label_smoothing=0.1)
+        with pytest.raises(ValueError, match="dloss: shape"):
+            gpu.softmax_cross_entropy_backward(z, t, np.ones(4), label_smoothing=0.1)
+        with pytest.raises(TypeError, match="dloss: expected a real"):
+            gpu.softmax_cross_entropy_backward(z, t, "1", label_smoothing=0.1)
+
+
+def test_no_classes_checks_the_targets_every_call(backend):
+    # no classes: every index not ignored is out of range, found from the targets' values, which
+    # no signature holds; raised in the call on every backend (nothing is launched)
+    z = np.zeros((3, 0), np.float32)
+    backend.call(gpu.softmax_cross_entropy, z, np.array([-100, -100, -100]))
+    with pytest.raises(ValueError, match=r"class index 0 at position \(1,\) is out of range \[0, 0\)"):
+        backend.call(gpu.softmax_cross_entropy, z, np.array([-100, 0, -100]))
+
+
 @pytest.mark.parametrize("shape,axis", [((23, 7), -1), ((7, 23), 0), ((5, 3, 6), 1), ((6, 4, 9), -1)],
                          ids=["classes-last", "classes-first", "middle",
                               "rows-2d"])   # a block holds 2 x 4 rows: its target offsets skip 4 rows a step

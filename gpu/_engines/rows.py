@@ -3,9 +3,8 @@
 An op on the row engine reduces each row of an array along one axis and writes every element from
 its row's statistics (softmax, log-softmax, hardmax and cross-entropy in cuda_src/softmax.cu; any
 family that declares ``// @headers rows.cuh``). Its .cu names the kernel of each path
-``<op>_warp_n{N}`` (N in WARP_NS), ``<op>_block`` and ``<op>_strided``, and defines the block sizes
-planned with here: SM_WARP_THREADS, SM_BLOCK_MAX_THREADS and SM_BLOCK_MAX_THREADS_F64
-(SM_STRIDED_MAX_TY comes from rows.cuh).
+``<op>_warp_n{N}`` (N in WARP_NS), ``<op>_block`` and ``<op>_strided``, bounded by rows.cuh's block
+sizes, which are planned with here (SM_WARP_THREADS, SM_BLOCK_MAX_THREADS[_F64], SM_STRIDED_MAX_TY).
 
 An op views its array with ``layout`` (C-contiguous (outer, C, inner); rows are the (outer, inner)
 pairs), asks ``plan`` for the path and launch shape, and launches ``plan.kernel(...)`` with

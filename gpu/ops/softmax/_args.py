@@ -145,8 +145,8 @@ _VALID = _launch.ValidCalls()
 def _checked(z, target, weight, options: tuple, return_z: bool, dloss=None) -> tuple[bool, CEArgs]:
     """(whether the kernels run, the checked arguments), from the cache of validated calls when a
     kernel-path call like this one passed the checks before. options: (axis, reduction,
-    ignore_index, label_smoothing, z_loss, softcap); dloss: the backward's, for the array-module
-    check (its value is checked by the caller)."""
+    ignore_index, label_smoothing, z_loss, softcap); dloss: the backward's, for dispatch's
+    array-module check (its value is checked by the caller)."""
     key, path = None, B.path_key(z)
     if path not in (None, "numpy"):      # the NumPy path checks target values: never skipped
         sig = _launch.signature(z, target, weight)
@@ -156,14 +156,13 @@ def _checked(z, target, weight, options: tuple, return_z: bool, dloss=None) -> t
                 facts = _VALID.get(key)
             except TypeError:            # an unhashable option: checked every time
                 key = facts = None
-            if facts is not None:
-                if path == "emulate":
-                    xp, same_module = np, not B.is_cupy_array(dloss)
-                else:
-                    xp = B.array_module(z=z)
-                    same_module = dloss is None or B.is_cupy_array(dloss) or np.isscalar(dloss)
-                if same_module:          # else the full checks below raise dispatch's error
-                    return True, tuple.__new__(CEArgs, (xp, z, target, weight, return_z) + facts)
+            # dloss (the backward's) passes dispatch's module check as a scalar or an array of z's
+            # module; anything else takes the full checks, whose dispatch accepts or names it
+            if facts is not None and (dloss is None or type(dloss) is float or np.isscalar(dloss)
+                                      or (isinstance(dloss, np.ndarray) if path == "emulate"
+                                          else B.is_cupy_array(dloss))):
+                xp = np if path == "emulate" else B.array_module(z=z)
+                return True, tuple.__new__(CEArgs, (xp, z, target, weight, return_z) + facts)
     xp, kernels = B.dispatch(z=z, target=target, weight=weight, dloss=dloss)
     args = _check(xp, z, target, weight, *options, return_z, target_values=not kernels)
     # kept unless a check converted z or weight (a big-endian copy: the next call must convert too)

@@ -69,6 +69,7 @@ class _Recipe(NamedTuple):
     weight_sum: dict         # its scalar arguments (and the weight's stand-in)
     rows_out: bool           # the loss (and z-loss term) per row: loss_rows is an output
     scalar_out: bool         # the reduced loss (and z-loss term): loss_out is an output
+    views: list              # [(acc buffer, counters, their views by argument name)]: the last workspace's
 
 
 _RECIPES = _launch.PlanCache()
@@ -105,13 +106,11 @@ def _make_recipe(xp, lay, dtype, acc, args, want_loss, grad, dl_stride, alignmen
         "softcap": acc.type(args.softcap or 0.0), "flags": np.int32(flags), "reduction": np.int32(code),
         "n_rows": np.int64(R)}
     # stand-ins for the pointer arguments the flags leave unused (one per device and dtype)
-    one = lambda dt: _launch.dummy(xp, dt)
-    fixed["y" if not args.probs else "target"] = one(dtype) if not args.probs else one(np.int64)
-    unused = {"weight": args.weight is None, "dz": not grad, "dloss": not grad, "inv_denom": not denom,
-              "loss_rows": not rows_out}
-    for name, dt in (("weight", acc), ("dz", dtype), ("dloss", acc), ("inv_denom", acc), ("loss_rows", dtype)):
-        if unused[name]:
-            fixed[name] = one(dt)
+    unused = {"target": args.probs, "y": not args.probs, "weight": args.weight is None, "dz": not grad,
+              "dloss": not grad, "inv_denom": not denom, "loss_rows": not rows_out}
+    dtypes = {"target": np.int64, "y": dtype, "weight": acc, "dz": dtype, "dloss": acc, "inv_denom": acc,
+              "loss_rows": dtype}
+    fixed |= {name: _launch.dummy(xp, dtypes[name]) for name, stand_in in unused.items() if stand_in}
     kw, grid_w, block_w, weight_sum = None, 0, 0, {}
     if denom:
         kw = plan.kernel(xp, "softmax_cross_entropy_weight_sum", dtype, exact=True)
@@ -121,7 +120,7 @@ def _make_recipe(xp, lay, dtype, acc, args, want_loss, grad, dl_stride, alignmen
                       "ignore_index": np.int64(args.ignore_index)}
         if args.weight is None:
             weight_sum["weight"] = fixed["weight"]
-    return _Recipe(plan, k, fixed, kw, grid_w, block_w, weight_sum, rows_out, want_out and red != "none")
+    return _Recipe(plan, k, fixed, kw, grid_w, block_w, weight_sum, rows_out, want_out and red != "none", [None])
 
 
 def cross_entropy(args: CEArgs, want_loss: bool, dloss, inplace: bool = False):
@@ -176,16 +175,19 @@ def cross_entropy(args: CEArgs, want_loss: bool, dloss, inplace: bool = False):
     ws = _workspace.get(xp)
     fbuf = ws.buffer("softmax_cross_entropy.acc", acc, 4 * G + (2 * r.grid_w + 2 if r.kw is not None else 0))
     tickets = ws.counters("softmax_cross_entropy", 2)
-    named["bad_out"] = bad = ws.error_record(BAD_TARGET)
+    views = r.views[0]   # one read: another thread may replace it
+    if views is None or views[0] is not fbuf.base or views[1] is not tickets.base:
+        views = r.views[0] = (fbuf.base, tickets.base, _scratch_views(r, fbuf, tickets))
+    fused, sums = views[2]
+    named |= fused
+    named["bad_out"] = ws.error_record(BAD_TARGET)
     named["part_bad"] = ws.buffer("softmax_cross_entropy.bad", np.int64, G)
-    named["part_loss"], named["part_w"], named["ticket"] = fbuf[:G], fbuf[G:4 * G], tickets[:1]
-    if r.kw is not None:
+    if sums is not None:
         # 1 / (sum of the target weights), which every gradient element needs before it is written
-        named["inv_denom"] = inv_denom = fbuf[4 * G:4 * G + 2]
-        sums = {"inv_denom": inv_denom, "part": fbuf[4 * G + 2:], "ticket": tickets[1:], "target": named["target"]}
+        sums = sums | {"target": named["target"]}
         if args.weight is not None:
             sums["weight"] = named["weight"]
-        _kernels.launch(r.kw, r.grid_w, r.block_w, r.kw.args_from(r.weight_sum | sums))
+        _kernels.launch(r.kw, r.grid_w, r.block_w, r.kw.args_from(sums))
     nz = 2 if args.return_z else 1   # the z-loss term follows the loss (rows or scalar)
     if r.rows_out:
         named["loss_rows"] = loss_rows = B.empty(xp, nz * R, z.dtype)
@@ -204,7 +206,10 @@ def cross_entropy(args: CEArgs, want_loss: bool, dloss, inplace: bool = False):
 
     loss = z_term = None
     if want_loss:
-        loss = lay.orient(loss_rows[:R].reshape(lay.row_shape)) if red == "none" else loss_out[:1].reshape(())
+        if red == "none":
+            loss = lay.orient(loss_rows[:R].reshape(lay.row_shape))
+        else:
+            loss = loss_out[:1].reshape(()) if args.return_z else loss_out.reshape(())
     if args.return_z:
         z_term = lay.orient(loss_rows[R:].reshape(lay.row_shape)) if red == "none" else loss_out[1:2].reshape(())
     out = None
@@ -214,6 +219,17 @@ def cross_entropy(args: CEArgs, want_loss: bool, dloss, inplace: bool = False):
             z[...] = out
             out = z
     return loss, z_term, out
+
+
+def _scratch_views(r: _Recipe, fbuf, tickets) -> tuple[dict, dict | None]:
+    """The workspace views a recipe's launches take (the fused kernel's, and the weight sum's with
+    its scalars, or None): kept while the workspace keeps the same buffers."""
+    G = r.plan.grid
+    fused = {"part_loss": fbuf[:G], "part_w": fbuf[G:4 * G], "ticket": tickets[:1]}
+    if r.kw is None:
+        return fused, None
+    fused["inv_denom"] = inv_denom = fbuf[4 * G:4 * G + 2]
+    return fused, r.weight_sum | {"inv_denom": inv_denom, "part": fbuf[4 * G + 2:], "ticket": tickets[1:]}
 
 
 def record_bad_target(xp, t, n_classes: int, ignore_index: int) -> None:

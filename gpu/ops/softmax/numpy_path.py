@@ -14,7 +14,7 @@ import numpy as np
 
 from ... import _backend as B
 from ... import _cpu
-from ._args import CEArgs, bad_target_error
+from ._args import CEArgs
 
 #: Arrays of up to this many bytes (in the accumulation dtype) run in one call on the calling
 #: thread, without row blocks or the pool: below it the pool's hand-off costs more than a second
