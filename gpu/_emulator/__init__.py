@@ -487,7 +487,7 @@ def _build_library(source: str, flags: list[str], defines: list[str], tmp: Path)
 def build_module(source: str, defines: Sequence[str], name: str = "kernels", nvrtc_options=None) -> "Module":
     """Build (or find in the cache) and load the emulated module for `source` with `-D` defines.
 
-    ``nvrtc_options``: a callable giving NVRTC's ``-I`` options (``gpu._kernels`` passes
+    ``nvrtc_options``: a callable giving NVRTC's ``-I`` options (``gpu._kernels`` passes ``gpu._toolchain``'s
     ``nvrtc_include_options``), so that the register check can ask ptxas; without it the check
     uses its conservative bound.
 
