@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import gpu
-from gpu import _emulator, _kernels
+from gpu import _emulator, _kernels, _sources
 
 PKG = Path(gpu.__file__).resolve().parent
 
@@ -158,7 +158,7 @@ def test_warm_calls_do_no_file_io_parsing_or_builds(monkeypatch):
         monkeypatch.setattr(pathlib.Path, "is_file", refuse("Path.is_file"))
         for fn in ("compile", "findall", "finditer", "sub", "fullmatch"):
             monkeypatch.setattr(re, fn, refuse(f"re.{fn}"))
-        monkeypatch.setattr(_kernels, "_read_family", refuse("a family read"))
+        monkeypatch.setattr(_sources, "_read_family", refuse("a family read"))
         monkeypatch.setattr(_kernels, "_build_module", refuse("a module build"))
         monkeypatch.setattr(_emulator, "build_module", refuse("an emulator build"))
         for call in calls:
