@@ -5,7 +5,7 @@ the same major (its ``nvrtc`` module), the CUDA runtime headers (``cuda_fp16.h``
 ``cooperative_groups.h``) and CCCL (``nv/target``, which cooperative_groups.h includes) installed, this
 compiles the exact source CuPy would (``gpu._kernels.family_source``) to CUBIN for sm_75..sm_90 on any
 machine, and reads ptxas's report. The headers are those of NVRTC's major version
-(``gpu._kernels.header_dirs``), as for CuPy:
+(``gpu._toolchain.header_dirs``), as for CuPy:
 
 - CUDA 12 (the ``nvrtc`` and ``test`` extras): ``nvidia-cuda-nvrtc-cu12``, ``cuda-bindings>=12,<13``,
   ``nvidia-cuda-runtime-cu12``, ``nvidia-cuda-cccl-cu12``;
@@ -34,7 +34,7 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-from gpu import _kernels
+from gpu import _kernels, _toolchain
 
 __all__ = ["ARCHS", "SPILL_ARCHS", "NvrtcError", "unavailable_reason", "nvrtc_major", "compile_cubin", "variants",
            "check_variant", "check_family"]
@@ -68,7 +68,7 @@ def unavailable_reason() -> str | None:
     if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
         return f"NVRTC is not usable ({err}): {_wheel_hint()}"
     try:
-        _kernels.nvrtc_include_options(major)
+        _toolchain.nvrtc_include_options(major)
     except _kernels.KernelBuildError as e:
         return str(e)
     return None
@@ -81,13 +81,13 @@ def _wheel_hint() -> str:
         major = int(metadata.version("cuda-bindings").split(".")[0])
     except (metadata.PackageNotFoundError, ValueError):
         major = 12
-    w = _kernels.CUDA_WHEELS.get(major, _kernels.CUDA_WHEELS[12])
+    w = _toolchain.CUDA_WHEELS.get(major, _toolchain.CUDA_WHEELS[12])
     return f"pip install '{w['nvrtc']}' (cuda-bindings {major}.x needs NVRTC {major})"
 
 
 def nvrtc_major() -> int:
     """The major version of the NVRTC that ``cuda.bindings`` loads."""
-    return _kernels.nvrtc_version()[0]
+    return _toolchain.nvrtc_version()[0]
 
 
 def _check(nvrtc, result, what: str) -> None:
@@ -127,7 +127,7 @@ def compile_cubin(source: str, arch: str, defines: Iterable[str] = (), name: str
     version, options and source) next to the emulator's builds, so a re-run checks only what
     changed.
     """
-    opts = [f"--gpu-architecture={arch}", "-std=c++17", *_kernels.nvrtc_include_options(nvrtc_major()),
+    opts = [f"--gpu-architecture={arch}", "-std=c++17", *_toolchain.nvrtc_include_options(nvrtc_major()),
             "--ptxas-options=-v", *defines]
     cached = _log_cache(source, opts)
     if cached.is_file():

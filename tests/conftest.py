@@ -154,8 +154,8 @@ def pytest_configure(config):
 # ---------------------------------------------------------------------------------------------
 # The launch-hash recorder (GPU_LAUNCH_HASH=FILE): a hash of every emulated launch of each test
 # (kernel, defines, grid, block, shared memory, scalar arguments, every array argument's bytes
-# after the launch; workspace scratch by shape only, since its unused tail is left from earlier
-# calls), written to FILE.<worker>.json as {test id: [launch hashes]}. Two runs of the suite,
+# after the launch; workspace scratch, error records and pointer stand-ins by shape only, since
+# their contents are left from earlier calls), written to FILE.<worker>.json as {test id: [launch hashes]}. Two runs of the suite,
 # before and after a change that must not change any launch, are compared with
 # scripts/launch_hash_diff.py.
 # ---------------------------------------------------------------------------------------------
@@ -166,16 +166,18 @@ if _LAUNCH_HASH:
     import json
 
     from gpu import _kernels as _K
+    from gpu import _launch as _L
     from gpu import _workspace as _W
 
     _hashes: dict[str, list[str]] = {}
     _current: list[str] | None = None
 
     def _scratch_ids() -> set[int]:
+        # workspace scratch (unused tails left by earlier calls), sticky error records, and the
+        # one-element stand-ins for pointers a kernel does not touch (never initialized)
         ws = getattr(_W._local, "ws", None)
-        if ws is None:
-            return set()
-        return {id(a) for a in list(ws._buffers.values()) + list(ws._counters.values())}
+        held = [*ws._buffers.values(), *ws._counters.values(), *ws._errors.values()] if ws is not None else []
+        return {id(a) for a in [*held, *_L._dummies.values()]}
 
     def _observe(kernel, grid, block, shared_mem, args) -> None:
         if _current is None:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import gpu
-from gpu import _emulator, _kernels
+from gpu import _emulator, _kernels, _sources
 
 PKG = Path(gpu.__file__).resolve().parent
 
@@ -66,6 +66,79 @@ def test_no_import_cycles():
     for m in sorted(graph):
         if m not in state:
             visit(m)
+
+
+#: the most lines a Python module of the package may have (the emulator's C++ runtime is not Python)
+MAX_MODULE_LINES = 600
+
+
+def _private_uses() -> list[str]:
+    """Every use of an underscore name defined in another package's module: `from mod import _x`
+    and `mod._x` on a module bound by an import (modules themselves, `gpu._kernels` say, are the
+    internal layer and may be imported; their private names stay in their package). A package is
+    the directory a module sits in: `gpu/ops/batch_norm/` shares its private names inside itself."""
+    modules = {_module_name(p): p for p in PKG.rglob("*.py")}
+
+    def package_of(m: str) -> str:
+        return m if modules[m].name == "__init__.py" else m.rpartition(".")[0]
+
+    found = []
+    for mod, path in sorted(modules.items()):
+        here = package_of(mod)
+        bound: dict[str, str] = {}        # local name -> the package module it is bound to
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name in modules:
+                        bound[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = here.split(".")[:len(here.split(".")) - node.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                if base not in modules:
+                    continue
+                for a in node.names:
+                    sub = f"{base}.{a.name}"
+                    if sub in modules:                       # a submodule: bound, not a name
+                        bound[a.asname or a.name] = sub
+                    elif a.name.startswith("_") and not a.name.startswith("__") and package_of(base) != here:
+                        found.append(f"{mod}: from {base} import {a.name}")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                    and node.value.id in bound and node.attr.startswith("_") and not node.attr.startswith("__")):
+                target = bound[node.value.id]
+                if f"{target}.{node.attr}" not in modules and package_of(target) != here:
+                    found.append(f"{mod}: {target}.{node.attr}")
+    return sorted(set(found))
+
+
+def test_no_private_name_crosses_a_package():
+    # a private name stays in its package; what another package needs is a named seam
+    assert _private_uses() == []
+
+
+def test_no_module_over_the_line_budget():
+    # each file one job: the line count is the symptom to watch
+    over = {str(p.relative_to(PKG.parent)): n for p in PKG.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert over == {}
+
+
+def test_the_rules_catch_a_planted_breach(tmp_path, monkeypatch):
+    # the two checks above on a package with one breach of each: they must find both
+    pkg = tmp_path / "gpu"
+    (pkg / "ops" / "op").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "_backend.py").write_text("def _secret():\n    pass\n")
+    (pkg / "ops" / "__init__.py").write_text("")
+    (pkg / "ops" / "op" / "__init__.py").write_text(
+        "from gpu._backend import _secret\nfrom gpu import _backend\n_backend._secret()\n")
+    (pkg / "ops" / "op" / "big.py").write_text("x = 1\n" * (MAX_MODULE_LINES + 1))
+    monkeypatch.setitem(globals(), "PKG", pkg)
+    assert _private_uses() == ["gpu.ops.op: from gpu._backend import _secret", "gpu.ops.op: gpu._backend._secret"]
+    with pytest.raises(AssertionError, match="big.py"):
+        test_no_module_over_the_line_budget()
 
 
 def test_kernels_and_emulator_do_not_import_each_other():
@@ -158,7 +231,7 @@ def test_warm_calls_do_no_file_io_parsing_or_builds(monkeypatch):
         monkeypatch.setattr(pathlib.Path, "is_file", refuse("Path.is_file"))
         for fn in ("compile", "findall", "finditer", "sub", "fullmatch"):
             monkeypatch.setattr(re, fn, refuse(f"re.{fn}"))
-        monkeypatch.setattr(_kernels, "_read_family", refuse("a family read"))
+        monkeypatch.setattr(_sources, "_read_family", refuse("a family read"))
         monkeypatch.setattr(_kernels, "_build_module", refuse("a module build"))
         monkeypatch.setattr(_emulator, "build_module", refuse("an emulator build"))
         for call in calls:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import gpu
-from gpu.bench import cli, harness, main, records
+from gpu.bench import cli, devices, harness, main, peers, records
 from gpu.bench.report import cpu_check_report
 
 # A fast CPU run: the quick suite, our NumPy path and the seed's formulas, two timed calls a row.
@@ -70,7 +70,7 @@ def test_a_wrong_result_from_this_library_is_reported_wrong_not_timed(tmp_path, 
     (lambda c, i: lambda: gpu.softmax_cross_entropy(i["z"], i["target"]), "items"),
 ])
 def test_an_injected_peer_is_checked_before_it_is_timed(tmp_path, monkeypatch, broken, detail):
-    monkeypatch.setattr(harness, "PEERS", harness.PEERS + [harness.FunctionPeer("broken", "any", {"softmax_cross_entropy_train": broken})])
+    monkeypatch.setattr(peers, "PEERS", peers.PEERS + [peers.FunctionPeer("broken", "any", {"softmax_cross_entropy_train": broken})])
     rc, report = run(tmp_path, "--op", "softmax_cross_entropy_train", "--peer", "ours,broken")
     (row,) = rows_of(report, peer="broken")
     if detail is None:
@@ -89,9 +89,9 @@ def test_a_peer_that_raises_is_reported_and_the_run_goes_on(tmp_path, monkeypatc
         def run_():
             raise RuntimeError("launch failed")
         return run_
-    monkeypatch.setattr(harness, "PEERS", harness.PEERS + [
-        harness.FunctionPeer("missing", "any", {"batch_stats": missing}),
-        harness.FunctionPeer("failing", "any", {"batch_stats": failing})])
+    monkeypatch.setattr(peers, "PEERS", peers.PEERS + [
+        peers.FunctionPeer("missing", "any", {"batch_stats": missing}),
+        peers.FunctionPeer("failing", "any", {"batch_stats": failing})])
     rc, report = run(tmp_path, "--op", "batch_stats", "--peer", "ours,missing,failing")
     assert rc == 0  # only WRONG results and failures of this library fail the run
     assert {r["status"] for r in rows_of(report, peer="missing")} == {"unavailable"}
@@ -128,11 +128,11 @@ def test_shape_option_and_layouts():
 
 
 def test_spec_bandwidth_by_device_name():
-    assert harness.spec_bandwidth_gbps("NVIDIA H100 80GB HBM3") == 3350
-    assert harness.spec_bandwidth_gbps("NVIDIA H100 PCIe") == 2000
-    assert harness.spec_bandwidth_gbps("NVIDIA H200") == 4800
-    assert harness.spec_bandwidth_gbps("NVIDIA GH200 480GB") is None
-    assert harness.spec_bandwidth_gbps("Some Future GPU") is None
+    assert devices.spec_bandwidth_gbps("NVIDIA H100 80GB HBM3") == 3350
+    assert devices.spec_bandwidth_gbps("NVIDIA H100 PCIe") == 2000
+    assert devices.spec_bandwidth_gbps("NVIDIA H200") == 4800
+    assert devices.spec_bandwidth_gbps("NVIDIA GH200 480GB") is None
+    assert devices.spec_bandwidth_gbps("Some Future GPU") is None
 
 
 def test_cpu_check_report_states_the_targets():
@@ -240,7 +240,7 @@ def test_json_is_written_when_the_plot_fails(tmp_path, monkeypatch):
 
 
 def test_no_runnable_peer_fails_before_any_work_and_says_why(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(harness.TorchPeer, "unavailable", lambda self: "No module named 'torch'")
+    monkeypatch.setattr(peers.TorchPeer, "unavailable", lambda self: "No module named 'torch'")
     path = tmp_path / "bench.json"
     assert main(["--quick", "--device", "cpu", "--peer", "torch-cpu", "--json", str(path)]) == 2
     captured = capsys.readouterr()

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpu import _emulator, _kernels
+from gpu import _emulator, _kernels, _sources
 from gpu._backend import BFLOAT16
 
 from shell import run_checked
@@ -129,7 +129,7 @@ def test_warmup_builds_every_family_dtype_and_variant(tmp_path, monkeypatch, tin
     src.mkdir()
     shutil.copy(REPO / "cuda_src" / "common.cuh", src)
     shutil.copy(tiny, src)
-    monkeypatch.setattr(_kernels, "cuda_src_dir", lambda: src)
+    monkeypatch.setattr(_sources, "cuda_src_dir", lambda: src)
     assert _kernels.warmup(np) == 4  # 2 dtypes x 2 variants
 
 

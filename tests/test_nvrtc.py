@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gpu import _kernels, _nvrtc_check
+from gpu import _kernels, _nvrtc_check, _toolchain
 
 REASON = _nvrtc_check.unavailable_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"NVRTC compile check unavailable: {REASON}")
@@ -73,9 +73,9 @@ def test_headers_are_nvrtcs_major():
     """The compiles above used the runtime headers of NVRTC's own major (12 with the test extra,
     13 with the nvrtc13 extra), whatever else the machine has (a CUDA 13 /usr/local/cuda, say)."""
     major = _nvrtc_check.nvrtc_major()
-    runtime, cccl = _kernels.header_dirs(major)
-    assert _kernels.runtime_headers_major(runtime) == major
-    assert major in _kernels.CCCL_CUDA_MAJORS[_kernels.cccl_headers_major(cccl)]
+    runtime, cccl = _toolchain.header_dirs(major)
+    assert _toolchain.runtime_headers_major(runtime) == major
+    assert major in _toolchain.CCCL_CUDA_MAJORS[_toolchain.cccl_headers_major(cccl)]
 
 
 @pytest.mark.parametrize("major", [12, 13])

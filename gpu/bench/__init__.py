@@ -2,7 +2,11 @@
 
     records.py    one record per op: name, family, inputs, reference, minimum bytes, peers
     reference.py  the float64 formulas of every op (NumPy or CuPy); the tests' truth too
-    harness.py    peers, devices, timing, check before timing, the host-path measurement
+    peers.py      the peers and their registry PEERS
+    devices.py    the CPU and the CUDA device: arrays, timing, copy and datasheet bandwidth
+    suites.py     the default suites and dtypes, the CPU speed check's cases and targets
+    harness.py    one case: check before timing, then timing; the interop overhead
+    host.py       the host-path measurement (`--host`)
     report.py     the table, the JSON report, the plot
     cli.py        the command line (`gpu-bench`, `python -m gpu.bench`)
 

@@ -37,9 +37,13 @@ from gpu import _backend
 from gpu import _cli
 from gpu._cli import output_problem
 
-from . import harness, report
-from .harness import (CPU_CHECK, DEFAULT_DTYPES, HOST, SUITES, CpuDevice, GpuDevice, Row, Settings, TorchPeer,
-                      gpu_unavailable, host_cases, measure_host, run_case)
+from . import peers as peer_registry
+from . import report
+from .devices import CpuDevice, GpuDevice, gpu_unavailable
+from .harness import Row, Settings, run_case
+from .host import HOST, host_cases, measure_host
+from .peers import TorchPeer
+from .suites import CPU_CHECK, DEFAULT_DTYPES, SUITES
 from .records import BN_LAYOUTS, FAMILIES, OPS, Case
 
 
@@ -95,7 +99,7 @@ def _no_matplotlib() -> bool:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line; exits with status 2 on a bad one (including unwritable output paths)."""
-    peers = [p.name for p in harness.PEERS] + [harness.INTEROP_PEER.name]
+    peers = [p.name for p in peer_registry.PEERS] + [peer_registry.INTEROP_PEER.name]
     p = argparse.ArgumentParser(prog="gpu-bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Ops: " + ", ".join(OPS) + ". Families: " + ", ".join(FAMILIES)
@@ -201,7 +205,7 @@ def build_cases(args: argparse.Namespace, device_kind: str) -> list[Case]:
 def _why_no_rows(args: argparse.Namespace, peer_status: dict[str, str], device_kind: str) -> str:
     """Why no (case, peer) pair is left to run: each asked-for peer's reason."""
     why = []
-    for peer in harness.PEERS:
+    for peer in peer_registry.PEERS:
         if args.peer and peer.name not in args.peer:
             continue
         status = peer_status.get(peer.name, "ok")
@@ -249,9 +253,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     peer_status: dict[str, str] = {}
     peers = []
-    candidates = harness.PEERS
+    candidates = peer_registry.PEERS
     if args.framework == "torch":
-        candidates = [p for p in harness.PEERS + [harness.INTEROP_PEER] if p.name in harness.TORCH_FRAMEWORK_PEERS]
+        candidates = [p for p in peer_registry.PEERS + [peer_registry.INTEROP_PEER]
+                      if p.name in peer_registry.TORCH_FRAMEWORK_PEERS]
     for peer in candidates:
         if peer.device not in ("any", device.kind) or (args.peer and peer.name not in args.peer):
             continue

@@ -215,7 +215,7 @@ def run(shapes, dtype: str | None, device: str, engine: str, repeat: int | None,
               "torchrun --nproc-per-node P -m gpu.bench --distributed, or mpiexec -n P gpu-bench --distributed",
               file=sys.stderr)
         return 2
-    from .harness import gpu_unavailable
+    from .devices import gpu_unavailable
     on_gpu = device != "cpu" and not gpu_unavailable()
     if device == "gpu" and not on_gpu:
         print("gpu-bench: --device gpu, but no GPU is usable", file=sys.stderr)

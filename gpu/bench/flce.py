@@ -121,7 +121,7 @@ def _through_gpu_torch(torch, th, tW, tt):
 def run(shape=None, dtype: str | None = None, device: str = "auto", repeat: int | None = None,
         warmup: int | None = None, seed: int = 0, json_path: str | None = None) -> int:
     """Time and peak memory per peer on one shape; prints a table, returns the exit status."""
-    from .harness import gpu_unavailable
+    from .devices import gpu_unavailable
     on_gpu = device != "cpu" and not gpu_unavailable()
     if device == "gpu" and not on_gpu:
         print("gpu-bench: --device gpu, but no GPU is usable", file=sys.stderr)

@@ -14,7 +14,9 @@ import numpy as np
 
 import gpu
 
-from .harness import CPU_CHECK, HostRow, Row
+from .harness import Row
+from .host import HostRow
+from .suites import CPU_CHECK
 from .records import OPS
 
 
