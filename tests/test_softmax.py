@@ -298,6 +298,16 @@ def test_validated_calls_skip_the_checks_backward_included(monkeypatch):
             gpu.softmax_cross_entropy_backward(z, t, "1", label_smoothing=0.1)
 
 
+def test_repeated_call_converts_a_big_endian_z_again():
+    # the checks convert a big-endian z to a native copy; a repeated kernel-path call (a validated
+    # signature) must not hand the kernels the caller's big-endian bytes
+    z = Z.astype(">f4")
+    want = gpu.softmax_cross_entropy(Z, T)
+    with gpu.use_backend("emulate"):
+        for _ in range(2):
+            np.testing.assert_allclose(gpu.softmax_cross_entropy(z, T), want, rtol=1e-6)
+
+
 def test_no_classes_checks_the_targets_every_call(backend):
     # no classes: every index not ignored is out of range, found from the targets' values, which
     # no signature holds; raised in the call on every backend (nothing is launched)

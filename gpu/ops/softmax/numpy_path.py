@@ -295,7 +295,8 @@ class _Rows:
             t_loc = self.t_flat[:, sl] - (sl.start or 0) * self.block_stride if xp is np else None
             if self.rows is not None:
                 picked = _take_rows(xp, sh, t_loc, self.tt[:, sl])   # sh_t
-                r = xp.where(self.valid[:, sl], self.w_t[:, sl] * (lse - picked), 0.0)   # ignored: 0 whatever the logits
+                # an ignored row adds 0, whatever its logits
+                r = xp.where(self.valid[:, sl], self.w_t[:, sl] * (lse - picked), 0.0)
                 if ls:
                     smooth_sh = _row_sum(xp, sh) if w is None else _row_dot(xp, sh, w)   # sum_c w_c sh_c
                     r = r * self.keep + xp.where(self.valid[:, sl], self.w_all * lse - smooth_sh, 0) * self.ls_c
