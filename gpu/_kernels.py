@@ -316,7 +316,8 @@ def _check_args(kernel: Kernel, args: Sequence[Any]) -> tuple:
     if types in kernel._types_ok:    # these argument types passed before
         return args
     array_type = np.ndarray if _is_numpy(kernel.xp) else kernel.xp.ndarray
-    if set(types) <= _SCALAR_TYPES | {array_type}:
+    # the emulator's device arrays (an ndarray subclass) pass as arrays of their library
+    if all(t in _SCALAR_TYPES or issubclass(t, array_type) for t in types):
         if len(kernel._types_ok) < 64:
             kernel._types_ok.add(types)
         return args
