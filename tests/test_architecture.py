@@ -277,10 +277,11 @@ def test_repeated_calls_skip_shape_checks_but_not_value_checks():
 def test_planning_defaults_fit_the_kernels_bounds():
     # the host's knobs and the .cu's limits come from one place each; these tie the defaults to the
     # limits they must respect (a default past a __launch_bounds__ would fail at launch)
-    from gpu.ops import batch_norm as bn, softmax as sm
+    from gpu._engines import channels
+    from gpu.ops import softmax as sm
     c = _kernels.constants("batch_norm")
-    assert bn._Tuning().threads <= c["BN_MAX_THREADS"] and bn._Tuning().threads % 32 == 0
-    assert bn._Tuning().max_cols <= c["BN_MAX_COLS"]
+    assert channels.Tuning().threads <= c["BN_MAX_THREADS"] and channels.Tuning().threads % 32 == 0
+    assert channels.Tuning().max_cols <= c["BN_MAX_COLS"]
     s = _kernels.constants("softmax")
     assert s["SM_WARP_THREADS"] % 32 == 0 and s["SM_BLOCK_MAX_THREADS_F64"] <= s["SM_BLOCK_MAX_THREADS"]
 

@@ -342,9 +342,9 @@ def test_numpy_path_row_blocks(monkeypatch, rng, shape, axis):
     # the NumPy path works on row blocks sized for the cache; force many tiny blocks (2 rows each),
     # both where blocks share features (axis 0 reduced) and where each holds whole ones (kept);
     # past the small-x path, without the compiled loops
-    bn = importlib.import_module("gpu.ops.batch_norm")
+    numpy_path = importlib.import_module("gpu.ops.batch_norm.numpy_path")
     monkeypatch.setattr(_cpu, "BLOCK_BYTES", 2 * 4 * int(np.prod(shape[1:])))
-    monkeypatch.setattr(bn, "_SMALL_ELEMENTS", 0)
+    monkeypatch.setattr(numpy_path, "SMALL_ELEMENTS", 0)
     monkeypatch.setenv("GPU_CPU_JIT", "0")
     x, x64 = random(rng, shape, np.float32, offset=100.0)
     dy, dy64 = random(rng, shape, np.float32)
@@ -367,11 +367,11 @@ def test_numpy_path_row_blocks(monkeypatch, rng, shape, axis):
                          ids=["nc", "nchw", "nhwc", "one-channel", "1-d"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=dtype_id)
 def test_numpy_small_path_switch(monkeypatch, rng, shape, axis, dtype):
-    # x of at most _SMALL_ELEMENTS takes the small path (BLAS sums, one thread): the limit set to
+    # x of at most SMALL_ELEMENTS takes the small path (BLAS sums, one thread): the limit set to
     # x's size (small path) and one below it (the direct path) give the reference's answer both,
     # at an offset where an uncorrected two-pass variance would lose digits (NumPy only: the
     # compiled loops of the cpu-jit extra have their own tests)
-    bn = importlib.import_module("gpu.ops.batch_norm")
+    numpy_path = importlib.import_module("gpu.ops.batch_norm.numpy_path")
     monkeypatch.setenv("GPU_CPU_JIT", "0")
     x, x64 = random(rng, shape, dtype, scale=2.0, offset=300.0)
     keep, kept = _keepdims(shape, axis), _kept(shape, axis)
@@ -379,8 +379,8 @@ def test_numpy_small_path_switch(monkeypatch, rng, shape, axis, dtype):
     m = x.size // int(np.prod(kept))
     ry, rmean, rinvstd, rvar = ref.batch_norm_forward(x64, gamma.reshape(keep), beta.reshape(keep), _axes(axis), 1e-5)
     for limit in (x.size, x.size - 1):
-        monkeypatch.setattr(bn, "_SMALL_ELEMENTS", limit)
-        assert (bn._small_view(x, bn._layout(x, axis)) is not None) == (limit == x.size)
+        monkeypatch.setattr(numpy_path, "SMALL_ELEMENTS", limit)
+        assert (numpy_path.strategy("forward", x, axis) == "small") == (limit == x.size)
         mean, var = gpu.batch_stats(x, axis=axis)
         assert_close(mean, rmean.reshape(kept), dtype, "mean")
         assert_close(var, rvar.reshape(kept), dtype, "var", factor=4)

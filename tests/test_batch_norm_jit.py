@@ -1,4 +1,4 @@
-"""The compiled NumPy-path loops (gpu/_jit.py, the optional ``cpu-jit`` extra) against float64 and
+"""The compiled NumPy-path loops (gpu/ops/batch_norm/jit.py, the optional ``cpu-jit`` extra) against float64 and
 against the NumPy path they stand in for. Skipped without Numba."""
 from __future__ import annotations
 
@@ -6,19 +6,19 @@ import numpy as np
 import pytest
 
 import gpu
-from gpu import _cpu, _jit
+from gpu import _cpu
 from gpu.bench import reference as ref
-from gpu.ops import batch_norm as bn
+from gpu.ops.batch_norm import jit, numpy_path
 from conftest import assert_close, dtype_id, random
 
-pytestmark = pytest.mark.skipif(not _jit.available(), reason="needs Numba (pip install '.[cpu-jit]')")
+pytestmark = pytest.mark.skipif(not jit.available(), reason="needs Numba (pip install '.[cpu-jit]')")
 
 
 @pytest.fixture(autouse=True)
 def _past_small_path(monkeypatch):
     # the compiled loops take x past the small-x path; its switch and the row blocks (16 KiB)
     # lowered, so that small shapes run many blocks and their merges
-    monkeypatch.setattr(bn, "_SMALL_ELEMENTS", 4096)
+    monkeypatch.setattr(numpy_path, "SMALL_ELEMENTS", 4096)
     monkeypatch.setattr(_cpu, "BLOCK_BYTES", 1 << 14)
 
 
@@ -56,8 +56,8 @@ def test_forward_backward_match_reference_and_numpy_path(monkeypatch, rng, shape
     gamma = (rng.standard_normal(kept) + 1.5).astype(dtype)
     beta = rng.standard_normal(kept).astype(dtype)
     m = x.size // int(np.prod(kept))
-    lay = bn._layout(x, axis)
-    assert bn._jit_view(x, lay, dy) is not None            # the compiled loops take this call
+    # the compiled loops take this call
+    assert numpy_path.strategy("forward", x, axis) == numpy_path.strategy("backward", x, axis, dy) == "jit"
     outs = {}
     for path in ("jit", "numpy"):
         if path == "numpy":
@@ -107,9 +107,9 @@ def test_non_finite_statistics_fall_back_to_the_numpy_path(rng):
 
 def test_noncontiguous_or_half_inputs_take_the_numpy_path(rng):
     x = random(rng, (5000, 4), np.float16)[0]
-    assert bn._jit_view(x, bn._layout(x, 0)) is None
+    assert numpy_path.strategy("forward", x, 0) != "jit"
     xt = random(rng, (8, 5000), np.float32)[0].T
-    assert bn._jit_view(xt, bn._layout(xt, 0)) is None
+    assert numpy_path.strategy("forward", xt, 0) != "jit"
 
 
 # (shape, axis) at most the small-path switch: one serial compiled call per op, with why
@@ -126,13 +126,13 @@ SMALL_CASES = [
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=dtype_id)
 @pytest.mark.parametrize("shape,axis", SMALL_CASES, ids=[f"{s}-ax{a}" for s, a in SMALL_CASES])
 def test_small_x_one_call_matches_reference_and_numpy_path(monkeypatch, rng, shape, axis, dtype):
-    monkeypatch.setattr(bn, "_SMALL_ELEMENTS", 1 << 17)
+    monkeypatch.setattr(numpy_path, "SMALL_ELEMENTS", 1 << 17)
     x, x64 = random(rng, shape, dtype, scale=2.0, offset=50.0)   # an offset: the two-pass matters
     kept, keep = _kept(shape, axis)
     gamma = (rng.standard_normal(kept) + 1.5).astype(dtype)
     beta = rng.standard_normal(kept).astype(dtype)
     m = x.size // int(np.prod(kept))
-    assert bn._small_jit(x, bn._layout(x, axis)) is not None     # the small compiled call takes it
+    assert numpy_path.strategy("forward", x, axis) == "small-jit"     # the small compiled call takes it
     outs = {}
     for path in ("jit", "numpy"):
         if path == "numpy":
@@ -165,7 +165,7 @@ def test_small_x_special_values(monkeypatch, rng):
     # the small compiled call: eps = 0 with a constant feature gives invstd 0 and y = beta; an inf
     # or a variance past float32 falls back to the NumPy path (torch's special values, the
     # overflow-safe variance) and leaves the running statistics to it
-    monkeypatch.setattr(bn, "_SMALL_ELEMENTS", 1 << 17)
+    monkeypatch.setattr(numpy_path, "SMALL_ELEMENTS", 1 << 17)
     x, _ = random(rng, (64, 3), np.float32)
     x[:, 1] = 2.5
     beta = np.array([0.0, 7.0, 0.0], np.float32)

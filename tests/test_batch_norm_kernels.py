@@ -1,7 +1,7 @@
 """Kernel-path tests for cuda_src/batch_norm.cu: every launch path and awkward shape, against float64.
 
 The API suite (tests/test_batch_norm.py) runs the public cases on every backend; this file drives
-the kernels' own switches through the launch knobs of gpu/ops/batch_norm.py (``_tuned``): on-chip (one
+the kernels' own switches through the launch knobs of gpu/_engines/channels.py (``channels.tuned``): on-chip (one
 block per tile, or persistent across a cooperative grid) vs two-pass forward, vector vs scalar module, one block per tile vs the grid merge through the
 workspace and the last-block counter, channels-last vs channels-first, partial tiles and warps.
 It runs on the CPU emulator (NumPy arrays, ``kernel`` marker) and on CuPy when a GPU is usable
@@ -18,7 +18,7 @@ import pytest
 
 import gpu
 from gpu import _kernels
-from gpu.ops import batch_norm as bn
+from gpu._engines import channels
 from conftest import BFLOAT16, DTYPES, TOL, dtype_id, rel_err, to_numpy
 
 try:
@@ -214,7 +214,7 @@ CASES = [
 @pytest.mark.parametrize("shape,axis,knobs", CASES, ids=[f"{s}-{a}-{'-'.join(f'{k}{v}' for k, v in kn.items())}"
                                                         for s, a, kn in CASES])
 def test_paths_float32(dev, rng, launches, shape, axis, knobs):
-    with bn._tuned(**knobs):
+    with channels.tuned(**knobs):
         _run_all(dev, rng, shape, axis, np.float32)
     _check_grid(launches, knobs)
 
@@ -248,7 +248,7 @@ DTYPE_CASES = [
 def test_paths_dtypes(dev, rng, launches, shape, axis, knobs, dtype):
     if dev.name == "cuda" and BFLOAT16 is not None and np.dtype(dtype) == BFLOAT16:
         pytest.skip("CuPy has no bfloat16 arrays")
-    with bn._tuned(**knobs):
+    with channels.tuned(**knobs):
         _run_all(dev, rng, shape, axis, dtype)
     _check_grid(launches, knobs)
 
@@ -262,7 +262,7 @@ def test_path_selection(launches, rng):
     x = rng.standard_normal((64, 8)).astype(np.float32)
     with gpu.use_backend("emulate"):
         gpu.batch_norm_forward(x)                                  # fits one block: on chip
-        with bn._tuned(path="twopass", threads=32, grid_rows=3):
+        with channels.tuned(path="twopass", threads=32, grid_rows=3):
             gpu.batch_norm_forward(x)                              # stats over 3 blocks, then apply
         gpu.batch_norm_forward(x[:, :7])                           # strided: copied; C = 7: scalar
     assert launches[0][:4] == ("batch_norm_forward_onchip", (1, 1), "1", False)
@@ -319,7 +319,7 @@ def test_running_stats_mixed_dtypes(dev, rng, shape, axis, knobs, x_dtype, p_dty
     g = (rng.random(kept) + 0.5).astype(p_dtype)
     rm0, rv0 = rng.standard_normal(kept).astype(p_dtype), (rng.random(kept) + 0.5).astype(p_dtype)
     rm, rv = dev.array(rm0.copy()), dev.array(rv0.copy())
-    with bn._tuned(**knobs):
+    with channels.tuned(**knobs):
         y, mean, invstd = dev.call(gpu.batch_norm_forward, x, g, None, axis=axis, running_mean=rm,
                                    running_var=rv, momentum=0.25)
     m = x.size // np.prod(kept)
@@ -347,7 +347,7 @@ def test_nan_stays_in_its_channel(dev, rng, shape, axis, knobs):
     idx[1] = ch                                 # the channel axis is 1 in both layouts
     x[tuple(idx)] = np.nan
     x64 = x.astype(np.float64)
-    with bn._tuned(**knobs):
+    with channels.tuned(**knobs):
         y, mean, invstd = dev.call(gpu.batch_norm_forward, x, axis=axis)
         dx, dg, db = dev.call(gpu.batch_norm_backward, np.ones_like(x), x, None,
                               to_numpy(mean), to_numpy(invstd), axis=axis)
@@ -376,7 +376,7 @@ def test_bitwise_deterministic_across_block_orders(monkeypatch, rng, knobs):
     runs = []
     for seed in ("0", "7", "12345"):
         monkeypatch.setenv("GPU_EMULATOR_BLOCK_SEED", seed)
-        with gpu.use_backend("emulate"), bn._tuned(**knobs):
+        with gpu.use_backend("emulate"), channels.tuned(**knobs):
             y, mean, invstd = gpu.batch_norm_forward(x)
             runs.append((y, mean, invstd) + gpu.batch_norm_backward(dy, x, None, mean, invstd))
     for other in runs[1:]:
@@ -387,7 +387,7 @@ def test_bitwise_deterministic_across_block_orders(monkeypatch, rng, knobs):
 def test_large_offset_variance(dev, rng):
     """Welford + Chan: data at 1e4 with unit variance keeps its variance to 1e-3 in float32."""
     x = (rng.standard_normal((4000, 3)) + 1e4).astype(np.float32)
-    with bn._tuned(path="twopass", grid_rows=4):
+    with channels.tuned(path="twopass", grid_rows=4):
         mean, var = dev.call(gpu.batch_stats, x, axis=0)
     x64 = x.astype(np.float64)
     np.testing.assert_allclose(to_numpy(var), x64.var(axis=0), rtol=1e-3)
@@ -427,7 +427,7 @@ def test_onchip_refuses_what_does_not_fit(launches, rng):
     most = _cache_capacity(_BN["BN_ONCHIP_THREADS"], _kernels.device_attributes(np)["max_shared_memory_per_block"],
                            k.static_smem)
     x, x64 = _rand(rng, (most, 4), np.float32, 2.0, 3.0)   # one float4 per row: a 1-lane tile
-    with gpu.use_backend("emulate"), bn._tuned(path="onchip"):
+    with gpu.use_backend("emulate"), channels.tuned(path="onchip"):
         y, _, invstd = gpu.batch_norm_forward(x)
         assert launches[0][:4] == ("batch_norm_forward_onchip", (1, 1), "1", False)
         _check(y, _ref_forward(x64, None, None, 0, 1e-5)[0], np.float32, f"y ({most} rows)")
@@ -453,7 +453,7 @@ def test_persistent_switch_boundary(monkeypatch, launches, rng):
     for n in (rows, rows + 1, beyond):
         x, x64 = _rand(rng, (n, 4), np.float32, 2.0, 3.0)
         launches.clear()
-        with gpu.use_backend("emulate"), bn._tuned(threads=32):
+        with gpu.use_backend("emulate"), channels.tuned(threads=32):
             y, mean, invstd = gpu.batch_norm_forward(x)
         name, grid, _, coop, smem = launches[0]
         if n == rows:
@@ -465,7 +465,7 @@ def test_persistent_switch_boundary(monkeypatch, launches, rng):
         y_ref, mean_ref, invstd_ref, _ = _ref_forward(x64, None, None, 0, 1e-5)
         _check(y, y_ref, np.float32, f"y ({n} rows)")
         _check(invstd, invstd_ref, np.float32, f"invstd ({n} rows)")
-    with gpu.use_backend("emulate"), bn._tuned(threads=32, path="persistent"):
+    with gpu.use_backend("emulate"), channels.tuned(threads=32, path="persistent"):
         with pytest.raises(ValueError, match="persistent"):
             gpu.batch_norm_forward(x)
 
@@ -487,7 +487,7 @@ ROW_CACHE_CASES = [
                          ids=[f"{s}-{kn['path']}" for s, _, kn, *_ in ROW_CACHE_CASES])
 def test_row_cache_is_reached(launches, rng, shape, axis, knobs, fwd_smem, bwd_smem):
     x = rng.standard_normal(shape).astype(np.float32)
-    with gpu.use_backend("emulate"), bn._tuned(**knobs):
+    with gpu.use_backend("emulate"), channels.tuned(**knobs):
         y, mean, invstd = gpu.batch_norm_forward(x, axis=axis)
         gpu.batch_norm_backward(x, x, None, mean, invstd, axis=axis)
     assert launches[0][0] == "batch_norm_forward_onchip" and launches[0][4] == fwd_smem
@@ -502,17 +502,17 @@ def test_streaming_grid_is_one_wave_of_the_reductions_occupancy(launches, rng):
     dev = _kernels.device_attributes(np)
     acc = np.dtype(np.float32)
     # (8192, 64) float32: 16 vectors a row, bx = 16, 16 rows a block of 256: one tile, 512 row blocks
-    plans = {n: bn._plan(dev, 8192, 64, 1, 4, acc, True, bn._DEFAULT_TUNING, resident=lambda v, T, smem, n=n: n)
+    plans = {n: channels.plan(dev, 8192, 64, 1, 4, acc, True, channels.DEFAULT, resident=lambda v, T, smem, n=n: n)
              for n in (1, 2, 4)}
     assert [plans[n].grid_rows for n in (1, 2, 4)] == [dev["sm_count"], 2 * dev["sm_count"], 4 * dev["sm_count"]]
     # the default: the emulator's occupancy calculator for both reductions (threads, blocks and
     # shared memory per SM; the same call as cudaOccupancyMaxActiveBlocksPerMultiprocessor on a GPU)
     p = plans[1]
     want = min(_kernels.max_cooperative_grid(_kernels.get_kernel("batch_norm", k, np, np.float32, {"BN_VECTOR": 1}),
-                                             p.threads, p.smem) for k in bn._REDUCTIONS) // dev["sm_count"]
-    assert bn._resident(np, np.dtype(np.float32), True, p.threads, p.smem) == want
+                                             p.threads, p.smem) for k in channels.REDUCTIONS) // dev["sm_count"]
+    assert channels.resident(np, np.dtype(np.float32), True, p.threads, p.smem) == want
     x, x64 = _rand(rng, (8192, 64), np.float32, 2.0, 3.0)
-    with gpu.use_backend("emulate"), bn._tuned(path="twopass"):
+    with gpu.use_backend("emulate"), channels.tuned(path="twopass"):
         mean, var = gpu.batch_stats(x)
     assert launches[0][1] == (1, min(dev["sm_count"] * want, 8192 // 16))
     _check(mean, x64.mean(0), np.float32, "mean")

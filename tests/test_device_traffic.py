@@ -21,7 +21,7 @@ import pytest
 import gpu
 from gpu import _kernels
 from gpu._backend import EmulatedDeviceArray, counting_device, to_emulated_device
-from gpu.ops import batch_norm as bn
+from gpu._engines import channels
 
 pytestmark = pytest.mark.kernel
 
@@ -134,7 +134,7 @@ def test_batch_norm_two_kernel_paths_are_quiet(rng):
     """The forward's two-pass and the backward's two kernels (what runs where x, or dy and x, do
     not fit on chip) with a grid merge: the same, warm."""
     x, dy, g = _dev(rng, (3000, 6)), _dev(rng, (3000, 6)), _dev(rng, (6,))
-    with bn._tuned(path="twopass", threads=32, grid_rows=3):
+    with channels.tuned(path="twopass", threads=32, grid_rows=3):
         y, mean, invstd = _assert_quiet(gpu.batch_norm_forward, x, g)
         _assert_quiet(gpu.batch_norm_backward, dy, x, g, mean, invstd)
 

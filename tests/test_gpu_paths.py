@@ -10,7 +10,6 @@ seconds.
 """
 from __future__ import annotations
 
-import importlib
 import os
 
 import numpy as np
@@ -18,11 +17,9 @@ import pytest
 
 import gpu
 from gpu import _kernels
-from gpu._engines import rows
+from gpu._engines import channels, rows
 from gpu.bench import reference as ref
 from conftest import assert_close, to_numpy
-
-BN = importlib.import_module("gpu.ops.batch_norm")
 
 F16, F32 = np.dtype(np.float16), np.dtype(np.float32)
 
@@ -94,7 +91,7 @@ def test_softmax_and_cross_entropy_paths(where, rng, small, big, tune, kernel, d
     assert_close(dz, want_dz, dtype, "dz")
 
 
-# (emulator shape, GPU shape, axis, _tuned knobs, forward kernel, backward kernel): the batch-norm
+# (emulator shape, GPU shape, axis, channels.tuned knobs, forward kernel, backward kernel): the batch-norm
 # engine's paths
 BN_CASES = [
     # the streaming two-pass path with a grid merge: (262144, 256) float32 on a GPU is thousands of
@@ -125,7 +122,7 @@ def test_batch_norm_paths(where, rng, small, big, axis, knobs, kernel, backward)
     g = rng.uniform(0.5, 1.5, C).astype(dtype)
     b = rng.standard_normal(C).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
-    with BN._tuned(**knobs):
+    with channels.tuned(**knobs):
         (y, mean, invstd), names = _run(where, gpu.batch_norm_forward, x, g, b, axis=axis)
         _ran(names, kernel)
         (dx, dg, db), names = _run(where, gpu.batch_norm_backward, dy, x, g, mean, invstd, axis=axis)

@@ -22,10 +22,11 @@ Small x (the NumPy path's small-x switch, at most 128K elements) takes one seria
 op (statistics, the training forward with the running statistics, inference): there NumPy's cost
 is per call, about 20 ufunc and BLAS calls against one.
 
-Used by ``gpu.ops.batch_norm`` for C-contiguous float32/float64 x on the NumPy path, when Numba
-imports and ``GPU_CPU_JIT`` is not ``0``. The NumPy path stays the reference: the tests run
-both (tests/test_batch_norm_jit.py, skipped without Numba). Loops compile on first use (cached on
-disk by Numba).
+Used by the NumPy path (``numpy_path.py``: its "small-jit" and "jit" strategies) for C-contiguous
+float32/float64 x, when Numba imports and ``GPU_CPU_JIT`` is not ``0``. The NumPy path stays the
+reference: the tests run both (tests/test_batch_norm_jit.py, skipped without Numba). The loops
+themselves are in ``jit_loops.py``, module-level functions so that Numba's disk cache keeps every
+one of them; they compile on first use.
 """
 from __future__ import annotations
 
@@ -60,8 +61,8 @@ def _load():
 
 
 def _build(nb):
-    from gpu import _jit_loops
-    return {name: f for name, f in vars(_jit_loops).items() if isinstance(f, nb.core.dispatcher.Dispatcher)}
+    from . import jit_loops
+    return {name: f for name, f in vars(jit_loops).items() if isinstance(f, nb.core.dispatcher.Dispatcher)}
 
 
 def _sub(item_bytes: int) -> int:
@@ -123,7 +124,7 @@ def small_stats(x3):
 def small_forward(x3, gamma, beta, eps: float, running=None):
     """`forward` for a small x, one serial call: (y3, mean, var, invstd) or None. ``running``:
     (running_mean, running_var, momentum, M), the two (C,) C-contiguous arrays of x's dtype, to be
-    updated in place as ``gpu.ops.batch_norm``'s NumPy path does (with M / (M - 1) for the
+    updated in place as the NumPy path does (with M / (M - 1) for the
     variance); not touched when None is returned."""
     C, dt = x3.shape[1], x3.dtype
     y3 = np.empty_like(x3)

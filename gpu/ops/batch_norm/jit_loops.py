@@ -1,4 +1,4 @@
-"""The compiled loops of `gpu._jit` (imported only when Numba is: `gpu._jit._load`).
+"""The compiled loops of `jit` (imported only when Numba is: `jit._load`).
 
 Module-level functions calling each other as globals, so that Numba's on-disk cache holds every
 one of them (a dispatcher captured in a closure changes the cache key in every process, and the
