@@ -40,7 +40,7 @@
 // several blocks per tile, batch_norm_forward_onchip cannot wait for the last
 // block to finalize (the others would have to drop their rows): each block stores its partial in
 // the workspace, grid.sync() (cooperative_groups; the launch is cooperative, so the grid must fit
-// the device at once: gpu/ops/batch_norm.py sizes it from max_cooperative_grid), then every block merges
+// the device at once: gpu/_engines/channels.py sizes it from max_cooperative_grid), then every block merges
 // its tile's partials in partition order itself. The merge is the same sequence of operations in
 // every block, so all blocks normalize with the same bits; block part 0 alone writes the
 // statistics and the running-stat update.
@@ -57,7 +57,7 @@
 //                                                           batch_norm_backward_apply reads dy, x, writes dx)
 // The on-chip paths run where the tile's rows fit its blocks' registers and shared memory, the
 // blocks of a persistent grid all resident at once (an H200: about 30 MB of x forward, of x and
-// dy together backward): gpu/ops/batch_norm.py (_onchip_choice) picks the path.
+// dy together backward): gpu/_engines/channels.py (_onchip_choice) picks the path.
 //
 // Accumulation in ACC_T (float for half/bfloat16/float, double for double); x, y, dy, dx in
 // SCALAR_T; every per-channel array (gamma, beta, running stats, mean, invstd, coefficients,
@@ -85,7 +85,7 @@
 #define BN_CACHE_UNROLL 8    // rows of loads in flight per thread while the on-chip kernels fill the row cache
 #define BN_MAX_COLS 64       // largest bx of a channels-last tile (bounds batch_norm_forward_onchip's smem)
 
-// flags (host: gpu/ops/batch_norm.py _HAS_GAMMA, _HAS_BETA, _RUNNING)
+// flags (host: gpu/ops/batch_norm/kernel_path.py, _flags)
 #define BN_HAS_GAMMA 1       // gamma given (else 1)
 #define BN_HAS_BETA 2        // beta given (else 0)
 #define BN_RUNNING 4         // update running_mean / running_var

@@ -24,7 +24,7 @@
 // A partial type A provides init, merge, shfl_down, save / load (shared memory) and
 // store_partial / load_partial (workspace), kLanes, and kWords, its words per thread.
 //
-// View. gpu/ops/batch_norm.py maps every layout onto the (outer, C, inner) view:
+// View. gpu/_engines/channels.py maps every layout onto the (outer, C, inner) view:
 //     (N, C) axis=0 -> (N, C, 1)      NCHW axis=(0,2,3) -> (N, C, H*W)
 //     NHWC axis=(0,1,2) -> (N*H*W, C, 1)      the seed's (n, m) axis=1 -> (1, n, m)
 // Both shapes are one "rows x vectors" walk: a thread owns one vector and visits it in every row it

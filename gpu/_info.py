@@ -29,7 +29,7 @@ OPTIONAL = (
      "gpu.torch (functional ops, BatchNorm*d, CrossEntropyLoss, SyncBatchNorm), the tests' second oracle, "
      "gpu-bench's torch peers, gpu-train --framework torch and --distributed torch"),
     ("numba", "numba", "cpu-jit",
-     "the NumPy path's batch norm as compiled loops (gpu/_jit.py; GPU_CPU_JIT=0 turns them off)"),
+     "the NumPy path's batch norm as compiled loops (gpu/ops/batch_norm/jit.py; GPU_CPU_JIT=0 turns them off)"),
     ("mpi4py", "mpi4py", "distributed",
      "gpu.distributed.wrap(MPI communicator), gpu-train --distributed mpi, gpu-bench --distributed under mpiexec"),
     ("ml_dtypes", "ml_dtypes", "bf16", "bfloat16 arrays (every op, and bfloat16 tensors in gpu.torch)"),
