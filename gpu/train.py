@@ -233,7 +233,23 @@ def init_distributed(args: argparse.Namespace):
         raise ValueError("--distributed torch: RANK is not set; launch with torchrun")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if args.device == "gpu" else "gloo")
+        args.owns_process_group = True
     return distributed.wrap("torch")
+
+
+def close_distributed(args: argparse.Namespace, comm, finished: bool) -> None:
+    """Tear down the process group `init_distributed` started, before the interpreter exits: a
+    group left to the interpreter's teardown is destroyed while the peers' connections and the
+    rank-0 store are closing, which can abort a rank at exit. After a finished run the ranks meet
+    at a barrier first, so none closes its connections while another still uses them."""
+    if comm is None or not getattr(args, "owns_process_group", False):
+        return
+    import torch.distributed as dist
+    comm.drain()
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
+    args.owns_process_group = False
 
 
 def run(args: argparse.Namespace, model: Sequential, xp, train, val, label: str = "",
@@ -371,13 +387,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         comm = init_distributed(args)
     except (ValueError, ImportError, RuntimeError) as e:
         parser.error(str(e))
-    if comm is not None and comm.rank != 0:      # logs and outputs from rank 0 only
-        args.quiet, args.json, args.save, args.compare_bn = True, None, None, False
-        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+    finished = False
+    try:
+        if comm is not None and comm.rank != 0:      # logs and outputs from rank 0 only
+            args.quiet, args.json, args.save, args.compare_bn = True, None, None, False
+            with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+                with _threadpool_limits(args.threads):
+                    status = _train(args, data, train, val, models, xp, comm)
+        else:
             with _threadpool_limits(args.threads):
-                return _train(args, data, train, val, models, xp, comm)
-    with _threadpool_limits(args.threads):
-        return _train(args, data, train, val, models, xp, comm)
+                status = _train(args, data, train, val, models, xp, comm)
+        finished = True
+        return status
+    finally:
+        close_distributed(args, comm, finished)
 
 
 def _train(args: argparse.Namespace, data, train, val, models: dict[bool, Sequential], xp, comm=None) -> int:
