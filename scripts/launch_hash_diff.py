@@ -2,7 +2,7 @@
 
     python scripts/launch_hash_diff.py BEFORE AFTER [--subset]
 
-BEFORE and AFTER are the FILE prefixes of the two runs (their FILE.<worker>.json parts are merged).
+BEFORE and AFTER are the FILE prefixes of the two runs (their FILE.<worker>.<pid>.json parts are merged).
 Tests are matched by name, then by their test function's name and parameters when a test moved to
 another file. Prints the launches compared and every difference; exits 1 on any difference or on a
 test of BEFORE missing in AFTER (with --subset, AFTER ran a part of the suite: only the tests it

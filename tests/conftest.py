@@ -155,7 +155,7 @@ def pytest_configure(config):
 # The launch-hash recorder (GPU_LAUNCH_HASH=FILE): a hash of every emulated launch of each test
 # (kernel, defines, grid, block, shared memory, scalar arguments, every array argument's bytes
 # after the launch; workspace scratch, error records and pointer stand-ins by shape only, since
-# their contents are left from earlier calls), written to FILE.<worker>.json as {test id: [launch hashes]}. Two runs of the suite,
+# their contents are left from earlier calls), written to FILE.<worker>.<pid>.json as {test id: [launch hashes]}. Two runs of the suite,
 # before and after a change that must not change any launch, are compared with
 # scripts/launch_hash_diff.py.
 # ---------------------------------------------------------------------------------------------
@@ -209,5 +209,6 @@ if _LAUNCH_HASH:
 
     def pytest_sessionfinish(session):
         worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-        with open(f"{_LAUNCH_HASH}.{worker}.json", "w") as f:
+        # the pid too: a nested pytest (tests/test_gpu_check.py) inherits the variable and the worker name
+        with open(f"{_LAUNCH_HASH}.{worker}.{os.getpid()}.json", "w") as f:
             json.dump(_hashes, f, indent=0, sort_keys=True)
