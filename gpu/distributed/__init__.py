@@ -6,8 +6,10 @@ engines; nothing here moves bytes itself:
 
 - `MPICommunicator`: an mpi4py communicator. NumPy arrays go directly; CuPy arrays go directly
   when the MPI library is CUDA-aware, else they are staged through pinned host memory.
-- `TorchCommunicator`: a torch.distributed process group (gloo on CPU, NCCL on GPU). Arrays
-  become tensors without a copy (``torch.from_numpy``, DLPack for CuPy arrays).
+- `TorchCommunicator`: a torch.distributed process group (gloo on CPU, NCCL on GPU). Each
+  collective runs on tensors of its own (a copy of the few KiB of statistics in and out), never on
+  tensors that share the caller's array: gloo's threads release finished collectives' tensors
+  whenever they like, the interpreter's exit included.
 - `NCCLCommunicator`: cupyx.distributed's NCCL communicator, for CuPy arrays.
 
 `wrap` turns any of those (or an adapter) into a `Communicator`; the batch-norm functions and
@@ -207,8 +209,13 @@ class MPICommunicator(Communicator):
 # ---------------------------------------------------------------------------------------------
 
 class TorchCommunicator(Communicator):
-    """A torch.distributed process group (None: the default group). Arrays cross as tensors
-    sharing their memory: ``torch.from_numpy`` for NumPy, DLPack for CuPy (NCCL)."""
+    """A torch.distributed process group (None: the default group). Each collective runs on
+    tensors that own their memory (the buffer copied in, the result copied out): a tensor that
+    shares a NumPy or CuPy array's memory (``torch.from_numpy``, DLPack) holds a Python reference,
+    and gloo's own threads may drop the last reference to a finished collective's tensors at any
+    time, the interpreter's exit included, where taking the GIL to release it aborts the process
+    (``terminate called without an active exception``). The buffers here are per-channel
+    statistics: the copies are a few KiB."""
 
     engine = "torch"
 
@@ -222,14 +229,26 @@ class TorchCommunicator(Communicator):
         self.engine = f"torch/{dist.get_backend(group)}"
 
     @staticmethod
-    def _tensor(a):
+    def _owned(a):
+        """A tensor holding a copy of `a` in memory of its own (no reference to a Python object)."""
         import torch
-        return torch.from_numpy(a) if type(a) is np.ndarray else torch.from_dlpack(a)
+        if isinstance(a, np.ndarray):
+            return torch.from_numpy(np.asarray(a)).clone()
+        return torch.from_dlpack(a).clone()
+
+    @staticmethod
+    def _copy_out(t, out) -> None:
+        if isinstance(out, np.ndarray):
+            out[...] = t.numpy().reshape(out.shape)
+        else:
+            import cupy
+            out[...] = cupy.from_dlpack(t).reshape(out.shape)
 
     def _wait(self, work) -> None:
         if not self._finish(work, self.timeout):
             # the engine keeps running the collective (gloo cannot cancel one): keep the work and
-            # its tensors (the caller's buffers) until it completes, never drop it in flight
+            # its tensors until it completes, never drop it in flight (the caller's buffers are
+            # not among them: a late completion writes only this collective's own tensors)
             self._abandon(work)
             raise TimeoutError(f"no completion after {self.timeout:g} s")
 
@@ -250,12 +269,17 @@ class TorchCommunicator(Communicator):
         import torch.distributed as dist
         # all_gather_single where torch has it (all_gather_into_tensor is deprecated there)
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        self._wait(gather(self._tensor(out).view(-1), self._tensor(buf), group=self.group, async_op=True))
+        import torch
+        send = self._owned(buf)
+        recv = torch.empty(out.size, dtype=send.dtype, device=send.device)
+        self._wait(gather(recv, send, group=self.group, async_op=True))
+        self._copy_out(recv, out)
 
     def _allreduce(self, buf, out) -> None:
         import torch.distributed as dist
-        out[...] = buf
-        self._wait(dist.all_reduce(self._tensor(out), group=self.group, async_op=True))
+        t = self._owned(buf)
+        self._wait(dist.all_reduce(t, group=self.group, async_op=True))
+        self._copy_out(t, out)
 
 
 # ---------------------------------------------------------------------------------------------
