@@ -108,9 +108,17 @@ def test_bash_block_names_venv_programs_and_extras(block):
                 assert extra in extras, f"{f}:{line}: no extra {extra!r} in pyproject.toml"
 
 
-def _missing_imports(text):
+#: what a block needs beyond its own imports: the package's optional layers and the programs and
+#: flags that load an optional engine (a venv without the torch extra skips them, naming it)
+NEEDS = {r"\bgpu\.torch\b|--framework torch|--distributed torch|\btorchrun\b|docs-test: ranks": "torch",
+         r"--distributed mpi|\bmpiexec\b|gpu\.distributed\.wrap\(MPI": "mpi4py"}
+
+
+def _missing_imports(text, marker=None):
     names = re.findall(r"^\s*(?:import|from)\s+([\w.]+(?:\s*,\s*[\w.]+)*)", text, re.M)
     mods = {n.strip().split(" ")[0].split(".")[0] for group in names for n in group.split(",")}
+    mods |= {mod for pattern, mod in NEEDS.items()
+             if re.search(pattern, text) or (marker and re.search(pattern, f"docs-test: {marker}"))}
     return sorted(m for m in mods if importlib.util.find_spec(m) is None)
 
 
@@ -137,7 +145,7 @@ def test_python_block_runs(block, tmp_path, monkeypatch):
     f, line, _, text, marker = block
     if marker and marker.startswith("skip:"):
         pytest.skip(marker)
-    missing = _missing_imports(text)
+    missing = _missing_imports(text, marker)
     if missing:
         pytest.skip(f"{', '.join(missing)} not installed")
     script = tmp_path / "block.py"
@@ -157,6 +165,9 @@ def test_bash_block_runs(block, tmp_path):
     f, line, _, text, marker = block
     if marker and marker.startswith("skip:"):
         pytest.skip(marker)
+    missing = _missing_imports(text)
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed")
     (tmp_path / ".venv").symlink_to(Path(sys.prefix))
     rc, out = _run(["bash", "-euo", "pipefail", "-c", text], tmp_path)
     assert rc == 0, f"{f}:{line} failed:\n{out[-3000:]}"
