@@ -1,0 +1,375 @@
+"""What each kernel costs in the SASS: registers and spills (ptxas), instructions per element of
+its hot loops (nvdisasm), and the two bounds of a launch: bytes over copy bandwidth, warp
+instructions over issue slots.
+
+    python -m gpu.bench.sass                 # the figures of every kernel (sm_90), against the record
+    python -m gpu.bench.sass --record        # re-record tests/sass_budget.json on purpose
+    gpu-bench --bounds                       # both bounds per kernel at the headline shapes, H100 and H200
+
+The CUBIN is NVRTC's (``gpu._nvrtc_check.compile_image``: the exact source and options of the
+compile check, cached on disk beside its logs), disassembled by ``nvdisasm`` (the pip wheel
+``nvidia-cuda-nvdisasm``, in the ``test`` extra). No GPU is needed.
+
+The hot loops of a kernel
+-------------------------
+In the SASS, a loop is a backward branch; an innermost loop (no loop inside it) that loads data
+(``LDG``/``LDS``, not the ``.STRONG`` loads of a grid barrier's spin) is a candidate. Where the
+kernel has 16-byte loads (``.128``), only loops with one are hot (the others are scalar tails);
+their elements per iteration are the 16-byte loads times ``16 / sizeof(SCALAR_T)``, else loads of
+``sizeof(SCALAR_T)`` bytes count one element each; divided by the tensors read per element
+(``STREAMS``: ``x`` and ``dy`` in batch norm's backward). A loop's instructions are those of its
+shortest path from the top to the backward branch: the path with every runtime flag off (no
+soft-cap, no smoothing, no probability targets), the common path. Hot loops are grouped by the
+kinds of memory they touch (``LDG``, ``LDS``, ``STG``, ``STS``): one group per pass over the data
+(statistics, normalize; cached fill, cached read), the unrolled main loop and its remainders in one
+group; a group's figure is its cheapest loop per element, and the kernel's is the sum over its
+groups. A kernel that chooses at run time between a cached and a re-reading pass counts both, so
+its figure is an upper bound of either.
+
+The bounds
+----------
+For one launch over E elements moving B bytes, on a device of S SMs at clock f with copy
+bandwidth W: ``max(B / W, E x instructions per element / 32 / (4 x S x f))``, 4 warp instructions
+issued per SM per clock (one per scheduler) at best.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from gpu import _kernels
+
+ROOT = Path(__file__).resolve().parents[2]
+BUDGET = ROOT / "tests" / "sass_budget.json"
+RECORD_COMMAND = "python -m gpu.bench.sass --record"
+ARCH = "sm_90"                      # the instruction counts: H100 and H200
+REGISTER_ARCHS = ("sm_80", "sm_90")  # the architectures the kernels are tuned for
+
+#: Tensors a kernel's hot loops read per element (default 1).
+STREAMS = {"batch_norm_backward_reduce": 2, "batch_norm_backward_apply": 2, "batch_norm_backward_onchip": 2}
+
+#: The devices of the bounds: SMs, boost clock (GHz), copy bandwidth (GB/s; measured where known).
+DEVICES = {
+    "H100 SXM": {"sms": 132, "clock_ghz": 1.98, "copy_gbps": 3000.0,
+                 "note": "copy ~90% of the 3.35 TB/s datasheet (not yet measured here)"},
+    "H200": {"sms": 132, "clock_ghz": 1.98, "copy_gbps": 4300.0,
+             "note": "copy ~4.3 TB/s of the 4.8 TB/s datasheet (docs/BENCHMARKS.md)"},
+}
+
+_INSTR_RE = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(.*?)\s*;", re.MULTILINE)
+_LABEL_RE = re.compile(r"^(\.L\w+):")
+_BRANCH_RE = re.compile(r"\bBRA(?:\.\w+)*\s.*?`\((\.L\w+)\)")
+_PRED_RE = re.compile(r"^@!?U?P[T\d]+\s+")
+
+
+def unavailable_reason() -> str | None:
+    """Why the figures cannot be computed here (NVRTC or nvdisasm missing), or None."""
+    from gpu import _nvrtc_check
+    why = _nvrtc_check.unavailable_reason()
+    if why:
+        return why
+    if nvdisasm() is None:
+        return "nvdisasm not found: pip install 'nvidia-cuda-nvdisasm>=13,<14' (the test extra has it)"
+    return None
+
+
+def nvdisasm() -> str | None:
+    """The nvdisasm executable: on PATH, a CUDA toolkit's, or the pip wheel's."""
+    found = shutil.which("nvdisasm")
+    if found:
+        return found
+    candidates = [Path(p) for p in ("/usr/local/cuda/bin",)]
+    try:
+        import nvidia
+        for base in nvidia.__path__:
+            candidates += sorted(Path(base).glob("*/bin"))
+    except ImportError:
+        pass
+    for d in candidates:
+        if (d / "nvdisasm").is_file() and os.access(d / "nvdisasm", os.X_OK):
+            return str(d / "nvdisasm")
+    return None
+
+
+def module_image(family: str, dtype, variant: dict[str, str], arch: str = ARCH) -> tuple[bytes, str]:
+    """(CUBIN, ptxas log) of one module, through the compile check's cache."""
+    from gpu import _nvrtc_check
+    defines = _kernels.module_defines(family, dtype, variant)
+    flags = [f"-D{k}={v}" for k, v in sorted(defines.items())]
+    return _nvrtc_check.compile_image(_kernels.family_source(family), arch, flags, f"{family}.cu")
+
+
+def disassemble(image: bytes) -> str:
+    """nvdisasm's SASS of a CUBIN (cached by the CUBIN's hash beside the compile check's logs)."""
+    from gpu._emulator import cache_dir
+    tool = nvdisasm()
+    if tool is None:
+        raise RuntimeError(unavailable_reason())
+    path = cache_dir() / "nvrtc" / f"{hashlib.sha256(image).hexdigest()[:32]}.sass"
+    if path.is_file():
+        return path.read_text()
+    tmp = path.with_suffix(f".{os.getpid()}.cubin")
+    tmp.write_bytes(image)
+    try:
+        text = subprocess.run([tool, "-c", str(tmp)], capture_output=True, text=True, check=True).stdout
+    finally:
+        tmp.unlink()
+    out = path.with_suffix(f".{os.getpid()}.tmp")
+    out.write_text(text)
+    os.replace(out, path)
+    return text
+
+
+def registers(log: str) -> dict[str, dict[str, int]]:
+    """kernel -> {"registers", "spill_stores", "spill_loads"} from ptxas's report."""
+    out: dict[str, dict[str, int]] = {}
+    current = None
+    for line in log.splitlines():
+        m = re.search(r"(?:Compiling entry function|Function properties for) '?(\w+)'?", line)
+        if m:
+            current = m[1]
+            out.setdefault(current, {"registers": 0, "spill_stores": 0, "spill_loads": 0})
+            continue
+        if current is None:
+            continue
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            out[current]["registers"] = int(m[1])
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            out[current]["spill_stores"], out[current]["spill_loads"] = int(m[1]), int(m[2])
+    return {k: v for k, v in out.items() if not k.startswith("$")}
+
+
+@dataclass
+class Loop:
+    start: int                  # instruction index of the loop's top
+    end: int                    # index of its backward branch
+    instructions: int           # on the shortest path, top to backward branch
+    elements: float             # per iteration
+    kinds: tuple[str, ...]      # memory it touches: LDG LDS STG STS
+
+    @property
+    def per_element(self) -> float:
+        return self.instructions / self.elements
+
+
+@dataclass
+class KernelSass:
+    name: str
+    instructions: int
+    loops: list[Loop] = field(default_factory=list)
+    groups: dict[str, float] = field(default_factory=dict)   # kinds -> cheapest per element
+
+    @property
+    def per_element(self) -> float:
+        return sum(self.groups.values())
+
+
+def _opcode(instr: str) -> str:
+    return _PRED_RE.sub("", instr).split()[0]
+
+
+def _load_width(op: str) -> int | None:
+    """Bytes of a data load (LDG/LDS, not a .STRONG barrier or flag load), else None."""
+    if not (op.startswith("LDG") or op.startswith("LDS")) or ".STRONG" in op:
+        return None
+    parts = op.split(".")
+    for bits, width in (("128", 16), ("64", 8), ("U16", 2), ("S16", 2), ("U8", 1), ("S8", 1)):
+        if bits in parts:
+            return width
+    return 4
+
+
+def functions(sass: str) -> dict[str, tuple[list[str], dict[str, int]]]:
+    """kernel -> (instructions, label -> index) from nvdisasm's text."""
+    out = {}
+    pieces = re.split(r"^\.text\.(\S+):\s*$", sass, flags=re.MULTILINE)
+    for name, body in zip(pieces[1::2], pieces[2::2]):
+        instrs, labels = [], {}
+        for line in body.splitlines():
+            m = _LABEL_RE.match(line)
+            if m:
+                labels[m[1]] = len(instrs)
+                continue
+            m = _INSTR_RE.match(line)
+            if m:
+                instrs.append(m[1])
+        out[name] = (instrs, labels)
+    return out
+
+
+def _shortest(instrs: list[str], labels: dict[str, int], a: int, b: int, cold: set[int]) -> list[int]:
+    """The cheapest path from a to b (forward edges; an instruction in ``cold`` costs nothing)."""
+    inf = 1 << 30
+    dist = {a: 0 if a in cold else 1}
+    prev: dict[int, int] = {}
+    for i in range(a, b + 1):
+        d = dist.get(i, inf)
+        if d >= inf:
+            continue
+        s = instrs[i]
+        op = _opcode(s)
+        succ = []
+        m = _BRANCH_RE.search(s)
+        if m and labels.get(m[1], -1) > i:
+            succ.append(labels[m[1]])
+        unconditional = not _PRED_RE.match(s) and (op.startswith("BRA") or op in ("EXIT", "RET", "RET.REL.NODEC"))
+        if not unconditional:
+            succ.append(i + 1)
+        for j in succ:
+            c = d + (0 if j in cold else 1)
+            if j <= b and c < dist.get(j, inf):
+                dist[j], prev[j] = c, i
+    if b not in dist:
+        return [i for i in range(a, b + 1) if i not in cold]
+    path, i = [b], b
+    while i != a:
+        i = prev[i]
+        path.append(i)
+    return [i for i in path[::-1] if i not in cold]
+
+
+def _elements(ops: list[str], scalar_bytes: int) -> float:
+    """Elements loaded per iteration: the most 16-byte loads of one kind (a cached pass reads its
+    row from shared memory and, predicated off, from global memory: one element each), else
+    the most loads of one kind of ``sizeof(SCALAR_T)`` bytes."""
+    for width, per in ((16, 16 / scalar_bytes), (scalar_bytes, 1)):
+        counts: dict[str, int] = {}
+        for op in ops:
+            if _load_width(op) == width:
+                counts[op] = counts.get(op, 0) + 1
+        if counts:
+            return max(counts.values()) * per
+    return 0
+
+
+def analyze_kernel(name: str, instrs: list[str], labels: dict[str, int], scalar_bytes: int) -> KernelSass:
+    """The hot loops of one kernel's SASS (see the module's docstring)."""
+    k = KernelSass(name, len(instrs))
+    loops = []
+    for i, s in enumerate(instrs):
+        m = _BRANCH_RE.search(s)
+        if m and m[1] in labels and labels[m[1]] <= i:
+            loops.append((labels[m[1]], i))
+    streams = STREAMS.get(name, 1)
+    found = []
+    for a, b in loops:
+        cold = {i for o in loops if o != (a, b) and a <= o[0] and o[1] <= b for i in range(o[0], o[1] + 1)}
+        own = [_opcode(instrs[i]) for i in range(a, b + 1) if i not in cold]
+        if not any(map(_load_width, own)):
+            continue
+        path = _shortest(instrs, labels, a, b, cold)
+        ops = [_opcode(instrs[i]) for i in path]
+        elements = _elements(ops, scalar_bytes)
+        n = len(path)
+        if not elements:          # the cheapest path skips the loads: count the loop's own body
+            ops, n = own, len(own)
+            elements = _elements(own, scalar_bytes)
+        if not elements:
+            continue
+        kinds = tuple(sorted({op[:3] for op in own if op[:3] in ("LDG", "LDS", "STG", "STS")}))
+        found.append((any(_load_width(op) == 16 for op in own), Loop(a, b, n, elements / streams, kinds)))
+    vector = any(v for v, _ in found)
+    k.loops = [lp for v, lp in found if v or not vector]
+    for lp in k.loops:
+        key = "+".join(lp.kinds)
+        k.groups[key] = min(k.groups.get(key, float("inf")), lp.per_element)
+    return k
+
+
+def _scalar_bytes(dtype) -> int:
+    return 2 if "bfloat16" in str(dtype) else np.dtype(dtype).itemsize
+
+
+def module_figures(family: str, dtype, variant: dict[str, str]) -> dict[str, dict]:
+    """kernel -> {"per_element", "groups", "registers": {arch: n}, "spills": {arch: bytes}} of one
+    module: instructions at ``ARCH``, registers and spills at ``REGISTER_ARCHS``."""
+    out: dict[str, dict] = {}
+    for arch in REGISTER_ARCHS:
+        _, log = module_image(family, dtype, variant, arch)
+        for name, r in registers(log).items():
+            d = out.setdefault(name, {"registers": {}, "spills": {}})
+            d["registers"][arch] = r["registers"]
+            d["spills"][arch] = r["spill_stores"] + r["spill_loads"]
+    image, _ = module_image(family, dtype, variant, ARCH)
+    for name, (instrs, labels) in functions(disassemble(image)).items():
+        if name not in out:
+            continue
+        k = analyze_kernel(name, instrs, labels, _scalar_bytes(dtype))
+        out[name]["per_element"] = round(k.per_element, 2)
+        out[name]["groups"] = {g: round(v, 2) for g, v in sorted(k.groups.items())}
+    return out
+
+
+def matrix() -> list[tuple[str, str, object, dict[str, str]]]:
+    """(label, family, dtype, variant) of every module of ``cuda_src/``."""
+    from .precompile import label
+    return [(label(f, dt, v), f, dt, v) for f in _kernels.families()
+            for dt in _kernels.family_dtypes(f) for v in _kernels.family_variants(f)]
+
+
+def load_budget(path: Path = BUDGET) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {"modules": {}}
+
+
+def record(path: Path = BUDGET) -> dict:
+    """Every module's figures, written to ``path`` (the budget the tests hold the kernels to)."""
+    data = {"about": f"per-kernel SASS figures: instructions per element of the hot loops at {ARCH} "
+                     f"(gpu/bench/sass.py), registers and spills at {', '.join(REGISTER_ARCHS)}; "
+                     f"NVRTC {_nvrtc_version()}. Re-record on purpose: {RECORD_COMMAND}",
+            "modules": {lab: module_figures(f, dt, v) for lab, f, dt, v in matrix()}}
+    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    return data
+
+
+def _nvrtc_version() -> str:
+    from gpu import _toolchain
+    return ".".join(map(str, _toolchain.nvrtc_version()))
+
+
+def bound_us(elements: int, nbytes: int, per_element: float, device: dict) -> tuple[float, float]:
+    """(bytes bound, instruction bound) in microseconds of one launch on ``device`` (``DEVICES``)."""
+    t_bytes = nbytes / (device["copy_gbps"] * 1e9) * 1e6
+    warp_instructions = elements * per_element / 32
+    t_instr = warp_instructions / (4 * device["sms"] * device["clock_ghz"] * 1e9) * 1e6
+    return t_bytes, t_instr
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m gpu.bench.sass", description=__doc__.split("\n\n")[0])
+    p.add_argument("--record", action="store_true", help=f"write {BUDGET.relative_to(ROOT)} from the current kernels")
+    args = p.parse_args(argv)
+    why = unavailable_reason()
+    if why:
+        print(f"SASS figures unavailable: {why}", file=sys.stderr)
+        return 1
+    if args.record:
+        data = record()
+        print(f"recorded {sum(len(m) for m in data['modules'].values())} kernels of {len(data['modules'])} "
+              f"modules into {BUDGET}")
+        return 0
+    budget = load_budget()["modules"]
+    print(f"{'module':<28} {'kernel':<34} {'instr/elem':>10} {'budget':>7} {'regs sm_80/90':>14}")
+    for lab, f, dt, v in matrix():
+        for name, fig in module_figures(f, dt, v).items():
+            rec = budget.get(lab, {}).get(name, {})
+            regs = "/".join(str(fig["registers"].get(a, "-")) for a in REGISTER_ARCHS)
+            print(f"{lab:<28} {name:<34} {fig.get('per_element', 0):>10.1f} "
+                  f"{rec.get('per_element', float('nan')):>7.1f} {regs:>14}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
