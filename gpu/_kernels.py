@@ -227,10 +227,8 @@ def module_defines(family_name: str | os.PathLike, dtype=None, defines: Mapping[
 
 def build_module(family_name: str | os.PathLike, xp, dtype=None, defines: Mapping[str, Any] | None = None):
     """Build the module of (family, dtype, defines) for ``xp`` now, as ``get_kernel`` would on first
-    use: with CuPy, compiled into CuPy's kernel cache (which hashes the source and options, so a
-    later process finds it there); on the emulator, the cached g++ build. Returns the module.
-    ``scripts/gpu_check.sh`` compiles its modules so, one process each, before its tests.
-    """
+    use: with CuPy, compiled into CuPy's kernel cache (keyed by source and options, so a later
+    process finds it); on the emulator, the cached g++ build. ``scripts/gpu_check.sh`` uses it."""
     fam = family(family_name)
     mod = _module(fam, xp, _all_defines(fam, dtype, defines))
     if not _is_numpy(xp):
@@ -488,6 +486,8 @@ def launch(kernel: Kernel, grid, block, args: Sequence[Any], shared_mem: int = 0
     log = _launch_log
     if log is not None:
         log.launches.append((kernel.name, g, b))
+        if log.calls is not None:
+            log.calls.append((kernel, g, b, args))
         if not log.run:
             return
     fn = kernel.function
@@ -518,10 +518,12 @@ def launch(kernel: Kernel, grid, block, args: Sequence[Any], shared_mem: int = 0
 
 @dataclass
 class LaunchLog:
-    """What ``recording_launches`` collects: one ``(kernel name, grid, block)`` per launch."""
+    """What ``recording_launches`` collects: one ``(kernel name, grid, block)`` per launch; with
+    ``detail``, ``calls`` holds ``(Kernel, grid, block, args)`` too (the arrays kept alive)."""
 
     run: bool
     launches: list = field(default_factory=list)
+    calls: list | None = None
 
     @property
     def count(self) -> int:
@@ -543,7 +545,7 @@ def launches_run() -> bool:
 
 
 @contextlib.contextmanager
-def recording_launches(run: bool = False) -> Iterator[LaunchLog]:
+def recording_launches(run: bool = False, detail: bool = False) -> Iterator[LaunchLog]:
     """Record every launch inside the block; with ``run=False`` the launch itself is a no-op, so
     the block measures the host path alone (``gpu-bench --host``). Everything before the driver or
     emulator call (argument checks, plans, allocations) still runs.
@@ -554,7 +556,7 @@ def recording_launches(run: bool = False) -> Iterator[LaunchLog]:
     1
     """
     global _launch_log
-    saved, _launch_log = _launch_log, LaunchLog(run)
+    saved, _launch_log = _launch_log, LaunchLog(run, calls=[] if detail else None)
     try:
         yield _launch_log
     finally:

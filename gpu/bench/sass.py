@@ -105,9 +105,19 @@ def nvdisasm() -> str | None:
 def module_image(family: str, dtype, variant: dict[str, str], arch: str = ARCH) -> tuple[bytes, str]:
     """(CUBIN, ptxas log) of one module, through the compile check's cache."""
     from gpu import _nvrtc_check
-    defines = _kernels.module_defines(family, dtype, variant)
-    flags = [f"-D{k}={v}" for k, v in sorted(defines.items())]
-    return _nvrtc_check.compile_image(_kernels.family_source(family), arch, flags, f"{family}.cu")
+    return _nvrtc_check.compile_image(_kernels.family_source(family), arch, _flags(family, dtype, variant),
+                                      f"{family}.cu")
+
+
+def module_log(family: str, dtype, variant: dict[str, str], arch: str) -> str:
+    """ptxas's log of one module: the compile check's own, cached (tests/test_nvrtc.py compiles it too)."""
+    from gpu import _nvrtc_check
+    return _nvrtc_check.compile_cubin(_kernels.family_source(family), arch, _flags(family, dtype, variant),
+                                      f"{family}.cu")
+
+
+def _flags(family: str, dtype, variant: dict[str, str]) -> list[str]:
+    return [f"-D{k}={v}" for k, v in sorted(_kernels.module_defines(family, dtype, variant).items())]
 
 
 def disassemble(image: bytes) -> str:
@@ -297,13 +307,13 @@ def module_figures(family: str, dtype, variant: dict[str, str]) -> dict[str, dic
     """kernel -> {"per_element", "groups", "registers": {arch: n}, "spills": {arch: bytes}} of one
     module: instructions at ``ARCH``, registers and spills at ``REGISTER_ARCHS``."""
     out: dict[str, dict] = {}
+    image, log_at = module_image(family, dtype, variant, ARCH)
     for arch in REGISTER_ARCHS:
-        _, log = module_image(family, dtype, variant, arch)
+        log = log_at if arch == ARCH else module_log(family, dtype, variant, arch)
         for name, r in registers(log).items():
             d = out.setdefault(name, {"registers": {}, "spills": {}})
             d["registers"][arch] = r["registers"]
             d["spills"][arch] = r["spill_stores"] + r["spill_loads"]
-    image, _ = module_image(family, dtype, variant, ARCH)
     for name, (instrs, labels) in functions(disassemble(image)).items():
         if name not in out:
             continue
@@ -332,6 +342,29 @@ def record(path: Path = BUDGET) -> dict:
             "modules": {lab: module_figures(f, dt, v) for lab, f, dt, v in matrix()}}
     path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     return data
+
+
+def budget_problems(label: str, recorded: dict | None, now: dict) -> list[str]:
+    """What the module's figures ``now`` break of its record: a spill at ``REGISTER_ARCHS``, a
+    register count that changed, a hot loop's instructions per element grown past the record, a
+    kernel without a record. Every problem but a spill ends with the command that re-records."""
+    redo = f"if the change is meant, re-record: {RECORD_COMMAND} (and commit {BUDGET.relative_to(ROOT)})"
+    problems = []
+    for name, fig in sorted(now.items()):
+        spilled = {a: n for a, n in fig["spills"].items() if n}
+        if spilled:
+            problems.append(f"{label} {name}: ptxas spills ({', '.join(f'{n} bytes at {a}' for a, n in spilled.items())})")
+        rec = (recorded or {}).get(name)
+        if rec is None:
+            problems.append(f"{label} {name}: no recorded registers or instruction budget; {redo}")
+            continue
+        for arch, n in sorted(fig["registers"].items()):
+            if rec["registers"].get(arch) != n:
+                problems.append(f"{label} {name}: {n} registers at {arch}, recorded {rec['registers'].get(arch)}; {redo}")
+        if fig.get("per_element", 0) > rec.get("per_element", 0) + 0.01:
+            problems.append(f"{label} {name}: {fig['per_element']} SASS instructions per element in its hot loops "
+                            f"({fig.get('groups')}), budget {rec.get('per_element')} ({rec.get('groups')}); {redo}")
+    return problems
 
 
 def _nvrtc_version() -> str:
