@@ -72,7 +72,16 @@ PLANTED = """
 .L_x_2:
         /*0070*/                   FADD R0, R0, R4 ;
         /*0080*/                   FADD R0, R0, R5 ;
-        /*0090*/                   STG.E.128 desc[UR4][R14.64], R4 ;
+        /*0090*/                   ISETP.GE.AND P2, PT, R3, R13, PT ;
+        /*00a0*/               @P2 BRA `(.L_x_5) ;
+        /*00b0*/                   FADD R0, R0, R6 ;
+.L_x_5:
+        /*00c0*/                   FCHK P3, R4, R5 ;
+        /*00d0*/              @!P3 BRA `(.L_x_6) ;
+        /*00e0*/                   MOV R6, R4 ;
+        /*00f0*/                   CALL.REL.NOINC `($__internal_0_$__cuda_sm3x_div_rn_noftz_f32_slowpath) ;
+.L_x_6:
+        /*0100*/                   STG.E.128 desc[UR4][R14.64], R4 ;
         /*00a0*/                   IADD3 R2, P2, R2, 0x20, RZ ;
         /*00b0*/               @P1 BRA `(.L_x_1) ;
 .L_x_3:
@@ -88,15 +97,17 @@ PLANTED = """
 
 
 def test_hot_loop_count_of_a_planted_loop():
-    """Two 16-byte float32 loads (8 elements) a trip; the common path skips the flag's weight load
-    and two multiplies: 8 instructions for 8 elements. The scalar tail and the spin on a .STRONG
-    load are not hot loops."""
+    """Two 16-byte float32 loads (8 elements) a trip. The common path skips the work of a flag
+    (a predicate set outside the loop: a weight load, two multiplies), does the work of an
+    in-range test (a predicate set in the loop: one add) and keeps out of a division's slow-path
+    call: 13 instructions for 8 elements. The scalar tail and the spin on a .STRONG load are
+    not hot loops."""
     (name, (instrs, labels)), = sass.functions(PLANTED).items()
     k = sass.analyze_kernel(name, instrs, labels, scalar_bytes=4)
-    assert [(lp.instructions, lp.elements) for lp in k.loops] == [(8, 8.0)]
-    assert k.groups == {"LDG+STG": 1.0} and k.per_element == 1.0
+    assert [(lp.instructions, lp.elements) for lp in k.loops] == [(13, 8.0)]
+    assert k.groups == {"LDG+STG": 1.625} and k.per_element == 1.625
     half = sass.analyze_kernel(name, instrs, labels, scalar_bytes=2)     # 16 elements a trip
-    assert half.per_element == 0.5
+    assert half.per_element == 0.8125
 
 
 def test_registers_from_a_ptxas_report():

@@ -133,15 +133,15 @@ def table(cases=CASES, markdown: bool = False) -> str:
     devs = list(sass.DEVICES.items())
     head = ["case", "kernel", "E (M)", "MB", "instr/elem"] + [
         f"{name} {what}" for name, _ in devs for what in ("bytes us", "instr us")]
-    rows = []
+    rows, refused = [], []
     for op, shape, layout, dt in cases:
         name = f"{op} {'x'.join(map(str, shape))}{' ' + layout if layout else ''} {dt}"
         try:
             ls = launches(op, shape, layout, dt, figures=figures)
         except ValueError as e:   # a plan the emulated device refuses (its static shared memory
             # is the whole module's): no launches to show
-            rows.append([name, f"not planned on the emulated device: {str(e)[:90]}", "", "", ""]
-                        + [""] * 2 * len(devs))
+            refused.append(f"{name}: not planned on the emulated device ({e})")
+            rows.append([name, f"not planned (note {len(refused)})", "", "", ""] + [""] * 2 * len(devs))
             continue
         totals = [0.0] * len(devs)
         for ln in ls:
@@ -157,7 +157,7 @@ def table(cases=CASES, markdown: bool = False) -> str:
             c for t in totals for c in (f"{t:.1f}", "")])
     notes = [f"instructions per element: {source}; * marks a launch whose instruction bound is the larger",
              *(f"{n}: {d['sms']} SMs, {d['clock_ghz']} GHz, copy {d['copy_gbps']:.0f} GB/s ({d['note']})"
-               for n, d in devs)]
+               for n, d in devs), *(f"note {i + 1}: {r}" for i, r in enumerate(refused))]
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]

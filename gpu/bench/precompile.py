@@ -140,7 +140,12 @@ def build(labels: Sequence[str], dry_run: bool = False) -> int:
     if any failed."""
     xp = np
     if not dry_run:
-        import cupy
+        try:
+            import cupy
+        except ImportError as e:
+            for lab in labels:
+                print(f"{lab}: FAILED (CuPy is not importable: {e})", flush=True)
+            return 1
         xp = cupy
     status = 0
     for lab in labels:

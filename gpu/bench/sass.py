@@ -12,8 +12,10 @@ compile check, cached on disk beside its logs), disassembled by ``nvdisasm`` (th
 
 The hot loops of a kernel
 -------------------------
-In the SASS, a loop is a backward branch; an innermost loop (no loop inside it) that loads data
-(``LDG``/``LDS``, not the ``.STRONG`` loads of a grid barrier's spin) is a candidate. Where the
+In the SASS, a loop is a backward branch. A loop that loads data (``LDG``/``LDS``, not the
+``.STRONG`` loads of a grid barrier's spin) with no such loop inside it is a candidate (a loop
+over rows or tiles around the element loops is not; a loop inside a candidate that loads nothing,
+a slow-path division say, is cold and not counted). Where the
 kernel has 16-byte loads (``.128``), only loops with one are hot (the others are scalar tails);
 their elements per iteration are the 16-byte loads times ``16 / sizeof(SCALAR_T)``, else loads of
 ``sizeof(SCALAR_T)`` bytes count one element each; divided by the tensors read per element
@@ -220,28 +222,54 @@ def functions(sass: str) -> dict[str, tuple[list[str], dict[str, int]]]:
     return out
 
 
-def _shortest(instrs: list[str], labels: dict[str, int], a: int, b: int, cold: set[int]) -> list[int]:
-    """The cheapest path from a to b (forward edges; an instruction in ``cold`` costs nothing)."""
-    inf = 1 << 30
-    dist = {a: 0 if a in cold else 1}
+def _flag_branch(instrs: list[str], a: int, i: int) -> bool:
+    """Whether the branch at i tests a runtime flag: a uniform predicate, or a predicate not
+    written inside the loop (a, i) (loop-invariant), or one a PLOP3 makes from a uniform one."""
+    m = re.match(r"^@!?(U?P[T\d]+)\s", instrs[i])
+    if m is None:
+        return False
+    pred = m[1]
+    if pred.startswith("U"):
+        return True
+    for j in range(i - 1, a - 1, -1):
+        s = _PRED_RE.sub("", instrs[j])
+        parts = s.split(None, 1)
+        if len(parts) == 2 and parts[1].split(",")[0].strip() == pred:
+            return parts[0].startswith("PLOP3") and re.search(r"\bUP\d", parts[1]) is not None
+    return True
+
+
+def _common_path(instrs: list[str], labels: dict[str, int], a: int, b: int, cold: set[int]) -> list[int]:
+    """The instructions of one trip of the loop (a, b) with every runtime flag off and every
+    element in range: a branch on a flag takes the jump over its work; a branch on data (bounds,
+    tails) takes whichever way does more, except into a call (the slow path of an IEEE division
+    or square root); instructions in ``cold`` cost nothing."""
+    ninf = -(1 << 60)
+
+    def weight(j: int) -> int:
+        return 0 if j in cold else -(1 << 30) if _opcode(instrs[j]).startswith("CALL") else 1
+    dist = {a: weight(a)}
     prev: dict[int, int] = {}
     for i in range(a, b + 1):
-        d = dist.get(i, inf)
-        if d >= inf:
+        d = dist.get(i, ninf)
+        if d == ninf:
             continue
         s = instrs[i]
         op = _opcode(s)
-        succ = []
         m = _BRANCH_RE.search(s)
-        if m and labels.get(m[1], -1) > i:
-            succ.append(labels[m[1]])
-        unconditional = not _PRED_RE.match(s) and (op.startswith("BRA") or op in ("EXIT", "RET", "RET.REL.NODEC"))
-        if not unconditional:
-            succ.append(i + 1)
+        target = labels.get(m[1], -1) if m else -1
+        forward = a <= target <= b and target > i
+        if m and not _PRED_RE.match(s):               # an unconditional jump
+            succ = [target] if forward else []
+        elif m and _flag_branch(instrs, a, i) and forward:
+            succ = [target]
+        elif op in ("EXIT", "RET", "RET.REL.NODEC") and not _PRED_RE.match(s):
+            succ = []
+        else:
+            succ = ([target] if forward else []) + [i + 1]
         for j in succ:
-            c = d + (0 if j in cold else 1)
-            if j <= b and c < dist.get(j, inf):
-                dist[j], prev[j] = c, i
+            if j <= b and d + weight(j) > dist.get(j, ninf):
+                dist[j], prev[j] = d + weight(j), i
     if b not in dist:
         return [i for i in range(a, b + 1) if i not in cold]
     path, i = [b], b
@@ -275,16 +303,20 @@ def analyze_kernel(name: str, instrs: list[str], labels: dict[str, int], scalar_
             loops.append((labels[m[1]], i))
     streams = STREAMS.get(name, 1)
     found = []
+    loads = {lp for lp in loops if any(_load_width(_opcode(instrs[i])) for i in range(lp[0], lp[1] + 1))}
     for a, b in loops:
-        cold = {i for o in loops if o != (a, b) and a <= o[0] and o[1] <= b for i in range(o[0], o[1] + 1)}
+        nested = [o for o in loops if o != (a, b) and a <= o[0] and o[1] <= b]
+        if any(o in loads for o in nested):     # a loop over rows or tiles around the element loops
+            continue
+        cold = {i for o in nested for i in range(o[0], o[1] + 1)}
         own = [_opcode(instrs[i]) for i in range(a, b + 1) if i not in cold]
         if not any(map(_load_width, own)):
             continue
-        path = _shortest(instrs, labels, a, b, cold)
+        path = _common_path(instrs, labels, a, b, cold)
         ops = [_opcode(instrs[i]) for i in path]
         elements = _elements(ops, scalar_bytes)
         n = len(path)
-        if not elements:          # the cheapest path skips the loads: count the loop's own body
+        if not elements:          # the common path skips the loads: count the loop's own body
             ops, n = own, len(own)
             elements = _elements(own, scalar_bytes)
         if not elements:
