@@ -19,7 +19,17 @@ REASON = sass.unavailable_reason()
 needs_sass = pytest.mark.skipif(REASON is not None, reason=f"SASS figures unavailable: {REASON}")
 
 MATRIX = sass.matrix()
-RECORD = sass.load_budget()["modules"]
+BUDGET = sass.load_budget()
+RECORD = BUDGET["modules"]
+
+
+def _other_nvrtc() -> str | None:
+    """Registers and instructions are those of one NVRTC: another version is not held to them."""
+    from gpu._toolchain import nvrtc_version
+    here = ".".join(map(str, nvrtc_version()))
+    if here != BUDGET.get("nvrtc"):
+        return f"recorded with NVRTC {BUDGET.get('nvrtc')}, this is NVRTC {here} (re-record: {sass.RECORD_COMMAND})"
+    return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -31,6 +41,9 @@ def figures(label: str) -> dict:
 @needs_sass
 @pytest.mark.parametrize("label", [m[0] for m in MATRIX])
 def test_module_keeps_to_its_record(label):
+    other = _other_nvrtc()
+    if other:
+        pytest.skip(other)
     problems = sass.budget_problems(label, RECORD.get(label), figures(label))
     assert not problems, "\n".join(problems)
 

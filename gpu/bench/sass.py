@@ -222,21 +222,27 @@ def functions(sass: str) -> dict[str, tuple[list[str], dict[str, int]]]:
     return out
 
 
-def _flag_branch(instrs: list[str], a: int, i: int) -> bool:
-    """Whether the branch at i tests a runtime flag: a uniform predicate, or a predicate not
-    written inside the loop (a, i) (loop-invariant), or one a PLOP3 makes from a uniform one."""
-    m = re.match(r"^@!?(U?P[T\d]+)\s", instrs[i])
-    if m is None:
-        return False
-    pred = m[1]
-    if pred.startswith("U"):
-        return True
-    for j in range(i - 1, a - 1, -1):
-        s = _PRED_RE.sub("", instrs[j])
-        parts = s.split(None, 1)
-        if len(parts) == 2 and parts[1].split(",")[0].strip() == pred:
-            return parts[0].startswith("PLOP3") and re.search(r"\bUP\d", parts[1]) is not None
-    return True
+def _flag_branches(instrs: list[str], a: int, b: int) -> set[int]:
+    """The branches of the loop (a, b) that test a runtime flag: on a uniform predicate, on a
+    predicate not written inside the loop before them (loop-invariant), or on one a PLOP3 makes
+    from a uniform one."""
+    writer: dict[str, int] = {}
+    flags = set()
+    for i in range(a, b + 1):
+        s = instrs[i]
+        m = re.match(r"^@!?(U?P[T\d]+)\s", s)
+        body = _PRED_RE.sub("", s)
+        if m and _BRANCH_RE.search(s):
+            j = writer.get(m[1])
+            if m[1].startswith("U") or j is None or (
+                    _opcode(instrs[j]).startswith("PLOP3") and re.search(r"\bUP\d", instrs[j])):
+                flags.add(i)
+        parts = body.split(None, 1)
+        if len(parts) == 2:
+            dest = parts[1].split(",", 1)[0].strip()
+            if re.fullmatch(r"P\d", dest):
+                writer[dest] = i
+    return flags
 
 
 def _common_path(instrs: list[str], labels: dict[str, int], a: int, b: int, cold: set[int]) -> list[int]:
@@ -250,6 +256,7 @@ def _common_path(instrs: list[str], labels: dict[str, int], a: int, b: int, cold
         return 0 if j in cold else -(1 << 30) if _opcode(instrs[j]).startswith("CALL") else 1
     dist = {a: weight(a)}
     prev: dict[int, int] = {}
+    flags = _flag_branches(instrs, a, b)
     for i in range(a, b + 1):
         d = dist.get(i, ninf)
         if d == ninf:
@@ -261,7 +268,7 @@ def _common_path(instrs: list[str], labels: dict[str, int], a: int, b: int, cold
         forward = a <= target <= b and target > i
         if m and not _PRED_RE.match(s):               # an unconditional jump
             succ = [target] if forward else []
-        elif m and _flag_branch(instrs, a, i) and forward:
+        elif m and i in flags and forward:
             succ = [target]
         elif op in ("EXIT", "RET", "RET.REL.NODEC") and not _PRED_RE.match(s):
             succ = []
@@ -369,8 +376,9 @@ def load_budget(path: Path = BUDGET) -> dict:
 def record(path: Path = BUDGET) -> dict:
     """Every module's figures, written to ``path`` (the budget the tests hold the kernels to)."""
     data = {"about": f"per-kernel SASS figures: instructions per element of the hot loops at {ARCH} "
-                     f"(gpu/bench/sass.py), registers and spills at {', '.join(REGISTER_ARCHS)}; "
-                     f"NVRTC {_nvrtc_version()}. Re-record on purpose: {RECORD_COMMAND}",
+                     f"(gpu/bench/sass.py), registers and spills at {', '.join(REGISTER_ARCHS)}. "
+                     f"Re-record on purpose: {RECORD_COMMAND}",
+            "nvrtc": _nvrtc_version(),
             "modules": {lab: module_figures(f, dt, v) for lab, f, dt, v in matrix()}}
     path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     return data
