@@ -56,15 +56,17 @@ def test_the_record_covers_exactly_the_modules():
 
 
 def test_budget_problems_name_growth_spills_registers_and_the_command():
-    rec = {"k": {"registers": {"sm_80": 40, "sm_90": 40}, "per_element": 10.0, "groups": {"LDG": 10.0}}}
+    rec = {"k": {"registers": {"sm_80": 40, "sm_90": 40}, "per_element": 10.0, "per_element_lean": 8.0,
+                 "groups": {"LDG": 10.0}}}
     same = {"k": {"registers": {"sm_80": 40, "sm_90": 40}, "spills": {"sm_80": 0, "sm_90": 0},
-                  "per_element": 9.5, "groups": {"LDG": 9.5}}}
+                  "per_element": 9.5, "per_element_lean": 8.0, "groups": {"LDG": 9.5}}}
     assert sass.budget_problems("fam:float32", rec, same) == []     # fewer instructions: fine
     grown = {"k": {**same["k"], "per_element": 12.0}}
+    grown_lean = {"k": {**same["k"], "per_element_lean": 8.5}}
     regs = {"k": {**same["k"], "registers": {"sm_80": 40, "sm_90": 48}}}
     spill = {"k": {**same["k"], "spills": {"sm_80": 0, "sm_90": 16}}}
     unknown = {"j": same["k"]}
-    for now, want in ((grown, "12.0 SASS instructions per element"), (regs, "48 registers at sm_90, recorded 40"),
+    for now, want in ((grown, "12.0 SASS instructions per element"), (grown_lean, "8.5 SASS instructions"), (regs, "48 registers at sm_90, recorded 40"),
                       (spill, "ptxas spills (16 bytes at sm_90)"), (unknown, "fam:float32 j: no recorded")):
         problems = sass.budget_problems("fam:float32", rec, now)
         assert len(problems) == 1 and want in problems[0], problems
@@ -110,17 +112,16 @@ PLANTED = """
 
 
 def test_hot_loop_count_of_a_planted_loop():
-    """Two 16-byte float32 loads (8 elements) a trip. The common path skips the work of a flag
-    (a predicate set outside the loop: a weight load, two multiplies), does the work of an
-    in-range test (a predicate set in the loop: one add) and keeps out of a division's slow-path
-    call: 13 instructions for 8 elements. The scalar tail and the spin on a .STRONG load are
-    not hot loops."""
+    """Two 16-byte float32 loads (8 elements) a trip. Every flag's work done (a predicate set
+    outside the loop: a weight load, two multiplies), the in-range work (a predicate set in the
+    loop: one add), a division's slow-path call left out: 16 instructions for 8 elements; with
+    the flag's branch taken, 13. The scalar tail and the spin on a .STRONG load are not hot loops."""
     (name, (instrs, labels)), = sass.functions(PLANTED).items()
     k = sass.analyze_kernel(name, instrs, labels, scalar_bytes=4)
-    assert [(lp.instructions, lp.elements) for lp in k.loops] == [(13, 8.0)]
-    assert k.groups == {"LDG+STG": 1.625} and k.per_element == 1.625
+    assert [(lp.instructions, lp.lean, lp.elements) for lp in k.loops] == [(16, 13, 8.0)]
+    assert k.groups == {"LDG+STG": 2.0} and k.per_element == 2.0 and k.per_element_lean == 1.625
     half = sass.analyze_kernel(name, instrs, labels, scalar_bytes=2)     # 16 elements a trip
-    assert half.per_element == 0.8125
+    assert half.per_element == 1.0 and half.per_element_lean == 0.8125
 
 
 def test_registers_from_a_ptxas_report():

@@ -52,10 +52,12 @@ class Launch:
     block: tuple
     elements: int
     nbytes: int
-    per_element: float | None
+    per_element: float | None            # every runtime flag's work done (sass.py)
+    per_element_lean: float | None = None  # every flag branch taken
 
-    def bounds(self, device: dict) -> tuple[float, float]:
-        return sass.bound_us(self.elements, self.nbytes, self.per_element or 0.0, device)
+    def bounds(self, device: dict, lean: bool = False) -> tuple[float, float]:
+        per = self.per_element_lean if lean and self.per_element_lean is not None else self.per_element
+        return sass.bound_us(self.elements, self.nbytes, per or 0.0, device)
 
 
 @contextlib.contextmanager
@@ -108,7 +110,8 @@ def launches(op: str, shape: tuple[int, ...], layout: str, dtype: str, sms: int 
         tuning = {k: v for k, v in defines.items() if k != "ACC_T" and not k.startswith("SCALAR_IS_")}
         lab = module_label(kernel.family, _dtype(dt) if dt else None, tuning)
         fig = (figures(lab) if figures else {}).get(kernel.name, {})
-        out.append(Launch(kernel.name, lab, g, b, elements, nbytes, fig.get("per_element")))
+        out.append(Launch(kernel.name, lab, g, b, elements, nbytes, fig.get("per_element"),
+                          fig.get("per_element_lean")))
     return out
 
 
@@ -127,6 +130,10 @@ def figure_source():
     return (lambda lab: recorded.get(lab, {})), f"recorded {sass.BUDGET.name} ({sass.unavailable_reason()})"
 
 
+def _span(lo: float | None, hi: float) -> str:
+    return f"{hi:.1f}" if lo is None or abs(lo - hi) < 0.05 else f"{lo:.1f}-{hi:.1f}"
+
+
 def table(cases=CASES, markdown: bool = False) -> str:
     """Both bounds of every launch of ``cases``, per device, and each case's predicted time."""
     figures, source = figure_source()
@@ -143,19 +150,22 @@ def table(cases=CASES, markdown: bool = False) -> str:
             refused.append(f"{name}: not planned on the emulated device ({e})")
             rows.append([name, f"not planned (note {len(refused)})", "", "", ""] + [""] * 2 * len(devs))
             continue
-        totals = [0.0] * len(devs)
+        lo, hi = [0.0] * len(devs), [0.0] * len(devs)
         for ln in ls:
-            cells = [name, ln.kernel, f"{ln.elements / 1e6:.2f}", f"{ln.nbytes / 1e6:.1f}",
-                     "-" if ln.per_element is None else f"{ln.per_element:.1f}"]
+            per = "-" if ln.per_element is None else _span(ln.per_element_lean, ln.per_element)
+            cells = [name, ln.kernel, f"{ln.elements / 1e6:.2f}", f"{ln.nbytes / 1e6:.1f}", per]
             for i, (_, d) in enumerate(devs):
                 tb, ti = ln.bounds(d)
-                cells += [f"{tb:.1f}", f"{ti:.1f}" + (" *" if ti > tb else "")]
-                totals[i] += max(tb, ti)
+                _, ti_lean = ln.bounds(d, lean=True)
+                cells += [f"{tb:.1f}", _span(ti_lean, ti) + (" *" if ti > tb else "")]
+                lo[i] += max(tb, ti_lean)
+                hi[i] += max(tb, ti)
             rows.append(cells)
             name = ""
-        rows.append(["", "predicted (sum of max)", "", "", ""] + [
-            c for t in totals for c in (f"{t:.1f}", "")])
-    notes = [f"instructions per element: {source}; * marks a launch whose instruction bound is the larger",
+        rows.append(["", "predicted: sum of max", "", "", ""] + [
+            c for a, b in zip(lo, hi) for c in (_span(a, b), "")])
+    notes = [f"instructions per element: {source}; 'a-b': every runtime flag branch taken - every flag's work "
+             f"done (gpu/bench/sass.py); * marks a launch whose instruction bound (b) is the larger",
              *(f"{n}: {d['sms']} SMs, {d['clock_ghz']} GHz, copy {d['copy_gbps']:.0f} GB/s ({d['note']})"
                for n, d in devs), *(f"note {i + 1}: {r}" for i, r in enumerate(refused))]
     if markdown:
