@@ -454,13 +454,13 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"modules into {BUDGET}")
         return 0
     budget = load_budget()["modules"]
-    print(f"{'module':<28} {'kernel':<34} {'instr/elem':>10} {'budget':>7} {'regs sm_80/90':>14}")
+    print(f"{'module':<32} {'kernel':<34} {'instr/elem':>11} {'recorded':>11} {'regs sm_80/90':>14}")
+    span = lambda d: f"{d.get('per_element_lean', 0):.1f}-{d.get('per_element', 0):.1f}"  # noqa: E731
     for lab, f, dt, v in matrix():
         for name, fig in module_figures(f, dt, v).items():
             rec = budget.get(lab, {}).get(name, {})
             regs = "/".join(str(fig["registers"].get(a, "-")) for a in REGISTER_ARCHS)
-            print(f"{lab:<28} {name:<34} {fig.get('per_element', 0):>10.1f} "
-                  f"{rec.get('per_element', float('nan')):>7.1f} {regs:>14}")
+            print(f"{lab:<32} {name:<34} {span(fig):>11} {span(rec) if rec else '-':>11} {regs:>14}")
     return 0
 
 
