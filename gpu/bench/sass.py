@@ -18,8 +18,8 @@ over rows or tiles around the element loops is not; a loop inside a candidate th
 nothing is cold and not counted). Where the kernel has 16-byte loads (``.128``), only loops with
 one are hot (the others are scalar tails); their elements per trip are the 16-byte loads of one
 kind on the lean trip (below) times ``16 / sizeof(SCALAR_T)``, else loads of ``sizeof(SCALAR_T)`` bytes of one kind count
-one element each; divided by the tensors read per element (``STREAMS``: ``x`` and ``dy`` in
-batch norm's backward). A trip is counted along one path from the loop's top to its backward
+one element each (a warp-per-row kernel ``*_warp_n<N>``: N a trip); divided by the tensors read
+per element (``STREAMS``: ``x`` and ``dy`` in batch norm's backward). A trip is counted along one path from the loop's top to its backward
 branch, every element in range: at each branch the way that does more, except into a call (the
 slow path of an IEEE division), so every runtime flag's work is done (``per_element``, the upper
 figure); and again with every branch on a runtime flag (a uniform or loop-invariant predicate)
@@ -63,6 +63,10 @@ REGISTER_ARCHS = ("sm_80", "sm_90")  # the architectures the kernels are tuned f
 
 #: Tensors a kernel's hot loops read per element (default 1).
 STREAMS = {"batch_norm_backward_reduce": 2, "batch_norm_backward_apply": 2, "batch_norm_backward_onchip": 2}
+
+#: Kernels whose elements per trip are in their name: a warp per row, n elements a lane (the loop
+#: over rows is the hot loop; the 4-byte loads of a float32 row look like the per-class weights').
+_PER_LANE = re.compile(r"_warp_n(\d+)$")
 
 #: The devices of the bounds: SMs, boost clock (GHz), copy bandwidth (GB/s; measured where known).
 DEVICES = {
@@ -340,6 +344,9 @@ def analyze_kernel(name: str, instrs: list[str], labels: dict[str, int], scalar_
         elements = (_elements([_opcode(instrs[i]) for i in lean_path], scalar_bytes)
                     or _elements([_opcode(instrs[i]) for i in path], scalar_bytes))
         n, lean = len(path), len(lean_path)
+        per_lane = _PER_LANE.search(name)
+        if per_lane:
+            elements = int(per_lane[1]) * streams
         if not elements:          # the trip skips the loads: count the loop's own body
             n = lean = len(own)
             elements = _elements(own, scalar_bytes)
