@@ -109,3 +109,20 @@ def test_a_bad_option_is_a_usage_error(tmp_path):
     proc = subprocess.run(["bash", str(SCRIPT), str(tmp_path), "--no-such-option"], env=env(),
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "unknown option" in proc.stderr
+
+
+def test_precompile_labels_round_trip_and_a_module_outside_the_list_is_named(tmp_path):
+    """Every listed label resolves to the module `get_kernel` would build; a logged module of an
+    undeclared variant (what a kernel edit that bypassed the list would build) is named by label."""
+    from gpu import _kernels
+    listed = precompile.modules()
+    assert "softmax:float32" in listed and "batch_norm:bfloat16:BN_VECTOR=1" in listed
+    assert all(precompile.label(*precompile.parse(m)) == m for m in listed if ".cu" not in m)
+    log = tmp_path / "modules.jsonl"
+    softmax = str(_kernels.family("softmax").path)
+    lines = [{"family": softmax, "defines": _kernels.module_defines("softmax", "float32"), "backend": "emulator"},
+             {"family": softmax, "defines": {**_kernels.module_defines("softmax", "float16"), "SOFTMAX_FLAGS": "3"},
+              "backend": "cuda"}]
+    log.write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"family": "cut sho')
+    assert precompile.built(log) == ["softmax:float16:SOFTMAX_FLAGS=3", "softmax:float32"]
+    assert precompile.missing(log, listed) == (["softmax:float16:SOFTMAX_FLAGS=3"], 2)
