@@ -155,3 +155,15 @@ def test_bounds_of_an_op_from_its_recorded_launches():
     assert ln.elements == 64000 and ln.nbytes == 2 * 64000 * 4 and ln.per_element == 8.0
     t_bytes, t_instr = ln.bounds(sass.DEVICES["H100 SXM"])
     assert t_instr == 64000 * 8 / 32 / (4 * 132 * 1.98e9) * 1e6 and t_bytes == 512000 / 3000e9 * 1e6
+
+
+@needs_sass
+def test_bounds_table_of_one_case():
+    """`gpu-bench --bounds`' table: each launch with its figures from the SASS, both devices."""
+    from gpu.bench import bounds
+    text = bounds.table(cases=[("softmax", (64, 1000), "", "float32")])
+    lines = text.splitlines()
+    assert "H100 SXM instr us" in lines[0] and "H200 bytes us" in lines[0]
+    (row,) = [ln for ln in lines if "softmax_warp_n32" in ln]
+    want = figures("softmax:float32")["softmax_warp_n32"]["per_element"]
+    assert f"{want:.1f}" in row and "predicted: sum of max" in text and "SASS of NVRTC" in text
