@@ -6,6 +6,7 @@
     gpu-bench --op softmax_cross_entropy_train --shape 8192x32000 --shape 4096x128256
     gpu-bench --cpu-check                   # the NumPy path's speed targets (float32, 2 threads)
     gpu-bench --host                        # Python dispatch per call, the kernel launch a no-op
+    gpu-bench --bounds                      # per kernel: bytes and SASS-instruction bounds, H100 and H200
     gpu-bench --op flce                     # fused linear + cross-entropy: time and peak memory
     gpu-bench --framework torch             # this library through gpu.torch against PyTorch's own ops
     gpu-bench --distributed --ranks 2       # synchronized BN over 2 local gloo ranks (or under torchrun/mpiexec)
@@ -115,6 +116,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--host", action="store_true",
                    help=f"this library's Python dispatch per public call, the kernel launch a no-op (emulate "
                         f"backend, no GPU needed), beside PyTorch CPU; goal <= {HOST['goal_us']:g} us per call")
+    p.add_argument("--bounds", action="store_true",
+                   help="no timing: each headline launch's bytes bound and SASS instruction bound on H100 and H200 "
+                        "and the predicted time (gpu/bench/bounds.py; NVRTC and nvdisasm, else the recorded counts)")
     p.add_argument("--framework", choices=("arrays", "torch"), default="arrays",
                    help="torch: this library through PyTorch (gpu.torch, peer ours-torch) beside ours on arrays and "
                         "PyTorch's own ops, forward+backward at the headline shapes unless --op/--shape/--quick; "
@@ -227,6 +231,10 @@ def _write(what: str, write) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark (see `gpu-bench --help` and docs/BENCHMARKS.md); returns the exit status."""
     args = parse_args(argv)
+    if args.bounds:
+        from .bounds import table
+        print(table())
+        return 0
     if args.host:
         return main_host(args, argv)
     if args.distributed:
