@@ -22,6 +22,8 @@ Limits of the model:
   iteration of each lane, as a GPU does only while the warp stays converged.
 - Accesses the compiler proves in bounds at a constant offset of a fixed ``__shared__`` array
   (``s[0]``) are not instrumented: they are broadcasts, free on the hardware, but not counted.
+- g++ checks an address once per basic block: a second load of the same element with no call
+  (barrier, warp operation) in between is not seen; on a GPU it would be an L1 hit at best.
 - Atomics are not instrumented (g++ leaves ``__atomic_*`` builtins alone): the grid-merge
   counters and any atomicAdd traffic are missing from the bytes.
 - It counts requested bytes and sectors, not DRAM traffic: no cache is modelled (a second read
