@@ -185,8 +185,8 @@ def _flags() -> list[str]:
                   "-fno-sanitize-recover=all"]
     elif _trace():
         # the runtime reads the accesses of the kernel code (instrument_flags) in this flavour;
-        # -g: call sites named by file and line
-        flags += ["-O2", "-g", "-DGPUEMU_TRACE"]
+        # -g1: call sites named by function, file and line
+        flags += ["-O2", "-g1", "-DGPUEMU_TRACE"]
     else:
         flags += ["-O2"]
     if _fibers() == "ucontext":
