@@ -35,6 +35,10 @@
 // pointer, MXCSR and x87 control word); elsewhere, or with -DGPUEMU_UCONTEXT, ucontext (which makes a
 // system call per switch). Under ASan the fiber switches are announced to the sanitizer.
 //
+// The trace build (GPUEMU_TRACE, GPU_EMULATOR_TRACE=1) adds trace_runtime.inc: the
+// AddressSanitizer callbacks that its instrumented kernel code calls on every load and store, and
+// the warp requests they make (each fiber counts its resumes: the segments the requests group by).
+//
 // Everything here has hidden visibility except the gpuemu_* entry points used from Python, and no
 // state is thread_local, so the module's TLS block is exactly its shared memory.
 
