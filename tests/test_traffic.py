@@ -179,6 +179,24 @@ def test_bank_conflict_is_caught(x):
     assert t.launches[0].smem_conflict_ways_max == 2
 
 
+def test_broadcast_and_vector_shared_accesses_are_free(x):
+    # y = 2 x x[0] (x[0] = 1 here): a broadcast is one 4-byte request of one sector, a 16-byte
+    # shared access at a 16-byte lane stride is conflict-free (quarter-warp phases)
+    xs = x[:N].copy()
+    xs[0] = 1.0
+    y = np.empty(N, np.float32)
+    with gpu.use_backend("emulate"), trace.tracing() as t:
+        k = _kernels.get_kernel(BUGS, "scale_broadcast_vec4", np)
+        _kernels.launch(k, N // 256, 256, (y, xs, np.int32(N)))
+    np.testing.assert_array_equal(y, 2 * xs)
+    launch, = t.launches
+    loads = sorted((s for s in launch.sites if s.space == "global" and not s.store), key=lambda s: s.bytes)
+    assert [(s.bytes // s.requests, s.sectors_per_request) for s in loads] == [(4, 1.0), (128, 4.0)]
+    shared = [s for s in launch.sites if s.space == "shared"]
+    assert shared and all(s.width == 16 and s.ways_max == 1 for s in shared), shared
+    check_bytes(t, 4 * N, 2.0, N, "scale_broadcast_vec4")
+
+
 # ---------------------------------------------------------------------------------------------
 # The report
 # ---------------------------------------------------------------------------------------------

@@ -45,3 +45,16 @@ extern "C" __global__ void scale_bank_conflict(float* y, const float* __restrict
     __syncthreads();
     if (i < n) y[i] = 2.f * s[w];
 }
+
+// Not bugs: the model's free cases. A broadcast (every lane loads x[0]: one 4-byte request, one
+// sector) beside the coalesced load, and 16-byte shared accesses at a 16-byte lane stride
+// (quarter-warp phases of 8 lanes x 16 bytes: conflict-free).
+extern "C" __global__ void scale_broadcast_vec4(float* y, const float* __restrict__ x, int n) {
+    __shared__ float4 s[256];
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    const float v = i < n ? x[i] * x[0] : 0.f;
+    s[threadIdx.x] = make_float4(v, v, v, v);
+    __syncthreads();
+    const float4 q = s[threadIdx.x];
+    if (i < n) y[i] = q.x + q.w;
+}
