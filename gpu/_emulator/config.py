@@ -139,7 +139,8 @@ def relaxed() -> frozenset:
 def build_flavour() -> str:
     """Which kind of module builds now: ``release``, ``asan`` or ``trace``, plus ``-ucontext`` if
     selected and ``-unaligned`` without the alignment check."""
-    return (("trace" if _trace() else "asan" if _asan() else "release") + ("-ucontext" if _fibers() == "ucontext" else "")
+    kind = "trace" if _trace() else "asan" if _asan() else "release"
+    return (kind + ("-ucontext" if _fibers() == "ucontext" else "")
             + ("-unaligned" if "alignment" in relaxed() else ""))
 
 

@@ -26,6 +26,10 @@ Limits of the model:
   (barrier, warp operation) in between is not seen; on a GPU it would be an L1 hit at best.
 - Atomics are not instrumented (g++ leaves ``__atomic_*`` builtins alone): the grid-merge
   counters and any atomicAdd traffic are missing from the bytes.
+- Shared memory: a lane's scalar accesses that together fill one aligned 16-byte vector in a
+  segment count as one vector access (NVPTX's load/store vectorizer merges them where it knows the
+  alignment, as for a cached ``Pack`` read field by field); global accesses are taken as g++
+  emits them (the kernels' streaming accesses are explicit ``uint4`` loads and stores).
 - It counts requested bytes and sectors, not DRAM traffic: no cache is modelled (a second read
   of a row that an L2 would hold counts again, which is the point: the model is "each byte once").
 - The instruction stream is g++'s at -O2 without scalar replacement of aggregates and without

@@ -173,7 +173,8 @@ def table(rows_: Sequence[dict]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows_:
         lines.append(f"{r['op']:28} {r['path']:15} {r['shape']:14} {r['passes']:6.2f} {r['es_passes']:5.2f} "
-                     f"{r['tensor_passes']:7.2f} {r['model_passes']:5.2f} {r['load_bytes']:9d} {r['store_bytes']:9d} {r['unique_bytes']:9d}")
+                     f"{r['tensor_passes']:7.2f} {r['model_passes']:5.2f} {r['load_bytes']:9d} "
+                     f"{r['store_bytes']:9d} {r['unique_bytes']:9d}")
         for launch in r["launches"]:
             lines.append(f"    {launch['kernel']:40} sectors/request {launch['sectors_per_request']:5.2f} "
                          f"(ideal {launch['ideal_sectors_per_request']:5.2f}, worst x{launch['coalescing_worst']:.2f})"
