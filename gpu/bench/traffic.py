@@ -179,6 +179,10 @@ def table(rows_: Sequence[dict]) -> str:
             lines.append(f"    {launch['kernel']:40} sectors/request {launch['sectors_per_request']:5.2f} "
                          f"(ideal {launch['ideal_sectors_per_request']:5.2f}, worst x{launch['coalescing_worst']:.2f})"
                          f"  smem ways {launch['smem_conflict_ways']:.2f} (max {launch['smem_conflict_ways_max']})")
+    lines.append("passes: bytes requested / the op's min_bytes; E*s: the same bytes / (elements x itemsize); "
+                 "tensors: the bytes of the op's tensors alone / E*s, against the path's model; unique: distinct "
+                 "bytes touched. sectors/request: 32-byte sectors per warp request (ideal: the request's bytes "
+                 "/ 32); smem ways: bank-conflict degree (1: conflict-free)")
     return "\n".join(lines)
 
 
