@@ -48,8 +48,8 @@ one JSON object a line (``{"family": path, "defines": {...}, "backend": ...}``):
 ``scripts/gpu_check.sh`` compares with its precompile list (``gpu/bench/precompile.py``).
 
 ``GPU_EMULATOR_ORDER``, ``GPU_EMULATOR_SEED``, ``GPU_EMULATOR_BLOCK_SEED``, ``GPU_EMULATOR_RELAX``,
-``GPU_EMULATOR_ASAN``, ``GPU_EMULATOR_CACHE``, ``GPU_EMULATOR_FIBERS``, ``GPU_EMULATOR_SM_COUNT`` and
-``CXX``: see ``gpu/_emulator/__init__.py``.
+``GPU_EMULATOR_ASAN``, ``GPU_EMULATOR_TRACE``, ``GPU_EMULATOR_CACHE``, ``GPU_EMULATOR_FIBERS``,
+``GPU_EMULATOR_SM_COUNT`` and ``CXX``: see ``gpu/_emulator/__init__.py``.
 """
 from __future__ import annotations
 
