@@ -332,7 +332,7 @@ def _vocab_parallel(comm, xp, kernels, h, h2, W, bias, t, weight, chunk_size, dl
             if za is None:     # in place over the chunk's logits
                 dz = VK.gradient(xp, z, coef, None, weight, label_smoothing, V, softcap, z)
             else:
-                dz = VP.gradient(xp, za, th, coef, weight, label_smoothing, V)
+                dz = VP.gradient(xp, za, th, coef, st[0], weight, label_smoothing, V)
             dh[r0:r1] = (Wc.T @ dz.T).T
             _add_outer(dW, dz, hc, z.nbytes)
             if db is not None:

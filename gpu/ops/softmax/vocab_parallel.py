@@ -307,34 +307,36 @@ def softcapped(xp, za, softcap):
 
 def local_stats(xp, za, tg: Targets | None, w, label_smoothing: float, y=None, keep=1.0, ls_c=0.0):
     """The (k, N) float64 statistics of the slice za (N, n), z' already soft-capped: m, s, zt, wt
-    (+ q with smoothing) for integer targets tg; m, s, sum wy, sum wy (z' - m) for probabilities y."""
+    (+ q with smoothing) for integer targets tg; m, s, sum wy, sum wy (z' - m) for probabilities y.
+    za is left holding exp(z' - shift) (shift = m, 0 for a row of -inf), which `gradient` rescales:
+    one exp per element for the loss and dz together."""
     N, n = za.shape
     acc = za.dtype
     k = 4 + (1 if (tg is not None and label_smoothing) else 0)
     st = xp.empty((k, N), np.float64)
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        if n:
-            m = za.max(axis=1)
-            shift = xp.where(m == -np.inf, acc.type(0), m)
-            e = xp.exp(za - shift[:, None])
-            st[1] = e.sum(axis=1, dtype=acc)
-            st[0] = m
-        else:
-            shift = xp.zeros(N, acc)
-            st[0], st[1] = -np.inf, 0.0
         if tg is not None:
             zt = za[xp.arange(N), tg.tl] if n else xp.zeros(N, acc)
             st[2] = xp.where(tg.local, zt, 0.0)
             st[3] = tg.w_t
+        if not n:
+            st[0], st[1] = -np.inf, 0.0
+            st[2 if tg is None else 4:] = 0.0      # the weighted sums of no class
+            return st
+        m = za.max(axis=1)
+        st[0] = m
+        za -= xp.where(m == -np.inf, acc.type(0), m)[:, None]      # z' - shift
+        if tg is not None:
             if label_smoothing:
-                d = za - shift[:, None]
-                st[4] = (d.sum(axis=1, dtype=acc) if w is None else d @ w) if n else 0.0
+                st[4] = za.sum(axis=1, dtype=acc) if w is None else za @ w
         else:
             wy = y.astype(acc) * acc.type(keep) + acc.type(ls_c)
             if w is not None:
                 wy = wy * w
-            st[2] = wy.sum(axis=1, dtype=acc) if n else 0.0
-            st[3] = ((za - shift[:, None]) * wy).sum(axis=1, dtype=acc) if n else 0.0
+            st[2] = wy.sum(axis=1, dtype=acc)
+            st[3] = (za * wy).sum(axis=1, dtype=acc)
+        xp.exp(za, out=za)
+        st[1] = za.sum(axis=1, dtype=acc)
     return st
 
 
@@ -414,14 +416,16 @@ def coefficients(xp, mg: Merged, tg: Targets | None, g, gz, z_loss: float, ls: f
     return coef
 
 
-def gradient(xp, za, th, coef, w, ls: float, classes: int, y=None):
-    """This slice's dz (N, n), written over za (the accumulation dtype), from `coefficients`: the
-    NumPy path's counterpart of softmax_cross_entropy_vp_grad."""
-    acc = za.dtype
+def gradient(xp, e, th, coef, m, w, ls: float, classes: int, y=None):
+    """This slice's dz (N, n), written over e = exp(z' - shift) (local_stats' leftover, in the
+    accumulation dtype; m the rows' local maxima, shift = m or 0) from `coefficients`: the NumPy
+    path's counterpart of softmax_cross_entropy_vp_grad, with p = e exp(shift - lse)."""
+    acc = e.dtype
     keep, ls_c = 1.0 - ls, ls / classes
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        p = xp.exp(za - coef[0].astype(acc)[:, None], out=za)
-        p *= coef[1].astype(acc)[:, None]
+        shift = xp.where(m == -np.inf, 0.0, m)
+        p = e
+        p *= (xp.exp(shift - coef[0]) * coef[1]).astype(acc)[:, None]
         if y is not None:
             wy = y.astype(acc) * acc.type(keep) + acc.type(ls_c)
             if w is not None:
@@ -541,7 +545,7 @@ def cross_entropy(comm, op: str, args, kernels: bool, want_loss: bool, dloss, in
     if z2 is not None:
         d = VK.gradient(xp, z2, coef, y, w, ls, V, args.softcap, B.empty(xp, (N, n), z.dtype))
     else:
-        d = gradient(xp, za, th, coef, w, ls, V, y).astype(z.dtype, copy=False)
+        d = gradient(xp, za, th, coef, st[0], w, ls, V, y).astype(z.dtype, copy=False)
     dz = xp.moveaxis(d.reshape(moved.shape), -1, args.axis)
     if inplace:
         z[...] = dz
