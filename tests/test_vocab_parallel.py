@@ -341,3 +341,20 @@ def test_fused_linear_bad_input_raises_on_every_rank():
     res = run_ranks(2, bias_size)[0]
     assert isinstance(res[0], ValueError) and "rank 1 rejected its arguments" in str(res[0]), res[0]
     assert isinstance(res[1], ValueError) and "bias: expected shape (2,)" in str(res[1]), res[1]
+
+
+@pytest.mark.parametrize("red", ["mean", "sum", "none"])
+def test_no_rows(red):
+    """No rows at all (every rank agrees): the single-process results, and still one collective
+    per call (the dh all-reduce of fused linear CE moves nothing)."""
+    h, W, t = np.zeros((0, 3)), np.ones((5, 3)), np.zeros(0, np.int64)
+    ref = gpu.fused_linear_cross_entropy(h, W, t, reduction=red, return_grad=True)
+    refc = gpu.softmax_cross_entropy(np.zeros((0, 5)), t, reduction=red, return_grad=True)
+    res = ok(run_ranks(2, lambda c: (
+        gpu.fused_linear_cross_entropy(h, W[:2] if c.rank == 0 else W[2:], t, reduction=red, return_grad=True,
+                                       comm=c),
+        gpu.softmax_cross_entropy(np.zeros((0, 2 + c.rank)), t, reduction=red, return_grad=True, comm=c)))[0])
+    for fl, ce in res:
+        np.testing.assert_array_equal(fl[0], ref[0])
+        np.testing.assert_array_equal(ce[0], refc[0])
+        assert fl[1].shape == (0, 3) and ce[1].shape == (0, 2 + res.index((fl, ce)))

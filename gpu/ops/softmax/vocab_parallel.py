@@ -145,6 +145,9 @@ def reject(comm, op: str) -> None:
         return
     hdr = np.zeros(_HANDSHAKE, np.float64)
     hdr[[0, 1, 2, 11, 14, 15]] = _MAGIC, _VERSION, OPS[op], F_REJECTED, comm.size, comm.rank
+    if comm.engine == "nccl":      # device buffers only
+        import cupy
+        hdr = cupy.asarray(hdr)
     comm.allgather(hdr, f"{op} (header exchange)")
 
 
