@@ -466,8 +466,11 @@ def first_bad(t, classes: int, ignore_index: int) -> tuple[float, float]:
 def upstream(xp, dloss, n_rows: int, reduction: str, denom, count, valid):
     """(g, gz): the per-row upstream scales of the loss and the z-loss, float64 (0 on rows that
     are not valid; valid None: every row counts)."""
-    g = xp.asarray(dloss, dtype=np.float64)
-    g = g.reshape(n_rows) if g.ndim else g
+    if isinstance(dloss, (int, float)):     # a fill on the device, not an upload
+        g = xp.full((), float(dloss), np.float64)
+    else:
+        g = xp.asarray(dloss, dtype=np.float64)
+        g = g.reshape(n_rows) if g.ndim else g
     gz = g
     if reduction == "mean":
         with np.errstate(invalid="ignore", divide="ignore"):
