@@ -357,3 +357,17 @@ def test_no_rows(red):
         np.testing.assert_array_equal(fl[0], ref[0])
         np.testing.assert_array_equal(ce[0], refc[0])
         assert fl[1].shape == (0, 3) and ce[1].shape == (0, 2 + r)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "emulate"])
+def test_inplace_writes_this_ranks_slice(backend):
+    z, t, _ = problem(6, 5, 9, "float32")
+    ref = gpu.softmax_cross_entropy(z, t, return_grad=True, label_smoothing=0.1)
+
+    def call(comm):
+        mine = z[:, :4].copy() if comm.rank == 0 else z[:, 4:].copy()
+        loss, dz = gpu.softmax_cross_entropy(mine, t, return_grad=True, label_smoothing=0.1, inplace=True, comm=comm)
+        return loss, dz, dz is mine
+    res = ok(run_ranks(2, call, backend)[0])
+    assert all(r[2] for r in res)
+    close(np.concatenate([r[1] for r in res], axis=1), ref[1], "float32", "dz in place")
