@@ -32,6 +32,8 @@ import numpy as np
 
 from .. import _backend as B
 from .. import _workspace
+from .softmax import vocab_parallel as VP
+from .softmax import vocab_parallel_kernels as VK
 from .softmax.cross_entropy import check_options, check_targets, compute, record_bad_target, rows_args
 
 #: The NumPy path's default bound on the memory a chunk takes (its logits, their gradient, which
@@ -48,7 +50,7 @@ DEVICE_CHUNK_BYTES = (64 << 20, 2 << 30)
 def fused_linear_cross_entropy(h, W, target, bias=None, *, chunk_size: int | None = None, reduction: str = "mean",
                                ignore_index: int = -100, label_smoothing: float = 0.0, weight=None,
                                z_loss: float = 0.0, softcap: float | None = None, return_grad: bool = False,
-                               return_z_loss: bool = False, dloss=1.0):
+                               return_z_loss: bool = False, dloss=1.0, comm=None):
     """Cross-entropy of softmax(h @ W.T + bias) against class indices `target`, chunk by chunk.
 
     h: (..., H) hidden states; W: (V, H) the output projection (a Linear's weight); target:
@@ -59,6 +61,16 @@ def fused_linear_cross_entropy(h, W, target, bias=None, *, chunk_size: int | Non
     NUMPY_CHUNK_BYTES; the kernel path: a quarter of the device's free memory, 64 MiB to 2 GiB).
     dloss: the upstream gradient of the loss (a scalar; for reduction 'none' also an array of the
     loss's shape), which the gradients are multiplied by.
+
+    comm (vocabulary parallelism): anything ``gpu.distributed.wrap`` takes. W (V_local, H), bias
+    (V_local,) and weight (V_local,) are then this rank's contiguous rows of the vocabulary, in rank
+    order (slices may be unequal, or empty); h, target (global class indices) and dloss are the
+    same on every rank. The loss is the same, bitwise, on every rank and equals the
+    single-process result; dh is the FULL gradient, already summed over the ranks (one all-reduce
+    per call: it needs no further all-reduce); dW and dbias are this rank's rows. The logits of
+    one chunk of rows of this rank's slice exist at a time; each chunk makes ONE allgather of its
+    per-row statistics (gpu/ops/softmax/vocab_parallel.py), after a header exchange on the first
+    call of a configuration (a disagreement is a ValueError on every rank).
 
     Returns the loss (in h's dtype); with return_z_loss also the z-loss term (included in the
     loss) under the same reduction; with return_grad also dh (h's shape and dtype), dW (W's) and
@@ -71,6 +83,17 @@ def fused_linear_cross_entropy(h, W, target, bias=None, *, chunk_size: int | Non
     >>> W = rng.standard_normal((50, 16)).astype(np.float32)
     >>> loss, dh, dW, db = gpu.fused_linear_cross_entropy(h, W, rng.integers(0, 50, 8), return_grad=True)
     """
+    try:
+        return _fused_linear_cross_entropy(h, W, target, bias, chunk_size, reduction, ignore_index, label_smoothing,
+                                           weight, z_loss, softcap, return_grad, return_z_loss, dloss, comm)
+    except (ValueError, TypeError) as e:
+        if comm is not None and not isinstance(e, VP.AgreedError):
+            VP.reject(comm, "fused_linear_cross_entropy")   # the other ranks raise too, instead of waiting
+        raise
+
+
+def _fused_linear_cross_entropy(h, W, target, bias, chunk_size, reduction, ignore_index, label_smoothing, weight,
+                                z_loss, softcap, return_grad, return_z_loss, dloss, comm):
     xp, kernels = B.dispatch(h=h, W=W, target=target, bias=bias, weight=weight)
     h = B.as_float_array(xp, h, "h")
     W = B.as_float_array(xp, W, "W")
@@ -122,6 +145,9 @@ def fused_linear_cross_entropy(h, W, target, bias=None, *, chunk_size: int | Non
     N = math.prod(row_shape)
     h2 = h.reshape(N, H)
     t = t.reshape(N)
+    if comm is not None:
+        return _vocab_parallel(comm, xp, kernels, h, h2, W, bias, t, weight, chunk_size, dl, return_grad,
+                               bool(return_z_loss), (reduction, ignore_index, label_smoothing, z_loss, softcap))
     # no vocabulary: every target not ignored is out of range, raised at once on either path
     if not kernels or _workspace.eager_checks() or V == 0:
         check_targets(t, V, ignore_index)
@@ -231,3 +257,99 @@ def _add_outer(dW, dz, hc, nbytes: int) -> None:
     for v0 in range(0, V, step):
         v1 = min(V, v0 + step)
         dW[v0:v1] += dz[:, v0:v1].T @ hc
+
+
+def _vocab_parallel(comm, xp, kernels, h, h2, W, bias, t, weight, chunk_size, dl, return_grad: bool, want_z: bool,
+                    options: tuple):
+    """fused_linear_cross_entropy with ``comm``: W, bias and weight this rank's rows of the
+    vocabulary. Per chunk: the logits of this slice, their statistics, ONE allgather, the merged
+    loss and this slice's dz (vocab_parallel); dh summed over the ranks by ONE all-reduce."""
+    from gpu.distributed import wrap
+    comm = wrap(comm)
+    op = "fused_linear_cross_entropy"
+    reduction, ignore_index, label_smoothing, z_loss, softcap = options
+    (N, H), n = h2.shape, W.shape[0]
+    acc = B.compute_dtype(h.dtype)
+    flags = ((VP.F_WEIGHT if weight is not None else 0) | (VP.F_GRAD if return_grad else 0)
+             | (VP.F_ZRET if want_z else 0) | (VP.F_BIAS if bias is not None else 0))
+    proposal = chunk_size or chunk_rows(xp, N, n, H, acc, return_grad)
+    cfg = VP.handshake(xp, comm, op, N, n, h.dtype, options, flags, H, max(1, min(proposal, N)), chunk_size or 0)
+    V = cfg.classes
+    bad = (-1.0, -1.0)
+    if kernels and not _workspace.eager_checks():   # on the device, as the single-process kernel path: no sync
+        record_bad_target(xp, t, V, ignore_index)
+    else:
+        bad = VP.first_bad(t, V, ignore_index)
+    tg = VP.targets(xp, t, cfg.offset, n, V, ignore_index, weight)
+    t64 = xp.ascontiguousarray(t.astype(np.int64, copy=False))
+    count = tg.valid.sum(dtype=np.float64)
+    w_r = float(n) if weight is None else weight.sum(dtype=np.float64)
+    denom_r = tg.w_t.sum()
+    Wc = W.astype(acc, copy=False)
+    bc = None if bias is None else bias.astype(acc, copy=False)
+    rows = cfg.chunk
+    f64 = np.dtype(np.float64)
+    loss_rows = xp.empty(N, f64) if reduction == "none" else None
+    z_rows = xp.empty(N, f64) if z_loss or want_z else None
+    total = xp.zeros((), f64)
+    denom = None
+    if return_grad:
+        dh = xp.empty((N, H), acc)
+        dW = xp.zeros((n, H), acc)
+        db = xp.zeros(n, acc) if bias is not None else None
+    buf = xp.empty((rows, n), acc) if N else None
+    g_all = dl.astype(f64)
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        hc = h2[r0:r1].astype(acc, copy=False)
+        z = buf[:r1 - r0]
+        xp.matmul(hc, Wc.T, out=z)
+        if bc is not None:
+            z += bc
+        tc = VP.Targets(*(a[r0:r1] for a in tg))
+        if kernels and n:   # the statistics from the kernel; z (the raw logits) stays for dz
+            za = th = None
+            st = VK.stats(xp, z, t64[r0:r1], None, weight, cfg.offset, V, ignore_index, label_smoothing, softcap,
+                          4 + int(bool(label_smoothing)))
+        else:
+            za, th = VP.softcapped(xp, z, softcap)
+            st = VP.local_stats(xp, za, tc, weight, label_smoothing)
+        head = VP.call_head(xp, op, N, h.dtype, cfg, comm, w_r, denom_r, bad)
+        heads, gst = VP.exchange(xp, comm, head, st, op, N, h.dtype, cfg, t, ignore_index)
+        if denom is None:   # the first chunk's headers: every rank's share, summed in rank order
+            denom = heads[:, 8].sum()
+        mg = VP.merge(xp, heads, gst, False, label_smoothing, V, tc.valid)
+        if loss_rows is not None:
+            loss_rows[r0:r1] = mg.rows
+        else:
+            total = total + mg.rows.sum()
+        if z_rows is not None:
+            z_rows[r0:r1] = xp.where(tc.valid, z_loss * mg.lse * mg.lse, 0.0)
+        if return_grad:
+            g, gz = VP.upstream(xp, g_all if g_all.ndim == 0 else g_all.reshape(N)[r0:r1], r1 - r0, reduction,
+                                denom, count, tc.valid)
+            coef = VP.coefficients(xp, mg, tc, g, gz, z_loss, label_smoothing, V)
+            if za is None:     # in place over the chunk's logits
+                dz = VK.gradient(xp, z, coef, None, weight, label_smoothing, V, softcap, z)
+            else:
+                dz = VP.gradient(xp, za, th, coef, st[0], weight, label_smoothing, V)
+            dh[r0:r1] = (Wc.T @ dz.T).T
+            _add_outer(dW, dz, hc, z.nbytes)
+            if db is not None:
+                db += dz.sum(axis=0)
+    if denom is None:
+        denom = xp.zeros((), f64)
+    row_shape = h.shape[:-1]
+    if reduction == "none":
+        loss, z_term = VP.reduce_rows(xp, loss_rows.reshape(row_shape),
+                                      None if z_rows is None else z_rows.reshape(row_shape), reduction, denom,
+                                      count, z_loss, h.dtype, want_z)
+    else:
+        zsum = None if z_rows is None else z_rows
+        loss, z_term = VP.reduce_rows(xp, total.reshape(1), zsum, reduction, denom, count, z_loss, h.dtype, want_z)
+    out = (loss,) + ((z_term,) if want_z else ())
+    if return_grad:
+        dh = comm.allreduce(dh.reshape(-1), f"{op} (dh)").reshape(h.shape)
+        out += (dh.astype(h.dtype, copy=False), dW.astype(W.dtype, copy=False),
+                None if db is None else db.astype(bias.dtype, copy=False))
+    return out if len(out) > 1 else loss

@@ -101,9 +101,10 @@ def check_options(reduction, ignore_index, label_smoothing, z_loss, softcap) -> 
 
 
 def _check(xp, z, target, weight, axis, reduction, ignore_index, label_smoothing, z_loss, softcap,
-           return_z: bool, target_values: bool) -> CEArgs:
+           return_z: bool, target_values: bool, sliced: bool = False) -> CEArgs:
     """Every check of a cross-entropy call's arrays and options. target_values=False: the kernel
-    checks the integer targets' values itself, on the device."""
+    checks the integer targets' values itself, on the device. sliced: z holds one rank's slice of
+    the classes (``comm=``), the targets are global: their values are checked by the caller."""
     z, ax = check_z(xp, z, axis)
     reduction = check_reduction(reduction)
     ignore_index = check_ignore_index(ignore_index)
@@ -119,7 +120,7 @@ def _check(xp, z, target, weight, axis, reduction, ignore_index, label_smoothing
         if t.shape != row_shape:
             raise ValueError(f"target: class indices must have z's shape without axis {ax}, "
                              f"{row_shape}; got {t.shape}")
-        if target_values or c == 0:   # no classes: every index is out of range unless ignored
+        if not sliced and (target_values or c == 0):   # no classes: every index is out of range unless ignored
             check_targets(t, c, ignore_index)
         probs = False
     elif t.dtype in B.FLOAT_DTYPES:
@@ -142,13 +143,14 @@ def _check(xp, z, target, weight, axis, reduction, ignore_index, label_smoothing
 _VALID = _launch.ValidCalls()
 
 
-def _checked(z, target, weight, options: tuple, return_z: bool, dloss=None) -> tuple[bool, CEArgs]:
+def _checked(z, target, weight, options: tuple, return_z: bool, dloss=None,
+             sliced: bool = False) -> tuple[bool, CEArgs]:
     """(whether the kernels run, the checked arguments), from the cache of validated calls when a
     kernel-path call like this one passed the checks before. options: (axis, reduction,
     ignore_index, label_smoothing, z_loss, softcap); dloss: the backward's, for dispatch's
     array-module check (its value is checked by the caller)."""
     key, path = None, B.path_key(z)
-    if path not in (None, "numpy"):      # the NumPy path checks target values: never skipped
+    if path not in (None, "numpy") and not sliced:   # the NumPy path checks target values: never skipped
         sig = _launch.signature(z, target, weight)
         if sig is not None:
             key = (path, sig, options)
@@ -164,7 +166,7 @@ def _checked(z, target, weight, options: tuple, return_z: bool, dloss=None) -> t
                 xp = np if path == "emulate" else B.array_module(z=z)
                 return True, tuple.__new__(CEArgs, (xp, z, target, weight, return_z) + facts)
     xp, kernels = B.dispatch(z=z, target=target, weight=weight, dloss=dloss)
-    args = _check(xp, z, target, weight, *options, return_z, target_values=not kernels)
+    args = _check(xp, z, target, weight, *options, return_z, target_values=not kernels, sliced=sliced)
     # kept unless a check converted z or weight (a big-endian copy: the next call must convert too)
     # or read the targets' values (no classes: every index not ignored is out of range)
     if kernels and args.n_classes and args.z is z and args.weight is weight:
@@ -173,10 +175,11 @@ def _checked(z, target, weight, options: tuple, return_z: bool, dloss=None) -> t
 
 
 def forward_args(z, target, axis, reduction, ignore_index, label_smoothing, weight, z_loss, softcap,
-                 return_grad, return_z_loss, inplace) -> tuple[bool, CEArgs]:
-    """softmax_cross_entropy's checks: (whether the kernels run, the checked arguments)."""
+                 return_grad, return_z_loss, inplace, sliced: bool = False) -> tuple[bool, CEArgs]:
+    """softmax_cross_entropy's checks: (whether the kernels run, the checked arguments). sliced:
+    z is this rank's slice of the classes (``comm=``)."""
     kernels, args = _checked(z, target, weight, (axis, reduction, ignore_index, label_smoothing, z_loss, softcap),
-                             bool(return_z_loss))
+                             bool(return_z_loss), sliced=sliced)
     if inplace and not return_grad:
         raise ValueError("inplace: writing the gradient over z needs return_grad=True")
     if inplace and not getattr(args.z.flags, "writeable", True):
@@ -185,12 +188,12 @@ def forward_args(z, target, axis, reduction, ignore_index, label_smoothing, weig
 
 
 def backward_args(z, target, dloss, axis, reduction, ignore_index, label_smoothing, weight, z_loss,
-                  softcap) -> tuple[bool, CEArgs, object]:
+                  softcap, sliced: bool = False) -> tuple[bool, CEArgs, object]:
     """softmax_cross_entropy_backward's checks: (whether the kernels run, the checked arguments,
     dloss as the paths take it: a Python float on the kernel path when it is a host scalar (kept
     as a device constant), else an array of the call's array module)."""
     kernels, args = _checked(z, target, weight, (axis, reduction, ignore_index, label_smoothing, z_loss, softcap),
-                             False, dloss)
+                             False, dloss, sliced=sliced)
     if type(dloss) is float:      # the common case, without a NumPy round trip
         return kernels, args, dloss if kernels else np.asarray(dloss)
     host_scalar = not B.is_cupy_array(dloss) and np.ndim(dloss) == 0

@@ -29,7 +29,7 @@ vocabulary-parallel CE later; gpu.torch) call by name, instead of this package's
 """
 from __future__ import annotations
 
-from . import _args, kernel_path, numpy_path
+from . import _args, kernel_path, numpy_path, vocab_parallel
 from ._args import (REDUCTIONS, CEArgs, check_options, check_targets, check_z_loss_softcap,  # noqa: F401 (the seam)
                     rows_args)
 from .kernel_path import record_bad_target  # noqa: F401 (the seam)
@@ -41,7 +41,8 @@ __all__ = ["softmax_cross_entropy", "softmax_cross_entropy_backward",
 
 def softmax_cross_entropy(z, target, *, axis: int = -1, reduction: str = "mean", ignore_index: int = -100,
                           label_smoothing: float = 0.0, weight=None, z_loss: float = 0.0, softcap: float | None = None,
-                          return_grad: bool = False, return_z_loss: bool = False, inplace: bool = False):
+                          return_grad: bool = False, return_z_loss: bool = False, inplace: bool = False,
+                          comm=None):
     """Cross-entropy of softmax(z) against `target`, as `torch.nn.functional.cross_entropy`.
 
     target: integer class indices of z's shape without `axis` (entries equal to `ignore_index`
@@ -71,13 +72,34 @@ def softmax_cross_entropy(z, target, *, axis: int = -1, reduction: str = "mean",
     next ``gpu.check_errors()``; with ``gpu.set_eager_checks(True)`` (or ``GPU_EAGER_CHECKS=1``)
     by the call itself, at the cost of one sync per call.
 
+    comm (vocabulary parallelism): anything ``gpu.distributed.wrap`` takes. z's class axis then
+    holds this rank's contiguous slice of the classes, in rank order (rank 0 the first classes;
+    slices may be unequal, or empty); integer targets hold global class indices and are the same
+    on every rank (probability targets: this rank's slice, like z); weight is this rank's slice.
+    Every option works; the loss (and the z-loss term) is the same, bitwise, on every rank and
+    equals the single-process result on the concatenated logits; dz is this rank's slice of the
+    single-process gradient. The first call of a configuration (rows, slice size, dtype,
+    options) on a communicator exchanges a header (a disagreement is a ValueError on every rank);
+    each call then makes ONE allgather of the per-row statistics (gpu/ops/softmax/vocab_parallel.py).
+    A bad target raises on every rank (NumPy) or is recorded on the device (kernel path).
+
     >>> import numpy as np, gpu
     >>> z = np.random.default_rng(0).standard_normal((4, 10)).astype(np.float32)
     >>> loss, dz = gpu.softmax_cross_entropy(z, np.array([1, 2, 3, 4]), return_grad=True)
     """
-    kernels, args = _args.forward_args(z, target, axis, reduction, ignore_index, label_smoothing, weight, z_loss,
-                                       softcap, return_grad, return_z_loss, inplace)
-    loss, z_term, dz = compute(args, kernels, want_loss=True, dloss=1.0 if return_grad else None, inplace=inplace)
+    try:
+        kernels, args = _args.forward_args(z, target, axis, reduction, ignore_index, label_smoothing, weight, z_loss,
+                                           softcap, return_grad, return_z_loss, inplace, sliced=comm is not None)
+    except (ValueError, TypeError):
+        if comm is not None:     # the other ranks raise too, instead of waiting for this one
+            vocab_parallel.reject(comm, "softmax_cross_entropy")
+        raise
+    if comm is not None:
+        loss, z_term, dz = vocab_parallel.cross_entropy(comm, "softmax_cross_entropy", args, kernels, True,
+                                                        1.0 if return_grad else None, inplace)
+    else:
+        loss, z_term, dz = compute(args, kernels, want_loss=True, dloss=1.0 if return_grad else None,
+                                   inplace=inplace)
     if return_grad:
         return (loss, z_term, dz) if return_z_loss else (loss, dz)
     return (loss, z_term) if return_z_loss else loss
@@ -85,18 +107,27 @@ def softmax_cross_entropy(z, target, *, axis: int = -1, reduction: str = "mean",
 
 def softmax_cross_entropy_backward(z, target, dloss=1.0, *, axis: int = -1, reduction: str = "mean",
                                    ignore_index: int = -100, label_smoothing: float = 0.0, weight=None,
-                                   z_loss: float = 0.0, softcap: float | None = None):
+                                   z_loss: float = 0.0, softcap: float | None = None, comm=None):
     """Gradient of `softmax_cross_entropy` with respect to z, times `dloss`.
 
     dloss: a scalar for 'mean' and 'sum'; for 'none' a scalar or an array of the per-row loss
-    shape (the gradient of sum(dloss * loss)). Returns dz in z's dtype.
+    shape (the gradient of sum(dloss * loss)). Returns dz in z's dtype. comm: as in
+    `softmax_cross_entropy` (this rank's slice of the classes; dz is this rank's slice, from ONE
+    allgather of the per-row statistics).
 
     >>> import numpy as np, gpu
     >>> z = np.random.default_rng(0).standard_normal((4, 10)).astype(np.float32)
     >>> dz = gpu.softmax_cross_entropy_backward(z, np.array([1, 2, 3, 4]))
     """
-    kernels, args, dloss = _args.backward_args(z, target, dloss, axis, reduction, ignore_index, label_smoothing,
-                                               weight, z_loss, softcap)
+    try:
+        kernels, args, dloss = _args.backward_args(z, target, dloss, axis, reduction, ignore_index, label_smoothing,
+                                                   weight, z_loss, softcap, sliced=comm is not None)
+    except (ValueError, TypeError):
+        if comm is not None:
+            vocab_parallel.reject(comm, "softmax_cross_entropy_backward")
+        raise
+    if comm is not None:
+        return vocab_parallel.cross_entropy(comm, "softmax_cross_entropy_backward", args, kernels, False, dloss)[2]
     return compute(args, kernels, want_loss=False, dloss=dloss)[2]
 
 
