@@ -1,0 +1,121 @@
+"""gpu.torch's vocabulary-parallel heads (``process_group=`` of cross_entropy,
+fused_linear_cross_entropy and FusedLinearCrossEntropyLoss) on 2 gloo ranks on 127.0.0.1,
+against the float64 references of gpu.bench.reference on the whole vocabulary.
+
+ONE launch of tests/_vp_worker.py runs every case (a few seconds; the launch dominates): unequal,
+empty and one-class shares, every option and reduction, float64/float32/bfloat16, autograd,
+torch.compile(fullgraph=True), the collectives of a warm call, and bad input on every rank.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from gpu.bench import reference as R  # noqa: E402
+
+from conftest import TOL, rel_err  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _vp_worker as W  # noqa: E402
+from test_distributed import ENGINES, run_ranks  # noqa: E402
+
+pytestmark = list(ENGINES[1].marks)        # gloo: torch.distributed
+_RUN: dict = {}
+
+
+def launched(tmp_path_factory):
+    """Every rank's (arrays, info): one launch of 2 ranks for the whole file."""
+    if not _RUN:
+        out = tmp_path_factory.mktemp("vp")
+        _RUN["failed"] = True           # a failed launch fails every test, once
+        run_ranks("gloo", 2, [str(Path(__file__).parent / "_vp_worker.py"), str(out)], timeout=120)
+        _RUN["ranks"] = [(dict(np.load(out / f"rank{r}.npz")), json.loads((out / f"rank{r}.json").read_text()))
+                         for r in range(2)]
+        _RUN["failed"] = False
+    if _RUN["failed"]:
+        pytest.fail("the launch of tests/_vp_worker.py failed (see the first failure)")
+    return _RUN["ranks"]
+
+
+def tol(dtype: str) -> float:
+    return TOL[np.dtype(dtype)]
+
+
+def reference(name: str) -> dict:
+    """The case's float64 results on the whole vocabulary (inputs rounded to the case's dtype)."""
+    kind, dtype, N, H, split, opts = W.CASES[name]
+    d = W.problem(name)
+    rnd = lambda a: None if a is None else torch.tensor(a).to(getattr(torch, dtype)).double().numpy()  # noqa: E731
+    kw = W.options(name)
+    ce = dict(reduction=kw["reduction"], label_smoothing=kw.get("label_smoothing", 0.0),
+              weight=rnd(d["w"]) if dtype != "bfloat16" else d["w"], dloss=d["dloss"],
+              z_loss=kw.get("z_loss", 0.0), softcap=kw.get("softcap"))
+    if kind == "ce":
+        loss, z_term, dz = R.softmax_cross_entropy(rnd(d["z"]), d["t"], 1, ce.pop("reduction"), -100,
+                                                   ce.pop("label_smoothing"), ce.pop("weight"), ce.pop("dloss"),
+                                                   return_z_loss=True, **ce)
+        return {"loss": loss, "z_term": z_term, "dz": dz}
+    loss, z_term, dh, dW, db = R.linear_cross_entropy(rnd(d["h"]), rnd(d["W"]), d["t"], rnd(d["b"]),
+                                                      ce.pop("reduction"), -100, ce.pop("label_smoothing"),
+                                                      ce.pop("weight"), ce.pop("dloss"), **ce)
+    return {"loss": loss, "z_term": z_term, "dh": dh, "dW": dW, "db": db}
+
+
+def close(out, ref, dtype, what):
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    assert out.shape == ref.shape, f"{what}: shape {out.shape}, expected {ref.shape}"
+    if np.isnan(ref).all():
+        assert np.isnan(out).all(), f"{what}: expected NaN, got {out}"
+        return
+    err = rel_err(out, ref)
+    assert err <= tol(dtype), f"{what}: relative error {err:.3g} > {tol(dtype):.3g} ({dtype})"
+
+
+@pytest.mark.parametrize("name", list(W.CASES))
+def test_equals_the_whole_vocabulary(name, tmp_path_factory):
+    ranks = launched(tmp_path_factory)
+    kind, dtype, N, H, split, opts = W.CASES[name]
+    ref = reference(name)
+    for key in ("loss", "z_term"):
+        a, b = (arrays[f"{name}/{key}"] for arrays, _ in ranks)
+        assert a.tobytes() == b.tobytes(), f"{key}: the ranks differ: {a} vs {b}"      # bitwise, NaN included
+        close(a, ref[key], dtype, key)
+    for r, (arrays, _) in enumerate(ranks):
+        mine = W.share(split, r)
+        if kind == "ce":            # the logits' gradient: this rank's slice of the classes
+            close(arrays[f"{name}/dz"], ref["dz"][:, mine], dtype, f"rank {r} dz")
+        else:                       # the hidden states' gradient whole, the head's its rows
+            close(arrays[f"{name}/dh"], ref["dh"], dtype, f"rank {r} dh")
+            close(arrays[f"{name}/dW"], ref["dW"][mine], dtype, f"rank {r} dW")
+            if ref["db"] is not None:
+                close(arrays[f"{name}/db"], ref["db"][mine], dtype, f"rank {r} dbias")
+
+
+@pytest.mark.parametrize("name", W.COMPILED)
+def test_compiled_fullgraph_equals_eager(name, tmp_path_factory):
+    for arrays, _ in launched(tmp_path_factory):
+        for key in [k for k in arrays if k.startswith(f"{name}/") and "/compiled/" not in k]:
+            np.testing.assert_allclose(arrays[key.replace(f"{name}/", f"{name}/compiled/")], arrays[key],
+                                       rtol=1e-13, atol=0, err_msg=key)
+
+
+def test_collectives_of_a_warm_call(tmp_path_factory):
+    # cross_entropy: one packed collective forward, none backward (dz comes from the forward);
+    # fused linear CE, 7 rows in chunks of 3: one per chunk and one all-reduce of dh
+    for _, info in launched(tmp_path_factory):
+        assert info["collectives"] == {"ce": 1, "flce": 3 + 1}, info["collectives"]
+
+
+@pytest.mark.parametrize("case,error", [
+    ("rows", "ValueError"), ("options", "ValueError"), ("target", "IndexError: target"),
+    ("bias", "RuntimeError: bias"), ("group", "TypeError: process_group"), ("probs", "ValueError: target")])
+def test_bad_input_fails_on_every_rank(case, error, tmp_path_factory):
+    for r, (_, info) in enumerate(launched(tmp_path_factory)):
+        msg = info["errors"][case]
+        assert msg is not None and msg.startswith(error), f"rank {r}: {msg}"
