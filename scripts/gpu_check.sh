@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # One command for a lent GPU, sized for a short loan: the device, the GPU-marked kernel tests,
-# compute-sanitizer memcheck over a short selection of them, then the benchmark's headline shapes.
+# compute-sanitizer memcheck over a short selection, NCCL on 2+ GPUs, the benchmark's headline shapes.
 #
 #   bash scripts/gpu_check.sh OUTDIR            # on the GPU; OUTDIR defaults to $OUT, else ./gpu_check_out
 #   bash scripts/gpu_check.sh OUTDIR --dry-run  # the same flow on the CPU: emulated kernels, tiny shapes
 #
 # Runs on the device image as it is (python3 with CuPy, PyTorch, pytest; no network; $PYTHON to
 # use another interpreter), from the checkout with PYTHONPATH=. Every step writes its log into
-# OUTDIR as it runs (device.txt deps.txt tests.log memcheck.log bench.log bench.jsonl bench.json),
+# OUTDIR as it runs (device.txt deps.txt tests.log memcheck.log nccl.log bench.log bench.jsonl bench.json),
 # and summary.txt is rewritten after every step, so a run killed at any moment leaves a summary
 # of the steps done and every benchmark row finished (bench.jsonl: one JSON object a line).
 # The whole run stays within GPU_CHECK_BUDGET seconds (default 240); each step has a limit that
@@ -37,7 +37,7 @@ BUDGET=${GPU_CHECK_BUDGET:-240}
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 if (( DRY )); then export GPU_BACKEND=emulate; fi
 START=$(date +%s)
-rm -f "$OUTDIR"/{device.txt,deps.txt,tests.log,memcheck.log,bench.log,bench.jsonl,bench.json,summary.txt}
+rm -f "$OUTDIR"/{device.txt,deps.txt,tests.log,memcheck.log,nccl.log,bench.log,bench.jsonl,bench.json,summary.txt}
 
 # The kernel test files; the GPU-marked tests among them skip without a GPU.
 KERNEL_TESTS=(tests/test_batch_norm_kernels.py tests/test_softmax_kernels.py tests/test_gpu_paths.py
@@ -259,6 +259,19 @@ elif export GPU_PATHS_SMALL=1 && run memcheck "$(limit 45 90)" "$LOG" "$SAN" --t
     elif [ "$RC" = 3 ]; then record memcheck FAIL "$TOOK" "$summary"
     else record memcheck FAIL "$TOOK" "tests failed under the sanitizer; $summary; $last"
     fi
+fi
+
+# ---- 4b. NCCL: vocabulary-parallel cross-entropy over 2 GPUs (a machine with 2 or more) ---------
+LOG="$OUTDIR/nccl.log"
+NGPU=$( (( DRY )) || timeout 20 nvidia-smi -L 2>/dev/null | grep -c '^GPU ')
+if (( DRY )); then
+    skip nccl "$LOG" "dry run: NCCL needs 2 GPUs"
+elif (( ${NGPU:-0} < 2 )); then
+    skip nccl "$LOG" "needs 2 GPUs, found ${NGPU:-0}"
+elif missing pytest || missing torch || missing cupy; then
+    skip nccl "$LOG" "needs pytest, torch and cupy"
+elif run nccl "$(limit 60 100)" "$LOG" "${PYTEST[@]}" -m gpu -k test_nccl_two_gpus tests/test_torch_vocab_parallel.py; then
+    pytest_result nccl "$LOG"
 fi
 
 # ---- 5. the benchmark's headline shapes, every row appended to bench.jsonl as it is done ---------

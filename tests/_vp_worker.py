@@ -2,7 +2,10 @@
 and fused linear cross-entropy (``process_group=``) on torch.distributed gloo ranks on
 127.0.0.1. Usage:
 
-    python tests/_vp_worker.py OUTDIR          (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set)
+    python tests/_vp_worker.py OUTDIR [nccl]   (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set)
+
+nccl: CUDA tensors on GPU `rank` over NCCL (the kernels; scripts/gpu_check.sh on a machine with 2
+or more GPUs), the numerical cases only.
 
 Every rank builds each case's whole problem from the case's seed, keeps its slice of the classes
 (`share`), runs forward and backward through gpu.torch, and writes its loss, z-term and
@@ -87,15 +90,17 @@ def options(name: str) -> dict:
     return {k: v for k, v in opts.items() if k not in ("weight", "ignore", "bias", "module")}
 
 
-def run_case(name: str, group, rank: int, compiled: bool = False) -> dict:
+def run_case(name: str, group, rank: int, compiled: bool = False, device: str = "cpu") -> dict:
     import gpu.torch as gt
     kind, dtype, N, H, split, opts = CASES[name]
     dt = getattr(torch, dtype)
     d = problem(name)
     mine = share(split, rank)
-    tens = lambda a, grad=False: None if a is None else torch.tensor(a, dtype=dt).requires_grad_(grad)  # noqa: E731
-    target = torch.tensor(d["t"])
-    w = None if d["w"] is None else torch.tensor(d["w"][mine], dtype=dt if dtype == "float64" else torch.float32)
+    tens = lambda a, grad=False: (None if a is None else  # noqa: E731
+                                  torch.tensor(a, dtype=dt, device=device).requires_grad_(grad))
+    target = torch.tensor(d["t"], device=device)
+    w = None if d["w"] is None else torch.tensor(d["w"][mine], dtype=dt if dtype == "float64" else torch.float32,
+                                                 device=device)
     kw = options(name)
     if kind == "ce":
         z = tens(d["z"][:, mine], grad=True)
@@ -114,13 +119,13 @@ def run_case(name: str, group, rank: int, compiled: bool = False) -> dict:
         torch._dynamo.reset()
         f = torch.compile(f, backend="aot_eager", fullgraph=True)
     loss, z_term = f(*inputs)
-    dloss = torch.tensor(d["dloss"], dtype=loss.dtype)
+    dloss = torch.tensor(d["dloss"], dtype=loss.dtype, device=device)
     leaves = [x for x in inputs if x is not None]
     grads = torch.autograd.grad(loss, leaves, dloss)
     out = {"loss": loss, "z_term": z_term}
     for key, g in zip(("dz",) if kind == "ce" else ("dh", "dW", "db"), grads):
         out[key] = g
-    return {k: v.detach().double().numpy() for k, v in out.items()}
+    return {k: v.detach().double().cpu().numpy() for k, v in out.items()}
 
 
 def counted(comm, fn) -> int:
@@ -132,11 +137,22 @@ def counted(comm, fn) -> int:
 def main() -> None:
     import torch.distributed as dist
     import gpu.distributed as D
-    outdir = sys.argv[1]
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    outdir, nccl = sys.argv[1], sys.argv[2:] == ["nccl"]
+    if nccl:
+        torch.cuda.set_device(int(os.environ["RANK"]))
+    dist.init_process_group("nccl" if nccl else "gloo", timeout=datetime.timedelta(seconds=60))
     rank = dist.get_rank()
     group = dist.group.WORLD
     arrays, info = {}, {"errors": {}, "collectives": {}}
+    if nccl:
+        for name in CASES:
+            for k, v in run_case(name, group, rank, device=f"cuda:{rank}").items():
+                arrays[f"{name}/{k}"] = v
+        torch.cuda.synchronize()
+        np.savez(os.path.join(outdir, f"rank{rank}.npz"), **arrays)
+        dist.barrier()
+        dist.destroy_process_group()
+        return
     for name in CASES:
         for k, v in run_case(name, group, rank).items():
             arrays[f"{name}/{k}"] = v

@@ -26,6 +26,7 @@ import _vp_worker as W  # noqa: E402
 from test_distributed import ENGINES, run_ranks  # noqa: E402
 
 pytestmark = list(ENGINES[1].marks)        # gloo: torch.distributed
+WORKER = Path(__file__).parent / "_vp_worker.py"
 _RUN: dict = {}
 
 
@@ -34,7 +35,7 @@ def launched(tmp_path_factory):
     if not _RUN:
         out = tmp_path_factory.mktemp("vp")
         _RUN["failed"] = True           # a failed launch fails every test, once
-        run_ranks("gloo", 2, [str(Path(__file__).parent / "_vp_worker.py"), str(out)], timeout=120)
+        run_ranks("gloo", 2, [str(WORKER), str(out)], timeout=120)
         _RUN["ranks"] = [(dict(np.load(out / f"rank{r}.npz")), json.loads((out / f"rank{r}.json").read_text()))
                          for r in range(2)]
         _RUN["failed"] = False
@@ -79,7 +80,12 @@ def close(out, ref, dtype, what):
 
 @pytest.mark.parametrize("name", list(W.CASES))
 def test_equals_the_whole_vocabulary(name, tmp_path_factory):
-    ranks = launched(tmp_path_factory)
+    check_case(name, launched(tmp_path_factory))
+
+
+def check_case(name: str, ranks) -> None:
+    """Every rank's results of case `name` against the whole vocabulary's, the losses bitwise
+    the same on every rank."""
     kind, dtype, N, H, split, opts = W.CASES[name]
     ref = reference(name)
     for key in ("loss", "z_term"):
@@ -119,3 +125,15 @@ def test_bad_input_fails_on_every_rank(case, error, tmp_path_factory):
     for r, (_, info) in enumerate(launched(tmp_path_factory)):
         msg = info["errors"][case]
         assert msg is not None and msg.startswith(error), f"rank {r}: {msg}"
+
+
+@pytest.mark.gpu
+def test_nccl_two_gpus(tmp_path):
+    # CUDA tensors on 2 GPUs over NCCL (the kernels and the device-side merge): the same cases
+    # (scripts/gpu_check.sh runs this on a machine with 2 or more GPUs)
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 CUDA GPUs, found {torch.cuda.device_count()}")
+    run_ranks("gloo", 2, [str(WORKER), str(tmp_path), "nccl"], timeout=300)
+    ranks = [(dict(np.load(tmp_path / f"rank{r}.npz")), None) for r in range(2)]
+    for name in W.CASES:
+        check_case(name, ranks)
