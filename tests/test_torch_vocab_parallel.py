@@ -2,9 +2,10 @@
 fused_linear_cross_entropy and FusedLinearCrossEntropyLoss) on 2 gloo ranks on 127.0.0.1,
 against the float64 references of gpu.bench.reference on the whole vocabulary.
 
-ONE launch of tests/_vp_worker.py runs every case (a few seconds; the launch dominates): unequal,
-empty and one-class shares, every option and reduction, float64/float32/bfloat16, autograd,
-torch.compile(fullgraph=True), the collectives of a warm call, and bad input on every rank.
+ONE launch of tests/_vp_worker.py runs every case (a few seconds; the launch dominates) and ONE
+test checks them all: unequal, empty and one-class shares, every option and reduction,
+float64/float32/bfloat16, autograd, torch.compile(fullgraph=True), the collectives of a warm call,
+and bad input on every rank.
 """
 from __future__ import annotations
 
@@ -27,21 +28,13 @@ from test_distributed import ENGINES, run_ranks  # noqa: E402
 
 pytestmark = list(ENGINES[1].marks)        # gloo: torch.distributed
 WORKER = Path(__file__).parent / "_vp_worker.py"
-_RUN: dict = {}
 
 
-def launched(tmp_path_factory):
-    """Every rank's (arrays, info): one launch of 2 ranks for the whole file."""
-    if not _RUN:
-        out = tmp_path_factory.mktemp("vp")
-        _RUN["failed"] = True           # a failed launch fails every test, once
-        run_ranks("gloo", 2, [str(WORKER), str(out)], timeout=120)
-        _RUN["ranks"] = [(dict(np.load(out / f"rank{r}.npz")), json.loads((out / f"rank{r}.json").read_text()))
-                         for r in range(2)]
-        _RUN["failed"] = False
-    if _RUN["failed"]:
-        pytest.fail("the launch of tests/_vp_worker.py failed (see the first failure)")
-    return _RUN["ranks"]
+def launched(tmp_path) -> list:
+    """Every rank's (arrays, info) of one launch of 2 ranks running every case."""
+    run_ranks("gloo", 2, [str(WORKER), str(tmp_path)], timeout=120)
+    return [(dict(np.load(tmp_path / f"rank{r}.npz")), json.loads((tmp_path / f"rank{r}.json").read_text()))
+            for r in range(2)]
 
 
 def tol(dtype: str) -> float:
@@ -78,9 +71,26 @@ def close(out, ref, dtype, what):
     assert err <= tol(dtype), f"{what}: relative error {err:.3g} > {tol(dtype):.3g} ({dtype})"
 
 
-@pytest.mark.parametrize("name", list(W.CASES))
-def test_equals_the_whole_vocabulary(name, tmp_path_factory):
-    check_case(name, launched(tmp_path_factory))
+def test_two_gloo_ranks(tmp_path):
+    # ONE test for the launch (under pytest-xdist a file's tests may land on two workers, and
+    # the launch dominates the time); every problem found is reported, not only the first
+    ranks = launched(tmp_path)
+    problems = []
+
+    def check(what, fn, *args):
+        try:
+            fn(*args)
+        except AssertionError as e:
+            problems.append(f"{what}: {e}")
+
+    for name in W.CASES:
+        check(name, check_case, name, ranks)
+    for name in W.COMPILED:
+        check(f"{name} compiled", compiled_equals_eager, name, ranks)
+    check("collectives", collectives_of_a_warm_call, ranks)
+    for case, error in BAD:
+        check(f"bad input {case}", fails_on_every_rank, case, error, ranks)
+    assert not problems, "\n".join(problems)
 
 
 def check_case(name: str, ranks) -> None:
@@ -103,26 +113,28 @@ def check_case(name: str, ranks) -> None:
                 close(arrays[f"{name}/db"], ref["db"][mine], dtype, f"rank {r} dbias")
 
 
-@pytest.mark.parametrize("name", W.COMPILED)
-def test_compiled_fullgraph_equals_eager(name, tmp_path_factory):
-    for arrays, _ in launched(tmp_path_factory):
+def compiled_equals_eager(name: str, ranks) -> None:
+    """torch.compile(fullgraph=True): the same numbers as eager."""
+    for arrays, _ in ranks:
         for key in [k for k in arrays if k.startswith(f"{name}/") and "/compiled/" not in k]:
             np.testing.assert_allclose(arrays[key.replace(f"{name}/", f"{name}/compiled/")], arrays[key],
                                        rtol=1e-13, atol=0, err_msg=key)
 
 
-def test_collectives_of_a_warm_call(tmp_path_factory):
+def collectives_of_a_warm_call(ranks) -> None:
     # cross_entropy: one packed collective forward, none backward (dz comes from the forward);
     # fused linear CE, 7 rows in chunks of 3: one per chunk and one all-reduce of dh
-    for _, info in launched(tmp_path_factory):
+    for _, info in ranks:
         assert info["collectives"] == {"ce": 1, "flce": 3 + 1}, info["collectives"]
 
 
-@pytest.mark.parametrize("case,error", [
-    ("rows", "ValueError"), ("options", "ValueError"), ("target", "IndexError: target"),
-    ("bias", "RuntimeError: bias"), ("group", "TypeError: process_group"), ("probs", "ValueError: target")])
-def test_bad_input_fails_on_every_rank(case, error, tmp_path_factory):
-    for r, (_, info) in enumerate(launched(tmp_path_factory)):
+#: (bad input of tests/_vp_worker.py, the start of the exception every rank must raise)
+BAD = [("rows", "ValueError"), ("options", "ValueError"), ("target", "IndexError: target"),
+       ("bias", "RuntimeError: bias"), ("group", "TypeError: process_group"), ("probs", "ValueError: target")]
+
+
+def fails_on_every_rank(case: str, error: str, ranks) -> None:
+    for r, (_, info) in enumerate(ranks):
         msg = info["errors"][case]
         assert msg is not None and msg.startswith(error), f"rank {r}: {msg}"
 
