@@ -10,15 +10,15 @@ The model predicts the next character from the previous `context` characters:
         -> gpu.fused_linear_cross_entropy(hidden, W_out, next_char, b_out)
 
 The head never holds the (tokens, vocab) logits: its loss and gradients come chunk by chunk
-(gpu/ops/linear_cross_entropy.py). With a communicator (`--distributed mpi|torch --tensor-parallel
-k`) the head is split by vocabulary: rank r holds the rows `vocab_slice(V, r, k)` of W_out and
-b_out, everything else is replicated (every rank sees the same batches), and the loss and the
-hidden states' gradient come from the vocabulary-parallel fused head (`comm=`): the same loss on
-every rank, dh already summed over the ranks, so every replicated parameter takes the same step
-as in one process and the head's rows take theirs. Adam updates every parameter. The run writes the training
-and validation loss curve (OUT/lm_loss.png), a JSON summary (OUT/lm.json) with the peak memory of
-one training step with and without the fused head (tracemalloc, NumPy arrays), and prints a
-sample of generated text.
+(gpu/ops/linear_cross_entropy.py). Adam updates every parameter. With a communicator
+(`--distributed mpi|torch --tensor-parallel k`) the head is split by vocabulary: rank r holds the
+rows `vocab_slice(V, r, k)` of W_out and b_out, everything else is replicated (every rank sees the
+same batches), and the loss and the hidden states' gradient come from the vocabulary-parallel
+fused head (`comm=`): the same loss on every rank, dh already summed over the ranks, so every
+replicated parameter takes the same step as in one process and the head's rows take theirs.
+The run writes the training and validation loss curve (OUT/lm_loss.png), a JSON summary
+(OUT/lm.json) with the peak memory of one training step with and without the fused head
+(tracemalloc, NumPy arrays), and prints a sample of generated text.
 """
 from __future__ import annotations
 

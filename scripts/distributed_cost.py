@@ -67,8 +67,8 @@ def vocab_parallel_table(alpha: float, beta: float, N: int, H: int, flops: float
             megatron = cost(P, 0, N * 4, alpha, beta, reduces=3)
             matmuls = 6 * N * H * (V / P) / flops
             dh = cost(P, 0, N * H * 4, alpha, beta)
-            print(f"| {P} | {V // 1024}K | {V // P:,} | {ours['bytes'] / 1e6:,.2f} MB | {megatron['bytes'] / 1e6:,.2f} MB "
-                  f"| {ours['ring'] * 1e6:,.0f} | {megatron['ring'] * 1e6:,.0f} "
+            print(f"| {P} | {V // 1024}K | {V // P:,} | {ours['bytes'] / 1e6:,.2f} MB "
+                  f"| {megatron['bytes'] / 1e6:,.2f} MB | {ours['ring'] * 1e6:,.0f} | {megatron['ring'] * 1e6:,.0f} "
                   f"| {ours['tree'] * 1e6:,.0f} | {megatron['tree'] * 1e6:,.0f} "
                   f"| {matmuls * 1e6:,.0f} | {dh['ring'] * 1e6:,.0f} |")
 

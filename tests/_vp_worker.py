@@ -112,8 +112,9 @@ def run_case(name: str, group, rank: int, compiled: bool = False, device: str = 
             crit = gt.FusedLinearCrossEntropyLoss(ce_weight=w, return_z_loss=True, process_group=group, **kw)
             f = lambda h, W, b: crit(W, h, target, b)   # noqa: E731
         else:
-            f = lambda h, W, b: gt.fused_linear_cross_entropy(h, W, target, b, ce_weight=w, return_z_loss=True,  # noqa: E731
-                                                                process_group=group, **kw)
+            def f(h, W, b):
+                return gt.fused_linear_cross_entropy(h, W, target, b, ce_weight=w, return_z_loss=True,
+                                                     process_group=group, **kw)
         inputs = (h, W, b)
     if compiled:
         torch._dynamo.reset()
@@ -165,19 +166,18 @@ def main() -> None:
     info["collectives"]["flce"] = counted(comm, lambda: run_case("flce_mean_all", group, rank))
     # bad input: the same exception on every rank, never a hang
     import gpu.torch as gt
+    f64 = dict(dtype=torch.float64)
+    rows, zeros = lambda n: torch.randn(n, 3, **f64), lambda n: torch.zeros(n, dtype=torch.long)   # noqa: E731
     bad = {
         # ranks disagree on the number of rows
-        "rows": lambda: gt.cross_entropy(torch.randn(4 + rank, 3, dtype=torch.float64), torch.zeros(4 + rank, dtype=torch.long),
-                                         process_group=group),
+        "rows": lambda: gt.cross_entropy(rows(4 + rank), zeros(4 + rank), process_group=group),
         # ranks disagree on an option
-        "options": lambda: gt.cross_entropy(torch.randn(4, 3, dtype=torch.float64), torch.zeros(4, dtype=torch.long),
-                                            label_smoothing=0.1 * rank, process_group=group),
+        "options": lambda: gt.cross_entropy(rows(4), zeros(4), label_smoothing=0.1 * rank, process_group=group),
         # a target outside the global vocabulary of 6 classes
-        "target": lambda: gt.cross_entropy(torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 6, 2]),
-                                           process_group=group),
+        "target": lambda: gt.cross_entropy(rows(4), torch.tensor([0, 1, 6, 2]), process_group=group),
         # weight and bias of different local sizes
-        "bias": lambda: gt.fused_linear_cross_entropy(torch.randn(4, 3), torch.randn(2, 3), torch.zeros(4, dtype=torch.long),
-                                                      torch.randn(3), process_group=group),
+        "bias": lambda: gt.fused_linear_cross_entropy(torch.randn(4, 3), torch.randn(2, 3), zeros(4), torch.randn(3),
+                                                      process_group=group),
         # not a process group
         "group": lambda: gt.cross_entropy(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), process_group="world"),
         # class probabilities cannot be split
