@@ -155,17 +155,26 @@ def _main_lm(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error("--tensor-parallel splits the head over the ranks of --distributed; add --distributed")
     if args.distributed and args.tensor_parallel is None:
         parser.error("--task lm with --distributed splits the head by vocabulary: add --tensor-parallel K")
+
+    def body(comm) -> int:
+        if comm is not None and comm.size != args.tensor_parallel:
+            parser.error(f"--tensor-parallel {args.tensor_parallel}: the launch has {comm.size} processes "
+                         "(the head is split over all of them)")
+        return lm.main_lm(args, xp, comm)
+    return _on_ranks(args, parser, body)
+
+
+def _on_ranks(args: argparse.Namespace, parser: argparse.ArgumentParser, body) -> int:
+    """body(comm) with --distributed's communicator (None without), BLAS threads limited, logs
+    from rank 0 only; the process group `init_distributed` started is closed after."""
     try:
         comm = init_distributed(args)
     except (ValueError, ImportError, RuntimeError) as e:
         parser.error(str(e))
     finished = False
     try:
-        if comm is not None and comm.size != args.tensor_parallel:
-            parser.error(f"--tensor-parallel {args.tensor_parallel}: the launch has {comm.size} processes "
-                         "(the head is split over all of them)")
         with _threadpool_limits(args.threads), _quiet_unless_rank0(comm):
-            status = lm.main_lm(args, xp, comm)
+            status = body(comm)
         finished = True
         return status
     finally:
@@ -418,20 +427,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, ImportError, RuntimeError, OSError) as e:
         parser.error(str(e))
 
-    try:
-        comm = init_distributed(args)
-    except (ValueError, ImportError, RuntimeError) as e:
-        parser.error(str(e))
-    finished = False
-    try:
+
+    def body(comm) -> int:
         if comm is not None and comm.rank != 0:      # logs and outputs from rank 0 only
             args.quiet, args.json, args.save, args.compare_bn = True, None, None, False
-        with _threadpool_limits(args.threads), _quiet_unless_rank0(comm):
-            status = _train(args, data, train, val, models, xp, comm)
-        finished = True
-        return status
-    finally:
-        close_distributed(args, comm, finished)
+        return _train(args, data, train, val, models, xp, comm)
+    return _on_ranks(args, parser, body)
 
 
 def _train(args: argparse.Namespace, data, train, val, models: dict[bool, Sequential], xp, comm=None) -> int:
