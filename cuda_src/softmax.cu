@@ -531,3 +531,179 @@ softmax_cross_entropy_weight_sum(acc_t* inv_denom, acc_t* part, unsigned int* ti
         inv_denom[1] = acc_t(1) / n;
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Vocabulary-parallel cross-entropy (gpu/ops/softmax/vocab_parallel.py): this rank's slice of the
+// classes, [offset, offset + C) of `classes`, rows C-contiguous (rows, C). Two kernels around the
+// one collective: the per-row statistics of the slice, then dz from the merged coefficients.
+// ---------------------------------------------------------------------------------------------
+
+#define VP_WEIGHT 1     // per-class weights of the slice
+#define VP_PROBS 2      // probability targets (this rank's slice of them, laid out as z)
+#define VP_SMOOTH 4     // label smoothing: sum_c w_c (z'_c - shift) per row
+#define VP_SOFTCAP 8    // z' = cap tanh(z / cap)
+#define VP_GRAD_THREADS 256   // softmax_cross_entropy_vp_grad's block
+
+// The statistics of each row of the slice, written to stats [k rows] (float64, the collective's
+// buffer): m = max z', s = sum exp(z' - m), then for integer targets zt = z'_t and wt = w_t where
+// the target is in the slice (else 0) and, with VP_SMOOTH, q = sum_c w_c (z'_c - shift); for
+// probability targets sum_c wy_c and sum_c wy_c (z'_c - shift), wy_c = w_c (y_c keep + ls_c).
+// shift = m, or 0 for a row of -inf (or an empty one): the merge's (vocab_parallel.merge). The
+// weighted sums are taken against a pivot (the row's first logit) as in CrossEntropyOp. A target
+// outside [0, classes) that is not ignore_index is counted nowhere (the host recorded it).
+struct VPStatsOp {
+    double* stats;
+    const long long* target;
+    const scalar_t* y;
+    const acc_t* weight;
+    long long offset, classes, ignore_index;
+    acc_t keep, ls_c, cap, inv_cap;
+    int C, flags;
+    index_t rows;
+
+    static constexpr bool kReadsX = true, kHasY = true, kStream = false;
+    struct Stats { acc_t m, s, zt, q, w; };
+    struct Ctx { long long t; acc_t pivot; };   // t: the target's column in the slice, or -1
+    struct Fin {};
+
+    __device__ __forceinline__ scalar_t* dest() const { return nullptr; }   // statistics only
+    __device__ __forceinline__ const scalar_t* ysrc() const { return (flags & VP_PROBS) ? y : nullptr; }
+    __device__ __forceinline__ acc_t w_of(long long c) const { return (flags & VP_WEIGHT) ? weight[c] : acc_t(1); }
+    __device__ __forceinline__ acc_t capped(acc_t x) const {
+        return (flags & VP_SOFTCAP) ? cap * acc_tanh(x * inv_cap) : x;
+    }
+    __device__ __forceinline__ Stats init() const {
+        return Stats{-acc_inf(), acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+    }
+    __device__ __forceinline__ Ctx begin(index_t row, bool active, acc_t pivot) const {
+        Ctx c;
+        pivot = capped(pivot);
+        c.pivot = (pivot - pivot == acc_t(0)) ? pivot : acc_t(0);   // finite, else 0
+        c.t = -1;
+        if (active && !(flags & VP_PROBS)) {
+            const long long t = target[row];
+            if (t != ignore_index && t >= offset && t < offset + (long long)C && t < classes) c.t = t - offset;
+        }
+        return c;
+    }
+    __device__ __forceinline__ void add(Stats& st, const Ctx& c, acc_t x, acc_t yv, int col) const {
+        x = capped(x);
+        online_add(st.m, st.s, x);
+        if (col == c.t) st.zt += x;
+        if (flags & VP_PROBS) {
+            const acc_t wy = w_of(col) * (yv * keep + ls_c);
+            st.q += wy * (x - c.pivot);
+            st.w += wy;
+        } else if (flags & VP_SMOOTH) {
+            const acc_t wc = w_of(col);
+            st.q += wc * (x - c.pivot);
+            st.w += wc;
+        }
+    }
+    __device__ __forceinline__ static void merge(Stats& a, const Stats& b) {
+        online_merge(a.m, a.s, b.m, b.s);
+        a.zt += b.zt;
+        a.q += b.q;
+        a.w += b.w;
+    }
+    __device__ __forceinline__ static Stats shfl_xor(const Stats& a, int mask, int width) {
+        return Stats{__shfl_xor_sync(GPU_FULL_MASK, a.m, mask, width),
+                     __shfl_xor_sync(GPU_FULL_MASK, a.s, mask, width),
+                     __shfl_xor_sync(GPU_FULL_MASK, a.zt, mask, width),
+                     __shfl_xor_sync(GPU_FULL_MASK, a.q, mask, width),
+                     __shfl_xor_sync(GPU_FULL_MASK, a.w, mask, width)};
+    }
+    __device__ __forceinline__ Fin finish(const Stats& st, const Ctx& c, index_t row, bool leader) const {
+        if (leader) {
+            const acc_t shift = st.m == -acc_inf() ? acc_t(0) : st.m;
+            const acc_t q = st.q + (c.pivot - shift) * st.w;   // sum (w or wy)_c (z'_c - shift)
+            stats[row] = (double)st.m;
+            stats[rows + row] = (double)st.s;
+            if (flags & VP_PROBS) {
+                stats[2 * rows + row] = (double)st.w;
+                stats[3 * rows + row] = (double)q;
+            } else {
+                stats[2 * rows + row] = c.t >= 0 ? (double)st.zt : 0.0;
+                stats[3 * rows + row] = c.t >= 0 ? (double)w_of(c.t) : 0.0;
+                if (flags & VP_SMOOTH) stats[4 * rows + row] = (double)q;
+            }
+        }
+        return Fin{};
+    }
+    __device__ __forceinline__ acc_t out_value(const Fin&, acc_t, acc_t, int) const { return acc_t(0); }
+    __device__ __forceinline__ void end_block() {}
+};
+
+#define VP_STATS_PARAMS                                                                                 \
+    double *stats, const scalar_t *z, const long long *target, const scalar_t *y, const acc_t *weight,  \
+        long long offset, long long classes, long long ignore_index, acc_t keep, acc_t ls_c,            \
+        acc_t softcap, int flags, index_t n_rows
+
+__device__ __forceinline__ VPStatsOp make_vp_stats(double* stats, const long long* target, const scalar_t* y,
+                                                   const acc_t* weight, long long offset, long long classes,
+                                                   long long ignore_index, acc_t keep, acc_t ls_c, acc_t softcap,
+                                                   int flags, index_t n_rows, int C) {
+    VPStatsOp op;
+    op.stats = stats; op.target = target; op.y = y; op.weight = weight;
+    op.offset = offset; op.classes = classes; op.ignore_index = ignore_index;
+    op.keep = keep; op.ls_c = ls_c; op.cap = softcap;
+    op.inv_cap = (flags & VP_SOFTCAP) ? acc_rcp(softcap) : acc_t(0);
+    op.C = C; op.flags = flags; op.rows = n_rows;
+    return op;
+}
+
+// MIN_BLOCKS: ptxas's register target, as CE_WARP_KERNEL's (N = 32 spills without it).
+#define VP_STATS_WARP_KERNEL(N, MIN_BLOCKS)                                                             \
+    extern "C" __global__ void __launch_bounds__(SM_WARP_THREADS, MIN_BLOCKS)                           \
+    softmax_cross_entropy_vp_stats_warp_n##N(VP_STATS_PARAMS, int C, int lanes, int vec) {              \
+        rows_warp<N>(make_vp_stats(stats, target, y, weight, offset, classes, ignore_index, keep, ls_c,  \
+                                   softcap, flags, n_rows, C), z, n_rows, C, lanes, vec);                \
+    }
+VP_STATS_WARP_KERNEL(1, 4) VP_STATS_WARP_KERNEL(2, 4) VP_STATS_WARP_KERNEL(4, 4) VP_STATS_WARP_KERNEL(8, 4)
+#if !defined(SCALAR_IS_DOUBLE)
+VP_STATS_WARP_KERNEL(16, 4) VP_STATS_WARP_KERNEL(32, 1)
+#endif
+
+extern "C" __global__ void __launch_bounds__(SM_CE_BLOCK_THREADS, 1)
+softmax_cross_entropy_vp_stats_block(VP_STATS_PARAMS, int C, int cached, int vec) {
+    rows_block(make_vp_stats(stats, target, y, weight, offset, classes, ignore_index, keep, ls_c, softcap, flags,
+                             n_rows, C), z, n_rows, C, cached, vec);
+}
+
+// dz of the slice from the merged per-row coefficients coef [5 rows] (float64): lse, scale,
+// sub_t, sub_w and the target's column in the slice (-1: elsewhere; -2: an ignored row, dz = 0):
+//   dz_j = [exp(z'_j - lse) scale - [j == t] sub_t - sub_w w_j] (1 - tanh^2)             integer
+//   dz_j = [exp(z'_j - lse) scale - sub_w w_j (y_j keep + ls_c)] (1 - tanh^2)            probabilities
+// (sub_w w_j only with VP_SMOOTH for integer targets). Grid-stride over rows * C elements; dz may
+// be z (in place).
+extern "C" __global__ void __launch_bounds__(VP_GRAD_THREADS)
+softmax_cross_entropy_vp_grad(scalar_t* dz, const scalar_t* z, const double* __restrict__ coef,
+                              const scalar_t* __restrict__ y, const acc_t* __restrict__ weight, acc_t keep,
+                              acc_t ls_c, acc_t softcap, int flags, index_t n_rows, int C) {
+    const index_t total = n_rows * (index_t)C;
+    const acc_t inv_cap = (flags & VP_SOFTCAP) ? acc_rcp(softcap) : acc_t(0);
+    for (index_t i = (index_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (index_t)gridDim.x * blockDim.x) {
+        const index_t r = i / C;
+        const int col = (int)(i - r * C);
+        const double tl = coef[4 * n_rows + r];
+        acc_t d = acc_t(0);
+        if (tl > -2.0) {
+            acc_t x = to_acc(z[i]);
+            acc_t t = acc_t(0);
+            if (flags & VP_SOFTCAP) {
+                t = acc_tanh(x * inv_cap);
+                x = softcap * t;
+            }
+            const acc_t wc = (flags & VP_WEIGHT) ? weight[col] : acc_t(1);
+            d = acc_exp(x - (acc_t)coef[r]) * (acc_t)coef[n_rows + r];
+            if (flags & VP_PROBS) {
+                d -= (acc_t)coef[3 * n_rows + r] * wc * (to_acc(y[i]) * keep + ls_c);
+            } else {
+                if ((double)col == tl) d -= (acc_t)coef[2 * n_rows + r];
+                if (flags & VP_SMOOTH) d -= (acc_t)coef[3 * n_rows + r] * wc;
+            }
+            if (flags & VP_SOFTCAP) d *= acc_t(1) - t * t;
+        }
+        dz[i] = from_acc<scalar_t>(d);
+    }
+}

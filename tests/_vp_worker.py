@@ -1,199 +1,158 @@
-"""One rank of tests/test_torch_vocab_parallel.py: gpu.torch's vocabulary-parallel cross-entropy
-and fused linear cross-entropy (``process_group=``) on torch.distributed gloo ranks on
-127.0.0.1. Usage:
+"""One rank of the vocabulary-parallel cross-entropy tests (tests/test_vocab_parallel_dist.py
+launches 3 of these under mpiexec or as torch.distributed gloo ranks on 127.0.0.1). Usage:
 
-    python tests/_vp_worker.py OUTDIR [nccl]   (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set)
+    python tests/_vp_worker.py ENGINE OUTDIR
 
-nccl: CUDA tensors on GPU `rank` over NCCL (the kernels; scripts/gpu_check.sh on a machine with 2
-or more GPUs), the numerical cases only.
-
-Every rank builds each case's whole problem from the case's seed, keeps its slice of the classes
-(`share`), runs forward and backward through gpu.torch, and writes its loss, z-term and
-gradients to OUTDIR/rank{r}.npz; what it observed (collective counts, error messages) goes to
-OUTDIR/rank{r}.json. The test file rebuilds the whole problems (`problem`) for the references.
+One launch covers both group sizes, as tests/_dist_worker.py (whose `connect` it uses): the
+3-rank cases on the world, then the 2-rank cases, the bad input and the timeout on ranks {0, 1}.
+Each rank runs every case of `cases(size)` on its slice of the classes and writes its results to
+OUTDIR/SIZE/rank{r}.npz, and the collective counts and error messages to OUTDIR/SIZE/rank{r}.json.
 """
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import sys
+import time
 
 import numpy as np
-import torch
 
-#: name -> (kind, dtype, N, H (fused linear CE) or spatial size (CE, 0: (N, C) logits), class split over
-#: the ranks, options); the awkward ones say why
-CASES = {
-    # unequal shares of 11 classes, every option at once, ignored rows
-    "ce_mean_all": ("ce", "float64", 9, 0, (6, 5), dict(reduction="mean", label_smoothing=0.1, weight=True,
-                                                         z_loss=1e-3, softcap=5.0, ignore=True)),
-    # per-row upstream gradients (replicated), the other way round of unequal shares
-    "ce_none": ("ce", "float64", 9, 0, (4, 7), dict(reduction="none", label_smoothing=0.05, z_loss=1e-2,
-                                                    ignore=True)),
-    # rank 1 holds no class (an empty slice)
-    "ce_sum_empty": ("ce", "float64", 6, 0, (5, 0), dict(reduction="sum", softcap=3.0)),
-    # every row ignored: 'mean' of nothing is NaN, as torch's
-    "ce_all_ignored": ("ce", "float64", 4, 0, (3, 3), dict(reduction="mean", ignore="all")),
-    # (N, C, d) logits, the class axis 1; float32
-    "ce_spatial_f32": ("ce", "float32", 3, 4, (5, 6), dict(reduction="mean", label_smoothing=0.1, weight=True)),
-    # bfloat16 logits (float32 arithmetic)
-    "ce_bf16": ("ce", "bfloat16", 8, 0, (7, 9), dict(reduction="mean", z_loss=1e-3)),
-    # several chunks of rows (chunk_size 3 of 7), every option, bias and class weights
-    "flce_mean_all": ("flce", "float64", 7, 8, (6, 5), dict(reduction="mean", label_smoothing=0.1, weight=True,
-                                                            z_loss=1e-3, softcap=5.0, ignore=True, bias=True,
-                                                            chunk_size=3)),
-    # reduction 'none': the chunked pass again in the backward, with per-row upstream gradients
-    "flce_none": ("flce", "float64", 6, 5, (7, 4), dict(reduction="none", z_loss=1e-2, bias=True, ignore=True)),
-    # one class per rank; the module form; float32
-    "flce_module_f32": ("flce", "float32", 5, 4, (1, 1), dict(reduction="sum", module=True, label_smoothing=0.2)),
-    # an empty slice of the head (rank 1 has no rows of W)
-    "flce_empty_share": ("flce", "float64", 4, 3, (5, 0), dict(reduction="mean", bias=True)),
-}
-#: compiled with torch.compile(fullgraph=True): the same results as eager
-COMPILED = ("ce_mean_all", "flce_mean_all")
+import gpu
+import gpu.distributed as D
+from gpu import _backend as B
+
+from _dist_worker import connect
+
+#: the classes of each rank, by group size: unequal, empty, one per rank
+SPLITS = {2: [[6, 5], [7, 4]], 3: [[4, 0, 7], [1, 1, 1]]}
+DTYPES = ["float64", "float32"] + (["bfloat16"] if B.BFLOAT16 is not None else [])
+#: the options of each case ("weight": class weights, this rank's slice)
+OPTIONS = {"plain": dict(), "smooth": dict(label_smoothing=0.1), "weight": dict(weight=True, ignore_index=3),
+           "zcap": dict(z_loss=1e-2, softcap=3.0), "all": dict(weight=True, label_smoothing=0.2, z_loss=1e-2, softcap=2.0),
+           "sum": dict(reduction="sum", z_loss=0.1, weight=True), "none": dict(reduction="none", label_smoothing=0.3)}
+ROWS, HIDDEN = 7, 5
 
 
-def share(split, rank: int) -> slice:
-    lo = sum(split[:rank])
-    return slice(lo, lo + split[rank])
-
-
-def problem(name: str):
-    """The whole problem of a case, float64 NumPy: logits (CE) or (h, W, bias) (fused linear CE),
-    targets, class weights or None, the upstream gradient of the loss."""
-    kind, dtype, N, H, split, opts = CASES[name]
+def problem(name: str, V: int, dtype: str, ignore_index: int = -100):
+    """The global logits, targets (ignored rows, and every row ignored for '*-ignored'), class
+    weights, h, W and bias of a case, seeded by its name."""
     rng = np.random.default_rng(sum(map(ord, name)))
-    V = sum(split)
-    if kind == "ce":
-        shape = (N, V) if not H else (N, V, H)
-        data = {"z": rng.standard_normal(shape) * 2}
-        rows = (N,) if not H else (N, H)
-    else:
-        data = {"h": rng.standard_normal((N, H)), "W": rng.standard_normal((V, H)) * 2 / H ** 0.5,
-                "b": rng.standard_normal(V) * 0.5 if opts.get("bias") else None}
-        rows = (N,)
-    t = rng.integers(0, V, rows)
-    if opts.get("ignore") == "all":
-        t[...] = -100
-    elif opts.get("ignore"):
-        t.reshape(-1)[::3] = -100
-    data["t"] = t
-    data["w"] = rng.random(V) + 0.5 if opts.get("weight") else None
-    data["dloss"] = rng.standard_normal(rows) if opts["reduction"] == "none" else 1.0
-    return data
+    z = (rng.standard_normal((ROWS, V)) * 3).astype(dtype)
+    t = rng.integers(0, V, ROWS)
+    t[[1, 4]] = ignore_index
+    if name.endswith("ignored"):
+        t[:] = ignore_index
+    w = rng.uniform(0.5, 2.0, V)
+    h = rng.standard_normal((ROWS, HIDDEN)).astype(dtype)
+    W = rng.standard_normal((V, HIDDEN)).astype(dtype)
+    b = rng.standard_normal(V).astype(dtype)
+    return z, t, w, h, W, b
 
 
-def options(name: str) -> dict:
-    """The case's keyword arguments of gpu.torch (class weights and the rest come with the data)."""
-    opts = dict(CASES[name][5])
-    return {k: v for k, v in opts.items() if k not in ("weight", "ignore", "bias", "module")}
+def cases(size: int):
+    """(name, split, dtype, option key, backend)."""
+    out = []
+    for split in SPLITS[size]:
+        for dt in DTYPES:
+            for key in OPTIONS:
+                out.append((f"{'-'.join(map(str, split))}_{dt}_{key}", split, dt, key, "numpy"))
+        out.append((f"{'-'.join(map(str, split))}_float64_plain_ignored", split, "float64", "plain", "numpy"))
+        # the kernel path (the emulator): statistics and dz from the kernels around the collective
+        out.append((f"{'-'.join(map(str, split))}_float32_all_emulate", split, "float32", "all", "emulate"))
+    return out
 
 
-def run_case(name: str, group, rank: int, compiled: bool = False, device: str = "cpu") -> dict:
-    import gpu.torch as gt
-    kind, dtype, N, H, split, opts = CASES[name]
-    dt = getattr(torch, dtype)
-    d = problem(name)
-    mine = share(split, rank)
-    tens = lambda a, grad=False: (None if a is None else  # noqa: E731
-                                  torch.tensor(a, dtype=dt, device=device).requires_grad_(grad))
-    target = torch.tensor(d["t"], device=device)
-    w = None if d["w"] is None else torch.tensor(d["w"][mine], dtype=dt if dtype == "float64" else torch.float32,
-                                                 device=device)
-    kw = options(name)
-    if kind == "ce":
-        z = tens(d["z"][:, mine], grad=True)
-        f = lambda z: gt.cross_entropy(z, target, w, return_z_loss=True, process_group=group, **kw)  # noqa: E731
-        inputs = (z,)
-    else:
-        h, W, b = tens(d["h"], True), tens(d["W"][mine], True), tens(None if d["b"] is None else d["b"][mine], True)
-        if opts.get("module"):
-            crit = gt.FusedLinearCrossEntropyLoss(ce_weight=w, return_z_loss=True, process_group=group, **kw)
-            f = lambda h, W, b: crit(W, h, target, b)   # noqa: E731
-        else:
-            def f(h, W, b):
-                return gt.fused_linear_cross_entropy(h, W, target, b, ce_weight=w, return_z_loss=True,
-                                                     process_group=group, **kw)
-        inputs = (h, W, b)
-    if compiled:
-        torch._dynamo.reset()
-        f = torch.compile(f, backend="aot_eager", fullgraph=True)
-    loss, z_term = f(*inputs)
-    dloss = torch.tensor(d["dloss"], dtype=loss.dtype, device=device)
-    leaves = [x for x in inputs if x is not None]
-    grads = torch.autograd.grad(loss, leaves, dloss)
-    out = {"loss": loss, "z_term": z_term}
-    for key, g in zip(("dz",) if kind == "ce" else ("dh", "dW", "db"), grads):
-        out[key] = g
-    return {k: v.detach().double().cpu().numpy() for k, v in out.items()}
+def run_cases(comm, info):
+    r = comm.rank
+    arrays = {}
+    for name, split, dt, key, backend in cases(comm.size):
+        V = sum(split)
+        z, t, w, h, W, b = problem(name, V, dt, OPTIONS[key].get("ignore_index", -100))
+        lo, hi = sum(split[:r]), sum(split[:r + 1])
+        o = dict(OPTIONS[key])
+        use_w = o.pop("weight", False)
+        wl = w[lo:hi] if use_w else None
+        with gpu.use_backend(backend):
+            n0 = comm.collectives
+            loss, zt, dz = gpu.softmax_cross_entropy(z[:, lo:hi], t, weight=wl, return_grad=True, return_z_loss=True,
+                                                     comm=comm, **o)
+            n1 = comm.collectives
+            again = gpu.softmax_cross_entropy(z[:, lo:hi], t, weight=wl, return_grad=True, return_z_loss=True,
+                                              comm=comm, **o)
+            n2 = comm.collectives
+            chunk = 3
+            fl = gpu.fused_linear_cross_entropy(h, W[lo:hi], t, b[lo:hi], weight=wl, return_grad=True,
+                                                return_z_loss=True, chunk_size=chunk, comm=comm, **o)
+            n3 = comm.collectives
+        info["counts"][name] = [n1 - n0, n2 - n1, n3 - n2]
+        info["same"][name] = bool(np.array_equal(np.asarray(loss), np.asarray(again[0]), equal_nan=True))
+        arrays.update({f"{name}/{k}": np.asarray(v, np.float64) for k, v in dict(
+            loss=loss, zt=zt, dz=dz, fl_loss=fl[0], fl_zt=fl[1], dh=fl[2], dW=fl[3], db=fl[4]).items()})
+    return arrays
 
 
-def counted(comm, fn) -> int:
-    before = comm.collectives
-    fn()
-    return comm.collectives - before
+def expect_error(info, what, fn):
+    try:
+        fn()
+        info["errors"][what] = None
+    except (ValueError, TypeError) as e:
+        info["errors"][what] = f"{type(e).__name__}: {e}"
+
+
+def fault_cases(comm, info) -> None:
+    """Bad input on one rank or all (a ValueError on every rank, never a hang), an engine timeout."""
+    r = comm.rank
+    z = np.random.default_rng(0).standard_normal((4, 6))
+    t = np.array([0, 5, 11, 2])
+    expect_error(info, "rows", lambda: gpu.softmax_cross_entropy(z[:3 + r], t[:3 + r], comm=comm))
+    expect_error(info, "options", lambda: gpu.softmax_cross_entropy(z, t, label_smoothing=0.1 * r, comm=comm))
+    expect_error(info, "dtype", lambda: gpu.softmax_cross_entropy(z.astype(["float64", "float32"][r]), t, comm=comm))
+    expect_error(info, "target", lambda: gpu.softmax_cross_entropy(z, np.array([0, 5, 12, 2]), comm=comm))
+    with gpu.use_backend("emulate"):    # the kernel path records it on the device: check_errors raises
+        gpu.softmax_cross_entropy(z, np.array([0, 5, 12, 2]), comm=comm)
+        expect_error(info, "target emulate", gpu.check_errors)
+    h, W = np.ones((4, 3)), np.ones((3, 3))
+    expect_error(info, "bias", lambda: gpu.fused_linear_cross_entropy(h, W, t, np.ones(3 + r), comm=comm))
+    expect_error(info, "hidden", lambda: gpu.fused_linear_cross_entropy(np.ones((4, 3 + r)), np.ones((3, 3 + r)), t,
+                                                                        comm=comm))
+    # an engine timeout names the collective: rank 0 waits 0.5 s for a rank that comes late (a
+    # configuration exchanged before, so the late call is one collective)
+    gpu.softmax_cross_entropy(z, t, comm=comm)
+    comm.timeout = 0.5 if r == 0 else None
+    if r != 0:
+        time.sleep(2.0)
+    try:
+        gpu.softmax_cross_entropy(z, t, comm=comm)
+        info["errors"]["timeout"] = None
+    except D.CollectiveError as e:
+        info["errors"]["timeout"] = str(e)
+    comm.timeout = None
+    comm.drain()
+    info["drained"] = len(comm.abandoned)
 
 
 def main() -> None:
-    import torch.distributed as dist
-    import gpu.distributed as D
-    outdir, nccl = sys.argv[1], sys.argv[2:] == ["nccl"]
-    if nccl:
-        torch.cuda.set_device(int(os.environ["RANK"]))
-    dist.init_process_group("nccl" if nccl else "gloo", timeout=datetime.timedelta(seconds=60))
-    rank = dist.get_rank()
-    group = dist.group.WORLD
-    arrays, info = {}, {"errors": {}, "collectives": {}}
-    if nccl:
-        for name in CASES:
-            for k, v in run_case(name, group, rank, device=f"cuda:{rank}").items():
-                arrays[f"{name}/{k}"] = v
-        torch.cuda.synchronize()
-        np.savez(os.path.join(outdir, f"rank{rank}.npz"), **arrays)
+    engine, outdir = sys.argv[1], sys.argv[2]
+    world, pair, _ = connect(engine)
+    t0 = time.time()
+    for size, comm in ((3, world), (2, pair)):
+        if comm is None:                       # rank 2 is not in the pair
+            continue
+        info = {"counts": {}, "same": {}, "errors": {}}
+        arrays = run_cases(comm, info)
+        if size == 2:
+            fault_cases(comm, info)
+        info["seconds"] = time.time() - t0
+        os.makedirs(os.path.join(outdir, str(size)), exist_ok=True)
+        np.savez(os.path.join(outdir, str(size), f"rank{comm.rank}.npz"), **arrays)
+        with open(os.path.join(outdir, str(size), f"rank{comm.rank}.json"), "w") as f:
+            json.dump(info, f)
+    if engine == "mpi":
+        world.comm.Barrier()
+    else:
+        import torch.distributed as dist
         dist.barrier()
         dist.destroy_process_group()
-        return
-    for name in CASES:
-        for k, v in run_case(name, group, rank).items():
-            arrays[f"{name}/{k}"] = v
-    for name in COMPILED:
-        for k, v in run_case(name, group, rank, compiled=True).items():
-            arrays[f"{name}/compiled/{k}"] = v
-    # collectives of a warm call, forward and backward (the header exchanged by the calls above)
-    comm = D.wrap(group)
-    info["collectives"]["ce"] = counted(comm, lambda: run_case("ce_mean_all", group, rank))
-    info["collectives"]["flce"] = counted(comm, lambda: run_case("flce_mean_all", group, rank))
-    # bad input: the same exception on every rank, never a hang
-    import gpu.torch as gt
-    f64 = dict(dtype=torch.float64)
-    rows, zeros = lambda n: torch.randn(n, 3, **f64), lambda n: torch.zeros(n, dtype=torch.long)   # noqa: E731
-    bad = {
-        # ranks disagree on the number of rows
-        "rows": lambda: gt.cross_entropy(rows(4 + rank), zeros(4 + rank), process_group=group),
-        # ranks disagree on an option
-        "options": lambda: gt.cross_entropy(rows(4), zeros(4), label_smoothing=0.1 * rank, process_group=group),
-        # a target outside the global vocabulary of 6 classes
-        "target": lambda: gt.cross_entropy(rows(4), torch.tensor([0, 1, 6, 2]), process_group=group),
-        # weight and bias of different local sizes
-        "bias": lambda: gt.fused_linear_cross_entropy(torch.randn(4, 3), torch.randn(2, 3), zeros(4), torch.randn(3),
-                                                      process_group=group),
-        # not a process group
-        "group": lambda: gt.cross_entropy(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), process_group="world"),
-        # class probabilities cannot be split
-        "probs": lambda: gt.cross_entropy(torch.randn(4, 3), torch.rand(4, 3), process_group=group),
-    }
-    for key, fn in bad.items():
-        try:
-            fn()
-            info["errors"][key] = None
-        except Exception as e:      # noqa: BLE001 - the test reads the type and message
-            info["errors"][key] = f"{type(e).__name__}: {e}"
-    np.savez(os.path.join(outdir, f"rank{rank}.npz"), **arrays)
-    with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
-        json.dump(info, f)
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 fused_linear_cross_entropy and FusedLinearCrossEntropyLoss) on 2 gloo ranks on 127.0.0.1,
 against the float64 references of gpu.bench.reference on the whole vocabulary.
 
-ONE launch of tests/_vp_worker.py runs every case (a few seconds; the launch dominates) and ONE
-test checks them all: unequal, empty and one-class shares, every option and reduction,
+ONE launch of tests/_vp_torch_worker.py runs every case (a few seconds; the launch dominates)
+and ONE test checks them all: unequal, empty and one-class shares, every option and reduction,
 float64/float32/bfloat16, autograd, torch.compile(fullgraph=True), the collectives of a warm call,
 and bad input on every rank.
 """
@@ -23,11 +23,11 @@ from gpu.bench import reference as R  # noqa: E402
 from conftest import TOL, rel_err  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-import _vp_worker as W  # noqa: E402
+import _vp_torch_worker as W  # noqa: E402
 from test_distributed import ENGINES, run_ranks  # noqa: E402
 
 pytestmark = list(ENGINES[1].marks)        # gloo: torch.distributed
-WORKER = Path(__file__).parent / "_vp_worker.py"
+WORKER = Path(__file__).parent / "_vp_torch_worker.py"
 
 
 def launched(tmp_path) -> list:
@@ -128,7 +128,7 @@ def collectives_of_a_warm_call(ranks) -> None:
         assert info["collectives"] == {"ce": 1, "flce": 3 + 1}, info["collectives"]
 
 
-#: (bad input of tests/_vp_worker.py, the start of the exception every rank must raise)
+#: (bad input of tests/_vp_torch_worker.py, the start of the exception every rank must raise)
 BAD = [("rows", "ValueError"), ("options", "ValueError"), ("target", "IndexError: target"),
        ("bias", "RuntimeError: bias"), ("group", "TypeError: process_group"), ("probs", "ValueError: target")]
 

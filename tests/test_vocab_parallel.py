@@ -8,6 +8,7 @@ per-dtype tolerances from TOL) and checks that the loss has the same bits on eve
 """
 from __future__ import annotations
 
+import queue
 import threading
 
 import numpy as np
@@ -16,6 +17,7 @@ import pytest
 import gpu
 import gpu.distributed as D
 from gpu import _backend as B
+from gpu._engines import rows
 
 #: relative tolerance against the float64 single-process result, by dtype
 TOL = {"float64": 1e-12, "float32": 2e-5, "bfloat16": 2e-2}
@@ -23,7 +25,9 @@ DTYPES = ["float64", "float32"] + (["bfloat16"] if B.BFLOAT16 is not None else [
 
 
 class ThreadComm(D.Communicator):
-    """Ranks as threads of this process: every collective meets at a barrier (timeout: 30 s)."""
+    """Ranks as threads of this process: every collective meets at a barrier (timeout: 30 s).
+    Between collectives a rank holds the shared lock: the emulator runs one launch at a time per
+    process, so the ranks' kernels take turns (as they would on separate devices)."""
 
     engine = "threads"
 
@@ -34,9 +38,13 @@ class ThreadComm(D.Communicator):
     def _exchange(self, buf):
         sh = self.shared
         sh["bufs"][self.rank] = np.array(buf, copy=True)
-        sh["barrier"].wait()
-        out = np.stack(sh["bufs"])
-        sh["barrier"].wait()
+        sh["lock"].release()
+        try:
+            sh["barrier"].wait()
+            out = np.stack(sh["bufs"])
+            sh["barrier"].wait()
+        finally:
+            sh["lock"].acquire()
         return out
 
     def _allgather(self, buf, out) -> None:
@@ -46,25 +54,46 @@ class ThreadComm(D.Communicator):
         out[...] = self._exchange(buf).sum(axis=0)
 
 
+#: rank threads kept for the session, by group size: the emulator's per-thread state does not
+#: survive many short-lived threads, so every call on `size` ranks runs on the same `size` threads
+_RANK_THREADS: dict[int, list] = {}
+
+
+def _rank_threads(size: int) -> list:
+    if size not in _RANK_THREADS:
+        queues = []
+        for _ in range(size):
+            q: queue.Queue = queue.Queue()
+
+            def serve(q=q):
+                while True:
+                    job, done = q.get()
+                    job()
+                    done.set()
+            threading.Thread(target=serve, daemon=True).start()
+            queues.append(q)
+        _RANK_THREADS[size] = queues
+    return _RANK_THREADS[size]
+
+
 def run_ranks(size: int, fn, backend: str = "numpy"):
-    """fn(comm) on `size` threads; (results or exceptions by rank, the communicators)."""
-    shared = {"bufs": [None] * size, "barrier": threading.Barrier(size, timeout=30)}
+    """fn(comm) on `size` rank threads; (results or exceptions by rank, the communicators)."""
+    shared = {"bufs": [None] * size, "barrier": threading.Barrier(size, timeout=30), "lock": threading.Lock()}
     comms = [ThreadComm(r, size, shared) for r in range(size)]
     out: list = [None] * size
 
     def go(r):
         try:
-            with gpu.use_backend(backend):
+            with shared["lock"], gpu.use_backend(backend):
                 out[r] = fn(comms[r])
         except BaseException as e:       # noqa: BLE001 (reported by the test)
             out[r] = e
 
-    threads = [threading.Thread(target=go, args=(r,)) for r in range(size)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not any(t.is_alive() for t in threads), "a rank hung"
+    events = []
+    for r, q in enumerate(_rank_threads(size)):
+        events.append(threading.Event())
+        q.put((lambda r=r: go(r), events[-1]))
+    assert all(e.wait(120) for e in events), "a rank hung"
     return out, comms
 
 
@@ -104,9 +133,15 @@ OPTIONS = [dict(), dict(label_smoothing=0.1), dict(weight=True), dict(z_loss=1e-
            dict(reduction="sum", z_loss=0.1, weight=True), dict(reduction="none", label_smoothing=0.3, weight=True)]
 
 
-@pytest.mark.parametrize("split", [[6, 5], [7, 4], [0, 11], [4, 0, 7], [1, 1, 1]], ids=str)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_cross_entropy_equals_concatenated(split, dtype):
+CE_CASES = ([("numpy", split, dt) for split in ([6, 5], [7, 4], [0, 11], [4, 0, 7], [1, 1, 1]) for dt in DTYPES]
+            # the kernel path (the emulator): the statistics and dz kernels, the warp path (a
+            # class per lane group) and the block path (forced below for float32)
+            + [("emulate", split, dt) for split, dt in (([6, 5], "float64"), ([0, 4, 7], "float32"),
+                                                        ([1, 1, 1], DTYPES[-1]))])
+
+
+@pytest.mark.parametrize("backend,split,dtype", CE_CASES, ids=str)
+def test_cross_entropy_equals_concatenated(backend, split, dtype):
     """Unequal and empty slices, one class per rank; every option and reduction; targets on every
     rank and ignored rows; the loss bitwise equal on every rank; dz this rank's slice."""
     V = sum(split)
@@ -122,7 +157,8 @@ def test_cross_entropy_equals_concatenated(split, dtype):
             lo, hi = c[comm.rank], c[comm.rank + 1]
             return gpu.softmax_cross_entropy(z[:, lo:hi], t, weight=w[lo:hi] if use_w else None, return_grad=True,
                                              return_z_loss=True, comm=comm, **o)
-        res, _ = run_ranks(len(split), call)
+        with rows.tuned(warp_max_cols=0 if dtype == "float32" else None):
+            res, _ = run_ranks(len(split), call, backend)
         ok(res)
         for r in res[1:]:
             assert np.array_equal(r[0], res[0][0], equal_nan=True) and np.array_equal(r[1], res[0][1], equal_nan=True)
@@ -169,8 +205,8 @@ def test_all_rows_ignored():
         np.testing.assert_array_equal(np.concatenate([r[1] for r in res], axis=1), ref[1])
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_linear_equals_concatenated(dtype):
+@pytest.mark.parametrize("backend,dtype", [("numpy", dt) for dt in DTYPES] + [("emulate", "float32")], ids=str)
+def test_fused_linear_equals_concatenated(backend, dtype):
     """Slices of W (and bias, weight) by vocabulary; chunks of rows; dh summed over the ranks."""
     rng = np.random.default_rng(7)
     N, H = 9, 6
@@ -196,7 +232,7 @@ def test_fused_linear_equals_concatenated(dtype):
                 return gpu.fused_linear_cross_entropy(h, W[lo:hi], t, b[lo:hi] if use_b else None,
                                                       weight=w[lo:hi] if use_w else None, return_grad=True,
                                                       return_z_loss=True, comm=comm, **o)
-            res = ok(run_ranks(len(split), call)[0])
+            res = ok(run_ranks(len(split), call, backend)[0])
             for r in res[1:]:
                 assert np.array_equal(r[0], res[0][0]) and np.array_equal(r[1], res[0][1])
             close(res[0][0], ref[0], dtype, f"loss {o}")
@@ -242,6 +278,9 @@ BAD = {
     "dtype": (lambda r: dict(z=np.zeros((3, 4), ["float64", "float32"][r])), r"z: the dtype differs across ranks: rank 0 has float64, rank 1 has float32"),
     "weight": (lambda r: dict(weight=None if r else np.ones(4)), r"weight: given on some ranks only"),
     "target": (lambda r: dict(target=np.array([0, 8, 1])), r"target: class index 8 at row 1 .* out of range \[0, 8\)"),
+    # a rank whose own checks fail (a weight of another size): it raises its error, the others
+    # that it rejected its arguments
+    "local": (lambda r: dict(weight=np.ones(4 + r)), r"weight: expected shape \(4,\)|rank 1 rejected its arguments"),
 }
 
 
@@ -268,6 +307,10 @@ def test_fused_linear_bad_input_raises_on_every_rank():
                                               np.zeros((3, 5)), np.zeros(4, np.int64), comm=comm)
     for r in run_ranks(2, call)[0]:
         assert isinstance(r, ValueError) and "h: the hidden size differs across ranks" in str(r), r
-    with pytest.raises(ValueError, match=r"bias: expected shape \(2,\)"):
-        gpu.fused_linear_cross_entropy(h, np.zeros((2, 3)), np.zeros(4, np.int64), np.zeros(3),
-                                       comm=ThreadComm(0, 1, {}))
+
+    def bias_size(comm):   # W and bias of different local sizes on rank 1 only
+        return gpu.fused_linear_cross_entropy(h, np.zeros((2, 3)), np.zeros(4, np.int64), np.zeros(2 + comm.rank),
+                                              comm=comm)
+    res = run_ranks(2, bias_size)[0]
+    assert isinstance(res[0], ValueError) and "rank 1 rejected its arguments" in str(res[0]), res[0]
+    assert isinstance(res[1], ValueError) and "bias: expected shape (2,)" in str(res[1]), res[1]

@@ -33,6 +33,7 @@ import numpy as np
 from .. import _backend as B
 from .. import _workspace
 from .softmax import vocab_parallel as VP
+from .softmax import vocab_parallel_kernels as VK
 from .softmax.cross_entropy import check_options, check_targets, compute, record_bad_target, rows_args
 
 #: The NumPy path's default bound on the memory a chunk takes (its logits, their gradient, which
@@ -82,6 +83,17 @@ def fused_linear_cross_entropy(h, W, target, bias=None, *, chunk_size: int | Non
     >>> W = rng.standard_normal((50, 16)).astype(np.float32)
     >>> loss, dh, dW, db = gpu.fused_linear_cross_entropy(h, W, rng.integers(0, 50, 8), return_grad=True)
     """
+    try:
+        return _fused_linear_cross_entropy(h, W, target, bias, chunk_size, reduction, ignore_index, label_smoothing,
+                                           weight, z_loss, softcap, return_grad, return_z_loss, dloss, comm)
+    except (ValueError, TypeError) as e:
+        if comm is not None and not isinstance(e, VP.AgreedError):
+            VP.reject(comm, "fused_linear_cross_entropy")   # the other ranks raise too, instead of waiting
+        raise
+
+
+def _fused_linear_cross_entropy(h, W, target, bias, chunk_size, reduction, ignore_index, label_smoothing, weight,
+                                z_loss, softcap, return_grad, return_z_loss, dloss, comm):
     xp, kernels = B.dispatch(h=h, W=W, target=target, bias=bias, weight=weight)
     h = B.as_float_array(xp, h, "h")
     W = B.as_float_array(xp, W, "W")
@@ -269,6 +281,7 @@ def _vocab_parallel(comm, xp, kernels, h, h2, W, bias, t, weight, chunk_size, dl
     else:
         bad = VP.first_bad(t, V, ignore_index)
     tg = VP.targets(xp, t, cfg.offset, n, V, ignore_index, weight)
+    t64 = xp.ascontiguousarray(t.astype(np.int64, copy=False))
     count = tg.valid.sum(dtype=np.float64)
     w_r = float(n) if weight is None else weight.sum(dtype=np.float64)
     denom_r = tg.w_t.sum()
@@ -294,8 +307,13 @@ def _vocab_parallel(comm, xp, kernels, h, h2, W, bias, t, weight, chunk_size, dl
         if bc is not None:
             z += bc
         tc = VP.Targets(*(a[r0:r1] for a in tg))
-        za, th = VP.softcapped(xp, z, softcap)
-        st = VP.local_stats(xp, za, tc, weight, label_smoothing)
+        if kernels and n:   # the statistics from the kernel; z (the raw logits) stays for dz
+            za = th = None
+            st = VK.stats(xp, z, t64[r0:r1], None, weight, cfg.offset, V, ignore_index, label_smoothing, softcap,
+                          4 + int(bool(label_smoothing)))
+        else:
+            za, th = VP.softcapped(xp, z, softcap)
+            st = VP.local_stats(xp, za, tc, weight, label_smoothing)
         head = VP.call_head(xp, op, N, h.dtype, cfg, comm, w_r, denom_r, bad)
         heads, gst = VP.exchange(xp, comm, head, st, op, N, h.dtype, cfg, t, ignore_index)
         if denom is None:   # the first chunk's headers: every rank's share, summed in rank order
@@ -310,7 +328,11 @@ def _vocab_parallel(comm, xp, kernels, h, h2, W, bias, t, weight, chunk_size, dl
         if return_grad:
             g, gz = VP.upstream(xp, g_all if g_all.ndim == 0 else g_all.reshape(N)[r0:r1], r1 - r0, reduction,
                                 denom, count, tc.valid)
-            dz = VP.gradient(xp, za, th, mg, tc, weight, g, gz, z_loss, label_smoothing, V)
+            coef = VP.coefficients(xp, mg, tc, g, gz, z_loss, label_smoothing, V)
+            if za is None:     # in place over the chunk's logits
+                dz = VK.gradient(xp, z, coef, None, weight, label_smoothing, V, softcap, z)
+            else:
+                dz = VP.gradient(xp, za, th, coef, weight, label_smoothing, V)
             dh[r0:r1] = (Wc.T @ dz.T).T
             _add_outer(dW, dz, hc, z.nbytes)
             if db is not None:

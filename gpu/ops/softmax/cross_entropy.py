@@ -87,8 +87,13 @@ def softmax_cross_entropy(z, target, *, axis: int = -1, reduction: str = "mean",
     >>> z = np.random.default_rng(0).standard_normal((4, 10)).astype(np.float32)
     >>> loss, dz = gpu.softmax_cross_entropy(z, np.array([1, 2, 3, 4]), return_grad=True)
     """
-    kernels, args = _args.forward_args(z, target, axis, reduction, ignore_index, label_smoothing, weight, z_loss,
-                                       softcap, return_grad, return_z_loss, inplace, sliced=comm is not None)
+    try:
+        kernels, args = _args.forward_args(z, target, axis, reduction, ignore_index, label_smoothing, weight, z_loss,
+                                           softcap, return_grad, return_z_loss, inplace, sliced=comm is not None)
+    except (ValueError, TypeError):
+        if comm is not None:     # the other ranks raise too, instead of waiting for this one
+            vocab_parallel.reject(comm, "softmax_cross_entropy")
+        raise
     if comm is not None:
         loss, z_term, dz = vocab_parallel.cross_entropy(comm, "softmax_cross_entropy", args, kernels, True,
                                                         1.0 if return_grad else None, inplace)
@@ -114,8 +119,13 @@ def softmax_cross_entropy_backward(z, target, dloss=1.0, *, axis: int = -1, redu
     >>> z = np.random.default_rng(0).standard_normal((4, 10)).astype(np.float32)
     >>> dz = gpu.softmax_cross_entropy_backward(z, np.array([1, 2, 3, 4]))
     """
-    kernels, args, dloss = _args.backward_args(z, target, dloss, axis, reduction, ignore_index, label_smoothing,
-                                               weight, z_loss, softcap, sliced=comm is not None)
+    try:
+        kernels, args, dloss = _args.backward_args(z, target, dloss, axis, reduction, ignore_index, label_smoothing,
+                                                   weight, z_loss, softcap, sliced=comm is not None)
+    except (ValueError, TypeError):
+        if comm is not None:
+            vocab_parallel.reject(comm, "softmax_cross_entropy_backward")
+        raise
     if comm is not None:
         return vocab_parallel.cross_entropy(comm, "softmax_cross_entropy_backward", args, kernels, False, dloss)[2]
     return compute(args, kernels, want_loss=False, dloss=dloss)[2]

@@ -43,6 +43,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ... import _backend as B
+from . import vocab_parallel_kernels as VK
 from ._args import REDUCTIONS
 
 _MAGIC = 1.0 + 2.0 ** -20 + 4099.0          # not a plausible row count, logit or small integer
@@ -52,8 +53,13 @@ _DTYPES = ("float16", "bfloat16", "float32", "float64")
 #: handshake slots: magic, version, op, rows, slice size, dtype, reduction, ignore_index,
 #: label_smoothing, z_loss, softcap (-1: None), flags, hidden size, chunk rows, comm size, rank
 _HANDSHAKE = 16
-#: flags in the handshake
-F_WEIGHT, F_PROBS, F_GRAD, F_ZRET, F_BIAS = 1, 2, 4, 8, 16
+#: flags in the handshake (F_REJECTED: the rank's arguments failed its own checks)
+F_WEIGHT, F_PROBS, F_GRAD, F_ZRET, F_BIAS, F_REJECTED = 1, 2, 4, 8, 16, 32
+
+
+class AgreedError(ValueError):
+    """A ValueError every rank raises from the same gathered data (a header mismatch, a bad
+    target): no further collective is needed to tell the others."""
 #: the header of every call's buffer: magic, op, rows, dtype, slice size, comm size, rank, the
 #: slice's summed class weight, its share of the 'mean' denominator, the first bad target
 #: (position, value; -1 for none)
@@ -92,7 +98,7 @@ def raise_pending(comm) -> None:
             keep.append((flag, event, message))
         elif not bool(flag[0]):
             comm.pending = []
-            raise ValueError(message)
+            raise AgreedError(message)
     comm.pending = keep
 
 
@@ -117,13 +123,28 @@ def handshake(xp, comm, op: str, rows: int, n_local: int, dtype, options: tuple,
     got = got if type(got) is np.ndarray else got.get()
     problem = _handshake_problem(got, op)
     if problem:
-        raise ValueError(problem)
+        raise AgreedError(problem)
     sizes = tuple(int(c) for c in got[:, 4])
     cfg = Config(sizes, sum(sizes[:comm.rank]), sum(sizes), int(got[:, 13].min()))
     if len(known) > 256:
         known.clear()
     known[key] = cfg
     return cfg
+
+
+def reject(comm, op: str) -> None:
+    """This rank's arguments failed their checks: send a rejecting header in the header exchange
+    the other ranks make, so that they raise too instead of waiting (the caller then raises its
+    own error). A rank whose configuration was exchanged before makes no header exchange: it
+    meets the rejection in its next collective, whose lengths differ (the engine's error)."""
+    from gpu.distributed import wrap
+    try:
+        comm = wrap(comm)
+    except TypeError:
+        return
+    hdr = np.zeros(_HANDSHAKE, np.float64)
+    hdr[[0, 1, 2, 11, 14, 15]] = _MAGIC, _VERSION, OPS[op], F_REJECTED, comm.size, comm.rank
+    comm.allgather(hdr, f"{op} (header exchange)")
 
 
 def _handshake_problem(head: np.ndarray, op: str) -> str | None:
@@ -136,6 +157,10 @@ def _handshake_problem(head: np.ndarray, op: str) -> str | None:
                     "different collectives on this communicator, or another version)")
         if h[14] != len(head) or h[15] != r:
             return f"comm: rank {r} calls with a communicator of size {h[14]:g} as rank {h[15]:g} ({op})"
+    for r, h in enumerate(head):
+        if int(h[11]) & F_REJECTED:
+            return (f"{op}: rank {r} rejected its arguments (its own ValueError or TypeError names them); "
+                    "every rank raises")
     h0 = head[0]
     for r, h in enumerate(head):
         if h[2] != h0[2]:
@@ -207,10 +232,10 @@ def exchange(xp, comm, head, stats, op: str, rows: int, dtype, cfg: Config, targ
     if type(got) is np.ndarray:
         problem = head_problem(heads, op, rows, dtype, cfg)
         if problem:
-            raise ValueError(problem)
+            raise AgreedError(problem)
         for r, h in enumerate(heads):
             if h[9] >= 0:    # the first rank that found one (the targets should be the same everywhere)
-                raise ValueError(f"target: class index {int(h[10])} at row {int(h[9])} (flat; found on rank {r}) "
+                raise AgreedError(f"target: class index {int(h[10])} at row {int(h[9])} (flat; found on rank {r}) "
                                  f"is out of range [0, {cfg.classes}) of the classes over all ranks and is not "
                                  f"ignore_index ({ignore_index}) ({op})")
         return heads, st
@@ -349,37 +374,57 @@ def reduce_rows(xp, rows, zrows, reduction: str, denom, count, z_loss: float, dt
     return xp.asarray(loss).astype(dtype), (xp.asarray(zterm).astype(dtype) if return_z else None)
 
 
-def gradient(xp, za, th, mg: Merged, tg: Targets | None, w, g, gz, z_loss: float, ls: float, classes: int,
-             y=None, out=None):
-    """This slice's dz (N, n) in za's dtype (written over `out` if given, else over za), from the
-    merged rows: p = exp(z' - lse), then the single-process formula; g, gz the per-row upstream
-    scales of the loss and the z-loss (0 on ignored rows)."""
+def coefficients(xp, mg: Merged, tg: Targets | None, g, gz, z_loss: float, ls: float, classes: int):
+    """The (5, N) float64 per-row coefficients of this slice's dz: lse, scale, sub_t, sub_w and the
+    target's column in the slice (-1: elsewhere, -2: an ignored row), from the merged rows; g, gz
+    the per-row upstream scales of the loss and the z-loss (0 on ignored rows). Then
+        dz_j = [exp(z'_j - lse) scale - [j == t] sub_t - sub_w w_j] (1 - tanh^2)      integer targets
+        dz_j = [exp(z'_j - lse) scale - sub_w wy_j] (1 - tanh^2)                      probabilities."""
+    keep, ls_c = 1.0 - ls, ls / classes
+    N = mg.lse.shape[0]
+    coef = xp.empty((5, N), np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        zc = 2 * z_loss * mg.lse * gz if z_loss else 0.0
+        coef[0] = mg.lse
+        if tg is None:
+            coef[1] = g * mg.wsum + zc
+            coef[2] = 0.0
+            coef[3] = g
+            coef[4] = -1.0
+        else:
+            hit = g * keep * mg.wt   # every class of the row has p_j (keep w_t + ...); the target also -keep w_t
+            coef[1] = hit + (g * (ls_c * mg.w_all) if ls else 0.0) + zc
+            coef[2] = hit
+            coef[3] = g * ls_c
+            coef[4] = xp.where(tg.local, tg.tl, xp.where(tg.valid, -1, -2))
+    return coef
+
+
+def gradient(xp, za, th, coef, w, ls: float, classes: int, y=None):
+    """This slice's dz (N, n), written over za (the accumulation dtype), from `coefficients`: the
+    NumPy path's counterpart of softmax_cross_entropy_vp_grad."""
     acc = za.dtype
     keep, ls_c = 1.0 - ls, ls / classes
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        p = xp.exp(za - mg.lse.astype(acc)[:, None], out=za if out is None else out)
-        zc = 2 * z_loss * mg.lse * gz if z_loss else 0.0
-        if tg is None:
+        p = xp.exp(za - coef[0].astype(acc)[:, None], out=za)
+        p *= coef[1].astype(acc)[:, None]
+        if y is not None:
             wy = y.astype(acc) * acc.type(keep) + acc.type(ls_c)
             if w is not None:
                 wy = wy * w
-            p *= (g * mg.wsum + zc).astype(acc)[:, None]
-            p -= g.astype(acc)[:, None] * wy
+            p -= coef[3].astype(acc)[:, None] * wy
         else:
-            hit = g * keep * mg.wt   # every class of the row has p_j (keep w_t + ...); the target's own -keep w_t
-            coef = hit + (g * (ls_c * mg.w_all) if ls else 0.0) + zc
-            p *= coef.astype(acc)[:, None]
-            rows = xp.nonzero(tg.local)[0]
+            tl = coef[4]
+            rows = xp.nonzero(tl >= 0)[0]
             if rows.size:
-                p[rows, tg.tl[rows]] -= hit[rows].astype(acc)
+                p[rows, tl[rows].astype(xp.intp)] -= coef[2][rows].astype(acc)
             if ls:
-                p -= (g * ls_c).astype(acc)[:, None] * (acc.type(1) if w is None else w[None, :])
+                p -= coef[3].astype(acc)[:, None] * (acc.type(1) if w is None else w[None, :])
         if th is not None:
             p *= 1 - th * th
-        if tg is not None:
-            p[~tg.valid] = 0
+        if y is None:
+            p[coef[4] == -2] = 0
     return p
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,8 +480,7 @@ def cross_entropy(comm, op: str, args, kernels: bool, want_loss: bool, dloss, in
             check_targets(t, 0, ii)
         return no_classes(args, want_loss, dloss, inplace)
     moved = xp.moveaxis(z, args.axis, -1)
-    za = xp.array(moved.reshape(N, n), dtype=acc)          # a copy: the soft-cap and dz go over it
-    y = None if t is None else None
+    y = None
     if args.probs:
         y = xp.moveaxis(args.target, args.axis, -1).reshape(N, n)
     w = None if args.weight is None else args.weight.astype(acc, copy=False)
@@ -448,8 +492,15 @@ def cross_entropy(comm, op: str, args, kernels: bool, want_loss: bool, dloss, in
         else:
             bad = first_bad(t, V, ii)
     tg = None if t is None else targets(xp, t, cfg.offset, n, V, ii, w)
-    za, th = softcapped(xp, za, args.softcap)
-    st = local_stats(xp, za, tg, w, ls, y, 1.0 - ls, ls / V)
+    za = th = z2 = None
+    if kernels and n:       # the statistics from the kernel, into the collective's buffer
+        z2 = xp.ascontiguousarray(moved).reshape(N, n)
+        t64 = None if t is None else xp.ascontiguousarray(t.astype(np.int64, copy=False))
+        st = VK.stats(xp, z2, t64, y, w, cfg.offset, V, ii, ls, args.softcap, 4 + int(bool(ls) and t is not None))
+    else:
+        za = xp.array(moved.reshape(N, n), dtype=acc)          # a copy: the soft-cap and dz go over it
+        za, th = softcapped(xp, za, args.softcap)
+        st = local_stats(xp, za, tg, w, ls, y, 1.0 - ls, ls / V)
     w_r = float(n) if w is None else w.sum(dtype=np.float64)
     head = call_head(xp, op, N, z.dtype, cfg, comm, w_r, 0.0 if tg is None else tg.w_t.sum(), bad)
     heads, gst = exchange(xp, comm, head, st, op, N, z.dtype, cfg, t, ii)
@@ -472,8 +523,12 @@ def cross_entropy(comm, op: str, args, kernels: bool, want_loss: bool, dloss, in
     if not grad:
         return loss, z_term, None
     g, gz = upstream(xp, dloss, N, args.reduction, denom, count, valid)
-    d = gradient(xp, za, th, mg, tg, w, g, gz, args.z_loss, ls, V, y)
-    dz = xp.moveaxis(d.astype(z.dtype, copy=False).reshape(moved.shape), -1, args.axis)
+    coef = coefficients(xp, mg, tg, g, gz, args.z_loss, ls, V)
+    if z2 is not None:
+        d = VK.gradient(xp, z2, coef, y, w, ls, V, args.softcap, B.empty(xp, (N, n), z.dtype))
+    else:
+        d = gradient(xp, za, th, coef, w, ls, V, y).astype(z.dtype, copy=False)
+    dz = xp.moveaxis(d.reshape(moved.shape), -1, args.axis)
     if inplace:
         z[...] = dz
         dz = z
