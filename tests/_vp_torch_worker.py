@@ -188,7 +188,8 @@ def main() -> None:
             fn()
             info["errors"][key] = None
         except Exception as e:      # noqa: BLE001 - the test reads the type and message
-            info["errors"][key] = f"{type(e).__name__}: {e}"
+            builtin = next(c for c in type(e).__mro__ if c.__module__ == "builtins")   # ValueError, ...
+            info["errors"][key] = f"{builtin.__name__}: {e}"
     np.savez(os.path.join(outdir, f"rank{rank}.npz"), **arrays)
     with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
         json.dump(info, f)
