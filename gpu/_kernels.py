@@ -43,13 +43,18 @@ launch is recorded, and with ``run=False`` skipped (``gpu-bench --host`` measure
 
 Environment
 -----------
+``GPU_KERNEL_MODULE_LOG``: a file that every module built in the process (either backend) is appended to,
+one JSON object a line (``{"family": path, "defines": {...}, "backend": ...}``): what
+``scripts/gpu_check.sh`` compares with its precompile list (``gpu/bench/precompile.py``).
+
 ``GPU_EMULATOR_ORDER``, ``GPU_EMULATOR_SEED``, ``GPU_EMULATOR_BLOCK_SEED``, ``GPU_EMULATOR_RELAX``,
-``GPU_EMULATOR_ASAN``, ``GPU_EMULATOR_CACHE``, ``GPU_EMULATOR_FIBERS``, ``GPU_EMULATOR_SM_COUNT`` and
-``CXX``: see ``gpu/_emulator/__init__.py``.
+``GPU_EMULATOR_ASAN``, ``GPU_EMULATOR_TRACE``, ``GPU_EMULATOR_CACHE``, ``GPU_EMULATOR_FIBERS``,
+``GPU_EMULATOR_SM_COUNT`` and ``CXX``: see ``gpu/_emulator/__init__.py``.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import operator
 import os
 import threading
@@ -67,6 +72,7 @@ from gpu._toolchain import nvrtc_include_options, nvrtc_version
 
 __all__ = [
     "Family", "Kernel", "KernelBuildError", "LaunchLog", "get_kernel", "launch", "launches_run", "recording_launches",
+    "build_module", "module_defines",
     "max_cooperative_grid", "device_attributes", "warmup", "family", "constants",
     "families", "family_headers", "family_source", "family_variants", "family_dtypes", "dtype_defines",
     "cuda_src_dir",
@@ -192,7 +198,42 @@ def _module(fam: Family, xp, defines: dict[str, str]):
         if mod is None:
             mod = _build_module(fam, xp, defines)
             _modules[key] = mod
+            _log_module(fam, xp, defines)
         return mod
+
+
+def _log_module(fam: Family, xp, defines: dict[str, str]) -> None:
+    """Append the module just built to ``$GPU_KERNEL_MODULE_LOG`` (one short line, appended: safe
+    across the processes of a pytest-xdist run)."""
+    path = os.environ.get("GPU_KERNEL_MODULE_LOG")
+    if path:
+        line = json.dumps({"family": str(fam.path), "defines": defines,
+                           "backend": "emulator" if _is_numpy(xp) else "cuda", "pid": os.getpid()})
+        with open(path, "a") as f:
+            f.write(line + "\n")
+
+
+def module_defines(family_name: str | os.PathLike, dtype=None, defines: Mapping[str, Any] | None = None
+                   ) -> dict[str, str]:
+    """Every define of the module ``get_kernel(family_name, ..., dtype, defines)`` builds (dtype and
+    tuning, sorted): what identifies the module besides its source. Raises as ``get_kernel`` does
+    for defines that are not a declared variant.
+
+    >>> module_defines("softmax", np.float32)
+    {'ACC_T': 'float', 'SCALAR_IS_FLOAT': '1', 'SCALAR_T': 'float'}
+    """
+    return _all_defines(family(family_name), dtype, defines)
+
+
+def build_module(family_name: str | os.PathLike, xp, dtype=None, defines: Mapping[str, Any] | None = None):
+    """Build the module of (family, dtype, defines) for ``xp`` now, as ``get_kernel`` would on first
+    use: with CuPy, compiled into CuPy's kernel cache (keyed by source and options, so a later
+    process finds it); on the emulator, the cached g++ build. ``scripts/gpu_check.sh`` uses it."""
+    fam = family(family_name)
+    mod = _module(fam, xp, _all_defines(fam, dtype, defines))
+    if not _is_numpy(xp):
+        mod.compile()
+    return mod
 
 
 def _build_module(fam: Family, xp, defines: dict[str, str]):
@@ -445,6 +486,8 @@ def launch(kernel: Kernel, grid, block, args: Sequence[Any], shared_mem: int = 0
     log = _launch_log
     if log is not None:
         log.launches.append((kernel.name, g, b))
+        if log.calls is not None:
+            log.calls.append((kernel, g, b, args))
         if not log.run:
             return
     fn = kernel.function
@@ -475,10 +518,12 @@ def launch(kernel: Kernel, grid, block, args: Sequence[Any], shared_mem: int = 0
 
 @dataclass
 class LaunchLog:
-    """What ``recording_launches`` collects: one ``(kernel name, grid, block)`` per launch."""
+    """What ``recording_launches`` collects: one ``(kernel name, grid, block)`` per launch; with
+    ``detail``, ``calls`` holds ``(Kernel, grid, block, args)`` too (the arrays kept alive)."""
 
     run: bool
     launches: list = field(default_factory=list)
+    calls: list | None = None
 
     @property
     def count(self) -> int:
@@ -500,7 +545,7 @@ def launches_run() -> bool:
 
 
 @contextlib.contextmanager
-def recording_launches(run: bool = False) -> Iterator[LaunchLog]:
+def recording_launches(run: bool = False, detail: bool = False) -> Iterator[LaunchLog]:
     """Record every launch inside the block; with ``run=False`` the launch itself is a no-op, so
     the block measures the host path alone (``gpu-bench --host``). Everything before the driver or
     emulator call (argument checks, plans, allocations) still runs.
@@ -511,7 +556,7 @@ def recording_launches(run: bool = False) -> Iterator[LaunchLog]:
     1
     """
     global _launch_log
-    saved, _launch_log = _launch_log, LaunchLog(run)
+    saved, _launch_log = _launch_log, LaunchLog(run, calls=[] if detail else None)
     try:
         yield _launch_log
     finally:

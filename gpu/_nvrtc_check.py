@@ -36,8 +36,8 @@ from typing import Iterable
 
 from gpu import _kernels, _toolchain
 
-__all__ = ["ARCHS", "SPILL_ARCHS", "NvrtcError", "unavailable_reason", "nvrtc_major", "compile_cubin", "variants",
-           "check_variant", "check_family"]
+__all__ = ["ARCHS", "SPILL_ARCHS", "NvrtcError", "unavailable_reason", "nvrtc_major", "compile_cubin", "compile_image",
+           "variants", "check_variant", "check_family"]
 
 ARCHS = ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90")
 SPILL_ARCHS = ("sm_80", "sm_90")
@@ -125,22 +125,43 @@ def compile_cubin(source: str, arch: str, defines: Iterable[str] = (), name: str
     The log includes ptxas's per-kernel report (registers, stack, spills). Raises NvrtcError with
     the log if compilation fails. Logs of successful compiles are cached (keyed by the NVRTC
     version, options and source) next to the emulator's builds, so a re-run checks only what
-    changed.
+    changed; the CUBIN is kept beside the log (``compile_image``).
     """
-    opts = [f"--gpu-architecture={arch}", "-std=c++17", *_toolchain.nvrtc_include_options(nvrtc_major()),
-            "--ptxas-options=-v", *defines]
-    cached = _log_cache(source, opts)
+    cached = _log_cache(source, _options(arch, defines))
     if cached.is_file():
         return cached.read_text()
-    log = _compile(source, opts, name)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(log)
-    os.replace(tmp, cached)
-    return log
+    return compile_image(source, arch, defines, name)[1]
 
 
-def _compile(source: str, opts: list[str], name: str) -> str:
+def compile_image(source: str, arch: str, defines: Iterable[str] = (), name: str = "kernel.cu") -> tuple[bytes, str]:
+    """``compile_cubin``'s compile, returning (CUBIN, log), both cached: what the SASS figures
+    (``gpu/bench/sass.py``) disassemble. One process compiles a given key at a time (a file lock),
+    so pytest-xdist workers asking for the same module wait for it instead of compiling it twice."""
+    import fcntl
+    opts = _options(arch, defines)
+    log_path = _log_cache(source, opts)
+    image_path = log_path.with_suffix(".cubin")
+    if log_path.is_file() and image_path.is_file():
+        return image_path.read_bytes(), log_path.read_text()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if log_path.is_file() and image_path.is_file():
+            return image_path.read_bytes(), log_path.read_text()
+        log, image = _compile(source, opts, name)
+        for path, data in ((image_path, image), (log_path, log.encode())):
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+    return image, log
+
+
+def _options(arch: str, defines: Iterable[str]) -> list[str]:
+    return [f"--gpu-architecture={arch}", "-std=c++17", *_toolchain.nvrtc_include_options(nvrtc_major()),
+            "--ptxas-options=-v", *defines]
+
+
+def _compile(source: str, opts: list[str], name: str) -> tuple[str, bytes]:
     nvrtc = _nvrtc()
     err, prog = nvrtc.nvrtcCreateProgram(source.encode(), name.encode(), 0, [], [])
     _check(nvrtc, err, "nvrtcCreateProgram")
@@ -153,7 +174,11 @@ def _compile(source: str, opts: list[str], name: str) -> str:
         log = buf.rstrip(b"\0 ").decode(errors="replace")
         if result[0] != nvrtc.nvrtcResult.NVRTC_SUCCESS:
             raise NvrtcError(f"{name} {' '.join(opts)}:\n{log}")
-        return log
+        err, size = nvrtc.nvrtcGetCUBINSize(prog)
+        _check(nvrtc, err, "nvrtcGetCUBINSize")
+        image = b" " * size
+        _check(nvrtc, nvrtc.nvrtcGetCUBIN(prog, image), "nvrtcGetCUBIN")
+        return log, image
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
 

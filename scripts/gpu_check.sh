@@ -1,23 +1,48 @@
 #!/usr/bin/env bash
-# One command for a lent GPU, sized for a short loan: the device, the GPU-marked kernel tests,
-# compute-sanitizer memcheck over a short selection, NCCL on 2+ GPUs, the benchmark's headline shapes.
+# One command for a lent GPU, sized for a short loan: the device, every kernel module compiled in
+# parallel, the GPU-marked kernel tests, compute-sanitizer memcheck over a short selection of them,
+# NCCL on 2+ GPUs, the benchmark's headline shapes, then the proof that nothing compiled inside a
+# timed step.
 #
 #   bash scripts/gpu_check.sh OUTDIR            # on the GPU; OUTDIR defaults to $OUT, else ./gpu_check_out
 #   bash scripts/gpu_check.sh OUTDIR --dry-run  # the same flow on the CPU: emulated kernels, tiny shapes
 #
 # Runs on the device image as it is (python3 with CuPy, PyTorch, pytest; no network; $PYTHON to
 # use another interpreter), from the checkout with PYTHONPATH=. Every step writes its log into
-# OUTDIR as it runs (device.txt deps.txt tests.log memcheck.log nccl.log bench.log bench.jsonl bench.json),
-# and summary.txt is rewritten after every step, so a run killed at any moment leaves a summary
-# of the steps done and every benchmark row finished (bench.jsonl: one JSON object a line).
-# The whole run stays within GPU_CHECK_BUDGET seconds (default 240); each step has a limit that
-# leaves room for the ones after it. A dependency missing on the image (a Python module,
+# OUTDIR as it runs (device.txt deps.txt compile.log tests.log memcheck.log nccl.log bench.log
+# bench.jsonl bench.json modules.jsonl modules.log), and summary.txt is rewritten after every step, so a run
+# killed at any moment leaves a summary of the steps done and every benchmark row finished
+# (bench.jsonl: one JSON object a line). A dependency missing on the image (a Python module,
 # pytest-xdist, g++, compute-sanitizer) makes its step SKIPPED with the name, never FAIL.
 # The summary is printed at the end, also on INT/TERM. Exit status: 0 when no step failed or
 # timed out, 2 for a bad command line.
+#
+# The budget: the whole run stays within GPU_CHECK_BUDGET seconds (default 240). A step's limit
+# is min(its own, what is left minus what the steps after it reserve):
+#   device + deps     ~10-20 s  nvidia-smi, `python -m gpu`, one interpreter importing the deps
+#   compile           <= 25 s   reserve 195: every module (`python -m gpu.bench.precompile list`:
+#                               16 now, 12 of them the library's), one process each, GPU_CHECK_JOBS
+#                               at a time (default: the cores, 16 on the lent machine). NVRTC 12
+#                               for sm_90 on a 2-core VM takes 2.1 s (batch_norm scalar) to 10.7 s
+#                               (softmax) a module, 63 s for the 12 one after another; in parallel
+#                               the step is the slowest module plus an import of CuPy: ~12 s
+#   tests             <= 90 s   reserve 120: ~1,034 GPU-marked tests on 4 xdist workers, torch
+#                               imported, every module loaded from CuPy's cache (none compiled)
+#   memcheck          <= 45 s   reserve 75: serial, under compute-sanitizer
+#   nccl              <= 45 s   reserve 75: vocabulary-parallel CE through gpu.torch over 2 GPUs
+#                               (NCCL); SKIPPED at once with fewer GPUs (the lent machines have one)
+#   bench             the rest  >= 67 s once the steps before took their limits (150 at most,
+#                               8 s kept for the modules step); gpu-bench stops starting rows
+#                               20 s before its limit
+#   modules           ~2 s      the modules every step built (GPU_KERNEL_MODULE_LOG), each of
+#                               which must be in the compile list: FAIL names any that is not
+# With every step at its limit: 20 + 25 + 90 + 45 + 67 + 8 = 255 > 240, so a slow start or compile
+# shortens the tests (their limit is what is left minus 120), never the steps after them.
+# --dry-run resolves every listed module without compiling (the tests build what they use on the
+# emulator), and its modules step proves the list covers every module its tests and benchmark built.
 set -u
 
-usage() { sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; }
 DRY=0 OUTDIR=""
 for arg in "$@"; do
     case $arg in
@@ -37,7 +62,9 @@ BUDGET=${GPU_CHECK_BUDGET:-240}
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 if (( DRY )); then export GPU_BACKEND=emulate; fi
 START=$(date +%s)
-rm -f "$OUTDIR"/{device.txt,deps.txt,tests.log,memcheck.log,nccl.log,bench.log,bench.jsonl,bench.json,summary.txt}
+rm -f "$OUTDIR"/{device.txt,deps.txt,compile.log,tests.log,memcheck.log,nccl.log,bench.log,bench.jsonl,bench.json,modules.jsonl,modules.log,summary.txt}
+# every module any step builds (either backend) is appended here, one JSON line (gpu/_kernels.py)
+export GPU_KERNEL_MODULE_LOG="$OUTDIR/modules.jsonl"
 
 # The kernel test files; the GPU-marked tests among them skip without a GPU.
 KERNEL_TESTS=(tests/test_batch_norm_kernels.py tests/test_softmax_kernels.py tests/test_gpu_paths.py
@@ -203,7 +230,25 @@ EOF
 record deps ok 0 "${MISSING:+missing (skipped where needed): ${MISSING[*]}}"
 missing() { [[ " ${MISSING[*]} " == *" $1 "* ]]; }
 
-# ---- 3. the kernel tests: GPU-marked on the GPU; in a dry run, the same files' kernel tests -------
+# ---- 3. every module compiled ahead, one process each (CuPy's kernel cache); dry: resolved only ---
+LOG="$OUTDIR/compile.log"
+JOBS=${GPU_CHECK_JOBS:-$(nproc 2>/dev/null || echo 4)}
+if (( DRY )); then
+    COMPILE=("$PY" -m gpu.bench.precompile build --all --dry-run)
+else
+    COMPILE=("$PY" -m gpu.bench.precompile build --all --jobs "$JOBS")
+fi
+if (( ! DRY )) && missing cupy; then
+    skip compile "$LOG" "cupy not importable: nothing to compile into"
+elif run compile "$(limit 25 195)" "$LOG" "${COMPILE[@]}"; then
+    last=$(tail -n 1 "$LOG")
+    if timed_out; then record compile TIMEOUT "$TOOK" "limit reached; $(grep -c ': compiled' "$LOG") compiled"
+    elif [ "$RC" = 0 ]; then record compile ok "$TOOK" "$last"
+    else record compile FAIL "$TOOK" "rc $RC: $last"
+    fi
+fi
+
+# ---- 4. the kernel tests: GPU-marked on the GPU; in a dry run, the same files' kernel tests -------
 PYTEST=("$PY" -m pytest -q -x -p no:cacheprovider -rfE)
 NOTE_XDIST=""
 if missing xdist; then NOTE_XDIST="pytest-xdist missing: serial; "; XDIST=(); fi
@@ -232,11 +277,11 @@ if missing pytest; then
     skip tests "$OUTDIR/tests.log" "pytest not importable"
 elif (( DRY )) && missing g++; then
     skip tests "$OUTDIR/tests.log" "g++ not found: the emulator builds the kernels with it"
-elif run tests "$(limit 90 135)" "$OUTDIR/tests.log" "${PYTEST[@]}" "${XDIST[@]}" "${TEST_ARGS[@]}"; then
+elif run tests "$(limit 90 120)" "$OUTDIR/tests.log" "${PYTEST[@]}" "${XDIST[@]}" "${TEST_ARGS[@]}"; then
     pytest_result tests "$OUTDIR/tests.log"
 fi
 
-# ---- 4. compute-sanitizer memcheck over a short selection (serial, on the GPU) -----------------
+# ---- 5. compute-sanitizer memcheck over a short selection (serial, on the GPU) -----------------
 LOG="$OUTDIR/memcheck.log"
 if [ -z "$SAN" ]; then
     skip memcheck "$LOG" "compute-sanitizer not found"
@@ -245,7 +290,7 @@ elif (( DRY )); then
 elif missing pytest; then
     skip memcheck "$LOG" "pytest not importable"
 # API errors are off: CuPy and PyTorch probe the driver with calls that may fail by design.
-elif export GPU_PATHS_SMALL=1 && run memcheck "$(limit 45 90)" "$LOG" "$SAN" --tool memcheck --report-api-errors no --error-exitcode 3 \
+elif export GPU_PATHS_SMALL=1 && run memcheck "$(limit 45 75)" "$LOG" "$SAN" --tool memcheck --report-api-errors no --error-exitcode 3 \
         "${PYTEST[@]}" -m gpu -k "$MEMCHECK_K" "${MEMCHECK_TESTS[@]}"; then
     summary=$(grep -E 'ERROR SUMMARY' "$LOG" | tail -n 1 | sed 's/^=* *//')
     last=$(grep -E '(passed|failed|error|skipped)' "$LOG" | grep -v 'ERROR SUMMARY' | tail -n 1 | sed 's/=//g; s/^ *//')
@@ -261,7 +306,7 @@ elif export GPU_PATHS_SMALL=1 && run memcheck "$(limit 45 90)" "$LOG" "$SAN" --t
     fi
 fi
 
-# ---- 4b. NCCL: vocabulary-parallel cross-entropy over 2 GPUs (a machine with 2 or more) ---------
+# ---- 5b. NCCL: vocabulary-parallel cross-entropy over 2 GPUs (a machine with 2 or more) ---------
 LOG="$OUTDIR/nccl.log"
 NGPU=$( (( DRY )) || timeout 20 nvidia-smi -L 2>/dev/null | grep -c '^GPU ')
 if (( DRY )); then
@@ -270,19 +315,19 @@ elif (( ${NGPU:-0} < 2 )); then
     skip nccl "$LOG" "needs 2 GPUs, found ${NGPU:-0}"
 elif missing pytest || missing torch || missing cupy; then
     skip nccl "$LOG" "needs pytest, torch and cupy"
-elif run nccl "$(limit 60 100)" "$LOG" "${PYTEST[@]}" -m gpu -k test_nccl_two_gpus tests/test_torch_vocab_parallel.py; then
+elif run nccl "$(limit 45 75)" "$LOG" "${PYTEST[@]}" -m gpu -k test_nccl_two_gpus tests/test_torch_vocab_parallel.py; then
     pytest_result nccl "$LOG"
 fi
 
-# ---- 5. the benchmark's headline shapes, every row appended to bench.jsonl as it is done ---------
+# ---- 6. the benchmark's headline shapes, every row appended to bench.jsonl as it is done ---------
 if (( DRY )); then
     BENCH=(--device cpu --quick --op batch_norm_train,softmax_cross_entropy_train --peer ours
            --repeat 2 --warmup 0 --budget 0.05)
-    BENCH_LIMIT=$(limit 60 3)
+    BENCH_LIMIT=$(limit 60 8)
 else
     # float32, no torch.compile (its compile time alone would take the budget)
     BENCH=(--device gpu --headline --dtype float32 --peer ours,cupy,torch-cudnn,torch)
-    BENCH_LIMIT=$(limit 150 3)
+    BENCH_LIMIT=$(limit 150 8)
 fi
 # gpu-bench skips the rows that would start after --time-limit; the step limit is the backstop
 if run bench "$BENCH_LIMIT" "$OUTDIR/bench.log" "$PY" -m gpu.bench "${BENCH[@]}" \
@@ -292,6 +337,17 @@ if run bench "$BENCH_LIMIT" "$OUTDIR/bench.log" "$PY" -m gpu.bench "${BENCH[@]}"
     if timed_out; then record bench TIMEOUT "$TOOK" "$last"
     elif [ "$RC" = 0 ]; then record bench ok "$TOOK" "$last"
     else record bench FAIL "$TOOK" "rc $RC: $last"
+    fi
+fi
+
+# ---- 7. every module a step built was compiled ahead (on the emulator in a dry run) -------------
+LOG="$OUTDIR/modules.log"
+touch "$GPU_KERNEL_MODULE_LOG"
+if run modules "$(limit 30 0)" "$LOG" "$PY" -m gpu.bench.precompile check "$GPU_KERNEL_MODULE_LOG"; then
+    last=$(tail -n 1 "$LOG")
+    if timed_out; then record modules TIMEOUT "$TOOK" "$last"
+    elif [ "$RC" = 0 ]; then record modules ok "$TOOK" "$last"
+    else record modules FAIL "$TOOK" "$last"
     fi
 fi
 

@@ -73,6 +73,10 @@ Environment
             GPU_EMULATOR_ASAN=1 python -m pytest -m kernel
 
     (``scripts/test_kernels_asan.sh PYTHON`` does this in both thread orders).
+``GPU_EMULATOR_TRACE``
+    ``1``: the trace flavour (``trace.tracing()`` sets it): every load and store of the kernel code
+    reaches the runtime through AddressSanitizer's callbacks, without libasan, and each launch
+    reports its memory traffic (``trace.py``). Excludes ``GPU_EMULATOR_ASAN``.
 ``GPU_EMULATOR_FIBERS``
     ``asm`` (default on x86-64) or ``ucontext``: the fiber context switch.
 ``GPU_EMULATOR_CACHE``
@@ -86,6 +90,7 @@ Layout
 ``config.py``  the emulated device, the environment above, ``modes``, build flags, compiler, cache directory
 ``build.py``   the cached g++ build of the runtime and of a kernel module (kernel discovery included)
 ``launch.py``  ``Module`` and ``EmulatedKernel``: loading, launch checks, ptxas's registers, argument packing
+``trace.py``   the trace flavour's reports: warp requests, sectors, bank conflicts, bytes per buffer
 """
 from __future__ import annotations
 

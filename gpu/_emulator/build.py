@@ -17,13 +17,13 @@ from typing import Sequence
 
 from gpu._errors import KernelBuildError
 
-from .config import _asan, _check_asan_loaded, _compiler, _flags, _link_flags, cache_dir
+from .config import _asan, _check_asan_loaded, _compiler, _flags, _instrument_flags, _link_flags, cache_dir
 
 _HERE = Path(__file__).resolve().parent
 # cuda_fp16.h, cuda_bf16.h, cuda_runtime.h: empty stand-ins (cuda_emulator.h declares it all);
 # cooperative_groups.h: the grid group. Found by the kernel's #include through -I on this directory.
 _RUNTIME_FILES = ("cuda_emulator.h", "runtime.cpp", "cuda_fp16.h", "cuda_bf16.h", "cuda_runtime.h",
-                  "cooperative_groups.h")
+                  "cooperative_groups.h", "trace_runtime.inc")
 # Bump when the build steps below change what they produce from the same inputs.
 _BUILD_VERSION = "2"
 
@@ -163,7 +163,7 @@ def _build_library(source: str, flags: list[str], defines: list[str], tmp: Path)
         '#include "kernel.cpp"\n'
         f"extern const gpuemu::KernelEntry gpuemu_kernel_table[] = {{\n    {entries}\n}};\n"
         f"extern const int gpuemu_kernel_count = {len(kernels)};\n")
-    _run([*common, "-c", "module.cpp", "-o", "module.o"], "compiling the kernel source", tmp)
+    _run([*common, *_instrument_flags(), "-c", "module.cpp", "-o", "module.o"], "compiling the kernel source", tmp)
     # Every extern __shared__ array is one buffer: alias each name to gpuemu_dynamic_smem.
     aliases = "".join(
         f'extern __thread unsigned char gpuemu_alias_{i}[GPUEMU_BYTES] __asm__("{name}") '
@@ -187,5 +187,5 @@ def cached_library(source: str, defines: Sequence[str], name: str = "kernels") -
         _check_asan_loaded()
     cmd, ident = _compiler()
     flags = _flags()
-    key = [ident, *flags, *defines, source, *_runtime_key()]
+    key = [ident, *flags, *_instrument_flags(), *defines, source, *_runtime_key()]
     return _cached(key, name, ".so", lambda tmp: _build_library(source, flags, list(defines), tmp))

@@ -71,10 +71,12 @@ def device_attributes() -> dict:
     # the raw environment values: this runs on every emulated op call
     if _ENV_DATA is not None and _ENV_BYTES:
         key = (_ENV_DATA.get(b"GPU_EMULATOR_SM_COUNT"), _ENV_DATA.get(b"GPU_EMULATOR_ASAN"),
-               _ENV_DATA.get(b"GPU_EMULATOR_FIBERS"), _ENV_DATA.get(b"GPU_EMULATOR_RELAX"))
+               _ENV_DATA.get(b"GPU_EMULATOR_FIBERS"), _ENV_DATA.get(b"GPU_EMULATOR_RELAX"),
+               _ENV_DATA.get(b"GPU_EMULATOR_TRACE"))
     else:
         key = (os.environ.get("GPU_EMULATOR_SM_COUNT"), os.environ.get("GPU_EMULATOR_ASAN"),
-               os.environ.get("GPU_EMULATOR_FIBERS"), os.environ.get("GPU_EMULATOR_RELAX"))
+               os.environ.get("GPU_EMULATOR_FIBERS"), os.environ.get("GPU_EMULATOR_RELAX"),
+               os.environ.get("GPU_EMULATOR_TRACE"))
     attrs = _device_cache.get(key)
     if attrs is None:
         sm = _env("GPU_EMULATOR_SM_COUNT", b"GPU_EMULATOR_SM_COUNT")
@@ -98,6 +100,14 @@ class EmulatorError(RuntimeError):
 
 def _asan() -> bool:
     return _env("GPU_EMULATOR_ASAN", b"GPU_EMULATOR_ASAN") not in ("", "0")
+
+
+def _trace() -> bool:
+    on = _env("GPU_EMULATOR_TRACE", b"GPU_EMULATOR_TRACE") not in ("", "0")
+    if on and _asan():
+        raise ValueError("GPU_EMULATOR_TRACE=1 and GPU_EMULATOR_ASAN=1 exclude each other: the trace "
+                         "flavour defines the AddressSanitizer callbacks itself")
+    return on
 
 
 def _fibers() -> str:
@@ -127,9 +137,10 @@ def relaxed() -> frozenset:
 
 
 def build_flavour() -> str:
-    """Which kind of module builds now: ``release`` or ``asan``, plus ``-ucontext`` if selected and
-    ``-unaligned`` without the alignment check."""
-    return (("asan" if _asan() else "release") + ("-ucontext" if _fibers() == "ucontext" else "")
+    """Which kind of module builds now: ``release``, ``asan`` or ``trace``, plus ``-ucontext`` if
+    selected and ``-unaligned`` without the alignment check."""
+    kind = "trace" if _trace() else "asan" if _asan() else "release"
+    return (kind + ("-ucontext" if _fibers() == "ucontext" else "")
             + ("-unaligned" if "alignment" in relaxed() else ""))
 
 
@@ -173,6 +184,10 @@ def _flags() -> list[str]:
         # -fsanitize=undefined includes bounds: indexing a fixed-size __shared__ array out of range.
         flags += ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
                   "-fno-sanitize-recover=all"]
+    elif _trace():
+        # the runtime reads the accesses of the kernel code (instrument_flags) in this flavour;
+        # -g1: call sites named by function, file and line
+        flags += ["-O2", "-g1", "-DGPUEMU_TRACE"]
     else:
         flags += ["-O2"]
     if _fibers() == "ucontext":
@@ -184,6 +199,18 @@ def _flags() -> list[str]:
         # checks only: the handler is runtime.cpp's, so the link (below) leaves UBSan's library out
         flags.append("-fsanitize=alignment")
     return flags
+
+
+def _instrument_flags() -> list[str]:
+    """The trace flavour's extra flags for the kernel source alone: every load and store becomes a
+    call of an AddressSanitizer callback that runtime.cpp defines (no libasan, no shadow memory).
+    No scalar replacement of aggregates and no vectorizer: a float4 copy stays one 16-byte access
+    and scalar loops stay scalar, as the CUDA compiler emits them."""
+    if not _trace():
+        return []
+    return ["-fsanitize=address", "--param", "asan-instrumentation-with-call-threshold=0",
+            "--param", "asan-stack=0", "--param", "asan-globals=0", "-fno-tree-sra", "-fno-tree-vectorize",
+            "-fno-tree-slp-vectorize"]
 
 
 def _link_flags(flags: list[str]) -> list[str]:

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from . import trace as _trace
 from .build import _cached, cached_library
 from .config import DEFAULT_SHARED_MEM, DEVICE, EmulatorError, _launch_order, device_attributes, relaxed
 
@@ -66,6 +67,8 @@ class Module:
         #: Static shared memory of all the module's kernels together (the emulator cannot tell which
         #: kernel declares which array): an upper bound for any one kernel's.
         self.static_smem_bytes = int(lib.gpuemu_static_smem_bytes())
+        #: a trace build (GPU_EMULATOR_TRACE): every launch reports its memory traffic (trace.py)
+        self.traced = _trace.traced(lib)
         self.kernels = {}
         for i in range(lib.gpuemu_kernel_count_()):
             name = lib.gpuemu_kernel_name(i).decode()
@@ -301,8 +304,12 @@ class EmulatedKernel:
         order, thread_seed, block_seed = _launch_order()
         g = (ctypes.c_uint * 3)(*grid)
         b = (ctypes.c_uint * 3)(*block)
+        if self.module.traced:
+            _trace.begin(self.module.lib, args)
         rc = self.module.lib.gpuemu_launch(self.index, g, b, shared_mem, argv, order, thread_seed, block_seed,
                                            int(cooperative))
         del values
+        if self.module.traced:
+            _trace.end(self.module.lib, self.name, grid, block, str(self.module.path))
         if rc != 0:
             raise EmulatorError(self.module.lib.gpuemu_last_error().decode())

@@ -35,6 +35,10 @@
 // pointer, MXCSR and x87 control word); elsewhere, or with -DGPUEMU_UCONTEXT, ucontext (which makes a
 // system call per switch). Under ASan the fiber switches are announced to the sanitizer.
 //
+// The trace build (GPUEMU_TRACE, GPU_EMULATOR_TRACE=1) adds trace_runtime.inc: the
+// AddressSanitizer callbacks that its instrumented kernel code calls on every load and store, and
+// the warp requests they make (each fiber counts its resumes: the segments the requests group by).
+//
 // Everything here has hidden visibility except the gpuemu_* entry points used from Python, and no
 // state is thread_local, so the module's TLS block is exactly its shared memory.
 
@@ -51,6 +55,11 @@
 #include <mutex>
 #include <string>
 #include <vector>
+#if defined(GPUEMU_TRACE)
+#include <cstring>
+#include <map>
+#include <unordered_map>
+#endif
 
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/asan_interface.h>
@@ -152,6 +161,7 @@ struct Fiber {
     int op = 0;
     int arg = 0, width = 0;  // a shuffle's source lane / delta / lane mask (per lane), and width
     unsigned long long value = 0, result = 0;
+    unsigned segment = 0;  // how many times it has been resumed (the trace's warp requests)
 };
 
 // Lanes of one warp waiting at one warp operation with one mask.
@@ -336,6 +346,7 @@ void start_fiber(Fiber* f) {
 // Scheduler -> fiber.
 void resume(Fiber* f) {
     g_current = f;
+    ++f->segment;
     threadIdx = f->tid;
     blockIdx = g_blocks[f->block].idx;
 #if defined(GPUEMU_ASAN)
@@ -511,6 +522,10 @@ void switch_shared_memory(int b) {
     in.fresh = false;
     g_resident = b;
 }
+
+#if defined(GPUEMU_TRACE)
+#include "trace_runtime.inc"
+#endif
 
 // ----------------------------------------------------------------------------------------------
 // Barriers and warp operations
@@ -833,6 +848,7 @@ void run_group(const std::vector<uint3>& idx) {
         f.block = i / g.threads;
         f.tid = uint3{r % blockDim.x, r / blockDim.x % blockDim.y, r / (blockDim.x * blockDim.y)};
         f.state = RUNNABLE;
+        f.segment = 0;
         start_fiber(&f);
     }
     for (Warp& w : g_warps) w.groups.clear();
@@ -880,6 +896,9 @@ void run_group(const std::vector<uint3>& idx) {
         if (!resolve_group()) break;
     }
     if (!g.aborted) check_guard_zone();
+#if defined(GPUEMU_TRACE)
+    trace_flush();
+#endif
 }
 
 }  // namespace

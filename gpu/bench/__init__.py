@@ -9,6 +9,9 @@
     host.py       the host-path measurement (`--host`)
     report.py     the table, the JSON report, the plot
     cli.py        the command line (`gpu-bench`, `python -m gpu.bench`)
+    sass.py       per kernel from NVRTC's SASS: registers, spills, hot-loop instructions per element
+    bounds.py     both bounds per launch (bytes, SASS instructions) on H100 and H200 (`--bounds`)
+    precompile.py the kernel modules scripts/gpu_check.sh compiles before its tests, and the proof
 
 Adding an op is adding its record to `records.py` (and its formula to `reference.py`).
 """

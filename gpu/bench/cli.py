@@ -6,9 +6,11 @@
     gpu-bench --op softmax_cross_entropy_train --shape 8192x32000 --shape 4096x128256
     gpu-bench --cpu-check                   # the NumPy path's speed targets (float32, 2 threads)
     gpu-bench --host                        # Python dispatch per call, the kernel launch a no-op
+    gpu-bench --bounds                      # per kernel: bytes and SASS-instruction bounds, H100 and H200
     gpu-bench --op flce                     # fused linear + cross-entropy: time and peak memory
     gpu-bench --framework torch             # this library through gpu.torch against PyTorch's own ops
     gpu-bench --distributed --ranks 2       # synchronized BN over 2 local gloo ranks (or under torchrun/mpiexec)
+    gpu-bench --traffic --op softmax        # bytes, sectors per request, bank conflicts of every kernel path (emulator)
 
 Each row is checked against the float64 reference before it is timed (a wrong result is WRONG,
 never fast) and reported against the op's minimum bytes: effective GB/s, that as a percentage of
@@ -115,6 +117,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--host", action="store_true",
                    help=f"this library's Python dispatch per public call, the kernel launch a no-op (emulate "
                         f"backend, no GPU needed), beside PyTorch CPU; goal <= {HOST['goal_us']:g} us per call")
+    p.add_argument("--bounds", action="store_true",
+                   help="no timing: each headline launch's bytes bound and SASS instruction bound on H100 and H200 "
+                        "and the predicted time (gpu/bench/bounds.py; NVRTC and nvdisasm, else the recorded counts)")
+    p.add_argument("--traffic", action="store_true",
+                   help="the memory traffic of every kernel path of every op, traced on the emulator (no GPU "
+                        "needed): bytes requested against the op's minimum, sectors per warp request, "
+                        "shared-memory bank conflicts")
     p.add_argument("--framework", choices=("arrays", "torch"), default="arrays",
                    help="torch: this library through PyTorch (gpu.torch, peer ours-torch) beside ours on arrays and "
                         "PyTorch's own ops, forward+backward at the headline shapes unless --op/--shape/--quick; "
@@ -162,6 +171,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             p.error("--framework torch runs its own peers: drop --cpu-check and --host")
         args.op = args.op or ["batch_norm_train", "softmax_cross_entropy_train"]
         args.headline = args.headline or not (args.quick or args.shape)
+    if args.traffic:
+        given = [f"--{n.replace('_', '-')}" for n in ("quick", "headline", "jsonl", "peer", "plot", "budget", "host",
+                                                      "cpu_check", "distributed") if getattr(args, n)]
+        if given:
+            p.error(f"--traffic measures the kernel paths on the emulator: drop {', '.join(given)}")
+        if args.dtype and len(args.dtype) > 1:
+            p.error("--traffic: one --dtype")
     if args.host:
         given = [f"--{n.replace('_', '-')}" for n in ("quick", "headline", "jsonl", "shape", "dtype", "peer", "plot", "budget")
                  if getattr(args, n)] + (["--device gpu"] if args.device == "gpu" else [])
@@ -227,6 +243,13 @@ def _write(what: str, write) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark (see `gpu-bench --help` and docs/BENCHMARKS.md); returns the exit status."""
     args = parse_args(argv)
+    if args.bounds:
+        from .bounds import table
+        print(table())
+        return 0
+    if args.traffic:
+        from . import traffic
+        return traffic.run(args.op, args.shape, (args.dtype or ["float32"])[0], args.json)
     if args.host:
         return main_host(args, argv)
     if args.distributed:
