@@ -168,7 +168,8 @@ def test_cross_entropy_equals_concatenated(backend, split, dtype):
         assert res[0][2].dtype == z.dtype
 
 
-def test_cross_entropy_other_axis_probabilities_and_backward():
+@pytest.mark.parametrize("backend", ["numpy", "emulate"])
+def test_cross_entropy_other_axis_probabilities_and_backward(backend):
     """Class axis 1 of a 3-D array, probability targets (each rank's slice), and the backward with
     a per-row dloss for 'none'."""
     rng = np.random.default_rng(3)
@@ -189,7 +190,7 @@ def test_cross_entropy_other_axis_probabilities_and_backward():
             b = gpu.softmax_cross_entropy_backward(z[:, lo:hi], sl(target, lo, hi), dl, axis=1, reduction="none",
                                                    softcap=2.0, comm=comm)
             return f, b
-        res, _ = ok(run_ranks(2, call)[0]), None
+        res = ok(run_ranks(2, call, backend)[0])
         close(res[0][0][0], ref[0], "float64", "loss")
         close(np.concatenate([r[0][1] for r in res], axis=1), ref[1], "float64", "dz")
         close(np.concatenate([r[1] for r in res], axis=1), ref_b, "float64", "backward dz")
@@ -296,6 +297,28 @@ def test_bad_input_raises_on_every_rank(case):
     for r in res:
         assert isinstance(r, ValueError), r
         assert pytest.raises(ValueError, lambda: (_ for _ in ()).throw(r)).match(msg)
+
+
+def test_bad_target_on_the_kernel_path():
+    """Recorded on the device for gpu.check_errors() (no sync), or raised by the call on every
+    rank with eager checks."""
+    z, _, _ = problem(4, 3, 8, "float64")
+    t = np.array([0, 9, 1])
+
+    def call(comm):
+        gpu.softmax_cross_entropy(z[:, :5] if comm.rank == 0 else z[:, 5:], t, comm=comm)
+        if comm.rank == 0:      # reads (and clears) every thread's workspace: one rank checks
+            gpu.check_errors()
+    res = run_ranks(2, call, "emulate")[0]
+    assert isinstance(res[0], ValueError) and "target: class index 9 at row 1" in str(res[0]), res[0]
+    assert res[1] is None
+    previous = gpu.set_eager_checks(True)
+    try:
+        res = run_ranks(2, call, "emulate")[0]
+    finally:
+        gpu.set_eager_checks(previous)
+    for r in res:
+        assert isinstance(r, ValueError) and "target: class index 9 at row 1" in str(r) and "[0, 8)" in str(r), r
 
 
 def test_fused_linear_bad_input_raises_on_every_rank():

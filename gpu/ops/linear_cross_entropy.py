@@ -276,7 +276,7 @@ def _vocab_parallel(comm, xp, kernels, h, h2, W, bias, t, weight, chunk_size, dl
     cfg = VP.handshake(xp, comm, op, N, n, h.dtype, options, flags, H, max(1, min(proposal, N)), chunk_size or 0)
     V = cfg.classes
     bad = (-1.0, -1.0)
-    if kernels:     # on the device, as the single-process kernel path: no sync
+    if kernels and not _workspace.eager_checks():   # on the device, as the single-process kernel path: no sync
         record_bad_target(xp, t, V, ignore_index)
     else:
         bad = VP.first_bad(t, V, ignore_index)

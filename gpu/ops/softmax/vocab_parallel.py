@@ -43,6 +43,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ... import _backend as B
+from ..._workspace import eager_checks
 from . import vocab_parallel_kernels as VK
 from ._args import REDUCTIONS
 
@@ -208,14 +209,27 @@ def head_problem(got: np.ndarray, op: str, rows: int, dtype, cfg: Config) -> str
     return None
 
 
+_HEADS: dict = {}     # device copies of the constant head slots, by configuration
+
+
 def call_head(xp, op: str, rows: int, dtype, cfg: Config, comm, w_local, denom_local, bad=(-1.0, -1.0)):
-    """This call's HEAD slots (float64, of xp)."""
+    """This call's HEAD slots (float64, of xp); the constant ones are kept on the device per
+    configuration (a copy from pageable host memory would synchronize the stream every call)."""
     n = cfg.sizes[comm.rank]
+    const = np.array([_MAGIC, OPS[op], rows, dtype_code(dtype), n, comm.size, comm.rank], np.float64)
+    if xp is not np:
+        key = (op, rows, np.dtype(dtype).name, n, comm.size, comm.rank, id(xp.cuda.Device()))
+        if key not in _HEADS:
+            if len(_HEADS) > 1024:
+                _HEADS.clear()
+            _HEADS[key] = xp.asarray(const)
+        const = _HEADS[key]
     head = xp.empty(HEAD, np.float64)
-    head[:7] = xp.asarray(np.array([_MAGIC, OPS[op], rows, dtype_code(dtype), n, comm.size, comm.rank]))
+    head[:7] = const
     head[7:8] = w_local
     head[8:9] = denom_local
-    head[9:11] = xp.asarray(np.array(bad, np.float64))
+    head[9:10] = bad[0]
+    head[10:11] = bad[1]
     return head
 
 
@@ -486,7 +500,7 @@ def cross_entropy(comm, op: str, args, kernels: bool, want_loss: bool, dloss, in
     w = None if args.weight is None else args.weight.astype(acc, copy=False)
     bad = (-1.0, -1.0)
     if t is not None:
-        if kernels:         # on the device, as the single-process kernels: no sync
+        if kernels and not eager_checks():   # on the device, as the single-process kernels: no sync
             from .kernel_path import record_bad_target
             record_bad_target(xp, t, V, ii)
         else:
