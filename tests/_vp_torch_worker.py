@@ -49,6 +49,12 @@ CASES = {
     "flce_module_f32": ("flce", "float32", 5, 4, (1, 1), dict(reduction="sum", module=True, label_smoothing=0.2)),
     # an empty slice of the head (rank 1 has no rows of W)
     "flce_empty_share": ("flce", "float64", 4, 3, (5, 0), dict(reduction="mean", bias=True)),
+    # the kernel path on the emulator (CPU tensors under the emulate backend): the device-side
+    # statistics, merge and gradient kernels behind gpu.torch
+    "ce_emulated_f32": ("ce", "float32", 6, 0, (7, 4), dict(reduction="mean", label_smoothing=0.1, z_loss=1e-3,
+                                                            softcap=5.0, ignore=True, emulate=True)),
+    "flce_emulated": ("flce", "float64", 5, 4, (3, 6), dict(reduction="sum", z_loss=1e-3, bias=True, emulate=True,
+                                                            chunk_size=2)),
 }
 #: compiled with torch.compile(fullgraph=True): the same results as eager
 COMPILED = ("ce_mean_all", "flce_mean_all")
@@ -87,7 +93,7 @@ def problem(name: str):
 def options(name: str) -> dict:
     """The case's keyword arguments of gpu.torch (class weights and the rest come with the data)."""
     opts = dict(CASES[name][5])
-    return {k: v for k, v in opts.items() if k not in ("weight", "ignore", "bias", "module")}
+    return {k: v for k, v in opts.items() if k not in ("weight", "ignore", "bias", "module", "emulate")}
 
 
 def run_case(name: str, group, rank: int, compiled: bool = False, device: str = "cpu") -> dict:
@@ -119,10 +125,13 @@ def run_case(name: str, group, rank: int, compiled: bool = False, device: str = 
     if compiled:
         torch._dynamo.reset()
         f = torch.compile(f, backend="aot_eager", fullgraph=True)
-    loss, z_term = f(*inputs)
-    dloss = torch.tensor(d["dloss"], dtype=loss.dtype, device=device)
-    leaves = [x for x in inputs if x is not None]
-    grads = torch.autograd.grad(loss, leaves, dloss)
+    import contextlib
+    import gpu
+    with gpu.use_backend("emulate") if opts.get("emulate") else contextlib.nullcontext():
+        loss, z_term = f(*inputs)
+        dloss = torch.tensor(d["dloss"], dtype=loss.dtype, device=device)
+        leaves = [x for x in inputs if x is not None]
+        grads = torch.autograd.grad(loss, leaves, dloss)
     out = {"loss": loss, "z_term": z_term}
     for key, g in zip(("dz",) if kind == "ce" else ("dh", "dW", "db"), grads):
         out[key] = g

@@ -4,8 +4,8 @@ against the float64 references of gpu.bench.reference on the whole vocabulary.
 
 ONE launch of tests/_vp_torch_worker.py runs every case (a few seconds; the launch dominates)
 and ONE test checks them all: unequal, empty and one-class shares, every option and reduction,
-float64/float32/bfloat16, autograd, torch.compile(fullgraph=True), the collectives of a warm call,
-and bad input on every rank.
+float64/float32/bfloat16, the NumPy path and the kernel path (on the emulator), autograd,
+torch.compile(fullgraph=True), the collectives of a warm call, and bad input on every rank.
 """
 from __future__ import annotations
 
