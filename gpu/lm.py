@@ -10,10 +10,15 @@ The model predicts the next character from the previous `context` characters:
         -> gpu.fused_linear_cross_entropy(hidden, W_out, next_char, b_out)
 
 The head never holds the (tokens, vocab) logits: its loss and gradients come chunk by chunk
-(gpu/ops/linear_cross_entropy.py). Adam updates every parameter. The run writes the training
-and validation loss curve (OUT/lm_loss.png), a JSON summary (OUT/lm.json) with the peak memory of
-one training step with and without the fused head (tracemalloc, NumPy arrays), and prints a
-sample of generated text.
+(gpu/ops/linear_cross_entropy.py). Adam updates every parameter. With a communicator
+(`--distributed mpi|torch --tensor-parallel k`) the head is split by vocabulary: rank r holds the
+rows `vocab_slice(V, r, k)` of W_out and b_out, everything else is replicated (every rank sees the
+same batches), and the loss and the hidden states' gradient come from the vocabulary-parallel
+fused head (`comm=`): the same loss on every rank, dh already summed over the ranks, so every
+replicated parameter takes the same step as in one process and the head's rows take theirs.
+The run writes the training and validation loss curve (OUT/lm_loss.png), a JSON summary
+(OUT/lm.json) with the peak memory of one training step with and without the fused head
+(tracemalloc, NumPy arrays), and prints a sample of generated text.
 """
 from __future__ import annotations
 
@@ -55,13 +60,24 @@ def make_corpus(n_chars: int = 60000, seed: int = 0) -> str:
     return "".join(out)[:n_chars]
 
 
-class CharLM:
-    """Parameters and one training step of the model in the module docstring (NumPy or CuPy)."""
+def vocab_slice(vocab: int, rank: int, size: int) -> slice:
+    """Rank `rank`'s contiguous share of `vocab` classes over `size` ranks, in rank order (the
+    first vocab % size ranks one class more, as np.array_split)."""
+    base, extra = divmod(vocab, size)
+    lo = rank * base + min(rank, extra)
+    return slice(lo, lo + base + (rank < extra))
 
-    def __init__(self, xp, vocab: int, context: int, dim: int, hidden: int, batch_norm: bool, seed: int):
+
+class CharLM:
+    """Parameters and one training step of the model in the module docstring (NumPy or CuPy).
+    ``comm`` (a gpu.distributed.Communicator): the head split by vocabulary over its ranks."""
+
+    def __init__(self, xp, vocab: int, context: int, dim: int, hidden: int, batch_norm: bool, seed: int,
+                 dtype=np.float32, comm=None):
         rng = np.random.default_rng(seed)
-        self.xp, self.context, self.batch_norm = xp, context, batch_norm
-        f = np.float32
+        self.xp, self.context, self.batch_norm, self.comm, self.vocab = xp, context, batch_norm, comm, vocab
+        f = np.dtype(dtype)
+        rows = slice(None) if comm is None else vocab_slice(vocab, comm.rank, comm.size)
 
         def init(*shape, scale):
             return xp.asarray((rng.standard_normal(shape) * scale).astype(f))
@@ -69,8 +85,8 @@ class CharLM:
             "E": init(vocab, dim, scale=1.0),
             "W1": init(hidden, context * dim, scale=1 / math.sqrt(context * dim)),
             "b1": xp.zeros(hidden, f),
-            "W2": init(vocab, hidden, scale=1 / math.sqrt(hidden)),
-            "b2": xp.zeros(vocab, f),
+            "W2": init(vocab, hidden, scale=1 / math.sqrt(hidden))[rows],   # the same draws as one process
+            "b2": xp.zeros(vocab, f)[rows],
         }
         if batch_norm:
             self.params["gamma"], self.params["beta"] = xp.ones(hidden, f), xp.zeros(hidden, f)
@@ -91,12 +107,14 @@ class CharLM:
         g = {}
         if fused:
             loss, dr, g["W2"], g["b2"] = gpu.fused_linear_cross_entropy(r, p["W2"], y, p["b2"], return_grad=True,
-                                                                        chunk_size=chunk_size)
+                                                                        chunk_size=chunk_size, comm=self.comm)
         else:   # the materializing head, for the memory comparison
             z = r @ p["W2"].T + p["b2"]
-            loss, dz = gpu.softmax_cross_entropy(z, y, return_grad=True)
+            loss, dz = gpu.softmax_cross_entropy(z, y, return_grad=True, comm=self.comm)
             del z
             dr, g["W2"], g["b2"] = dz @ p["W2"], dz.T @ r, dz.sum(0)
+            if self.comm is not None:       # each rank's classes' share of dr
+                dr = self.comm.allreduce(dr.reshape(-1), "lm head").reshape(dr.shape)
         da = dr * (a > 0)
         if self.batch_norm:
             dpre, g["gamma"], g["beta"] = gpu.batch_norm_backward(da, pre, p["gamma"], mean, invstd, axis=0)
@@ -128,10 +146,25 @@ class CharLM:
         a = emb @ p["W1"].T + p["b1"]
         if self.batch_norm:
             a = gpu.batch_norm_forward(a, p["gamma"], p["beta"], axis=0)[0]
-        return float(gpu.fused_linear_cross_entropy(xp.maximum(a, 0), p["W2"], y, p["b2"]))
+        return float(gpu.fused_linear_cross_entropy(xp.maximum(a, 0), p["W2"], y, p["b2"], comm=self.comm))
+
+    def head(self):
+        """(W_out, b_out) of the whole vocabulary: every rank's rows gathered, in rank order."""
+        W, b = self.params["W2"], self.params["b2"]
+        if self.comm is None:
+            return W, b
+        xp, k = self.xp, self.comm.size
+        shares = [vocab_slice(self.vocab, r, k) for r in range(k)]
+        m = shares[0].stop                          # rank 0's share is the largest
+        block = xp.zeros((m, W.shape[1] + 1), W.dtype)
+        block[:len(b), :-1], block[:len(b), -1] = W, b
+        rows = self.comm.allgather(block.reshape(-1), "lm head").reshape(k, m, -1)
+        full = xp.concatenate([rows[r, :s.stop - s.start] for r, s in enumerate(shares)])
+        return full[:, :-1], full[:, -1]
 
     def sample(self, start: np.ndarray, n: int, rng, temperature: float = 0.7) -> list[int]:
         p, xp = self.params, self.xp
+        W2, b2 = self.head()
         ctx = list(int(c) for c in start)
         for _ in range(n):
             X = xp.asarray(np.array([ctx[-self.context:]]))
@@ -139,7 +172,7 @@ class CharLM:
             a = emb @ p["W1"].T + p["b1"]
             if self.batch_norm:   # one row: normalize with the affine part only (no batch statistics)
                 a = a * p["gamma"] + p["beta"]
-            z = xp.maximum(a, 0) @ p["W2"].T + p["b2"]
+            z = xp.maximum(a, 0) @ W2.T + b2
             prob = np.asarray(gpu.softmax(z / temperature)).reshape(-1).astype(np.float64)
             ctx.append(int(rng.choice(len(prob), p=prob / prob.sum())))
         return ctx[len(start):]
@@ -181,18 +214,21 @@ def plot(path: str, steps, train_loss, eval_steps, val_loss, title: str) -> None
     plt.close(fig)
 
 
-def main_lm(args, xp) -> int:
-    """Train, report, write OUT/lm_loss.png and OUT/lm.json; returns the exit status."""
+def main_lm(args, xp, comm=None) -> int:
+    """Train, report, write OUT/lm_loss.png and OUT/lm.json; returns the exit status. ``comm``:
+    the head split by vocabulary over its ranks (every rank runs this; rank 0 writes)."""
     text = make_corpus(args.lm_chars, seed=args.seed)
     chars = sorted(set(text))
     codes = np.array([chars.index(c) for c in text], np.int64)
     X, y = windows(codes, args.lm_context)
     n_val = max(args.lm_context, int(len(y) * args.val_fraction))
     Xtr, ytr, Xva, yva = X[:-n_val], y[:-n_val], X[-n_val:], y[-n_val:]
-    model = CharLM(xp, len(chars), args.lm_context, args.lm_dim, args.lm_hidden, args.lm_bn, args.seed)
+    model = CharLM(xp, len(chars), args.lm_context, args.lm_dim, args.lm_hidden, args.lm_bn, args.seed,
+                   dtype=args.lm_dtype, comm=comm)
+    split = "" if comm is None else f"; head split by vocabulary over {comm.size} ranks ({comm.engine})"
     print(f"gpu-train: lm: generated corpus of {len(text)} characters, vocabulary {len(chars)}, "
-          f"context {args.lm_context}; {len(ytr)} train / {len(yva)} validation windows; device {args.device}",
-          file=sys.stderr)
+          f"context {args.lm_context}; {len(ytr)} train / {len(yva)} validation windows; device {args.device}, "
+          f"{args.lm_dtype}{split}", file=sys.stderr)
     rng = np.random.default_rng(args.seed)
     lr = args.lr or 3e-3
     steps, train_loss, eval_steps, val_loss = [], [], [], []
@@ -225,7 +261,10 @@ def main_lm(args, xp) -> int:
               f"{peaks['fused'] / 2**20:.2f} MiB, materialized logits {peaks['materialized'] / 2**20:.2f} MiB")
     else:
         peaks = None
-    summary = {"task": "lm", "chars": len(text), "vocab": len(chars), "context": args.lm_context,
+    if comm is not None and comm.rank != 0:
+        return 0                                    # outputs from rank 0
+    summary = {"task": "lm", "dtype": args.lm_dtype, "tensor_parallel": 1 if comm is None else comm.size,
+               "chars": len(text), "vocab": len(chars), "context": args.lm_context,
                "dim": args.lm_dim, "hidden": args.lm_hidden, "batch_norm": args.lm_bn, "batch": batch, "lr": lr,
                "steps": total, "wall_time_s": wall, "val_loss_first": val_loss[0], "val_loss_final": val_loss[-1],
                "uniform_loss": math.log(len(chars)), "sample": sample,

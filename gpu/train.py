@@ -124,6 +124,11 @@ def _add_lm_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lm-chars", type=int, default=60000, help="characters of generated text (default 60000)")
     g.add_argument("--lm-memory-batch", type=int, default=4096,
                    help="tokens of the step whose peak memory is measured, fused vs materialized (default 4096)")
+    g.add_argument("--lm-dtype", choices=("float32", "float64"), default="float32",
+                   help="parameters and arithmetic (default float32)")
+    g.add_argument("--tensor-parallel", type=int, metavar="K",
+                   help="with --distributed: the head split by vocabulary over the K ranks of the launch "
+                        "(K = the number of processes; the vocabulary-parallel fused head)")
 
 
 def _main_lm(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -146,8 +151,45 @@ def _main_lm(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     problem = output_dir_problem(args.out)
     if problem:
         parser.error(f"--out: {problem}")
-    with _threadpool_limits(args.threads):
-        return lm.main_lm(args, xp)
+    if args.tensor_parallel is not None and not args.distributed:
+        parser.error("--tensor-parallel splits the head over the ranks of --distributed; add --distributed")
+    if args.distributed and args.tensor_parallel is None:
+        parser.error("--task lm with --distributed splits the head by vocabulary: add --tensor-parallel K")
+
+    def body(comm) -> int:
+        if comm is not None and comm.size != args.tensor_parallel:
+            parser.error(f"--tensor-parallel {args.tensor_parallel}: the launch has {comm.size} processes "
+                         "(the head is split over all of them)")
+        return lm.main_lm(args, xp, comm)
+    return _on_ranks(args, parser, body)
+
+
+def _on_ranks(args: argparse.Namespace, parser: argparse.ArgumentParser, body) -> int:
+    """body(comm) with --distributed's communicator (None without), BLAS threads limited, logs
+    from rank 0 only; the process group `init_distributed` started is closed after."""
+    try:
+        comm = init_distributed(args)
+    except (ValueError, ImportError, RuntimeError) as e:
+        parser.error(str(e))
+    finished = False
+    try:
+        with _threadpool_limits(args.threads), _quiet_unless_rank0(comm):
+            status = body(comm)
+        finished = True
+        return status
+    finally:
+        close_distributed(args, comm, finished)
+
+
+def _quiet_unless_rank0(comm):
+    """Logs from rank 0 only: the other ranks' stdout and stderr go to os.devnull."""
+    if comm is None or comm.rank == 0:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    null = stack.enter_context(open(os.devnull, "w"))
+    stack.enter_context(contextlib.redirect_stdout(null))
+    stack.enter_context(contextlib.redirect_stderr(null))
+    return stack
 
 
 def _fmt(d: dict[str, Any]) -> str:
@@ -185,6 +227,8 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
         parser.error(f"--target: accuracies must be in (0, 1], got {args.target!r}")
     if args.standardize is None:
         args.standardize = "global" if args.dataset in IMAGE_DATASETS else "feature"
+    if args.tensor_parallel is not None:
+        parser.error("--tensor-parallel splits a language model's head: it applies to --task lm")
     if args.sync_bn and not args.distributed:
         parser.error("--sync-bn synchronizes batch norm across the ranks of --distributed; add --distributed")
     if args.distributed and args.compare_bn:
@@ -383,24 +427,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, ImportError, RuntimeError, OSError) as e:
         parser.error(str(e))
 
-    try:
-        comm = init_distributed(args)
-    except (ValueError, ImportError, RuntimeError) as e:
-        parser.error(str(e))
-    finished = False
-    try:
+
+    def body(comm) -> int:
         if comm is not None and comm.rank != 0:      # logs and outputs from rank 0 only
             args.quiet, args.json, args.save, args.compare_bn = True, None, None, False
-            with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
-                with _threadpool_limits(args.threads):
-                    status = _train(args, data, train, val, models, xp, comm)
-        else:
-            with _threadpool_limits(args.threads):
-                status = _train(args, data, train, val, models, xp, comm)
-        finished = True
-        return status
-    finally:
-        close_distributed(args, comm, finished)
+        return _train(args, data, train, val, models, xp, comm)
+    return _on_ranks(args, parser, body)
 
 
 def _train(args: argparse.Namespace, data, train, val, models: dict[bool, Sequential], xp, comm=None) -> int:

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # One command for a lent GPU, sized for a short loan: the device, every kernel module compiled in
 # parallel, the GPU-marked kernel tests, compute-sanitizer memcheck over a short selection of them,
-# the benchmark's headline shapes, then the proof that nothing compiled inside a timed step.
+# NCCL on 2+ GPUs, the benchmark's headline shapes, then the proof that nothing compiled inside a
+# timed step.
 #
 #   bash scripts/gpu_check.sh OUTDIR            # on the GPU; OUTDIR defaults to $OUT, else ./gpu_check_out
 #   bash scripts/gpu_check.sh OUTDIR --dry-run  # the same flow on the CPU: emulated kernels, tiny shapes
 #
 # Runs on the device image as it is (python3 with CuPy, PyTorch, pytest; no network; $PYTHON to
 # use another interpreter), from the checkout with PYTHONPATH=. Every step writes its log into
-# OUTDIR as it runs (device.txt deps.txt compile.log tests.log memcheck.log bench.log bench.jsonl
-# bench.json modules.jsonl modules.log), and summary.txt is rewritten after every step, so a run
+# OUTDIR as it runs (device.txt deps.txt compile.log tests.log memcheck.log nccl.log bench.log
+# bench.jsonl bench.json modules.jsonl modules.log), and summary.txt is rewritten after every step, so a run
 # killed at any moment leaves a summary of the steps done and every benchmark row finished
 # (bench.jsonl: one JSON object a line). A dependency missing on the image (a Python module,
 # pytest-xdist, g++, compute-sanitizer) makes its step SKIPPED with the name, never FAIL.
@@ -28,6 +29,8 @@
 #   tests             <= 90 s   reserve 120: ~1,034 GPU-marked tests on 4 xdist workers, torch
 #                               imported, every module loaded from CuPy's cache (none compiled)
 #   memcheck          <= 45 s   reserve 75: serial, under compute-sanitizer
+#   nccl              <= 45 s   reserve 75: vocabulary-parallel CE through gpu.torch over 2 GPUs
+#                               (NCCL); SKIPPED at once with fewer GPUs (the lent machines have one)
 #   bench             the rest  >= 67 s once the steps before took their limits (150 at most,
 #                               8 s kept for the modules step); gpu-bench stops starting rows
 #                               20 s before its limit
@@ -39,7 +42,7 @@
 # emulator), and its modules step proves the list covers every module its tests and benchmark built.
 set -u
 
-usage() { sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; }
 DRY=0 OUTDIR=""
 for arg in "$@"; do
     case $arg in
@@ -59,7 +62,7 @@ BUDGET=${GPU_CHECK_BUDGET:-240}
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 if (( DRY )); then export GPU_BACKEND=emulate; fi
 START=$(date +%s)
-rm -f "$OUTDIR"/{device.txt,deps.txt,compile.log,tests.log,memcheck.log,bench.log,bench.jsonl,bench.json,modules.jsonl,modules.log,summary.txt}
+rm -f "$OUTDIR"/{device.txt,deps.txt,compile.log,tests.log,memcheck.log,nccl.log,bench.log,bench.jsonl,bench.json,modules.jsonl,modules.log,summary.txt}
 # every module any step builds (either backend) is appended here, one JSON line (gpu/_kernels.py)
 export GPU_KERNEL_MODULE_LOG="$OUTDIR/modules.jsonl"
 
@@ -301,6 +304,19 @@ elif export GPU_PATHS_SMALL=1 && run memcheck "$(limit 45 75)" "$LOG" "$SAN" --t
     elif [ "$RC" = 3 ]; then record memcheck FAIL "$TOOK" "$summary"
     else record memcheck FAIL "$TOOK" "tests failed under the sanitizer; $summary; $last"
     fi
+fi
+
+# ---- 5b. NCCL: vocabulary-parallel cross-entropy over 2 GPUs (a machine with 2 or more) ---------
+LOG="$OUTDIR/nccl.log"
+NGPU=$( (( DRY )) || timeout 20 nvidia-smi -L 2>/dev/null | grep -c '^GPU ')
+if (( DRY )); then
+    skip nccl "$LOG" "dry run: NCCL needs 2 GPUs"
+elif (( ${NGPU:-0} < 2 )); then
+    skip nccl "$LOG" "needs 2 GPUs, found ${NGPU:-0}"
+elif missing pytest || missing torch || missing cupy; then
+    skip nccl "$LOG" "needs pytest, torch and cupy"
+elif run nccl "$(limit 45 75)" "$LOG" "${PYTEST[@]}" -m gpu -k test_nccl_two_gpus tests/test_torch_vocab_parallel.py; then
+    pytest_result nccl "$LOG"
 fi
 
 # ---- 6. the benchmark's headline shapes, every row appended to bench.jsonl as it is done ---------

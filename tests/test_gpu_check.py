@@ -20,7 +20,7 @@ from gpu.bench import precompile
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
-STEPS = ["device", "deps", "compile", "tests", "memcheck", "bench", "modules"]
+STEPS = ["device", "deps", "compile", "tests", "memcheck", "nccl", "bench", "modules"]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and coreutils' timeout")

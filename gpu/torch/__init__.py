@@ -7,6 +7,7 @@
     model = gt.SyncBatchNorm.convert_sync_batchnorm(model)    # synchronized over torch.distributed
     criterion = gt.CrossEntropyLoss(label_smoothing=0.1, z_loss=1e-4)
     loss = gt.fused_linear_cross_entropy(h, lm_head.weight, next_tokens)    # logits never held
+    loss = gt.fused_linear_cross_entropy(h, my_rows_of_W, next_tokens, process_group=group)  # vocab-parallel
 
 CPU tensors run the NumPy path and CUDA tensors the CUDA kernels, with no copy either way (see
 `gpu.torch._bridge`). The functions are `torch.library.custom_op`s (``torch.ops.gpu.*``) with
@@ -22,6 +23,7 @@ from .functional import batch_norm, cross_entropy
 from .linear_cross_entropy import FusedLinearCrossEntropyLoss, fused_linear_cross_entropy
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, CrossEntropyLoss, convert
 from .sync_batchnorm import SyncBatchNorm, sync_batch_norm
+from . import vocab_parallel as _vocab_parallel  # noqa: F401  (registers gpu::vocab_parallel_cross_entropy_fwd)
 
 __all__ = ["batch_norm", "cross_entropy", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "CrossEntropyLoss",
            "convert", "fused_linear_cross_entropy", "FusedLinearCrossEntropyLoss", "SyncBatchNorm",

@@ -29,6 +29,7 @@ from ..ops import batch_norm as _bn
 from ..ops import softmax as _sm
 from ..ops.softmax.cross_entropy import check_z_loss_softcap
 from . import _bridge as TB
+from ._groups import group_name
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _REDUCTIONS = ("none", "mean", "sum")
@@ -300,7 +301,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
                   size_average: Optional[bool] = None, ignore_index: int = -100,
                   reduce: Optional[bool] = None, reduction: str = "mean",
                   label_smoothing: float = 0.0, *, z_loss: float = 0.0, softcap: Optional[float] = None,
-                  return_z_loss: bool = False):
+                  return_z_loss: bool = False, process_group=None):
     """`torch.nn.functional.cross_entropy` on the package's fused softmax + cross-entropy op.
 
     input (C,), (N, C) or (N, C, d1, ...), contiguous or channels_last; target class indices
@@ -313,7 +314,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     those rows; class weights do not scale it); ``softcap`` (None or > 0) reads
     softcap * tanh(z / softcap) for the logits; both with exact gradients in the same fused pass.
     ``return_z_loss=True`` returns ``(loss, z_term)``: the z-loss part of the loss (included in
-    it) under the same reduction, detached (for logging, as Liger-Kernel's).
+    it) under the same reduction, detached (for logging, as Liger-Kernel's). ``process_group``
+    (a torch.distributed group): vocabulary-parallel, see gpu/torch/vocab_parallel.py.
 
     >>> import torch, gpu.torch as gt
     >>> loss = gt.cross_entropy(torch.randn(4, 10, requires_grad=True), torch.tensor([1, 2, 3, 4]))
@@ -375,9 +377,14 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         if weight is not None and weight.dtype != input.dtype:
             raise RuntimeError(f"weight: expected dtype {input.dtype} (the input's), got {weight.dtype}")
     need_grad = torch.is_grad_enabled() and input.requires_grad
-    loss, _, z_term = torch.ops.gpu.cross_entropy_fwd(TB.dense(input), target, weight, int(ignore_index), reduction,
-                                                     float(label_smoothing), need_grad, z_loss, softcap,
-                                                     bool(return_z_loss))
+    args = (TB.dense(input), target, weight, int(ignore_index), reduction, float(label_smoothing), need_grad, z_loss,
+            softcap, bool(return_z_loss))
+    if process_group is None:
+        loss, _, z_term = torch.ops.gpu.cross_entropy_fwd(*args)
+    else:       # input holds this rank's classes (gpu/torch/vocab_parallel.py registers the op)
+        if probs:
+            raise ValueError("target: class indices only with process_group (the classes are split over ranks)")
+        loss, _, z_term = torch.ops.gpu.vocab_parallel_cross_entropy_fwd(*args, group_name(process_group))
     return (loss, z_term) if return_z_loss else loss
 
 
@@ -411,6 +418,14 @@ def _ce_layout(input: Tensor):
 def _cross_entropy_fwd(input: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
                        reduction: str, label_smoothing: float, need_grad: bool, z_loss: float,
                        softcap: Optional[float], return_z: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    return ce_forward(input, target, weight, ignore_index, reduction, label_smoothing, need_grad, z_loss, softcap,
+                      return_z)
+
+
+def ce_forward(input, target, weight, ignore_index, reduction, label_smoothing, need_grad, z_loss, softcap,
+               return_z, comm=None):
+    """(loss, dz or an empty tensor, z_term or an empty tensor) of the package's op; ``comm``:
+    vocabulary-parallel, input's classes this rank's slice."""
     z, axis, last = _ce_layout(input)
     probs = target.dtype.is_floating_point
     t = TB.features_last(target, last) if probs else target
@@ -419,7 +434,7 @@ def _cross_entropy_fwd(input: Tensor, target: Tensor, weight: Optional[Tensor], 
             out = _sm.softmax_cross_entropy(TB.to_array(z), TB.to_array(t), axis=axis, reduction=reduction,
                                             ignore_index=ignore_index, label_smoothing=label_smoothing,
                                             weight=TB.to_array(weight), z_loss=z_loss, softcap=softcap,
-                                            return_grad=need_grad, return_z_loss=return_z)
+                                            return_grad=need_grad, return_z_loss=return_z, comm=comm)
         except ValueError as e:
             if str(e).startswith("target: class index"):
                 raise IndexError(str(e)) from None      # torch's exception type for a target out of range

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from ..ops import linear_cross_entropy as _lce
 from . import _bridge as TB
+from ._groups import communicator, group_name
 from .functional import _FLOATS, _check_ce_options, _check_z_loss_softcap, _saved_released, _unit_scale
 
 
@@ -42,7 +43,7 @@ def fused_linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bi
                                ce_weight: Optional[Tensor] = None, ignore_index: int = -100,
                                reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
                                softcap: Optional[float] = None, chunk_size: Optional[int] = None,
-                               return_z_loss: bool = False):
+                               return_z_loss: bool = False, process_group=None):
     """``F.cross_entropy(F.linear(input, weight, bias), target, weight=ce_weight, ...)`` with the
     logits held one chunk of rows at a time.
 
@@ -53,6 +54,12 @@ def fused_linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bi
     (Liger-Kernel's ``lse_square_scale``), softcap. chunk_size: rows of logits at once (None:
     chosen from the memory, see `gpu.fused_linear_cross_entropy`). return_z_loss=True returns
     ``(loss, z_term)``, z_term detached (for logging). The loss has input's dtype.
+
+    process_group (a torch.distributed group): vocabulary-parallel (gpu/torch/vocab_parallel.py):
+    weight, bias and ce_weight are this rank's rows of the vocabulary, target holds global class
+    indices and input and target are the same on every rank; the loss is the same on every rank,
+    input's gradient the full one (already summed over the ranks), weight's and bias's this
+    rank's rows.
 
     When input, weight or bias needs a gradient, the forward pass computes all three with the
     loss, and the backward only scales them by the upstream gradient (reduction 'none' runs the
@@ -68,10 +75,11 @@ def fused_linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bi
     z_loss, softcap = _check_z_loss_softcap(z_loss, softcap)
     needs = any(t is not None and t.requires_grad for t in (input, weight, bias))
     need_grad = torch.is_grad_enabled() and needs
+    group = None if process_group is None else group_name(process_group)
     loss, z_term, _, _, _ = torch.ops.gpu.fused_linear_cross_entropy(
         input.contiguous(), weight.contiguous(), target.contiguous(), bias, ce_weight, int(ignore_index), reduction,
         float(label_smoothing), z_loss, softcap, None if chunk_size is None else int(chunk_size),
-        need_grad and reduction != "none", bool(return_z_loss))
+        need_grad and reduction != "none", bool(return_z_loss), group)
     return (loss, z_term) if return_z_loss else loss
 
 
@@ -123,8 +131,9 @@ def _check(input, weight, target, bias, ce_weight, ignore_index, reduction, labe
 
 
 def _run(input, weight, target, bias, ce_weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-         chunk_size, grad: bool, return_z: bool, dloss=1.0):
-    """(loss, z_term or None, dh, dW, dbias) from the package's op (the gradients None unless `grad`)."""
+         chunk_size, grad: bool, return_z: bool, group: Optional[str], dloss=1.0):
+    """(loss, z_term or None, dh, dW, dbias) from the package's op (the gradients None unless `grad`);
+    `group`: the name of the process group of a vocabulary-parallel head, or None."""
     wide = input.device.type == "cuda" and input.dtype == torch.bfloat16   # CuPy: no bfloat16 matmul
     h, W, b = (None if t is None else t.float() if wide else t for t in (input, weight, bias))
     if ce_weight is not None and ce_weight.dtype in (torch.float16, torch.bfloat16):
@@ -137,7 +146,8 @@ def _run(input, weight, target, bias, ce_weight, ignore_index, reduction, label_
                 TB.to_array(h), TB.to_array(W), TB.to_array(target), TB.to_array(b), chunk_size=chunk_size,
                 reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
                 weight=TB.to_array(ce_weight), z_loss=z_loss, softcap=softcap, return_grad=grad,
-                return_z_loss=return_z, dloss=TB.to_array(dloss) if isinstance(dloss, Tensor) else dloss)
+                return_z_loss=return_z, dloss=TB.to_array(dloss) if isinstance(dloss, Tensor) else dloss,
+                comm=None if group is None else communicator(group))
         except ValueError as e:
             if str(e).startswith("target: class index"):
                 raise IndexError(str(e)) from None      # torch's exception type for a target out of range
@@ -160,9 +170,10 @@ def _run(input, weight, target, bias, ce_weight, ignore_index, reduction, label_
 @torch.library.custom_op("gpu::fused_linear_cross_entropy", mutates_args=())
 def _flce(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], ce_weight: Optional[Tensor],
           ignore_index: int, reduction: str, label_smoothing: float, z_loss: float, softcap: Optional[float],
-          chunk_size: Optional[int], need_grad: bool, return_z: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+          chunk_size: Optional[int], need_grad: bool, return_z: bool,
+          group: Optional[str]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     loss, z_term, dh, dW, db = _run(input, weight, target, bias, ce_weight, ignore_index, reduction, label_smoothing,
-                                    z_loss, softcap, chunk_size, need_grad, return_z)
+                                    z_loss, softcap, chunk_size, need_grad, return_z, group)
     none = lambda: input.new_empty((0,))    # noqa: E731 - each absent output its own tensor
     return (loss, none() if z_term is None else z_term, none() if dh is None else dh,
             none() if dW is None else dW, none() if db is None else db)
@@ -170,7 +181,7 @@ def _flce(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
 
 @_flce.register_fake
 def _(input, weight, target, bias, ce_weight, ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size,
-      need_grad, return_z):
+      need_grad, return_z, group):
     shape = input.shape[:-1] if reduction == "none" else ()
     none = lambda: input.new_empty((0,))    # noqa: E731
     grads = need_grad
@@ -192,21 +203,23 @@ def _(grad_loss, dh, dW, dbias):
 @torch.library.custom_op("gpu::fused_linear_cross_entropy_rows_bwd", mutates_args=())
 def _flce_rows_bwd(grad_loss: Tensor, input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
                    ce_weight: Optional[Tensor], ignore_index: int, label_smoothing: float, z_loss: float,
-                   softcap: Optional[float], chunk_size: Optional[int]) -> Tuple[Tensor, Tensor, Tensor]:
+                   softcap: Optional[float], chunk_size: Optional[int],
+                   group: Optional[str]) -> Tuple[Tensor, Tensor, Tensor]:
     _, _, dh, dW, db = _run(input, weight, target, bias, ce_weight, ignore_index, "none", label_smoothing, z_loss,
-                            softcap, chunk_size, True, False, dloss=grad_loss.contiguous())
+                            softcap, chunk_size, True, False, group, dloss=grad_loss.contiguous())
     return dh, dW, input.new_empty((0,)) if db is None else db
 
 
 @_flce_rows_bwd.register_fake
-def _(grad_loss, input, weight, target, bias, ce_weight, ignore_index, label_smoothing, z_loss, softcap, chunk_size):
+def _(grad_loss, input, weight, target, bias, ce_weight, ignore_index, label_smoothing, z_loss, softcap, chunk_size,
+      group):
     return (torch.empty_like(input), torch.empty_like(weight),
             input.new_empty((0,)) if bias is None else torch.empty_like(bias))
 
 
 def _flce_setup_context(ctx, inputs, output):
     (input, weight, target, bias, ce_weight, ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size,
-     need_grad, _) = inputs
+     need_grad, _, group) = inputs
     _, z_term, dh, dW, db = output
     ctx.mark_non_differentiable(z_term)
     # dh, dW and dbias stay differentiable (their graph leads a double backward to the clear error
@@ -214,14 +227,14 @@ def _flce_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.rows, ctx.need_grad, ctx.has_bias = reduction == "none", need_grad, bias is not None
     if ctx.rows:    # the pass runs again in the backward, with the per-row upstream gradients
-        ctx.options = (ignore_index, label_smoothing, z_loss, softcap, chunk_size)
+        ctx.options = (ignore_index, label_smoothing, z_loss, softcap, chunk_size, group)
         ctx.save_for_backward(input, weight, target, bias, ce_weight)
     else:
         ctx.save_for_backward(dh, dW, db)
 
 
 def _flce_backward(ctx, grad_loss, *_grad_rest):
-    nothing = (None,) * 13
+    nothing = (None,) * 14
     if grad_loss is None:
         return nothing
     if ctx.rows:
@@ -258,7 +271,8 @@ class FusedLinearCrossEntropyLoss(nn.Module):
     weight FIRST (Liger-Kernel's order), then the hidden states, the targets and the head's bias.
     ``z_loss`` is Liger-Kernel's ``lse_square_scale``; with ``return_z_loss=True`` forward returns
     ``(loss, z_term)``. ce_weight is a buffer (it follows ``.to()``, and is in the state_dict when
-    given, as torch.nn.CrossEntropyLoss's ``weight``).
+    given, as torch.nn.CrossEntropyLoss's ``weight``). ``process_group``: a vocabulary-parallel
+    head, lin_weight and bias this rank's rows (see `fused_linear_cross_entropy`).
 
     >>> import torch, gpu.torch as gt
     >>> head, crit = torch.nn.Linear(16, 50, bias=False), gt.FusedLinearCrossEntropyLoss(label_smoothing=0.1)
@@ -267,18 +281,19 @@ class FusedLinearCrossEntropyLoss(nn.Module):
 
     def __init__(self, ce_weight: Optional[Tensor] = None, ignore_index: int = -100, z_loss: float = 0.0,
                  label_smoothing: float = 0.0, reduction: str = "mean", softcap: Optional[float] = None,
-                 return_z_loss: bool = False, chunk_size: Optional[int] = None):
+                 return_z_loss: bool = False, chunk_size: Optional[int] = None, process_group=None):
         super().__init__()
         self.register_buffer("ce_weight", ce_weight)
         self.ignore_index, self.z_loss, self.label_smoothing = ignore_index, z_loss, label_smoothing
         self.reduction, self.softcap, self.return_z_loss, self.chunk_size = reduction, softcap, return_z_loss, chunk_size
+        self.process_group = process_group
 
     def forward(self, lin_weight: Tensor, _input: Tensor, target: Tensor, bias: Optional[Tensor] = None):
         return fused_linear_cross_entropy(_input, lin_weight, target, bias, ce_weight=self.ce_weight,
                                           ignore_index=self.ignore_index, reduction=self.reduction,
                                           label_smoothing=self.label_smoothing, z_loss=self.z_loss,
                                           softcap=self.softcap, chunk_size=self.chunk_size,
-                                          return_z_loss=self.return_z_loss)
+                                          return_z_loss=self.return_z_loss, process_group=self.process_group)
 
     def extra_repr(self) -> str:
         return (f"ignore_index={self.ignore_index}, z_loss={self.z_loss}, label_smoothing={self.label_smoothing}, "

@@ -36,28 +36,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .. import distributed as D
 from ..ops import batch_norm as _bn
 from . import _bridge as TB
 from . import functional as F
+from ._groups import communicator, group_name
 from .modules import forward_arguments
 
 __all__ = ["SyncBatchNorm", "sync_batch_norm"]
-
-
-# ---------------------------------------------------------------------------------------------
-# The process group travels into the ops by name (custom ops take no Python objects)
-# ---------------------------------------------------------------------------------------------
-
-def _group_name(group) -> str:
-    return group.group_name
-
-
-def _communicator(group_name: str) -> D.Communicator:
-    """The gpu.distributed adapter of the named group: the same adapter every call (its header
-    check runs once per channel count)."""
-    from torch.distributed.distributed_c10d import _resolve_process_group
-    return D.wrap(_resolve_process_group(group_name))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,7 +84,7 @@ def sync_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: 
         num_batches_tracked = None
     y, _, _, rm, rv, nbt = torch.ops.gpu.sync_batch_norm_fwd(
         TB.dense(input), weight, bias, running_mean, running_var, num_batches_tracked,
-        None if momentum is None else float(momentum), float(eps), _group_name(group))
+        None if momentum is None else float(momentum), float(eps), group_name(group))
     if running_mean is not None:
         F.store_running_stats((running_mean, running_var, num_batches_tracked), (rm, rv, nbt))
     return y
@@ -118,7 +103,7 @@ def _sync_fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     stats = running_mean is not None
     y, mean, invstd = F._train_forward(input, weight, bias, rm if stats else None, rv if stats else None,
                                        nbt if num_batches_tracked is not None else None, momentum, eps,
-                                       comm=_communicator(group))
+                                       comm=communicator(group))
     return y, mean, invstd, rm, rv, nbt
 
 
@@ -143,7 +128,7 @@ def _sync_bwd(grad_out: Tensor, input: Tensor, weight: Optional[Tensor], mean: T
         dx, dw, db = _bn.batch_norm_backward(
             TB.to_array(TB.features_last(grad_out, last)), TB.to_array(TB.features_last(input, last)),
             TB.to_array(weight), TB.to_array(mean), TB.to_array(invstd), axis=TB.bn_axis(input.dim(), last),
-            comm=_communicator(group))
+            comm=communicator(group))
         dx = TB.features_first(TB.from_array(dx), last)
         dw, db = TB.from_array(dw), TB.from_array(db)
     return TB.like(dx, input), dw, db
