@@ -17,6 +17,7 @@ from gpu import _workspace as _ws
 from gpu._engines import channels
 
 from ._args import Backward, Forward, Inference, Layout, Stats
+from .numpy_blocks import epilogue, grad_output, with_residual_grad
 
 
 # ---------------------------------------------------------------------------------------------
@@ -40,15 +41,25 @@ def statistics(xp, x, lay: Layout):
 def forward(a: Forward):
     """`batch_norm_forward` on this path: (y, mean, invstd); running statistics updated in place.
     With momentum None the kernel reads the (already incremented) count itself: CuPy never syncs."""
-    xp, _, x, lay, gamma, beta, running_mean, running_var, eps, momentum, batches = a
+    xp, _, x, lay, gamma, beta, running_mean, running_var, eps, momentum, batches = a[:11]
     y, mean, _, invstd = _stats_launch(xp, x, gamma, beta, running_mean, running_var, lay, eps, momentum,
                                        normalize=True, batches=None if batches is None else batches.reshape(-1))
+    y = _compose(xp, y, a.residual, a.relu)
     return y, mean.reshape(lay.kept_shape), invstd.reshape(lay.kept_shape)
+
+
+def _compose(xp, y, residual, relu):
+    if residual is None and not relu:
+        return y
+    acc = B.compute_dtype(y.dtype)
+    z = y.astype(acc)
+    epilogue(xp, z, residual, relu)
+    return z.astype(y.dtype, copy=False)
 
 
 def inference(a: Inference):
     """`batch_norm_inference` on this path: the per-channel scale and shift, then one pass."""
-    xp, _, x, lay, gamma, beta, running_mean, running_var, eps = a
+    xp, _, x, lay, gamma, beta, running_mean, running_var, eps = a[:9]
     acc = B.compute_dtype(x.dtype)
     v = channels.view(xp, x, lay)
     y3 = B.empty(xp, v.x.shape, x.dtype)
@@ -65,14 +76,16 @@ def inference(a: Inference):
                            beta=b if b is not None else rv, running_var=rv, C=np.int32(v.C), eps=acc.type(eps),
                            flags=_flags(g, b)))
     _apply(plans, y3, v, rm, scale, shift)
-    return v.restore(y3)
+    return _compose(xp, v.restore(y3), a.residual, a.relu)
 
 
 def backward(a: Backward, sync=None):
     """`batch_norm_backward` on this path: (dx, dgamma, dbeta). ``sync(dbeta, dgamma, k, invstd)
     -> (a, b)``, given (synchronized batch norm), runs between the two kernels and gives the
     coefficients of dx = k dy + a (x - mean) + b from the sums over every rank (no on-chip path)."""
-    xp, _, dy, x, lay, gamma, mean, invstd = a
+    dz = grad_output(a.xp, a)
+    xp, _, dy, x, lay, gamma, mean, invstd = a[:8]
+    dy = dz
     acc = B.compute_dtype(x.dtype)
     out_dtype = gamma.dtype if gamma is not None else x.dtype
     v = channels.view(xp, x, lay)
@@ -105,8 +118,8 @@ def backward(a: Backward, sync=None):
             ka = plans.kernel("batch_norm_backward_apply", p)
             _kernels.launch(ka, p.grid, p.threads, ka.args_from(geo | {
                 "dx": dx3, "dy": vg.x, "x": v.x, "mean": mu, "k": k, "a": ca, "b": cb}))
-    return (v.restore(dx3), dgamma.reshape(lay.kept_shape).astype(out_dtype, copy=False),
-            dbeta.reshape(lay.kept_shape).astype(out_dtype, copy=False))
+    return with_residual_grad(a, (v.restore(dx3), dgamma.reshape(lay.kept_shape).astype(out_dtype, copy=False),
+                                  dbeta.reshape(lay.kept_shape).astype(out_dtype, copy=False)), dz)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,7 +32,8 @@ from gpu import _cpu
 
 from . import _args, jit
 from . import numpy_blocks as blocks
-from .numpy_blocks import coefficients, grad_coefficients, invstd, out_dtype, per_feature, reduce
+from .numpy_blocks import (coefficients, epilogue, grad_coefficients, grad_output, invstd, out_dtype, per_feature,
+                           reduce, with_residual_grad)
 from ._args import Backward, Forward, Inference, Layout, Stats
 
 #: x of at most this many elements takes the small strategies (the switch: docs/BENCHMARKS.md, "NumPy path").
@@ -74,7 +75,8 @@ def forward(a: Forward):
 
 
 def backward(a: Backward, sync=None):
-    """`batch_norm_backward` on this path: (dx, dgamma, dbeta).
+    """`batch_norm_backward` on this path: (dx, dgamma, dbeta[, dresidual]). With relu, dy is
+    masked by y > 0 first (`grad_output`), and the masked dy is dresidual.
 
     With x_hat = (x - mean) * invstd, dbeta = sum(dy), dgamma = sum(dy * x_hat) and
     k = gamma * invstd: dx = k * dy + a * (x - mean) + b, a = -k * invstd * dgamma / M and
@@ -82,15 +84,21 @@ def backward(a: Backward, sync=None):
     norm), makes a and b from the sums over every rank instead; then the whole array is one block
     (`direct`), since the sums of every block must be in before any dx."""
     with np.errstate(all="ignore"):
+        dz = grad_output(a.xp, a)
+        if dz is not a.dy:
+            a = a._replace(dy=dz)
         if sync is not None:
-            return _backward_direct(None, a, sync)
-        return _run(_BACKWARD, a.xp, a.x, a.lay, (a.dy,), a, None)
+            out = _backward_direct(None, a, sync)
+        else:
+            out = _run(_BACKWARD, a.xp, a.x, a.lay, (a.dy,), a, None)
+    return with_residual_grad(a, out, dz)
 
 
 def inference(a: Inference):
-    """`batch_norm_inference` on this path: y = (x - running_mean) * gamma / sqrt(running_var + eps)
-    + beta."""
-    return _run(_INFERENCE, a.xp, a.x, a.lay, (), a)
+    """`batch_norm_inference` on this path: y = act((x - running_mean) * gamma / sqrt(running_var + eps)
+    + beta + residual)."""
+    with np.errstate(all="ignore"):
+        return _run(_INFERENCE, a.xp, a.x, a.lay, (), a)
 
 
 def strategy(op: str, x, axis, *others) -> str:
@@ -196,6 +204,8 @@ def _stats_small_jit(x3, xp, x, lay):
 
 def _forward_small_jit(x3, a: Forward, momentum):
     """Running statistics of x's dtype are updated inside the compiled call, others after it."""
+    if a.residual is not None or a.relu:
+        return None
     rm, rv, x = a.running_mean, a.running_var, a.x
     fused = rm is not None and all(r.dtype == x.dtype and r.flags.c_contiguous for r in (rm, rv))
     out = jit.small_forward(x3, a.gamma, a.beta, a.eps,
@@ -207,11 +217,15 @@ def _forward_small_jit(x3, a: Forward, momentum):
 
 
 def _inference_small_jit(x3, a: Inference):
+    if a.residual is not None or a.relu:
+        return None
     return jit.small_inference(x3, a.gamma, a.beta, a.running_mean, a.running_var, a.eps).reshape(a.x.shape)
 
 
 def _forward_jit(views, a: Forward, momentum):
     x = a.x
+    if a.residual is not None or a.relu:
+        return None
     out = jit.forward(views[0], _flat(a.gamma, x.dtype), _flat(a.beta, x.dtype), a.eps)
     if out is None:
         return None
@@ -310,6 +324,7 @@ def _forward_small(v, a: Forward, momentum):
     scale, shift = _small_coefficients(inv, a.gamma, a.beta, c_mean, x.dtype)
     c *= _pc(v, scale)                          # y = (c - c_mean) * scale + beta, in c
     c += _pc(v, shift)
+    epilogue(np, c, _small_residual(v, a.residual), a.relu)
     return c.reshape(x.shape), mean, var, inv, False
 
 
@@ -325,7 +340,13 @@ def _inference_small(v, a: Inference):
         scale, shift = _small_coefficients(scale, gamma, a.beta, a.running_mean.reshape(-1), acc)
         y = np.multiply(v, _pc(v, scale))           # two passes, the first one allocating y
         y += _pc(v, shift)
+        epilogue(np, y, _small_residual(v, a.residual), a.relu)
     return y.reshape(a.x.shape)
+
+
+def _small_residual(v, residual):
+    """The residual as the small view's (outer, C * inner) matrix (a copy if it has other strides)."""
+    return None if residual is None else residual.reshape(v.shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,6 +389,7 @@ def _forward_direct(_, a: Forward, momentum):
     # y = (c - c_mean) * scale + shift = c * scale + (shift - c_mean * scale): two passes over c
     c *= scale
     c += -c_mean * scale if shift is None else shift - c_mean * scale
+    epilogue(xp, c, a.residual, a.relu)
     y = c if x.dtype == acc else c.astype(x.dtype)
     return y, mean, var, inv, False
 
@@ -410,6 +432,7 @@ def _inference_direct(_, a: Inference):
         # y = (x - rm) * scale + shift = x * scale + (shift - rm * scale): two passes over x
         y = xp.multiply(x, scale, dtype=acc)
         y += -rm * scale if shift is None else shift - rm * scale
+        epilogue(xp, y, a.residual, a.relu)
     return y if x.dtype == acc else y.astype(x.dtype)
 
 
