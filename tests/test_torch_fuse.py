@@ -379,3 +379,34 @@ def test_fuse_sync_batch_norm_runs_plain_without_a_process_group():
         ref.train(mode)
         _close(gm(x), ref(x), torch.float64, f"training={mode}", factor=1e3)
     _close(model[1].running_var, ref[1].running_var, torch.float64, "running_var", factor=1e3)
+
+
+def test_sync_batch_norm_fused_over_a_group(tmp_path):
+    # the synchronized fused op (its allgather and all-reduce) on a gloo group of one rank in this
+    # process, against torch's unfused composition
+    import torch.distributed as dist
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        g = torch.Generator().manual_seed(9)
+        x = torch.randn(6, 3, 4, 2, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+        r = torch.randn(6, 3, 4, 2, generator=g, dtype=torch.float64)
+        w, b = torch.rand(3, generator=g, dtype=torch.float64) + 0.5, torch.randn(3, generator=g, dtype=torch.float64)
+        leaves = [t.clone().requires_grad_() for t in (x, w, b, r)]
+        refs = [t.clone().requires_grad_() for t in (x, w, b, r)]
+        rm1, rv1 = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+        rm2, rv2 = rm1.clone(), rv1.clone()
+        y = gt.sync_batch_norm(leaves[0], rm1, rv1, leaves[1], leaves[2], residual=leaves[3], activation="relu")
+        y_ref = _unfused(refs[0], rm2, rv2, refs[1], refs[2], True, refs[3], "relu")
+        _close(y, y_ref, torch.float64, "y", factor=10)
+        _close(rv1, rv2, torch.float64, "running_var", factor=10)
+        dy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+        y.backward(dy)
+        y_ref.backward(dy)
+        for name, a, e in zip(("x", "weight", "bias", "residual"), leaves, refs):
+            _close(a.grad, e.grad, torch.float64, f"grad of {name}", factor=100)
+        with pytest.raises(ValueError, match="activation"):
+            gt.sync_batch_norm(x, None, None, activation="sigmoid")
+    finally:
+        dist.destroy_process_group()
