@@ -410,3 +410,17 @@ def test_sync_batch_norm_fused_over_a_group(tmp_path):
             gt.sync_batch_norm(x, None, None, activation="sigmoid")
     finally:
         dist.destroy_process_group()
+
+
+def test_gpu_train_resnet_fused_curve_equals_unfused(tmp_path, capsys):
+    # gpu-train's small ResNet on the digits, fused and unfused from the same start: in float64
+    # the two loss curves agree to rounding, and both times per epoch are printed
+    import json
+    from gpu.train import main
+    out = tmp_path / "run.json"
+    assert main(["--framework", "torch", "--model", "resnet", "--fuse", "--torch-dtype", "float64", "--epochs", "1",
+                 "--batch-size", "64", "--max-steps", "4", "--quiet", "--json", str(out)]) == 0
+    run = json.loads(out.read_text())["runs"]["with BN"]
+    assert run["steps"] == 4 and run["fusion"]["max_loss_difference"] < 1e-10, run
+    assert run["fusion"]["fused_s_per_epoch"] > 0 and run["fusion"]["unfused_s_per_epoch"] > 0
+    assert "s per epoch unfused" in capsys.readouterr().err
