@@ -160,12 +160,8 @@ def _fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residu
 @_fwd.register_fake
 def _(input, weight, bias, residual, running_mean, running_var, num_batches_tracked, training, momentum, eps,
       activation, group):
-    acc = TB.compute_dtype(input.dtype)
-    n = input.shape[1] if training else 0
-    rm, rv, nbt = (input.new_empty((0,), dtype=acc) if t is None or not training else torch.empty_like(t)
-                   for t in (running_mean, running_var, num_batches_tracked))
-    return (torch.empty_like(input), input.new_empty((n,), dtype=acc), input.new_empty((n,), dtype=acc),
-            rm, rv, nbt)
+    return F.forward_fake(input, weight, bias, running_mean, running_var, num_batches_tracked, training,
+                          momentum, eps)
 
 
 @torch.library.custom_op("gpu::batch_norm_act_bwd", mutates_args=())

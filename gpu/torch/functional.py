@@ -228,7 +228,7 @@ def _train_forward(input, weight, bias, rm, rv, nbt, momentum, eps, comm=None):
 
 
 @_batch_norm_fwd.register_fake
-def _(input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps):
+def forward_fake(input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps):
     acc = TB.compute_dtype(input.dtype)
     n = input.shape[1] if training else 0
     rm, rv, nbt = (input.new_empty((0,), dtype=acc) if r is None or not training else torch.empty_like(r)
