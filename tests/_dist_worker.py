@@ -186,6 +186,15 @@ def sbn_cases(group, size: int):
         arrays["model/out"] = out.detach().numpy()
         arrays.update({f"model/{k}": v.detach().numpy() for k, v in model.state_dict().items()})
         arrays.update({f"model/grad/{k}": p.grad.numpy() for k, p in model.named_parameters()})
+        # the same model with its batch norm + ReLU fused (gpu.torch.fuse): the synchronized fused op
+        fused = gt.fuse(gt.SyncBatchNorm.convert_sync_batchnorm(sbn_model(), group))
+        info["fused"] = [type(m).__name__ for m in fused.modules() if "BatchNorm" in type(m).__name__]
+        for step in range(2):
+            out = fused(xs)
+            (out * torch.arange(1.0, 6.0, dtype=torch.float64)).sum().backward()
+        arrays["fused/out"] = out.detach().numpy()
+        arrays.update({f"fused/{k}": v.detach().numpy() for k, v in fused.state_dict().items()})
+        arrays.update({f"fused/grad/{k}": p.grad.numpy() for k, p in fused.named_parameters()})
     return arrays, info
 
 

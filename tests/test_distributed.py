@@ -418,6 +418,17 @@ def test_convert_sync_batchnorm_model_equals_single_process(tmp_path_factory):
 
 
 @needs_torch
+def test_fused_sync_batchnorm_model_equals_unfused(tmp_path_factory):
+    # gpu.torch.fuse on the converted model: its BatchNorm2d + ReLU runs the synchronized fused op
+    # over the 2 ranks; outputs, state and gradients equal the unfused synchronized run's
+    ranks = launched("gloo", 2, tmp_path_factory)
+    assert ranks[0][1]["sbn"]["fused"] == ["SyncBatchNormAct", "SyncBatchNorm"]
+    for a, _ in ranks:
+        for k in [k for k in a if k.startswith("model/")]:
+            np.testing.assert_allclose(a["fused/" + k[6:]], a[k], rtol=1e-10, atol=1e-12, err_msg=k)
+
+
+@needs_torch
 def test_sync_batchnorm_state_dict_and_single_process_fallback():
     # without torch.distributed (and in eval) both modules run plain batch norm: ours against
     # torch's SyncBatchNorm itself, with state_dicts exchanged both ways
