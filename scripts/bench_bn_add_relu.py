@@ -7,7 +7,8 @@ eager and torch.compile (inductor), interleaved in one process.
 Each round runs every implementation once, in a rotating order, on the same inputs (training
 mode, running statistics updated, gradients of x, weight, bias and the residual), so a change in
 the machine's load shows in all of them alike; the table gives each one's median and the median
-of the per-round ratios to gpu.torch. Results are checked against torch eager first.
+of the per-round ratios to gpu.torch. Each one's error against torch eager in float64 is printed
+first (gpu.torch's must be under 1e-5).
 """
 from __future__ import annotations
 
@@ -61,14 +62,17 @@ def main(argv=None) -> int:
         w, b = torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g)
         leaves = tuple(t.detach().requires_grad_() for t in (x, r, w, b))
         rm, rv = torch.zeros(C), torch.ones(C)
-        ref = step(eager, leaves, rm.clone(), rv.clone(), dy)
+        wide = tuple(t.detach().double().requires_grad_() for t in leaves)
+        truth = step(eager, wide, rm.double(), rv.double(), dy.double())     # float64 torch eager
         for name, f in impls.items():       # warm-up (torch.compile compiles here), then a check
             t0 = time.perf_counter()
             out = step(f, leaves, rm.clone(), rv.clone(), dy)
-            worst = max(float((a.detach() - e.detach()).norm() / e.detach().norm()) for a, e in zip(out, ref))
+            worst = max(float((a.detach().double() - e.detach()).norm() / e.detach().norm())
+                        for a, e in zip(out, truth))
             print(f"  {fmt_name} {name}: first call {time.perf_counter() - t0:.1f} s, "
-                  f"max relative error vs eager {worst:.2e}")
-            assert worst < 1e-4, (name, worst)
+                  f"largest relative error (y, dx, dr, dweight, dbias) vs float64 {worst:.2e}")
+            if name == "gpu.torch fused":
+                assert worst < 1e-5, (name, worst)
         times = {name: [] for name in impls}
         names = list(impls)
         for k in range(args.rounds):
