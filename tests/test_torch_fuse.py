@@ -108,25 +108,6 @@ def test_gradcheck_float64():
             (x, w, b, r))
 
 
-def test_compile_fullgraph():
-    torch._dynamo.reset()
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(4, 3, 5, 5, generator=g, dtype=torch.float64).requires_grad_()
-    r = torch.randn(4, 3, 5, 5, generator=g, dtype=torch.float64).requires_grad_()
-    w = torch.ones(3, dtype=torch.float64, requires_grad=True)
-    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
-    f = torch.compile(lambda x, w, r: gt.batch_norm(x, rm, rv, w, None, True, residual=r, activation="relu"),
-                      backend="aot_eager", fullgraph=True)
-    y = f(x, w, r)
-    y.sum().backward()
-    leaves = [t.detach().clone().requires_grad_() for t in (x, w, r)]
-    y_ref = _unfused(leaves[0], None, None, leaves[1], None, True, leaves[2], "relu")
-    y_ref.sum().backward()
-    _close(y, y_ref, torch.float64, "y")
-    for a, e in zip((x, w, r), leaves):
-        _close(a.grad, e.grad, torch.float64, "grad", factor=100)
-
-
 def test_bad_arguments_name_the_argument():
     x, rm, rv = torch.randn(4, 3, 2, 2), torch.zeros(3), torch.ones(3)
     with pytest.raises(ValueError, match="activation"):
@@ -307,6 +288,25 @@ def test_fuse_resnet18_matches_in_train_and_eval(dtype, fmt):
         m.eval()
     with torch.no_grad():
         _no_worse([("eval output", fused(x), ref(x), truth(x.double()))], dtype, factor)
+
+
+def test_fused_model_compiles_fullgraph():
+    # a fused BasicBlock (bn1 + relu; bn2 + the downsampled identity + relu) under
+    # torch.compile(fullgraph=True): no graph break, the unfused model's output and gradients
+    torch._dynamo.reset()
+    torch.manual_seed(3)
+    model = BasicBlock(3, 4, stride=2).double()
+    ref = copy.deepcopy(model)
+    fused = gt.fuse(model)
+    assert _fused_kinds(fused) == ["BatchNorm2d", "BatchNormAct2d", "BatchNormAct2d"]
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    y = torch.compile(fused, backend="aot_eager", fullgraph=True)(x)
+    y_ref = ref(x)
+    _close(y, y_ref, torch.float64, "y", factor=100)
+    y.sum().backward()
+    y_ref.sum().backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        _close(p.grad, q.grad, torch.float64, f"grad of {name}", factor=1e3)
 
 
 def test_fuse_keeps_the_models_tensors_and_optimizer():
