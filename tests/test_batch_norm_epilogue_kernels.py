@@ -86,7 +86,7 @@ def _check_launches(launches, fwd, bwd):
 
 
 @pytest.mark.parametrize("shape,axis,knobs,fwd,bwd", CASES, ids=_ids(CASES))
-def test_paths_float32(dev, rng, launches, shape, axis, knobs, fwd, bwd):
+def test_fused_float32(dev, rng, launches, shape, axis, knobs, fwd, bwd):
     with channels.tuned(**knobs):
         check_fused(dev.call, rng, shape, axis, np.float32)
     _check_launches(launches, fwd, bwd)
@@ -104,7 +104,7 @@ DTYPE_CASES = [
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("shape,axis,knobs,fwd,bwd", DTYPE_CASES, ids=_ids(DTYPE_CASES))
-def test_paths_dtypes(dev, rng, launches, shape, axis, knobs, fwd, bwd, dtype):
+def test_fused_dtypes(dev, rng, launches, shape, axis, knobs, fwd, bwd, dtype):
     if dev.name == "cuda" and BFLOAT16 is not None and np.dtype(dtype) == BFLOAT16:
         pytest.skip("CuPy has no bfloat16 arrays")
     with channels.tuned(**knobs):
