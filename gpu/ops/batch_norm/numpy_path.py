@@ -84,14 +84,9 @@ def backward(a: Backward, sync=None):
     norm), makes a and b from the sums over every rank instead; then the whole array is one block
     (`direct`), since the sums of every block must be in before any dx."""
     with np.errstate(all="ignore"):
-        dz = grad_output(a.xp, a)
-        if dz is not a.dy:
-            a = a._replace(dy=dz)
         if sync is not None:
-            out = _backward_direct(None, a, sync)
-        else:
-            out = _run(_BACKWARD, a.xp, a.x, a.lay, (a.dy,), a, None)
-    return with_residual_grad(a, out, dz)
+            return _unfused(_backward_direct)(None, a, sync)
+        return _run(_BACKWARD, a.xp, a.x, a.lay, (a.dy, a.y) if a.relu else (a.dy,), a, None)
 
 
 def inference(a: Inference):
@@ -202,14 +197,18 @@ def _stats_small_jit(x3, xp, x, lay):
     return jit.small_stats(x3)
 
 
+def _residual3(a, x3):
+    """The epilogue's residual as x3's C-contiguous (outer, C, inner) view, or None."""
+    return None if a.residual is None else np.ascontiguousarray(a.residual).reshape(x3.shape)
+
+
 def _forward_small_jit(x3, a: Forward, momentum):
     """Running statistics of x's dtype are updated inside the compiled call, others after it."""
-    if a.residual is not None or a.relu:
-        return None
     rm, rv, x = a.running_mean, a.running_var, a.x
     fused = rm is not None and all(r.dtype == x.dtype and r.flags.c_contiguous for r in (rm, rv))
     out = jit.small_forward(x3, a.gamma, a.beta, a.eps,
-                            (rm.reshape(-1), rv.reshape(-1), momentum, a.lay.m) if fused else None)
+                            (rm.reshape(-1), rv.reshape(-1), momentum, a.lay.m) if fused else None,
+                            _residual3(a, x3), a.relu)
     if out is None:
         return None
     y3, mean, var, inv = out
@@ -217,16 +216,14 @@ def _forward_small_jit(x3, a: Forward, momentum):
 
 
 def _inference_small_jit(x3, a: Inference):
-    if a.residual is not None or a.relu:
-        return None
-    return jit.small_inference(x3, a.gamma, a.beta, a.running_mean, a.running_var, a.eps).reshape(a.x.shape)
+    return jit.small_inference(x3, a.gamma, a.beta, a.running_mean, a.running_var, a.eps, _residual3(a, x3),
+                               a.relu).reshape(a.x.shape)
 
 
 def _forward_jit(views, a: Forward, momentum):
     x = a.x
-    if a.residual is not None or a.relu:
-        return None
-    out = jit.forward(views[0], _flat(a.gamma, x.dtype), _flat(a.beta, x.dtype), a.eps)
+    out = jit.forward(views[0], _flat(a.gamma, x.dtype), _flat(a.beta, x.dtype), a.eps, _residual3(a, views[0]),
+                      a.relu)
     if out is None:
         return None
     y3, mean, var, inv = out
@@ -234,12 +231,26 @@ def _forward_jit(views, a: Forward, momentum):
 
 
 def _backward_jit(views, a: Backward, sync):
+    """The compiled backward, relu's mask and dresidual inside its two passes (views: x, dy[, y])."""
     x, lay, acc = a.x, a.lay, a.x.dtype
-    dx3, dgamma, dbeta = jit.backward(views[1], views[0], _flat(a.mean, acc), _flat(a.invstd, acc),
-                                      _flat(a.gamma, acc), 1.0 / lay.m)
+    dx3, dgamma, dbeta, dres3 = jit.backward(views[1], views[0], _flat(a.mean, acc), _flat(a.invstd, acc),
+                                             _flat(a.gamma, acc), 1.0 / lay.m, views[2] if a.relu else None,
+                                             a.residual_grad)
     dt = out_dtype(a)
-    return (dx3.reshape(x.shape), dgamma.reshape(lay.kept_shape).astype(dt, copy=False),
-            dbeta.reshape(lay.kept_shape).astype(dt, copy=False))
+    out = (dx3.reshape(x.shape), dgamma.reshape(lay.kept_shape).astype(dt, copy=False),
+           dbeta.reshape(lay.kept_shape).astype(dt, copy=False))
+    return out + (dres3.reshape(x.shape),) if a.residual_grad else out
+
+
+def _unfused(run):
+    """A backward strategy that takes dy as it is: with the epilogue it is given the masked dy
+    (`grad_output`, one more pass) and dresidual is appended."""
+    def masked(view, a: Backward, sync):
+        if not a.relu and not a.residual_grad:
+            return run(view, a, sync)
+        dz = grad_output(a.xp, a)
+        return with_residual_grad(a, run(view, a if dz is a.dy else a._replace(dy=dz), sync), dz)
+    return masked
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,8 +456,8 @@ _STATS = (("small-jit", _takes_small_jit, _stats_small_jit), ("small", _takes_sm
 _FORWARD = (("small-jit", _takes_small_jit, _forward_small_jit), ("small", _takes_small, _forward_small),
             ("jit", _takes_jit, _forward_jit), ("direct", _takes_direct, _forward_direct),
             ("blocks", _takes_blocks, blocks.forward))
-_BACKWARD = (("jit", _takes_jit, _backward_jit), ("direct", _takes_direct, _backward_direct),
-             ("blocks", _takes_blocks, blocks.backward))
+_BACKWARD = (("jit", _takes_jit, _backward_jit), ("direct", _takes_direct, _unfused(_backward_direct)),
+             ("blocks", _takes_blocks, _unfused(blocks.backward)))
 _INFERENCE = (("small-jit", _takes_small_jit, _inference_small_jit), ("small", _takes_small, _inference_small),
               ("direct", _takes_direct, _inference_direct), ("blocks", _takes_blocks, blocks.inference))
 _TABLES = {"stats": _STATS, "forward": _FORWARD, "backward": _BACKWARD, "inference": _INFERENCE}
