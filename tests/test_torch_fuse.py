@@ -95,6 +95,17 @@ def test_functional_matches_torch(dtype, layout, training, residual, act):
             _close(a.grad, e.grad, dtype, f"grad of {name}", factor=4 if dtype == torch.bfloat16 else 10)
 
 
+@pytest.mark.kernel
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_emulated_kernels_through_torch(layout):
+    # the CUDA kernels' epilogue (on the emulator) through gpu.torch: x, the residual, y and dy
+    # passed as the kernels' views of the tensors, in training and evaluation
+    import gpu
+    for training in (True, False):
+        with gpu.use_backend("emulate"):
+            test_functional_matches_torch(torch.float32, layout, training, True, "relu")
+
+
 def test_gradcheck_float64():
     g = torch.Generator().manual_seed(2)
     x = (torch.randn(5, 3, 2, 2, generator=g, dtype=torch.float64) + 0.3).requires_grad_()
