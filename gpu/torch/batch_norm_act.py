@@ -129,12 +129,18 @@ def _fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residu
     none = input.new_empty((0,), dtype=acc)
     last = TB.channels_last(input)
     axis = TB.bn_axis(input.dim(), last)
-    x = TB.to_array(TB.features_last(input, last))
-    r = None if residual is None else TB.to_array(TB.features_last(residual, last))
+    if residual is not None:            # in x's memory format (no copy when they agree)
+        residual = residual.contiguous(memory_format=TB.memory_format(input))
+
+    def arrays():
+        """x and the residual as the kernels' (N, ..., C) views when channels-last."""
+        return (TB.to_array(TB.features_last(input, last)),
+                None if residual is None else TB.to_array(TB.features_last(residual, last)))
     if not training:
         if input.numel() == 0:
             return torch.empty_like(input), none, none.clone(), none.clone(), none.clone(), none.clone()
         with TB.running_on(input.device):
+            x, r = arrays()
             y = _bn.batch_norm_inference(x, TB.to_array(weight), TB.to_array(bias), TB.to_array(running_mean),
                                          TB.to_array(running_var), axis=axis, eps=eps, residual=r,
                                          activation=activation)
@@ -147,6 +153,7 @@ def _fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residu
         return torch.empty_like(input), input.new_zeros((C,), dtype=acc), input.new_zeros((C,), dtype=acc), rm, rv, nbt
     stats = running_mean is not None
     with TB.running_on(input.device):
+        x, r = arrays()
         y, mean, invstd = _bn.batch_norm_forward(
             x, TB.to_array(weight), TB.to_array(bias), axis=axis, eps=eps,
             running_mean=TB.to_array(rm) if stats else None, running_var=TB.to_array(rv) if stats else None,
@@ -178,8 +185,9 @@ def _bwd(grad_out: Tensor, input: Tensor, weight: Optional[Tensor], mean: Tensor
     last = TB.channels_last(input)
     fmt = TB.memory_format(input)
     grad_out = grad_out.contiguous(memory_format=fmt)       # no copy when formats agree
-    y = None if y is None else TB.to_array(TB.features_last(y.contiguous(memory_format=fmt), last))
+    y = None if y is None else y.contiguous(memory_format=fmt)
     with TB.running_on(input.device):
+        y = None if y is None else TB.to_array(TB.features_last(y, last))
         out = _bn.batch_norm_backward(
             TB.to_array(TB.features_last(grad_out, last)), TB.to_array(TB.features_last(input, last)),
             TB.to_array(weight), TB.to_array(mean), TB.to_array(invstd), axis=TB.bn_axis(input.dim(), last),
