@@ -1,6 +1,6 @@
 // batch_norm.cu: batch statistics, batch-norm forward (training), inference and backward.
 //
-// @variants [{"BN_VECTOR": 1}, {"BN_VECTOR": 0}]
+// @variants [{"BN_VECTOR": 1}, {"BN_VECTOR": 0}, {"BN_VECTOR": 1, "BN_EPILOGUE": 1}, {"BN_VECTOR": 0, "BN_EPILOGUE": 1}]
 // @headers channels.cuh
 //
 // Every kernel walks the (outer, C, inner) view of the per-channel reduction engine (channels.cuh:
@@ -67,6 +67,17 @@
 // sums: 2*VEC), plus the on-chip kernels' row cache: cache_rows * blockDim.x vectors (backward:
 // twice that).
 //
+// The epilogue (the modules built with BN_EPILOGUE=1; the same kernels): each output step of the
+// forward, the inference and the backward fuses what follows a batch norm in a residual block,
+//   forward, inference   y = act(bn(x) + residual): residual read where y is written, the sum in
+//                        ACC_T rounded once; act = relu keeps a NaN (torch's clamp_min)
+//   backward             dz = dy where y > 0, else 0 (relu's gradient from the forward's y, torch's
+//                        threshold_backward): the sums and dx use dz; dresidual = dz written with dx
+// Which half runs is a launch flag (BN_RESIDUAL, BN_RELU); the statistics are x's alone. residual,
+// y and dresidual have x's (outer, C, inner) view. Bytes: forward on chip 3 E*s (x, residual read,
+// y written), inference 3 E*s, backward on chip 5 E*s (dy, y, x read; dx, dresidual written),
+// two kernels 8 E*s. The BN_EPILOGUE=0 modules take the same arguments and never touch them.
+//
 // Special values (PyTorch's answers unless said): statistics stay finite whenever the true
 // variance is (channels.cuh's scaled Welford); an inf in a channel gives mean inf, var NaN; a NaN,
 // or +inf with -inf, NaN; var + eps == 0 (eps = 0, a constant channel) gives invstd 0, so y = beta
@@ -91,6 +102,12 @@
 #define BN_RUNNING 4         // update running_mean / running_var
 #define BN_CUMULATIVE 8      // momentum = 1 / batches[0] (PyTorch's momentum=None)
 #define BN_PARAMS_THREADS 256  // block of batch_norm_inference_params (one thread per channel)
+#define BN_RESIDUAL 16       // the epilogue: add residual (forward, inference); write dresidual (backward)
+#define BN_RELU 32           // the epilogue: relu after the add (forward, inference); dy masked by y > 0
+
+#ifndef BN_EPILOGUE
+#define BN_EPILOGUE 0        // 1: the output steps have the epilogue (the flags above choose its halves)
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // The normalization of a channel as an affine map: y = (x - center) * scale + shift
@@ -156,6 +173,61 @@ __device__ __forceinline__ Vec grad_vec(const Vec& g, const Vec& v, const acc_t*
     for (int j = 0; j < VEC; ++j)
         out.v[j] = from_acc<scalar_t>(bn_apply(to_acc(v.v[j]), mu[j], ca[j], cb[j]) + ck[j] * to_acc(g.v[j]));
     return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The epilogue of the output steps (BN_EPILOGUE modules; see the header comment)
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ acc_t bn_relu(acc_t v) { return v < acc_t(0) ? acc_t(0) : v; }   // NaN stays
+
+// The forward's (and inference's) output vector at element offset `off`: normalized, then
+// act(. + residual) before the one rounding to scalar_t.
+__device__ __forceinline__ Vec output_vec(const Vec& v, const acc_t* mu, const acc_t* sc, const acc_t* sh,
+                                          const scalar_t* __restrict__ residual, index_t off, int flags) {
+#if BN_EPILOGUE
+    Vec r = v;
+    const bool add = (flags & BN_RESIDUAL) != 0;
+    if (add) r = load_vec(residual + off);
+    Vec out;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+        acc_t o = bn_apply(to_acc(v.v[j]), mu[j], sc[j], sh[j]);
+        if (add) o += to_acc(r.v[j]);
+        if (flags & BN_RELU) o = bn_relu(o);
+        out.v[j] = from_acc<scalar_t>(o);
+    }
+    return out;
+#else
+    (void)residual; (void)off; (void)flags;
+    return normalize_vec(v, mu, sc, sh);
+#endif
+}
+
+// dy at `off`, masked by y > 0 under BN_RELU: what reaches the batch norm through the relu.
+__device__ __forceinline__ Vec load_grad(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ y,
+                                         index_t off, int flags) {
+    Vec g = load_vec(dy + off);
+#if BN_EPILOGUE
+    if (flags & BN_RELU) {
+        const Vec m = load_vec(y + off);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j)
+            if (!(to_acc(m.v[j]) > acc_t(0))) g.v[j] = from_acc<scalar_t>(acc_t(0));
+    }
+#else
+    (void)y; (void)flags;
+#endif
+    return g;
+}
+
+// dresidual = the masked dy, stored with dx under BN_RESIDUAL.
+__device__ __forceinline__ void store_residual_grad(scalar_t* dresidual, index_t off, const Vec& g, int flags) {
+#if BN_EPILOGUE
+    if (flags & BN_RESIDUAL) store_vec(dresidual + off, g);
+#else
+    (void)dresidual; (void)off; (void)g; (void)flags;
+#endif
 }
 
 // A thread's lanes' coefficients from the three rows of coef_smem that a finalize left
@@ -301,7 +373,7 @@ batch_norm_stats(acc_t* mean, acc_t* var, acc_t* invstd, acc_t* scale, acc_t* sh
 extern "C" __global__ void __launch_bounds__(BN_ONCHIP_THREADS, 1)
 batch_norm_forward_onchip(scalar_t* y, acc_t* mean, acc_t* var, acc_t* invstd, acc_t* scale, acc_t* shift,
                   acc_t* running_mean, acc_t* running_var, acc_t* ws, const scalar_t* __restrict__ x,
-                  const long long* __restrict__ batches,
+                  const scalar_t* __restrict__ residual, const long long* __restrict__ batches,
                   const acc_t* __restrict__ gamma, const acc_t* __restrict__ beta, index_t outer,
                   int C, index_t inner, int bx, int chunks, acc_t inv_m, acc_t unbias, acc_t eps,
                   acc_t momentum, int flags, int cache_rows) {
@@ -345,26 +417,33 @@ batch_norm_forward_onchip(scalar_t* y, acc_t* mean, acc_t* var, acc_t* invstd, a
     acc_t mu[VEC], sc[VEC], sh[VEC];
     coefficients_of(mu, sc, sh, coef_smem, bx, inner);
 #pragma unroll
-    for (int u = 0; u < BN_ONCHIP_ROWS; ++u)
-        if (t.row + u * t.step < t.rows)
-            store_vec(y + (t.row + u * t.step) * t.stride + t.base, normalize_vec(v[u], mu, sc, sh));
+    for (int u = 0; u < BN_ONCHIP_ROWS; ++u) {
+        if (t.row + u * t.step < t.rows) {
+            const index_t off = (t.row + u * t.step) * t.stride + t.base;
+            store_vec(y + off, output_vec(v[u], mu, sc, sh, residual, off, flags));
+        }
+    }
 #pragma unroll 4
-    for (int k = 0; k < cache_rows; ++k)   // each thread reads back only its own slots: no barrier
-        if (cached_row(t, r0, k, cache_rows))
-            store_vec(y + (r0 + k * t.step) * t.stride + t.base,
-                      normalize_vec(cache[k * blockDim.x + threadIdx.x], mu, sc, sh));
+    for (int k = 0; k < cache_rows; ++k) {  // each thread reads back only its own slots: no barrier
+        if (cached_row(t, r0, k, cache_rows)) {
+            const index_t off = (r0 + k * t.step) * t.stride + t.base;
+            store_vec(y + off, output_vec(cache[k * blockDim.x + threadIdx.x], mu, sc, sh, residual, off, flags));
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Elementwise passes: y = (x - center) * scale + shift, and dx = k*dy + a*(x - mean) + b
 // ---------------------------------------------------------------------------------------------
 
+// aux: the forward's residual, or the backward's y (relu's mask); out2: the backward's dresidual.
 template <bool BACKWARD>
-__device__ __forceinline__ void apply_rows(scalar_t* out, const scalar_t* __restrict__ dy,
-                                           const scalar_t* __restrict__ x, const acc_t* __restrict__ center,
+__device__ __forceinline__ void apply_rows(scalar_t* out, scalar_t* out2, const scalar_t* __restrict__ dy,
+                                           const scalar_t* __restrict__ x, const scalar_t* __restrict__ aux,
+                                           const acc_t* __restrict__ center,
                                            const acc_t* __restrict__ a, const acc_t* __restrict__ b,
                                            const acc_t* __restrict__ k, index_t outer, int C, index_t inner,
-                                           int bx, int chunks) {
+                                           int bx, int chunks, int flags) {
     const Tile t = make_tile(outer, C, inner, bx, chunks);
     if (!t.active) return;
     acc_t mu[VEC], ca[VEC], cb[VEC], ck[VEC];
@@ -379,34 +458,41 @@ __device__ __forceinline__ void apply_rows(scalar_t* out, const scalar_t* __rest
             if (r + u * t.step < t.rows) {
                 const index_t off = (r + u * t.step) * t.stride + t.base;
                 vx[u] = load_vec(x + off);
-                if (BACKWARD) vg[u] = load_vec(dy + off);
+                if (BACKWARD) vg[u] = load_grad(dy, aux, off, flags);
             }
         }
 #pragma unroll
         for (int u = 0; u < BN_UNROLL; ++u) {
             if (r + u * t.step < t.rows) {
+                const index_t off = (r + u * t.step) * t.stride + t.base;
                 Vec o;
-                if constexpr (BACKWARD) o = grad_vec(vg[u], vx[u], mu, ca, cb, ck);
-                else o = normalize_vec(vx[u], mu, ca, cb);
-                store_vec(out + (r + u * t.step) * t.stride + t.base, o);
+                if constexpr (BACKWARD) {
+                    o = grad_vec(vg[u], vx[u], mu, ca, cb, ck);
+                    store_residual_grad(out2, off, vg[u], flags);
+                } else {
+                    o = output_vec(vx[u], mu, ca, cb, aux, off, flags);
+                }
+                store_vec(out + off, o);
             }
         }
     }
 }
 
 extern "C" __global__ void __launch_bounds__(BN_MAX_THREADS)
-batch_norm_apply(scalar_t* y, const scalar_t* __restrict__ x, const acc_t* __restrict__ center,
-         const acc_t* __restrict__ scale, const acc_t* __restrict__ shift, index_t outer, int C,
-         index_t inner, int bx, int chunks) {
-    apply_rows<false>(y, nullptr, x, center, scale, shift, nullptr, outer, C, inner, bx, chunks);
+batch_norm_apply(scalar_t* y, const scalar_t* __restrict__ x, const scalar_t* __restrict__ residual,
+         const acc_t* __restrict__ center, const acc_t* __restrict__ scale, const acc_t* __restrict__ shift,
+         index_t outer, int C, index_t inner, int bx, int chunks, int flags) {
+    apply_rows<false>(y, nullptr, nullptr, x, residual, center, scale, shift, nullptr, outer, C, inner, bx, chunks,
+                      flags);
 }
 
 extern "C" __global__ void __launch_bounds__(BN_MAX_THREADS)
-batch_norm_backward_apply(scalar_t* dx, const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+batch_norm_backward_apply(scalar_t* dx, scalar_t* dresidual, const scalar_t* __restrict__ dy,
+                  const scalar_t* __restrict__ x, const scalar_t* __restrict__ y,
                   const acc_t* __restrict__ mean, const acc_t* __restrict__ k,
                   const acc_t* __restrict__ a, const acc_t* __restrict__ b, index_t outer, int C,
-                  index_t inner, int bx, int chunks) {
-    apply_rows<true>(dx, dy, x, mean, a, b, k, outer, C, inner, bx, chunks);
+                  index_t inner, int bx, int chunks, int flags) {
+    apply_rows<true>(dx, dresidual, dy, x, y, mean, a, b, k, outer, C, inner, bx, chunks, flags);
 }
 
 extern "C" __global__ void __launch_bounds__(BN_PARAMS_THREADS)
@@ -461,7 +547,7 @@ __device__ __forceinline__ void finalize_lane(const GradOut& o, const BnGradSums
 extern "C" __global__ void __launch_bounds__(BN_MAX_THREADS)
 batch_norm_backward_reduce(acc_t* dgamma, acc_t* dbeta, acc_t* k, acc_t* a, acc_t* b, acc_t* ws,
                    unsigned int* counters, const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                   const acc_t* __restrict__ mean, const acc_t* __restrict__ invstd,
+                   const scalar_t* __restrict__ y, const acc_t* __restrict__ mean, const acc_t* __restrict__ invstd,
                    const acc_t* __restrict__ gamma, index_t outer, int C, index_t inner, int bx,
                    int chunks, acc_t inv_m, int flags) {
     extern __shared__ __align__(16) acc_t bn_smem[];
@@ -478,7 +564,7 @@ batch_norm_backward_reduce(acc_t* dgamma, acc_t* dbeta, acc_t* k, acc_t* a, acc_
             for (int u = 0; u < BN_UNROLL; ++u) {
                 if (r + u * t.step < t.rows) {
                     const index_t off = (r + u * t.step) * t.stride + t.base;
-                    vg[u] = load_vec(dy + off);
+                    vg[u] = load_grad(dy, y, off, flags);
                     vx[u] = load_vec(x + off);
                 }
             }
@@ -499,8 +585,9 @@ batch_norm_backward_reduce(acc_t* dgamma, acc_t* dbeta, acc_t* k, acc_t* a, acc_
 // 16-bit types), the row cache holding cache_rows rows of dy and then as many of x; gy * chunks
 // == 1 an ordinary launch, else a cooperative one with ws holding 2 * gy * chunks * C words.
 extern "C" __global__ void __launch_bounds__(BN_ONCHIP_THREADS, 1)
-batch_norm_backward_onchip(scalar_t* dx, acc_t* dgamma, acc_t* dbeta, acc_t* ws, const scalar_t* __restrict__ dy,
-                           const scalar_t* __restrict__ x, const acc_t* __restrict__ mean,
+batch_norm_backward_onchip(scalar_t* dx, scalar_t* dresidual, acc_t* dgamma, acc_t* dbeta, acc_t* ws,
+                           const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                           const scalar_t* __restrict__ y, const acc_t* __restrict__ mean,
                            const acc_t* __restrict__ invstd, const acc_t* __restrict__ gamma, index_t outer,
                            int C, index_t inner, int bx, int chunks, acc_t inv_m, int flags, int cache_rows) {
     extern __shared__ __align__(16) acc_t bn_smem[];
@@ -521,7 +608,7 @@ batch_norm_backward_onchip(scalar_t* dx, acc_t* dgamma, acc_t* dbeta, acc_t* ws,
         for (int u = 0; u < kRows; ++u) {
             if (t.row + u * t.step < t.rows) {
                 const index_t off = (t.row + u * t.step) * t.stride + t.base;
-                vg[u] = load_vec(dy + off);
+                vg[u] = load_grad(dy, y, off, flags);
                 vx[u] = load_vec(x + off);
             }
         }
@@ -534,7 +621,7 @@ batch_norm_backward_onchip(scalar_t* dx, acc_t* dgamma, acc_t* dbeta, acc_t* ws,
             for (int u = 0; u < BN_CACHE_UNROLL / 2; ++u) {
                 if (cached_row(t, r0, k + u, cache_rows)) {
                     const index_t off = (r0 + (k + u) * t.step) * t.stride + t.base;
-                    cg[u] = load_vec(dy + off);
+                    cg[u] = load_grad(dy, y, off, flags);
                     cx[u] = load_vec(x + off);
                 }
             }
@@ -557,14 +644,20 @@ batch_norm_backward_onchip(scalar_t* dx, acc_t* dgamma, acc_t* dbeta, acc_t* ws,
     acc_t ck[VEC], ca[VEC], cb[VEC];
     coefficients_of(ck, ca, cb, coef_smem, bx, inner);
 #pragma unroll
-    for (int u = 0; u < kRows; ++u)
-        if (t.row + u * t.step < t.rows)
-            store_vec(dx + (t.row + u * t.step) * t.stride + t.base, grad_vec(vg[u], vx[u], mu, ca, cb, ck));
+    for (int u = 0; u < kRows; ++u) {
+        if (t.row + u * t.step < t.rows) {
+            const index_t off = (t.row + u * t.step) * t.stride + t.base;
+            store_vec(dx + off, grad_vec(vg[u], vx[u], mu, ca, cb, ck));
+            store_residual_grad(dresidual, off, vg[u], flags);
+        }
+    }
 #pragma unroll 4
     for (int k = 0; k < cache_rows; ++k) {
         if (cached_row(t, r0, k, cache_rows)) {
             const int i = k * blockDim.x + threadIdx.x;
-            store_vec(dx + (r0 + k * t.step) * t.stride + t.base, grad_vec(cache_dy[i], cache_x[i], mu, ca, cb, ck));
+            const index_t off = (r0 + k * t.step) * t.stride + t.base;
+            store_vec(dx + off, grad_vec(cache_dy[i], cache_x[i], mu, ca, cb, ck));
+            store_residual_grad(dresidual, off, cache_dy[i], flags);
         }
     }
 }

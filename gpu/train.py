@@ -5,6 +5,7 @@
     gpu-train --dataset digits --compare-bn         # with vs without BN: plot + JSON summary
     gpu-train --task lm --out lm_out                # a character-level LM with the fused head
     gpu-train --dataset digits --framework torch    # the same MLP as a torch model (gpu.torch modules)
+    gpu-train --framework torch --model resnet --fuse   # a small ResNet, fused BN + add + ReLU vs unfused
 
 Everything is checked (dataset, labels, batch size, device, output paths) before the first step;
 a problem is reported as ``gpu-train: error: ...`` with exit status 2. A run whose loss blows up
@@ -71,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nn: the package's gpu.nn layers; torch: the same MLP (same initial weights, batches "
                         "and optimizer) as a torch model with gpu.torch.BatchNorm1d and CrossEntropyLoss, "
                         "autograd for the backward (needs the torch extra; default nn)")
+    p.add_argument("--model", choices=("mlp", "resnet"), default="mlp",
+                   help="mlp: the MLP of --layers (default); resnet: a small ResNet on the images as "
+                        "1 x side x side (conv stem, two BasicBlocks, one downsampling), --framework torch")
+    p.add_argument("--fuse", action="store_true",
+                   help="with --model resnet: train it unfused and, from the same initial weights and batches, "
+                        "with gpu.torch.fuse's fused batch norm + add + ReLU; print both times per epoch and "
+                        "the loss curves' largest difference")
+    p.add_argument("--torch-dtype", choices=("float32", "float64"), default="float32",
+                   help="--framework torch: the model's and the inputs' dtype (default float32)")
     p.add_argument("--threads", type=int, default=1,
                    help="BLAS threads on the CPU (default 1: a mini-batch's matmuls are too small "
                         "to gain from more, and on a busy machine waiting threads cost 10x)")
@@ -237,6 +247,12 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
         parser.error("--save writes gpu.nn models: drop it with --framework torch (torch.save the model instead)")
     if args.framework == "torch" and args.distributed:
         parser.error("--distributed trains gpu.nn models: drop --framework torch")
+    if args.model == "resnet" and (args.framework != "torch" or args.compare_bn):
+        parser.error("--model resnet is a torch model: add --framework torch (and drop --compare-bn)")
+    if args.fuse and args.model != "resnet":
+        parser.error("--fuse fuses the batch norms of --model resnet: add --model resnet --framework torch")
+    if args.torch_dtype != "float32" and args.framework != "torch":
+        parser.error("--torch-dtype sets the torch model's dtype: add --framework torch")
     if args.compare_bn and args.no_bn:
         parser.error("--compare-bn trains both with and without batch norm; drop --no-bn")
     for flag, path in (("--json", args.json), ("--save", args.save)):
@@ -327,6 +343,8 @@ def summarize(args: argparse.Namespace, hist: History, batch_norm: bool) -> dict
         "best_val_acc": max(hist.val_acc), "wall_time_s": round(hist.wall_time, 3)}
     if args.targets:
         out["steps_to_target"] = {f"{t:g}": hist.steps_to(t) for t in args.targets}
+    if getattr(hist, "fusion", None):
+        out["fusion"] = hist.fusion
     return out
 
 
@@ -339,7 +357,8 @@ def config_of(args: argparse.Namespace, data) -> dict[str, Any]:
             "lr_decay": args.lr_decay, "standardize": args.standardize,
             "batch_size": args.batch_size, "epochs": args.epochs,
             "val_fraction": args.val_fraction, "seed": args.seed, "device": args.device,
-            "framework": args.framework}
+            "framework": args.framework, "model": args.model, "fuse": args.fuse,
+            "torch_dtype": args.torch_dtype}
 
 
 def plot_compare(path: str, title: str, runs: dict[str, History], targets: list[float]) -> None:

@@ -70,7 +70,8 @@ export GPU_KERNEL_MODULE_LOG="$OUTDIR/modules.jsonl"
 KERNEL_TESTS=(tests/test_batch_norm_kernels.py tests/test_softmax_kernels.py tests/test_gpu_paths.py
               tests/test_batch_norm.py tests/test_softmax.py tests/test_numerics_batch_norm.py
               tests/test_numerics_softmax.py tests/test_ce_zloss_softcap.py tests/test_linear_cross_entropy.py
-              tests/test_cuda_graph.py tests/test_emulator.py tests/test_torch_interop.py tests/test_torch_flce.py)
+              tests/test_cuda_graph.py tests/test_emulator.py tests/test_torch_interop.py tests/test_torch_flce.py
+              tests/test_batch_norm_epilogue.py tests/test_batch_norm_epilogue_kernels.py)
 # memcheck: every batch-norm path in float32, and every softmax/CE and batch-norm path forced at
 # small sizes (GPU_PATHS_SMALL=1), on the GPU (serial)
 MEMCHECK_K="test_paths_float32 or test_softmax_and_cross_entropy_paths or test_batch_norm_paths"

@@ -39,6 +39,12 @@ def cases(size: int):
     return out
 
 
+#: batch norm's fused epilogue, synchronized (2 ranks): y = relu(bn(x) + residual) and every
+#: gradient; (name, split, feature shape, axis, dtype)
+EPILOGUE_CASES = [("fused-5-3_4d_float64", [5, 3], (3, 2, 5), (0, 2, 3), "float64"),
+                  ("fused-8-0_2d_float32", [8, 0], (6,), 0, "float32")]
+
+
 def global_batch(name: str, split, feat, dtype):
     """The concatenated batch of a case and its upstream gradient (seeded by the case name)."""
     rng = np.random.default_rng(sum(map(ord, name)))
@@ -88,6 +94,26 @@ def stats_cases(comm, backend: str):
             info["counts"][name] = [n1 - n0 - fresh, n2 - n1]
             arrays.update({f"{name}/{k}": v for k, v in dict(
                 y=y, mean=mean, invstd=invstd, rm=rm, rv=rv, dx=dx, dgamma=dgamma, dbeta=dbeta).items()})
+        for name, split, feat, axis, dt in (EPILOGUE_CASES if P == 2 else []):
+            x, dy = global_batch(name, split, feat, dt)
+            res = global_batch(name + "/residual", split, feat, dt)[1]
+            lo = sum(split[:r])
+            xs, dys, rs = (a[lo:lo + split[r]] for a in (x, dy, res))
+            C = feat[0]
+            gamma, beta = np.linspace(0.5, 1.5, C).astype(dt), np.linspace(-1, 1, C).astype(dt)
+            acc = np.float64 if dt == "float64" else np.float32
+            rm, rv = np.zeros(C, acc), np.ones(C, acc)
+            fresh = C not in comm.verified
+            n0 = comm.collectives
+            y, mean, invstd = gpu.batch_norm_forward(xs, gamma, beta, axis=axis, running_mean=rm, running_var=rv,
+                                                     momentum=0.1, comm=comm, residual=rs, activation="relu")
+            n1 = comm.collectives
+            dx, dgamma, dbeta, dres = gpu.batch_norm_backward(dys, xs, gamma, mean, invstd, axis=axis, comm=comm,
+                                                              activation="relu", y=y, residual_grad=True)
+            n2 = comm.collectives
+            info["counts"][name] = [n1 - n0 - fresh, n2 - n1]
+            arrays.update({f"{name}/{k}": v for k, v in dict(
+                y=y, mean=mean, rm=rm, rv=rv, dx=dx, dgamma=dgamma, dbeta=dbeta, dres=dres).items()})
     return arrays, info
 
 
@@ -186,6 +212,15 @@ def sbn_cases(group, size: int):
         arrays["model/out"] = out.detach().numpy()
         arrays.update({f"model/{k}": v.detach().numpy() for k, v in model.state_dict().items()})
         arrays.update({f"model/grad/{k}": p.grad.numpy() for k, p in model.named_parameters()})
+        # the same model with its batch norm + ReLU fused (gpu.torch.fuse): the synchronized fused op
+        fused = gt.fuse(gt.SyncBatchNorm.convert_sync_batchnorm(sbn_model(), group))
+        info["fused"] = [type(m).__name__ for m in fused.modules() if "BatchNorm" in type(m).__name__]
+        for step in range(2):
+            out = fused(xs)
+            (out * torch.arange(1.0, 6.0, dtype=torch.float64)).sum().backward()
+        arrays["fused/out"] = out.detach().numpy()
+        arrays.update({f"fused/{k}": v.detach().numpy() for k, v in fused.state_dict().items()})
+        arrays.update({f"fused/grad/{k}": p.grad.numpy() for k, p in fused.named_parameters()})
     return arrays, info
 
 

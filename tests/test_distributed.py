@@ -166,6 +166,56 @@ def test_synchronized_equals_concatenated(engine, size, case, tmp_path_factory):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("case", W.EPILOGUE_CASES, ids=[c[0] for c in W.EPILOGUE_CASES])
+def test_synchronized_fused_epilogue_equals_concatenated(engine, case, tmp_path_factory):
+    # relu(bn(x) + residual) with comm= on 2 ranks ([5, 3] rows, and [8, 0]: a rank with none)
+    # against the whole batch in float64: y, the running statistics, dx, dgamma, dbeta (summed
+    # shares) and dresidual (each rank's rows), the relu mask from the y the ranks computed
+    ranks = launched(engine, 2, tmp_path_factory)
+    name, split, feat, axis, dt = case
+    x, dy = W.global_batch(name, split, feat, dt)
+    res = W.global_batch(name + "/residual", split, feat, dt)[1].astype(np.float64)
+    C = feat[0]
+    got = [a for a, _ in ranks]
+    ref = reference(x, dy, np.linspace(0.5, 1.5, C).astype(dt), np.linspace(-1, 1, C).astype(dt), axis)
+    y = np.concatenate([g[f"{name}/y"].astype(np.float64) for g in got])
+    tol = TOL[np.dtype(dt)]
+    y_ref = np.maximum(ref["y"] + res, 0)
+    assert np.linalg.norm(y - y_ref) / np.linalg.norm(y_ref) <= tol
+    for k in ("rm", "rv"):
+        assert np.linalg.norm(got[0][f"{name}/{k}"] - ref[k]) / np.linalg.norm(ref[k]) <= tol, k
+    dz = dy.astype(np.float64) * (y > 0)               # the chain rule through relu and the add
+    ref = reference(x, dz, np.linspace(0.5, 1.5, C).astype(dt), np.linspace(-1, 1, C).astype(dt), axis)
+    ref["dres"] = dz
+    for k in ("dx", "dres"):
+        whole = np.concatenate([g[f"{name}/{k}"].astype(np.float64) for g in got])
+        assert np.linalg.norm(whole - ref[k]) / np.linalg.norm(ref[k]) <= tol, k
+    for k in ("dgamma", "dbeta"):
+        total = sum(g[f"{name}/{k}"].astype(np.float64) for g in got)
+        assert np.linalg.norm(total - ref[k]) / np.linalg.norm(ref[k]) <= tol * 4, k
+
+
+@pytest.mark.kernel
+def test_kernel_path_fused_with_one_rank_equals_plain():
+    """The synchronized kernel path (inference + two-kernel backward with the epilogue) on a
+    one-rank communicator equals the unsynchronized fused call."""
+    import gpu
+    rng = np.random.default_rng(4)
+    x, dy, r = (rng.standard_normal((6, 4, 3, 5)).astype(np.float32) for _ in range(3))
+    comm, axis = _OneRank(), (0, 2, 3)
+    with gpu.use_backend("emulate"):
+        y, mean, invstd = gpu.batch_norm_forward(x, axis=axis, comm=comm, residual=r, activation="relu")
+        y0, mean0, invstd0 = gpu.batch_norm_forward(x, axis=axis, residual=r, activation="relu")
+        grads = gpu.batch_norm_backward(dy, x, None, mean, invstd, axis=axis, comm=comm, activation="relu", y=y,
+                                        residual_grad=True)
+        grads0 = gpu.batch_norm_backward(dy, x, None, mean0, invstd0, axis=axis, activation="relu", y=y0,
+                                         residual_grad=True)
+    assert len(grads) == 4
+    for a, b in zip((y, mean, invstd, *grads), (y0, mean0, invstd0, *grads0)):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("size", [2, 3])
 def test_one_collective_per_forward_and_backward(engine, size, tmp_path_factory):
     # counted through the adapter; the first call with a new channel count also exchanges the
@@ -415,6 +465,17 @@ def test_convert_sync_batchnorm_model_equals_single_process(tmp_path_factory):
     for k, p in model.named_parameters():
         total = sum(a[f"model/grad/{k}"] for a, _ in ranks)
         np.testing.assert_allclose(total, p.grad.numpy(), rtol=1e-9, atol=1e-10, err_msg=k)
+
+
+@needs_torch
+def test_fused_sync_batchnorm_model_equals_unfused(tmp_path_factory):
+    # gpu.torch.fuse on the converted model: its BatchNorm2d + ReLU runs the synchronized fused op
+    # over the 2 ranks; outputs, state and gradients equal the unfused synchronized run's
+    ranks = launched("gloo", 2, tmp_path_factory)
+    assert ranks[0][1]["sbn"]["fused"] == ["SyncBatchNormAct", "SyncBatchNorm"]
+    for a, _ in ranks:
+        for k in [k for k in a if k.startswith("model/")]:
+            np.testing.assert_allclose(a["fused/" + k[6:]], a[k], rtol=1e-10, atol=1e-12, err_msg=k)
 
 
 @needs_torch

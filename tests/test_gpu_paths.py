@@ -139,6 +139,40 @@ def test_batch_norm_paths(where, rng, small, big, axis, knobs, kernel, backward)
     assert_close(np.reshape(to_numpy(db), -1), np.reshape(wdb, -1), dtype, "dbeta", factor=4)
 
 
+@pytest.mark.parametrize("small,big,axis,knobs,kernel,backward", BN_CASES,
+                         ids=[f"{'x'.join(map(str, b))}-{k.get('path', 'auto')}" for _, b, _, k, *_ in BN_CASES])
+def test_batch_norm_paths_fused(where, rng, small, big, axis, knobs, kernel, backward):
+    """The same paths with the epilogue, y = relu(bn(x) + residual), and its backward (relu's mask,
+    dresidual), against the float64 composition."""
+    shape = big if where == "cuda" and BIG else small
+    dtype = F32
+    x = (rng.standard_normal(shape) * 2 + 0.5).astype(dtype)
+    r = rng.standard_normal(shape).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    axes = axis if isinstance(axis, tuple) else (axis,)
+    kept = tuple(i for i in range(x.ndim) if i not in axes)
+    C = int(np.prod([shape[i] for i in kept]))
+    g = rng.uniform(0.5, 1.5, C).astype(dtype)
+    b = rng.standard_normal(C).astype(dtype)
+    with channels.tuned(**knobs):
+        (y, mean, invstd), names = _run(where, gpu.batch_norm_forward, x, g, b, axis=axis, residual=r,
+                                        activation="relu")
+        _ran(names, kernel)
+        (dx, dg, db, dr), names = _run(where, gpu.batch_norm_backward, dy, x, g, mean, invstd, axis=axis,
+                                       activation="relu", y=y, residual_grad=True)
+        _ran(names, backward)
+    bshape = [shape[i] if i in kept else 1 for i in range(x.ndim)]
+    g64, b64 = g.astype(np.float64).reshape(bshape), b.astype(np.float64).reshape(bshape)
+    want = ref.batch_norm_forward(x.astype(np.float64), g64, b64, axes, 1e-5)
+    assert_close(y, np.maximum(want[0] + r, 0), dtype, "y")
+    dz = dy.astype(np.float64) * (to_numpy(y) > 0)         # relu's mask from the y returned
+    wdx, wdg, wdb = ref.batch_norm_backward(dz, x.astype(np.float64), g64, want[1], want[2], axes)
+    assert_close(dr, dz, dtype, "dresidual")
+    assert_close(dx, wdx, dtype, "dx", factor=4)
+    assert_close(np.reshape(to_numpy(dg), -1), np.reshape(wdg, -1), dtype, "dgamma", factor=4)
+    assert_close(np.reshape(to_numpy(db), -1), np.reshape(wdb, -1), dtype, "dbeta", factor=4)
+
+
 def _free_bytes() -> int:
     import cupy
     return int(cupy.cuda.runtime.memGetInfo()[0])

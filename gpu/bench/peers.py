@@ -151,6 +151,7 @@ class TorchInteropPeer(TorchPeer):
     `gpu.torch` in place of torch.nn.functional, on the device's tensors (`--framework torch`)."""
 
     OPS = ("batch_norm_forward", "batch_norm_inference", "batch_norm_backward", "batch_norm_train",
+           "batch_norm_add_relu_train", "batch_norm_add_relu_inference",
            "softmax_cross_entropy", "softmax_cross_entropy_train")
 
     def __init__(self, name: str = "ours-torch"):
@@ -189,6 +190,8 @@ def _to_torch(a):
 #: The peers, in table order. Tests add entries to check how a wrong one is reported.
 PEERS: list[Peer] = [
     FunctionPeer("ours", "any", {name: op.ours for name, op in OPS.items()}),
+    # a fused op as the composition of this library's unfused ops
+    FunctionPeer("ours-unfused", "any", {name: op.unfused for name, op in OPS.items() if op.unfused is not None}),
     FunctionPeer("cupy", "gpu", {name: _cupy_impl(op) for name, op in OPS.items()}, requires="cupy"),
     TorchPeer("torch-cudnn", "gpu", cudnn=True, families=("batch_norm",)),
     TorchPeer("torch", "gpu", cudnn=False),

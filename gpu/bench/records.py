@@ -37,6 +37,8 @@ class Op:
     are updated in place as this library does. `ours`, `seed`: (case, inputs) -> run. `torch`:
     (case, tensors, wrap) -> run, where `wrap` is the identity or torch.compile. A peer's run
     returns the outputs in `outputs` order, None for one it does not produce (not checked).
+    `unfused`: a fused op's composition of this library's unfused ops (the `ours-unfused` peer).
+    `public`: the public function the op times, when its name is not one.
     """
     name: str
     family: str
@@ -50,6 +52,8 @@ class Op:
     torch: Callable[["Case", dict, Callable], Run] | None = None
     updates_running: bool = False
     host_shape: tuple[int, ...] | None = None
+    unfused: Callable[["Case", dict], Run] | None = None
+    public: str | None = None
 
 
 @dataclass(frozen=True)
@@ -199,7 +203,7 @@ def _seed_train(c: Case, i: dict) -> tuple:
 
 def _torch_bn_args(c: Case, t: dict, *names):
     """PyTorch wants channels on axis 1: x and dy are viewed so (NHWC becomes channels_last)."""
-    return [t[n].movedim(c.channel_axis, 1) if n in ("x", "dy") else t[n] for n in names]
+    return [t[n].movedim(c.channel_axis, 1) if n in ("x", "dy", "residual") else t[n] for n in names]
 
 
 def _torch_bn_grads(c: Case, t: dict, wrap, with_forward: bool) -> Run:
@@ -239,6 +243,86 @@ def _torch_batch_stats(c: Case, t: dict, wrap) -> Run:
     torch, _ = _torch()
     f = wrap(lambda x: torch.var_mean(x, dim=c.axes, correction=0))
     return lambda: f(t["x"])[::-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch norm + residual add + ReLU (a ResNet block's end), fused
+# ---------------------------------------------------------------------------------------------
+
+def _ref_add_relu_train(c: Case, i: dict, dt, momentum=None) -> tuple:
+    y, mean, invstd = _ref_forward(c, i, dt, momentum)
+    y = ref.add_relu(y, i["residual"])
+    dz = ref.relu_backward(i["dy"], y, dtype=dt)
+    dx, dgamma, dbeta = ref.batch_norm_backward(dz, i["x"], c.kept(i["gamma"]), c.kept(mean), c.kept(invstd),
+                                                c.axes, dtype=dt)
+    return y, dx, c.flat(dgamma), c.flat(dbeta), dz
+
+
+def _ref_add_relu_inference(c: Case, i: dict, dt, momentum=None) -> tuple:
+    y = ref.batch_norm_inference(i["x"], *map(c.kept, (i[n] for n in _BN_PARAMS)), c.axes, EPS, dtype=dt)
+    return (ref.add_relu(y, i["residual"]),)
+
+
+def _ours_add_relu_train(c: Case, i: dict) -> tuple:
+    y, mean, invstd = gpu.batch_norm_forward(i["x"], i["gamma"], i["beta"], axis=c.axes, eps=EPS,
+                                             running_mean=i["running_mean"], running_var=i["running_var"],
+                                             momentum=MOMENTUM, residual=i["residual"], activation="relu")
+    return (y,) + tuple(gpu.batch_norm_backward(i["dy"], i["x"], i["gamma"], mean, invstd, axis=c.axes,
+                                                activation="relu", y=y, residual_grad=True))
+
+
+def _unfused_add_relu_train(c: Case, i: dict) -> tuple:
+    """Three of this library's calls and two elementwise passes: what the fused op replaces."""
+    xp = ref.array_module(i["x"])
+    y, mean, invstd = _ours_forward(c, i)
+    y = xp.maximum(y + i["residual"], 0)
+    dz = xp.where(y > 0, i["dy"], xp.zeros_like(i["dy"]))
+    return (y,) + tuple(gpu.batch_norm_backward(dz, i["x"], i["gamma"], mean, invstd, axis=c.axes)) + (dz,)
+
+
+def _ours_add_relu_inference(c: Case, i: dict) -> tuple:
+    return (gpu.batch_norm_inference(i["x"], i["gamma"], i["beta"], i["running_mean"], i["running_var"],
+                                     axis=c.axes, eps=EPS, residual=i["residual"], activation="relu"),)
+
+
+def _unfused_add_relu_inference(c: Case, i: dict) -> tuple:
+    xp = ref.array_module(i["x"])
+    y = gpu.batch_norm_inference(i["x"], i["gamma"], i["beta"], i["running_mean"], i["running_var"],
+                                 axis=c.axes, eps=EPS)
+    return (xp.maximum(y + i["residual"], 0),)
+
+
+def _seed_add_relu_train(c: Case, i: dict) -> tuple:
+    y, mean, var = _seed_forward(c, i)
+    y = np.maximum(y + i["residual"], 0)
+    dz = i["dy"] * (y > 0)
+    return (y,) + _seed_backward(c, dict(i, dy=dz), mean, var) + (dz,)
+
+
+def _torch_add_relu(training: bool) -> Callable:
+    """relu(F.batch_norm(x) + r) as torch runs it (eager or compiled); through gpu.torch (the
+    `ours-torch` peer), its fused call."""
+    def build(c: Case, t: dict, wrap) -> Run:
+        torch, F = _torch()
+        if F is torch.nn.functional:
+            f = wrap(lambda x, r, w, b, rm, rv: torch.relu(F.batch_norm(x, rm, rv, w, b, training, MOMENTUM, EPS)
+                                                           + r))
+        else:
+            f = wrap(lambda x, r, w, b, rm, rv: F.batch_norm(x, rm, rv, w, b, training, MOMENTUM, EPS, residual=r,
+                                                             activation="relu"))
+        x, r, w, b, rm, rv = _torch_bn_args(c, t, "x", "residual", *_BN_PARAMS)
+        ax = c.channel_axis
+        if not training:
+            return lambda: (f(x, r, w, b, rm, rv).movedim(1, ax),)
+        (dy,) = _torch_bn_args(c, t, "dy")
+        leaves = tuple(v.detach().requires_grad_() for v in (x, r, w, b))
+
+        def run():
+            y = f(*leaves, rm, rv)
+            dx, dr, dw, db = torch.autograd.grad(y, leaves, dy)
+            return y.detach().movedim(1, ax), dx.movedim(1, ax), dw, db, dr.movedim(1, ax)
+        return run
+    return build
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,6 +430,29 @@ OPS: dict[str, Op] = {op.name: op for op in (
        seed=lambda c, i: lambda: _seed_train(c, i),
        torch=lambda c, t, wrap: _torch_bn_grads(c, t, wrap, with_forward=True), updates_running=True),
 
+    Op("batch_norm_add_relu_train", "batch_norm", "BN + add + ReLU fwd+bwd",
+       ("y", "dx", "dgamma", "dbeta", "dresidual"), ("x", "residual", "dy") + _BN_PARAMS,
+       # forward: read x and the residual, write y (x on chip between stats and normalize): 3 E*s;
+       # backward: read dy, y (the mask) and x, write dx and the residual's gradient: 5 E*s
+       min_bytes=lambda c: 8 * _es(c) + 44 * c.channels,
+       reference=_ref_add_relu_train,
+       ours=lambda c, i: lambda: _ours_add_relu_train(c, i),
+       unfused=lambda c, i: lambda: _unfused_add_relu_train(c, i),
+       seed=lambda c, i: lambda: _seed_add_relu_train(c, i),
+       torch=_torch_add_relu(training=True), updates_running=True, public="batch_norm_forward"),
+
+    Op("batch_norm_add_relu_inference", "batch_norm", "BN + add + ReLU inference", ("y",),
+       ("x", "residual") + _BN_PARAMS,
+       # read x and the residual, write y; read gamma, beta, running stats
+       min_bytes=lambda c: 3 * _es(c) + 16 * c.channels,
+       reference=_ref_add_relu_inference,
+       ours=lambda c, i: lambda: _ours_add_relu_inference(c, i),
+       unfused=lambda c, i: lambda: _unfused_add_relu_inference(c, i),
+       seed=lambda c, i: lambda: (np.maximum(
+           (i["x"] - c.kept(i["running_mean"])) / np.sqrt(c.kept(i["running_var"]) + EPS) * c.kept(i["gamma"])
+           + c.kept(i["beta"]) + i["residual"], 0),),
+       torch=_torch_add_relu(training=False), public="batch_norm_inference"),
+
     Op("softmax", "softmax", "softmax", ("y",), ("z",),
        # read z, write the probabilities
        min_bytes=lambda c: 2 * _es(c),
@@ -402,6 +509,7 @@ def make_inputs(xp, rng, case: Case) -> dict[str, Any]:
     makers: dict[str, Callable[[], Any]] = {
         "x": lambda: normal(case.shape, 2.0, 0.5),
         "dy": lambda: normal(case.shape),
+        "residual": lambda: normal(case.shape),
         "z": lambda: normal(case.shape, 3.0),
         "target": lambda: rng.integers(0, case.channels, case.shape[:-1], dtype=np.int64),
         "gamma": lambda: normal(c, 0.1, 1.0, vec),

@@ -80,6 +80,19 @@ def update_running_stats(running_mean: Array, running_var: Array, mean: Array, v
         r += momentum * stat.reshape(r.shape).astype(r.dtype)
 
 
+def add_relu(y: Array, residual: Array) -> Array:
+    """The fused epilogue of a ResNet block: relu(y + residual), in y's dtype."""
+    xp = array_module(y, residual)
+    return xp.maximum(y + xp.asarray(residual).astype(y.dtype, copy=False), 0)
+
+
+def relu_backward(dy: Array, y: Array, *, dtype=np.float64) -> Array:
+    """The gradient through relu given its output y: dy where y > 0, else 0."""
+    xp = array_module(dy, y)
+    dy = _as(xp, dy, dtype)
+    return xp.where(xp.asarray(y) > 0, dy, xp.zeros_like(dy))
+
+
 def batch_norm_backward(dy: Array, x: Array, gamma: Array | None, mean: Array, invstd: Array,
                         axes: tuple[int, ...], *, dtype=np.float64) -> tuple[Array, Array, Array]:
     """(dx, dgamma, dbeta), dgamma and dbeta in keepdims shape; by the chain rule through x_hat,

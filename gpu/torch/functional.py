@@ -56,10 +56,22 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     >>> x = torch.randn(8, 3, 5, 5)
     >>> y = gt.batch_norm(x, torch.zeros(3), torch.ones(3), training=True)
     """
+    weight, bias, num_batches_tracked = batch_norm_arguments(input, running_mean, running_var, weight, bias,
+                                                             training, momentum, eps, num_batches_tracked)
+    y, _, _, rm, rv, nbt = torch.ops.gpu.batch_norm_fwd(
+        TB.dense(input), weight, bias, running_mean, running_var, num_batches_tracked, bool(training),
+        None if momentum is None else float(momentum), float(eps))
+    if training and running_mean is not None:
+        store_running_stats((running_mean, running_var, num_batches_tracked), (rm, rv, nbt))
+    return y
+
+
+def batch_norm_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps, nbt):
+    """`batch_norm`'s checks: (weight, bias, num_batches_tracked) as the op takes them (1-D
+    parameters; the count None unless training updates running statistics)."""
     if type(training) is not bool:          # torch's argument parser takes a bool only
         raise TypeError(f"training: expected a bool, got {type(training).__name__}")
-    C = _check_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                          num_batches_tracked)
+    C = _check_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, nbt)
     weight, bias = (None if p is None else p.view(C) if p.dim() != 1 else p for p in (weight, bias))
     if not training:
         for name, r in (("running_mean", running_mean), ("running_var", running_var)):
@@ -71,17 +83,12 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
         if not training or running_mean is None:
             raise TypeError("momentum: expected a float, got None (None, the cumulative average, applies "
                             "to training with running statistics and num_batches_tracked only)")
-        if num_batches_tracked is None:
+        if nbt is None:
             raise TypeError("momentum: None (the cumulative average) needs num_batches_tracked, the count of "
                             "updates (use gpu.torch.BatchNorm*d, or pass num_batches_tracked=)")
     if not training or running_mean is None:
-        num_batches_tracked = None          # counts running-statistics updates only
-    y, _, _, rm, rv, nbt = torch.ops.gpu.batch_norm_fwd(
-        TB.dense(input), weight, bias, running_mean, running_var, num_batches_tracked, bool(training),
-        None if momentum is None else float(momentum), float(eps))
-    if training and running_mean is not None:
-        store_running_stats((running_mean, running_var, num_batches_tracked), (rm, rv, nbt))
-    return y
+        nbt = None          # counts running-statistics updates only
+    return weight, bias, nbt
 
 
 def store_running_stats(buffers, values) -> None:
@@ -222,7 +229,7 @@ def _train_forward(input, weight, bias, rm, rv, nbt, momentum, eps, comm=None):
 
 
 @_batch_norm_fwd.register_fake
-def _(input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps):
+def forward_fake(input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps):
     acc = TB.compute_dtype(input.dtype)
     n = input.shape[1] if training else 0
     rm, rv, nbt = (input.new_empty((0,), dtype=acc) if r is None or not training else torch.empty_like(r)

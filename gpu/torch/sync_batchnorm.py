@@ -61,6 +61,20 @@ def sync_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: 
 
     >>> y = gt.sync_batch_norm(x, rm, rv, weight, bias)     # doctest: +SKIP
     """
+    group, weight, bias, running_mean, running_var, num_batches_tracked = sync_arguments(
+        input, running_mean, running_var, weight, bias, momentum, eps, process_group, num_batches_tracked)
+    y, _, _, rm, rv, nbt = torch.ops.gpu.sync_batch_norm_fwd(
+        TB.dense(input), weight, bias, running_mean, running_var, num_batches_tracked,
+        None if momentum is None else float(momentum), float(eps), group_name(group))
+    if running_mean is not None:
+        F.store_running_stats((running_mean, running_var, num_batches_tracked), (rm, rv, nbt))
+    return y
+
+
+def sync_arguments(input, running_mean, running_var, weight, bias, momentum, eps, process_group,
+                   num_batches_tracked):
+    """`sync_batch_norm`'s checks: (group, weight, bias, running_mean, running_var,
+    num_batches_tracked) as the op takes them."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("process_group: torch.distributed is not initialized (call "
                            "torch.distributed.init_process_group first)")
@@ -82,12 +96,7 @@ def sync_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: 
                         "updates (use gpu.torch.SyncBatchNorm, or pass num_batches_tracked=)")
     if running_mean is None:
         num_batches_tracked = None
-    y, _, _, rm, rv, nbt = torch.ops.gpu.sync_batch_norm_fwd(
-        TB.dense(input), weight, bias, running_mean, running_var, num_batches_tracked,
-        None if momentum is None else float(momentum), float(eps), group_name(group))
-    if running_mean is not None:
-        F.store_running_stats((running_mean, running_var, num_batches_tracked), (rm, rv, nbt))
-    return y
+    return group, weight, bias, running_mean, running_var, num_batches_tracked
 
 
 @torch.library.custom_op("gpu::sync_batch_norm_fwd", mutates_args=())
@@ -168,6 +177,16 @@ _sync_fwd.register_autograd(_backward, setup_context=_setup_context)
 _sync_bwd.register_autograd(F._no_double_backward("batch_norm"), setup_context=lambda ctx, inputs, output: None)
 
 
+def forward_group(bn: nn.Module, bn_training: bool) -> Any:
+    """The process group a synchronized batch norm module's forward runs over, as torch's
+    SyncBatchNorm decides it: in training under an initialized torch.distributed with more than
+    one rank in the module's group (None: the world); else None, plain batch norm."""
+    if not (bn_training and bn.training and dist.is_available() and dist.is_initialized()):
+        return None
+    group = bn.process_group if bn.process_group is not None else dist.group.WORLD
+    return group if dist.get_world_size(group) >= 2 else None
+
+
 # ---------------------------------------------------------------------------------------------
 # The module
 # ---------------------------------------------------------------------------------------------
@@ -210,11 +229,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         running_mean, running_var, bn_training, momentum, nbt = forward_arguments(self)
-        group = None
-        if bn_training and self.training and dist.is_available() and dist.is_initialized():
-            group = self.process_group if self.process_group is not None else dist.group.WORLD
-            if dist.get_world_size(group) < 2:
-                group = None
+        group = forward_group(self, bn_training)
         if group is None:                       # eval, one rank, no torch.distributed: plain batch norm
             return F.batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training,
                                 momentum, self.eps, num_batches_tracked=nbt)

@@ -1,4 +1,5 @@
-"""`gpu-train --framework torch`: the same MLP as a torch model, with this library's modules.
+"""`gpu-train --framework torch`: the same MLP as a torch model, with this library's modules; or
+(``--model resnet``) a small ResNet on the images, with ``--fuse`` its fused batch norm + add + ReLU.
 
 `to_torch(model)` turns a `gpu.nn.Sequential` (as built by `gpu.train.build_model`) into a
 `torch.nn.Sequential` with the same weights: Standardize -> a fixed affine module, Linear ->
@@ -7,9 +8,17 @@ torch's. `fit` trains it with the loss `gpu.torch.CrossEntropyLoss` and autograd
 mini-batches, validation schedule and optimizer as `gpu.nn.fit`: the optimizer is `gpu.nn`'s own,
 updating the torch parameters through zero-copy array views of them. From one seed the two paths
 start from identical weights and follow the same curve up to float32 rounding.
+
+`resnet` builds the ResNet (a conv stem and two BasicBlocks, the second downsampling, with
+gpu.torch.BatchNorm2d); ``--fuse`` trains it unfused and then, from the same initial weights
+and batches, as `gpu.torch.fuse` rewrites it, and prints both times per epoch and the largest
+difference between the two loss curves (in float64, rounding: ``--torch-dtype float64``).
 """
 from __future__ import annotations
 
+import copy
+import math
+import sys
 import time
 from typing import Any, Callable
 
@@ -22,7 +31,8 @@ from ..nn.data import minibatches
 from ..nn.layers import Parameter
 from ..nn.trainer import History, end_epoch
 from . import _bridge as TB
-from .modules import BatchNorm1d, CrossEntropyLoss
+from .fuse import fuse
+from .modules import BatchNorm1d, BatchNorm2d, CrossEntropyLoss
 
 _ACTIVATIONS = {L.ReLU: nn.ReLU, L.Sigmoid: nn.Sigmoid, L.Tanh: nn.Tanh}
 
@@ -69,6 +79,45 @@ def to_torch(model: L.Sequential, device: str = "cpu") -> nn.Sequential:
         else:
             raise TypeError(f"model: no torch counterpart for layer {type(layer).__name__}")
     return nn.Sequential(*out).to(device)
+
+
+class BasicBlock(nn.Module):
+    """ResNet's BasicBlock: conv-bn-relu, conv-bn, + the identity (a strided 1x1 conv and batch
+    norm when the shape changes), relu; in-place ReLU and add, as torchvision writes it."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        out += identity
+        return self.relu(out)
+
+
+def resnet(scale: L.Standardize, num_classes: int, width: int = 16, seed: int = 0) -> nn.Sequential:
+    """A small ResNet on flat square images (digits: 64 features, 8 x 8): the training set's
+    standardization, a 3x3 conv stem with batch norm and ReLU, a BasicBlock of `width` channels
+    and one of 2 x width at stride 2, global average pooling and a Linear head."""
+    features = scale.mean.shape[-1]
+    side = math.isqrt(features)
+    if side * side != features:
+        raise ValueError(f"--model resnet: the examples must be square images, got {features} features")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return nn.Sequential(
+            Standardize(_t(scale.mean), _t(scale.std)), nn.Unflatten(1, (1, side, side)),
+            nn.Conv2d(1, width, 3, 1, 1, bias=False), BatchNorm2d(width), nn.ReLU(inplace=True),
+            BasicBlock(width, width), BasicBlock(width, 2 * width, stride=2),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, num_classes))
 
 
 class _Views:
@@ -177,8 +226,38 @@ def run(args, model: L.Sequential, train, val, label: str = "") -> History:
                 torch.from_numpy(np.asarray(d[1], np.int64)).to(device))
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
     train_t, val_t = tensors(train), tensors(val)
-    evaluate(tmodel, *(t[:2] for t in val_t))     # the first custom-op calls load torch's op machinery
-    return fit(tmodel, lambda params: make_optimizer(args.optimizer, params, lr), train_t, val_t,
-               epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-               schedule=inverse_time_decay(lr, args.lr_decay) if args.lr_decay else None,
-               eval_every=args.eval_every, max_steps=args.max_steps, progress=not args.quiet, desc=label)
+    dtype = getattr(torch, getattr(args, "torch_dtype", "float32"))
+    if getattr(args, "model", "mlp") == "resnet":
+        tmodel = resnet(model.layers[0], int(train[1].max()) + 1, seed=args.seed).to(device)
+    runs = {"": tmodel.to(dtype)}
+    if getattr(args, "fuse", False):
+        runs = {"unfused": tmodel, "fused": fuse(copy.deepcopy(tmodel))}
+    train_t, val_t = ((d[0].to(dtype), d[1]) for d in (train_t, val_t))
+    hists = {}
+    for name, m in runs.items():
+        evaluate(m, *(t[:2] for t in val_t))     # the first custom-op calls load torch's op machinery
+        hists[name] = fit(m, lambda params: make_optimizer(args.optimizer, params, lr), train_t, val_t,
+                          epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+                          schedule=inverse_time_decay(lr, args.lr_decay) if args.lr_decay else None,
+                          eval_every=args.eval_every, max_steps=args.max_steps, progress=not args.quiet,
+                          desc=label + (f"[{name}] " if name else ""))
+    if "fused" in hists:
+        report_fusion(hists["unfused"], hists["fused"])
+    return hists["fused" if "fused" in hists else ""]
+
+
+def report_fusion(unfused: History, fused: History) -> dict[str, float]:
+    """Print and return the two runs' seconds per epoch (the median over epochs, the first, which
+    loads the ops, left out when there are more) and their loss curves' largest difference; the
+    fused run's History keeps it as ``fusion``."""
+    def per_epoch(h: History) -> float:
+        secs = [e["seconds"] for e in h.epochs]
+        return float(np.median(secs[1:] if len(secs) > 1 else secs))
+    diff = float(np.max(np.abs(np.subtract(unfused.step_loss, fused.step_loss)))) if fused.step_loss else 0.0
+    out = {"unfused_s_per_epoch": per_epoch(unfused), "fused_s_per_epoch": per_epoch(fused),
+           "max_loss_difference": diff}
+    print(f"--fuse: {out['unfused_s_per_epoch']:.3f} s per epoch unfused, {out['fused_s_per_epoch']:.3f} s fused "
+          f"({out['unfused_s_per_epoch'] / max(out['fused_s_per_epoch'], 1e-12):.2f}x); loss curves differ by "
+          f"at most {diff:.3g}", file=sys.stderr)
+    fused.fusion = out
+    return out

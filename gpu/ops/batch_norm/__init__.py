@@ -50,8 +50,8 @@ def batch_stats(x, axis: int | Sequence[int] = 0, *, comm=None):
 
 def batch_norm_forward(x, gamma=None, beta=None, *, axis: int | Sequence[int] = 0, eps: float = 1e-5,
                        running_mean=None, running_var=None, momentum: float | None = 0.1,
-                       num_batches_tracked=None, comm=None):
-    """Training-mode batch norm: y = gamma * (x - mean) * invstd + beta over `axis`.
+                       num_batches_tracked=None, comm=None, residual=None, activation: str | None = None):
+    """Training-mode batch norm: y = act(gamma * (x - mean) * invstd + beta + residual) over `axis`.
 
     invstd = 1 / sqrt(var + eps) with the biased variance. gamma=None means 1, beta=None means 0.
     When running_mean and running_var are given they are updated in place, as PyTorch does:
@@ -66,6 +66,10 @@ def batch_norm_forward(x, gamma=None, beta=None, *, axis: int | Sequence[int] = 
     Special values follow PyTorch: the statistics are finite whenever the true variance fits the
     dtype (overflow-safe accumulation); an inf in a feature gives mean inf and var NaN, a NaN (or
     +inf with -inf) NaN; with eps = 0 a constant feature gets invstd 0 and y = beta.
+
+    The epilogue (fused: the sum is rounded once, to x's dtype, after the activation):
+    ``residual`` is an array of x's shape, dtype and library (any strides; it may be x itself) or
+    None; ``activation`` is None or "relu" (max(v, 0), NaN kept). The statistics are x's alone.
 
     Returns (y, mean, invstd): y of x's shape and dtype; mean and invstd of the kept axes' shape
     in the accumulation dtype (float32 for float16/bfloat16 input, like PyTorch's save_mean and
@@ -86,16 +90,19 @@ def batch_norm_forward(x, gamma=None, beta=None, *, axis: int | Sequence[int] = 
     >>> y, mean, invstd = gpu.batch_norm_forward(x, axis=(0, 2, 3), running_mean=rm, running_var=rv)
     """
     if comm is None:
-        a = _args.forward(x, gamma, beta, axis, eps, running_mean, running_var, momentum, num_batches_tracked)
+        a = _args.forward(x, gamma, beta, axis, eps, running_mean, running_var, momentum, num_batches_tracked,
+                          residual=residual, activation=activation)
         if num_batches_tracked is not None:
             num_batches_tracked += 1            # before the update, as torch's module
         return (kernel_path if a.kernels else numpy_path).forward(a)
     return sync.forward(_args.communicator(comm), _args.forward(
-        x, gamma, beta, axis, eps, running_mean, running_var, momentum, num_batches_tracked, synced=True))
+        x, gamma, beta, axis, eps, running_mean, running_var, momentum, num_batches_tracked, synced=True,
+        residual=residual, activation=activation))
 
 
-def batch_norm_backward(dy, x, gamma, mean, invstd, *, axis: int | Sequence[int] = 0, comm=None):
-    """Gradients of `batch_norm_forward`'s y with respect to x, gamma and beta.
+def batch_norm_backward(dy, x, gamma, mean, invstd, *, axis: int | Sequence[int] = 0, activation: str | None = None,
+                        y=None, residual_grad: bool = False, comm=None):
+    """Gradients of `batch_norm_forward`'s y with respect to x, gamma and beta (and the residual).
 
     With x_hat = (x - mean) * invstd:
     dbeta = sum(dy), dgamma = sum(dy * x_hat) over `axis`,
@@ -104,6 +111,11 @@ def batch_norm_backward(dy, x, gamma, mean, invstd, *, axis: int | Sequence[int]
     `mean` and `invstd` are those returned by the forward. gamma=None means 1. Returns
     (dx, dgamma, dbeta): dx of x's dtype, dgamma and dbeta of the kept axes' shape in gamma's dtype
     (x's dtype when gamma is None).
+
+    The epilogue's backward: with ``activation="relu"``, ``y`` (the forward's output, x's shape and
+    dtype) is required and dy is first masked by y > 0 (the gradient of relu, as torch's
+    threshold_backward); ``residual_grad=True`` also returns dresidual, the (masked) dy in x's
+    dtype: (dx, dgamma, dbeta, dresidual).
 
     ``comm`` (the forward's): dbeta and dgamma in dx are the sums over every rank's batch, from
     one packed all-reduce; M is the global count. The returned dgamma and dbeta are this rank's
@@ -116,21 +128,23 @@ def batch_norm_backward(dy, x, gamma, mean, invstd, *, axis: int | Sequence[int]
     >>> dx, dgamma, dbeta = gpu.batch_norm_backward(np.ones_like(y), x, None, mean, invstd)
     """
     if comm is None:
-        a = _args.backward(dy, x, gamma, mean, invstd, axis)
+        a = _args.backward(dy, x, gamma, mean, invstd, axis, activation=activation, y=y, residual_grad=residual_grad)
         return (kernel_path if a.kernels else numpy_path).backward(a)
-    return sync.backward(_args.communicator(comm), _args.backward(dy, x, gamma, mean, invstd, axis, synced=True))
+    return sync.backward(_args.communicator(comm), _args.backward(
+        dy, x, gamma, mean, invstd, axis, synced=True, activation=activation, y=y, residual_grad=residual_grad))
 
 
 def batch_norm_inference(x, gamma, beta, running_mean, running_var, *, axis: int | Sequence[int] = 0,
-                         eps: float = 1e-5):
+                         eps: float = 1e-5, residual=None, activation: str | None = None):
     """Inference-mode batch norm with given statistics:
-    y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta. gamma/beta may be None.
+    y = act(gamma * (x - running_mean) / sqrt(running_var + eps) + beta + residual), one pass.
+    gamma/beta may be None; ``residual`` and ``activation`` as in `batch_norm_forward`.
 
     >>> import numpy as np, gpu
     >>> x = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
     >>> y = gpu.batch_norm_inference(x, None, None, np.zeros(4, np.float32), np.ones(4, np.float32))
     """
-    a = _args.inference(x, gamma, beta, running_mean, running_var, axis, eps)
+    a = _args.inference(x, gamma, beta, running_mean, running_var, axis, eps, residual, activation)
     if a.x.size == 0:
         return a.xp.empty(a.x.shape, a.x.dtype)     # an empty batch gives an empty y, as torch
     return (kernel_path if a.kernels else numpy_path).inference(a)
@@ -138,9 +152,10 @@ def batch_norm_inference(x, gamma, beta, running_mean, running_var, *, axis: int
 
 def batch_norm(x, gamma=None, beta=None, *, axis: int | Sequence[int] = 0, eps: float = 1e-5,
                running_mean=None, running_var=None, momentum: float | None = 0.1, training: bool = True,
-               num_batches_tracked=None, comm=None):
+               num_batches_tracked=None, comm=None, residual=None, activation: str | None = None):
     """Batch norm, the convenience form: `batch_norm_forward`'s y when training (updating running
-    stats if given), else `batch_norm_inference` with the running stats (then required).
+    stats if given), else `batch_norm_inference` with the running stats (then required); the
+    epilogue keywords ``residual`` and ``activation`` go to either.
 
     >>> import numpy as np, gpu
     >>> y = gpu.batch_norm(np.random.default_rng(0).standard_normal((16, 3)))
@@ -148,5 +163,7 @@ def batch_norm(x, gamma=None, beta=None, *, axis: int | Sequence[int] = 0, eps: 
     if training:
         return batch_norm_forward(x, gamma, beta, axis=axis, eps=eps, running_mean=running_mean,
                                   running_var=running_var, momentum=momentum,
-                                  num_batches_tracked=num_batches_tracked, comm=comm)[0]
-    return batch_norm_inference(x, gamma, beta, running_mean, running_var, axis=axis, eps=eps)
+                                  num_batches_tracked=num_batches_tracked, comm=comm, residual=residual,
+                                  activation=activation)[0]
+    return batch_norm_inference(x, gamma, beta, running_mean, running_var, axis=axis, eps=eps, residual=residual,
+                                activation=activation)

@@ -94,6 +94,8 @@ class Forward(NamedTuple):
     eps: float
     momentum: float | None           # None: the cumulative average, 1 / batches
     batches: object                  # num_batches_tracked (int64, one element) or None
+    residual: object = None          # the epilogue: y = act(bn(x) + residual); x's shape and dtype
+    relu: bool = False               # activation="relu"
 
 
 class Backward(NamedTuple):
@@ -105,6 +107,9 @@ class Backward(NamedTuple):
     gamma: object
     mean: object
     invstd: object
+    y: object = None                 # the forward's output (x's shape and dtype): relu's mask y > 0
+    relu: bool = False               # activation="relu": dy masked by y > 0 first
+    residual_grad: bool = False      # also return dresidual (the masked dy)
 
 
 class Inference(NamedTuple):
@@ -117,6 +122,8 @@ class Inference(NamedTuple):
     running_mean: object
     running_var: object
     eps: float
+    residual: object = None
+    relu: bool = False
 
 
 #: An argument object from its fields: ``tuple.__new__`` directly, not the NamedTuple's generated
@@ -187,9 +194,11 @@ def stats(x, axis, synced: bool = False) -> Stats:
 
 
 def forward(x, gamma, beta, axis, eps, running_mean, running_var, momentum, num_batches_tracked,
-            synced: bool = False) -> Forward:
+            synced: bool = False, residual=None, activation=None) -> Forward:
     """`batch_norm_forward`'s arguments (num_batches_tracked is not incremented here)."""
-    key = _key("forward/comm" if synced else "forward", axis, x, gamma, beta, running_mean, running_var)
+    relu = _activation(activation)
+    op = ("forward/comm" if synced else "forward") + ("/relu" if relu else "")
+    key = _key(op, axis, x, gamma, beta, running_mean, running_var, residual)
     hit = _VALID.get(key)
     if (hit is not None and num_batches_tracked is None and momentum is not None
             and (running_mean is None or _writeable(running_mean, running_var))):
@@ -197,10 +206,13 @@ def forward(x, gamma, beta, axis, eps, running_mean, running_var, momentum, num_
         eps, momentum = _real(eps, "eps", 0.0), _real(momentum, "momentum")
         if reshape:
             gamma, beta, running_mean, running_var = _kept(lay, gamma, beta, running_mean, running_var)
-        return _new(Forward, (xp, kernels, x, lay, gamma, beta, running_mean, running_var, eps, momentum, None))
-    xp, kernels = B.dispatch(x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
+        return _new(Forward, (xp, kernels, x, lay, gamma, beta, running_mean, running_var, eps, momentum, None,
+                              residual, relu))
+    xp, kernels = B.dispatch(x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var,
+                             residual=residual)
     a = B.as_float_array(xp, x, "x")
     lay = layout(a, axis, allow_empty=synced)       # synchronized: a rank may have no rows
+    r = like_x(xp, a, residual, "residual")
     g, b = _params(xp, lay, gamma=gamma, beta=beta)
     rm, rv = _check_running(xp, lay, running_mean, running_var)
     eps = _real(eps, "eps", 0.0)
@@ -209,52 +221,95 @@ def forward(x, gamma, beta, axis, eps, running_mean, running_var, momentum, num_
         raise ValueError("x: expected more than 1 value per feature when training with running stats "
                          f"(axis {lay.axes} of shape {a.shape} reduces 1 element)")
     if num_batches_tracked is None and momentum is not None:
-        _remember(key, xp, kernels, lay, (x,), (gamma, beta, running_mean, running_var))
-    return _new(Forward, (xp, kernels, a, lay, g, b, rm, rv, eps, momentum, num_batches_tracked))
+        _remember(key, xp, kernels, lay, (x, residual), (gamma, beta, running_mean, running_var))
+    return _new(Forward, (xp, kernels, a, lay, g, b, rm, rv, eps, momentum, num_batches_tracked, r, relu))
 
 
-def backward(dy, x, gamma, mean, invstd, axis, synced: bool = False) -> Backward:
+def backward(dy, x, gamma, mean, invstd, axis, synced: bool = False, activation=None, y=None,
+             residual_grad: bool = False) -> Backward:
     """`batch_norm_backward`'s arguments."""
-    key = _key("backward/comm" if synced else "backward", axis, x, dy, gamma, mean, invstd)
+    relu = _activation(activation)
+    if type(residual_grad) is not bool:
+        raise TypeError(f"residual_grad: expected a bool, got {type(residual_grad).__name__}")
+    if relu and y is None:
+        raise ValueError("y: required with activation='relu' (the forward's output: the gradient passes where "
+                         "y > 0)")
+    op = ("backward/comm" if synced else "backward") + ("/relu" if relu else "")
+    key = _key(op, axis, x, dy, gamma, mean, invstd, y)
     hit = _VALID.get(key)
     if hit is not None:
         xp, kernels, lay, reshape = hit
         if reshape:
             gamma, mean, invstd = _kept(lay, gamma, mean, invstd)
-        return _new(Backward, (xp, kernels, dy, x, lay, gamma, mean, invstd))
-    xp, kernels = B.dispatch(dy=dy, x=x, gamma=gamma, mean=mean, invstd=invstd)
+        return _new(Backward, (xp, kernels, dy, x, lay, gamma, mean, invstd, y, relu, residual_grad))
+    xp, kernels = B.dispatch(dy=dy, x=x, gamma=gamma, mean=mean, invstd=invstd, y=y)
     a = B.as_float_array(xp, x, "x")
     d = B.as_float_array(xp, dy, "dy")
     if d.shape != a.shape:
         raise ValueError(f"dy: shape {d.shape} does not match x's shape {a.shape}")
     lay = layout(a, axis, allow_empty=synced)
+    yy = like_x(xp, a, y, "y")
     g, mu, istd = _params(xp, lay, gamma=gamma, mean=mean, invstd=invstd)
     if mu is None or istd is None:
         raise TypeError("mean, invstd: required (pass those returned by batch_norm_forward)")
-    _remember(key, xp, kernels, lay, (x, dy), (gamma, mean, invstd))
-    return _new(Backward, (xp, kernels, d, a, lay, g, mu, istd))
+    _remember(key, xp, kernels, lay, (x, dy, y), (gamma, mean, invstd))
+    return _new(Backward, (xp, kernels, d, a, lay, g, mu, istd, yy, relu, residual_grad))
 
 
-def inference(x, gamma, beta, running_mean, running_var, axis, eps) -> Inference:
+def inference(x, gamma, beta, running_mean, running_var, axis, eps, residual=None, activation=None) -> Inference:
     """`batch_norm_inference`'s arguments (an empty x passes: an empty batch gives an empty y)."""
-    key = _key("inference", axis, x, gamma, beta, running_mean, running_var)
+    relu = _activation(activation)
+    key = _key("inference/relu" if relu else "inference", axis, x, gamma, beta, running_mean, running_var, residual)
     hit = _VALID.get(key)
     if hit is not None:
         xp, kernels, lay, reshape = hit
         eps = _real(eps, "eps", 0.0)
         if reshape:
             gamma, beta, running_mean, running_var = _kept(lay, gamma, beta, running_mean, running_var)
-        return _new(Inference, (xp, kernels, x, lay, gamma, beta, running_mean, running_var, eps))
-    xp, kernels = B.dispatch(x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
+        return _new(Inference, (xp, kernels, x, lay, gamma, beta, running_mean, running_var, eps, residual, relu))
+    xp, kernels = B.dispatch(x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var,
+                             residual=residual)
     a = B.as_float_array(xp, x, "x")
     lay = layout(a, axis, allow_empty=True)
+    r = like_x(xp, a, residual, "residual")
     g, b, rm, rv = _params(xp, lay, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
     if rm is None or rv is None:
         raise TypeError("running_mean, running_var: required for inference")
     eps = _real(eps, "eps", 0.0)
     if a.size:
-        _remember(key, xp, kernels, lay, (x,), (gamma, beta, running_mean, running_var))
-    return _new(Inference, (xp, kernels, a, lay, g, b, rm, rv, eps))
+        _remember(key, xp, kernels, lay, (x, residual), (gamma, beta, running_mean, running_var))
+    return _new(Inference, (xp, kernels, a, lay, g, b, rm, rv, eps, r, relu))
+
+
+ACTIVATIONS = (None, "relu")
+
+
+def _activation(activation) -> bool:
+    """Whether ``activation`` is "relu" (None: no activation); ValueError naming it otherwise."""
+    if activation is None:
+        return False
+    if isinstance(activation, str) and activation == "relu":
+        return True
+    raise ValueError(f"activation: expected None or 'relu', got {activation!r}")
+
+
+def like_x(xp, x, a, name: str):
+    """An array that must have x's shape, dtype, array library and device (the residual, the
+    forward's y), or None. Read only: it may be x itself (``relu(bn(x) + x)``)."""
+    if a is None:
+        return None
+    if not isinstance(a, xp.ndarray):
+        raise TypeError(f"{name}: expected an array of x's library ({xp.__name__}), got {type(a).__name__}")
+    if a.shape != x.shape:
+        raise ValueError(f"{name}: shape {a.shape} does not match x's shape {x.shape}")
+    if a.dtype != x.dtype:
+        if not a.dtype.isnative and a.dtype.newbyteorder("=") == x.dtype:
+            a = a.astype(x.dtype)                   # big-endian data: a native copy, as x's
+        else:
+            raise TypeError(f"{name}: dtype {a.dtype} does not match x's dtype {x.dtype}")
+    if xp is not np and getattr(a, "device", None) != getattr(x, "device", None):
+        raise ValueError(f"{name}: on device {a.device}, x on device {x.device}")
+    return a
 
 
 def communicator(comm):

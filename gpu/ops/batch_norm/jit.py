@@ -9,6 +9,10 @@ each phase in one pass over memory, as PyTorch's CPU kernels do:
     backward  sums of dy and dy * (x - mean): dy and x read once;
               dx = k * dy + a * (x - mean) + b: dy, x read, dx written      5 E*s
 
+The epilogue rides in the same passes: the normalize pass reads the residual and applies the relu
+as it writes y (4 E*s); with relu the backward's two passes read y with dy and mask it (y > 0),
+and the second writes dresidual with dx (8 E*s).
+
 Each phase is a prange over row blocks (``gpu._cpu``'s ~1 MiB) on Numba's threads (OpenMP or
 TBB: workers that spin between regions, as PyTorch's; the NumPy path's Python pool, whose workers
 are woken per call, started a share hundreds of microseconds late on a VM), ``gpu._cpu.threads()``
@@ -121,8 +125,9 @@ def small_stats(x3):
     return (mean, var) if _load()["small_stats"](x3, mean, var) else None
 
 
-def small_forward(x3, gamma, beta, eps: float, running=None):
-    """`forward` for a small x, one serial call: (y3, mean, var, invstd) or None. ``running``:
+def small_forward(x3, gamma, beta, eps: float, running=None, r3=None, relu: bool = False):
+    """`forward` for a small x, one serial call: (y3, mean, var, invstd) or None; the epilogue
+    y = act(bn(x) + r3) (r3: x's shape and dtype, C-contiguous, or None). ``running``:
     (running_mean, running_var, momentum, M), the two (C,) C-contiguous arrays of x's dtype, to be
     updated in place as the NumPy path does (with M / (M - 1) for the
     variance); not touched when None is returned."""
@@ -134,27 +139,29 @@ def small_forward(x3, gamma, beta, eps: float, running=None):
         momentum = m = 2
     else:
         rm, rv, momentum, m = running
-    if not _load()["small_forward"](y3, mean, var, invstd, x3, _param(gamma, C, dt, 1.0), _param(beta, C, dt, 0.0),
-                                    dt.type(eps), rm, rv, dt.type(1 - momentum), dt.type(momentum),
-                                    dt.type(m / (m - 1))):
+    if not _load()["small_forward"](y3, mean, var, invstd, x3, x3 if r3 is None else r3, _param(gamma, C, dt, 1.0),
+                                    _param(beta, C, dt, 0.0), dt.type(eps), rm, rv, dt.type(1 - momentum),
+                                    dt.type(momentum), dt.type(m / (m - 1)), r3 is not None, relu):
         return None
     return y3, mean, var, invstd
 
 
-def small_inference(x3, gamma, beta, running_mean, running_var, eps: float):
+def small_inference(x3, gamma, beta, running_mean, running_var, eps: float, r3=None, relu: bool = False):
     """Inference for a small x, one serial call: y3. Per-channel arrays in any float dtype (or
-    None for gamma, beta)."""
+    None for gamma, beta); the epilogue as `small_forward`'s."""
     C, dt = x3.shape[1], x3.dtype
     y3 = np.empty_like(x3)
-    _load()["small_inference"](y3, x3, _param(gamma, C, dt, 1.0), _param(beta, C, dt, 0.0),
-                               _param(running_mean, C, dt, 0.0), _param(running_var, C, dt, 0.0), dt.type(eps))
+    _load()["small_inference"](y3, x3, x3 if r3 is None else r3, _param(gamma, C, dt, 1.0), _param(beta, C, dt, 0.0),
+                               _param(running_mean, C, dt, 0.0), _param(running_var, C, dt, 0.0), dt.type(eps),
+                               r3 is not None, relu)
     return y3
 
 
-def forward(x3, gamma, beta, eps: float):
+def forward(x3, gamma, beta, eps: float, r3=None, relu: bool = False):
     """Training forward of a C-contiguous (outer, C, inner) float32/float64 view. Returns
     (y3, mean, var, invstd), per-channel arrays (C,) in x's dtype, or None when a statistic is not
-    finite (the NumPy path then computes the call). gamma, beta: (C,) arrays of x's dtype or None."""
+    finite (the NumPy path then computes the call). gamma, beta: (C,) arrays of x's dtype or None;
+    the epilogue y = act(bn(x) + r3) in the normalize pass (r3 as x3, or None)."""
     k = _load()
     mean, var = _stats(k, x3)
     if not (np.isfinite(mean).all() and np.isfinite(var).all()):
@@ -167,33 +174,36 @@ def forward(x3, gamma, beta, eps: float):
     shift = np.zeros_like(mean) if beta is None else beta
     y3 = np.empty_like(x3)
     outer, C, inner = x3.shape
+    shape = (outer, C) if inner == 1 else (outer * C, inner)
+    x, y, r = x3.reshape(shape), y3.reshape(shape), (x3 if r3 is None else r3).reshape(shape)
+    ep = (r3 is not None, relu, acc.type(0))
     if inner == 1:
-        x, y = x3.reshape(outer, C), y3.reshape(outer, C)
-        _par("par_rows_affine", y, x, mean, scale, shift, _sub(C * x.itemsize))
+        _par("par_rows_affine", y, x, r, mean, scale, shift, _sub(C * x.itemsize), *ep)
     else:
-        x, y = x3.reshape(outer * C, inner), y3.reshape(outer * C, inner)
-        _par("par_planes_affine", y, x, mean, scale, shift, _sub(inner * x.itemsize), C)
+        _par("par_planes_affine", y, x, r, mean, scale, shift, _sub(inner * x.itemsize), C, *ep)
     return y3, mean, var, invstd
 
 
-def backward(dy3, x3, mean, invstd, gamma, inv_m):
-    """dx3 and the per-channel (dgamma, dbeta) of a (outer, C, inner) view, x's dtype; mean,
-    invstd, gamma (or None): (C,) arrays of x's dtype."""
+def backward(dy3, x3, mean, invstd, gamma, inv_m, y3=None, residual_grad: bool = False):
+    """(dx3, dgamma, dbeta, dres3) of a (outer, C, inner) view, x's dtype; mean, invstd, gamma (or
+    None): (C,) arrays of x's dtype. ``y3`` (the forward's output, as x3): relu's mask, dy taken
+    where y > 0; ``residual_grad``: dres3 = the masked dy (else None)."""
     _load()                                         # the compiled loops, for _par
     acc = x3.dtype
     outer, C, inner = x3.shape
+    relu, zero = y3 is not None, acc.type(0)
+    shape = (outer, C) if inner == 1 else (outer * C, inner)
+    x, dy, y = x3.reshape(shape), dy3.reshape(shape), (x3 if y3 is None else y3).reshape(shape)
     if inner == 1:
-        x, dy = x3.reshape(outer, C), dy3.reshape(outer, C)
-        sub = _sub(2 * C * x.itemsize)
+        sub = _sub((3 if relu else 2) * C * x.itemsize)
         nb = -(-outer // sub)
         ps, pd = np.empty((nb, C)), np.empty((nb, C))
-        _par("par_rows_grad_sums", dy, x, mean, sub, ps, pd)
+        _par("par_rows_grad_sums", dy, x, y, mean, sub, ps, pd, relu, zero)
         sdy, sdx = ps.sum(0), pd.sum(0)             # block order: the same bits for any threads
     else:
-        x, dy = x3.reshape(outer * C, inner), dy3.reshape(outer * C, inner)
-        sub = _sub(2 * inner * x.itemsize)
+        sub = _sub((3 if relu else 2) * inner * x.itemsize)
         ps, pd = np.empty(outer * C), np.empty(outer * C)
-        _par("par_planes_grad_sums", dy, x, mean, sub, C, ps, pd)
+        _par("par_planes_grad_sums", dy, x, y, mean, sub, C, ps, pd, relu, zero)
         sdy, sdx = ps.reshape(outer, C).sum(0), pd.reshape(outer, C).sum(0)
     dbeta = sdy.astype(acc)
     dgamma = (sdx * invstd).astype(acc)
@@ -201,9 +211,11 @@ def backward(dy3, x3, mean, invstd, gamma, inv_m):
     a = (-kk * invstd * dgamma * acc.type(inv_m)).astype(acc, copy=False)
     b = (-kk * dbeta * acc.type(inv_m)).astype(acc, copy=False)
     dx3 = np.empty_like(x3)
+    dres3 = np.empty_like(x3) if residual_grad else None
     dx = dx3.reshape(x.shape)
+    dres = dx if dres3 is None else dres3.reshape(x.shape)
     if inner == 1:
-        _par("par_rows_grad_apply", dx, dy, x, mean, kk, a, b, sub)
+        _par("par_rows_grad_apply", dx, dres, dy, x, y, mean, kk, a, b, sub, relu, residual_grad, zero)
     else:
-        _par("par_planes_grad_apply", dx, dy, x, mean, kk, a, b, sub, C)
-    return dx3, dgamma, dbeta
+        _par("par_planes_grad_apply", dx, dres, dy, x, y, mean, kk, a, b, sub, C, relu, residual_grad, zero)
+    return dx3, dgamma, dbeta, dres3

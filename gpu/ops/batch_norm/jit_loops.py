@@ -82,31 +82,50 @@ def chan_merge(pm, pq, counts):
     return mean, m2
 
 
+# The affine loops carry batch norm's epilogue, y = act(bn(x) + res): ``add`` (res read; else res
+# is any array of x's shape, never read) and ``relu`` (max(v, 0), NaN kept); ``zero`` is 0 in
+# x's dtype (a literal 0.0 would widen float32 arithmetic to float64).
+
 @njit(**opts)
-def rows_affine(y, x, center, scale, shift, r0, r1):
+def rows_affine(y, x, res, center, scale, shift, r0, r1, add, relu, zero):
     C = x.shape[1]
     for r in range(r0, r1):
         xr = x[r]
         yr = y[r]
+        rr = res[r]
         for c in range(C):
-            yr[c] = (xr[c] - center[c]) * scale[c] + shift[c]
+            v = (xr[c] - center[c]) * scale[c] + shift[c]
+            if add:
+                v += rr[c]
+            if relu and v < zero:
+                v = zero
+            yr[c] = v
 
 
 @njit(**opts)
-def planes_affine(y, x, center, scale, shift, p0, p1, C):
+def planes_affine(y, x, res, center, scale, shift, p0, p1, C, add, relu, zero):
     inner = x.shape[1]
     for p in range(p0, p1):
         c = p % C
         mu, sc, sh = center[c], scale[c], shift[c]
         xr = x[p]
         yr = y[p]
+        rr = res[p]
         for j in range(inner):
-            yr[j] = (xr[j] - mu) * sc + sh
+            v = (xr[j] - mu) * sc + sh
+            if add:
+                v += rr[j]
+            if relu and v < zero:
+                v = zero
+            yr[j] = v
 
+
+# The backward loops take relu's mask: with ``relu`` the gradient is dz = dy where y > 0, else 0
+# (y: the forward's output; else any array of x's shape, never read); ``zero`` as above.
 
 @njit(**opts)
-def rows_grad_sums(dy, x, mean, r0, r1, sub, ps, pd):
-    """sum(dy), sum(dy * (x - mean)) per channel of each block of `sub` rows, into ps[k], pd[k]:
+def rows_grad_sums(dy, x, y, mean, r0, r1, sub, ps, pd, relu, zero):
+    """sum(dz), sum(dz * (x - mean)) per channel of each block of `sub` rows, into ps[k], pd[k]:
     within a block in x's dtype (twice the vector width of float64; the NumPy path's sums are
     float32 too), across blocks in float64."""
     C = x.shape[1]
@@ -114,11 +133,13 @@ def rows_grad_sums(dy, x, mean, r0, r1, sub, ps, pd):
         s = np.zeros(C, x.dtype)
         t = np.zeros(C, x.dtype)
         for r in range(b0, min(r1, b0 + sub)):
-            g = dy[r]
+            gr = dy[r]
             xr = x[r]
+            yr = y[r]
             for c in range(C):
-                s[c] += g[c]
-                t[c] += g[c] * (xr[c] - mean[c])
+                g = gr[c] if not relu or yr[c] > zero else zero
+                s[c] += g
+                t[c] += g * (xr[c] - mean[c])
         k = b0 // sub
         for c in range(C):
             ps[k, c] = s[c]
@@ -126,43 +147,56 @@ def rows_grad_sums(dy, x, mean, r0, r1, sub, ps, pd):
 
 
 @njit(**planes)
-def planes_grad_sums(dy, x, mean, p0, p1, C, sdy, sdx):
+def planes_grad_sums(dy, x, y, mean, p0, p1, C, sdy, sdx, relu, zero):
     inner = x.shape[1]
     for p in range(p0, p1):
         mu = mean[p % C]
-        g = dy[p]
+        gr = dy[p]
         xr = x[p]
+        yr = y[p]
         s = 0.0
         t = 0.0
         for j in range(inner):
-            s += g[j]
-            t += g[j] * (xr[j] - mu)
+            g = gr[j] if not relu or yr[j] > zero else zero
+            s += g
+            t += g * (xr[j] - mu)
         sdy[p] = s
         sdx[p] = t
 
 
 @njit(**opts)
-def rows_grad_apply(dx, dy, x, mean, k, a, b, r0, r1):
+def rows_grad_apply(dx, dres, dy, x, y, mean, k, a, b, r0, r1, relu, write_res, zero):
+    """dx = k dz + a (x - mean) + b; dres = dz when ``write_res`` (else dres is never written)."""
     C = x.shape[1]
     for r in range(r0, r1):
-        g = dy[r]
+        gr = dy[r]
         xr = x[r]
+        yr = y[r]
         out = dx[r]
+        out2 = dres[r]
         for c in range(C):
-            out[c] = (xr[c] - mean[c]) * a[c] + b[c] + g[c] * k[c]
+            g = gr[c] if not relu or yr[c] > zero else zero
+            out[c] = (xr[c] - mean[c]) * a[c] + b[c] + g * k[c]
+            if write_res:
+                out2[c] = g
 
 
 @njit(**opts)
-def planes_grad_apply(dx, dy, x, mean, k, a, b, p0, p1, C):
+def planes_grad_apply(dx, dres, dy, x, y, mean, k, a, b, p0, p1, C, relu, write_res, zero):
     inner = x.shape[1]
     for p in range(p0, p1):
         c = p % C
         mu, kk, aa, bb = mean[c], k[c], a[c], b[c]
-        g = dy[p]
+        gr = dy[p]
         xr = x[p]
+        yr = y[p]
         out = dx[p]
+        out2 = dres[p]
         for j in range(inner):
-            out[j] = (xr[j] - mu) * aa + bb + g[j] * kk
+            g = gr[j] if not relu or yr[j] > zero else zero
+            out[j] = (xr[j] - mu) * aa + bb + g * kk
+            if write_res:
+                out2[j] = g
 
 
 # The drivers: every block of `sub` rows (planes) of a call, spread over Numba's threads by
@@ -187,45 +221,46 @@ def par_planes_stats(x, sub, mean, m2):
 
 
 @njit(**par)
-def par_rows_affine(y, x, center, scale, shift, sub):
+def par_rows_affine(y, x, res, center, scale, shift, sub, add, relu, zero):
     n = x.shape[0]
     for k in prange(-(-n // sub)):
-        rows_affine(y, x, center, scale, shift, k * sub, min(n, (k + 1) * sub))
+        rows_affine(y, x, res, center, scale, shift, k * sub, min(n, (k + 1) * sub), add, relu, zero)
 
 
 @njit(**par)
-def par_planes_affine(y, x, center, scale, shift, sub, C):
+def par_planes_affine(y, x, res, center, scale, shift, sub, C, add, relu, zero):
     n = x.shape[0]
     for k in prange(-(-n // sub)):
-        planes_affine(y, x, center, scale, shift, k * sub, min(n, (k + 1) * sub), C)
+        planes_affine(y, x, res, center, scale, shift, k * sub, min(n, (k + 1) * sub), C, add, relu, zero)
 
 
 @njit(**par)
-def par_rows_grad_sums(dy, x, mean, sub, ps, pd):
+def par_rows_grad_sums(dy, x, y, mean, sub, ps, pd, relu, zero):
     n = x.shape[0]
     for k in prange(ps.shape[0]):
-        rows_grad_sums(dy, x, mean, k * sub, min(n, (k + 1) * sub), sub, ps, pd)
+        rows_grad_sums(dy, x, y, mean, k * sub, min(n, (k + 1) * sub), sub, ps, pd, relu, zero)
 
 
 @njit(**par)
-def par_planes_grad_sums(dy, x, mean, sub, C, sdy, sdx):
+def par_planes_grad_sums(dy, x, y, mean, sub, C, sdy, sdx, relu, zero):
     n = x.shape[0]
     for k in prange(-(-n // sub)):
-        planes_grad_sums(dy, x, mean, k * sub, min(n, (k + 1) * sub), C, sdy, sdx)
+        planes_grad_sums(dy, x, y, mean, k * sub, min(n, (k + 1) * sub), C, sdy, sdx, relu, zero)
 
 
 @njit(**par)
-def par_rows_grad_apply(dx, dy, x, mean, kk, a, b, sub):
+def par_rows_grad_apply(dx, dres, dy, x, y, mean, kk, a, b, sub, relu, write_res, zero):
     n = x.shape[0]
     for k in prange(-(-n // sub)):
-        rows_grad_apply(dx, dy, x, mean, kk, a, b, k * sub, min(n, (k + 1) * sub))
+        rows_grad_apply(dx, dres, dy, x, y, mean, kk, a, b, k * sub, min(n, (k + 1) * sub), relu, write_res, zero)
 
 
 @njit(**par)
-def par_planes_grad_apply(dx, dy, x, mean, kk, a, b, sub, C):
+def par_planes_grad_apply(dx, dres, dy, x, y, mean, kk, a, b, sub, C, relu, write_res, zero):
     n = x.shape[0]
     for k in prange(-(-n // sub)):
-        planes_grad_apply(dx, dy, x, mean, kk, a, b, k * sub, min(n, (k + 1) * sub), C)
+        planes_grad_apply(dx, dres, dy, x, y, mean, kk, a, b, k * sub, min(n, (k + 1) * sub), C, relu, write_res,
+                          zero)
 
 # Small x (the NumPy path's small-x switch): the whole call in one serial compiled call, where
 # NumPy's per-call cost (a microsecond or more per ufunc, 3-4 per BLAS product) outweighs the
@@ -256,23 +291,25 @@ def small_stats(x3, mean, var):
 
 
 @njit(**opts)
-def small_affine(y3, x3, center, scale, shift):
-    """y = (x - center) * scale + shift over a whole (outer, C, inner) x."""
+def small_affine(y3, x3, r3, center, scale, shift, add, relu, zero):
+    """y = act((x - center) * scale + shift (+ r)) over a whole (outer, C, inner) x."""
     outer, C, inner = x3.shape
     if inner == 1:
-        rows_affine(y3.reshape((outer, C)), x3.reshape((outer, C)), center, scale, shift, 0, outer)
+        rows_affine(y3.reshape((outer, C)), x3.reshape((outer, C)), r3.reshape((outer, C)), center, scale, shift,
+                    0, outer, add, relu, zero)
     else:
-        planes_affine(y3.reshape((outer * C, inner)), x3.reshape((outer * C, inner)), center, scale, shift,
-                      0, outer * C, C)
+        planes_affine(y3.reshape((outer * C, inner)), x3.reshape((outer * C, inner)), r3.reshape((outer * C, inner)),
+                      center, scale, shift, 0, outer * C, C, add, relu, zero)
 
 
 @njit(**opts)
-def small_forward(y3, mean, var, invstd, x3, gamma, beta, eps, rm, rv, keep, momentum, unbias):
+def small_forward(y3, mean, var, invstd, x3, r3, gamma, beta, eps, rm, rv, keep, momentum, unbias, add, relu):
     """The training forward of a whole x: `small_stats`, invstd = 1 / sqrt(var + eps) (0 where
     var + eps == 0, PyTorch's native op), y = (x - mean) * invstd * gamma + beta; per-channel
     arrays (C,) of x's dtype, eps a scalar of it. Running statistics rm, rv (empty: none)
     updated in place with the NumPy path's roundings in x's dtype: rm * keep + momentum * mean,
-    rv * keep + momentum * (var * unbias). Returns False (nothing written but the statistics)
+    rv * keep + momentum * (var * unbias); the epilogue (``add`` r3, ``relu``) as `small_affine`.
+    Returns False (nothing written but the statistics)
     when a statistic is not finite."""
     if not small_stats(x3, mean, var):
         return False
@@ -281,7 +318,7 @@ def small_forward(y3, mean, var, invstd, x3, gamma, beta, eps, rm, rv, keep, mom
         v = var[c] + eps
         invstd[c] = 0 if v == 0 else 1 / np.sqrt(v)
         scale[c] = invstd[c] * gamma[c]
-    small_affine(y3, x3, mean, scale, beta)
+    small_affine(y3, x3, r3, mean, scale, beta, add, relu, eps - eps)
     for c in range(rm.shape[0]):
         rm[c] = rm[c] * keep + momentum * mean[c]
         rv[c] = rv[c] * keep + momentum * (var[c] * unbias)
@@ -289,11 +326,11 @@ def small_forward(y3, mean, var, invstd, x3, gamma, beta, eps, rm, rv, keep, mom
 
 
 @njit(**opts)
-def small_inference(y3, x3, gamma, beta, running_mean, running_var, eps):
+def small_inference(y3, x3, r3, gamma, beta, running_mean, running_var, eps, add, relu):
     """Inference over a whole x: y = (x - running_mean) * gamma / sqrt(running_var + eps) + beta
     (scale 0 where running_var + eps == 0); per-channel arrays (C,) of x's dtype."""
     scale = np.empty_like(gamma)
     for c in range(gamma.shape[0]):
         v = running_var[c] + eps
         scale[c] = 0 if v == 0 else gamma[c] / np.sqrt(v)
-    small_affine(y3, x3, running_mean, scale, beta)
+    small_affine(y3, x3, r3, running_mean, scale, beta, add, relu, eps - eps)

@@ -64,6 +64,31 @@ def invstd(xp, var, eps: float, acc):
         return xp.where(v == 0, acc.type(0), 1 / xp.sqrt(v))
 
 
+def epilogue(xp, y, residual, relu: bool):
+    """y = act(y + residual) in place (y in the accumulation dtype, before its one rounding to x's
+    dtype); residual (or None) broadcasts with y. relu is max(v, 0) with NaN kept, as torch's."""
+    if residual is not None:
+        xp.add(y, residual.astype(y.dtype, copy=False), out=y)
+    if relu:
+        xp.maximum(y, y.dtype.type(0), out=y)
+
+
+def grad_output(xp, a: Backward):
+    """The gradient that reaches the batch norm: dy, or where(y > 0, dy, 0) with relu (torch's
+    threshold_backward: a NaN y passes nothing)."""
+    if not a.relu:
+        return a.dy
+    return xp.where(a.y > 0, a.dy, xp.zeros((), a.dy.dtype))
+
+
+def with_residual_grad(a: Backward, out: tuple, dz) -> tuple:
+    """(dx, dgamma, dbeta), plus dresidual (dz in x's dtype, never dy itself) when asked for."""
+    if not a.residual_grad:
+        return out
+    dres = dz.astype(a.x.dtype, copy=dz is a.dy)
+    return out + (dres,)
+
+
 def out_dtype(a: Backward):
     """dgamma and dbeta come in gamma's dtype (x's when gamma is None)."""
     return a.gamma.dtype if a.gamma is not None else a.x.dtype
@@ -114,13 +139,15 @@ class _Blocks:
         `sl` of x."""
         return _cpu.scratch(self.xp, (len(range(*sl.indices(self.x.shape[0]))),) + self.x.shape[1:], self.acc, i)
 
-    def affine(self, y, slices, center, scale, shift) -> None:
-        """y = (x - center) * scale (+ shift) over the blocks `slices`, per-feature operands."""
+    def affine(self, y, slices, center, scale, shift, residual=None, relu: bool = False) -> None:
+        """y = act((x - center) * scale (+ shift) (+ residual)) over the blocks `slices`,
+        per-feature operands."""
         def block(sl):
             blk = self.xp.subtract(self.x[sl], center, out=self.out(y, sl))
             blk *= scale
             if shift is not None:
                 blk += shift
+            epilogue(self.xp, blk, None if residual is None else residual[sl], relu)
             store(y[sl], blk)
 
         self.map(block, slices)
@@ -206,7 +233,7 @@ def forward(_, a: Forward, momentum):
     def group(p, slices):
         mean[p], var[p] = _group_stats(blocks, slices)
         inv[p] = invstd(xp, var[p], a.eps, acc)
-        blocks.affine(y, slices, mean[p], *coefficients(inv[p], a.gamma, a.beta, lay, acc, p))
+        blocks.affine(y, slices, mean[p], *coefficients(inv[p], a.gamma, a.beta, lay, acc, p), a.residual, a.relu)
 
     blocks.each_group(group)
     return y, mean, var, inv, False
@@ -257,7 +284,8 @@ def inference(_, a: Inference):
 
     def group(p, slices):
         rm, rv = per_feature(a.running_mean, lay, acc, p), per_feature(a.running_var, lay, acc, p)
-        blocks.affine(y, slices, rm, *coefficients(invstd(xp, rv, a.eps, acc), a.gamma, a.beta, lay, acc, p))
+        blocks.affine(y, slices, rm, *coefficients(invstd(xp, rv, a.eps, acc), a.gamma, a.beta, lay, acc, p),
+                      a.residual, a.relu)
 
     with np.errstate(all="ignore"):
         blocks.each_group(group)

@@ -32,7 +32,8 @@ from gpu import _cpu
 
 from . import _args, jit
 from . import numpy_blocks as blocks
-from .numpy_blocks import coefficients, grad_coefficients, invstd, out_dtype, per_feature, reduce
+from .numpy_blocks import (coefficients, epilogue, grad_coefficients, grad_output, invstd, out_dtype, per_feature,
+                           reduce, with_residual_grad)
 from ._args import Backward, Forward, Inference, Layout, Stats
 
 #: x of at most this many elements takes the small strategies (the switch: docs/BENCHMARKS.md, "NumPy path").
@@ -74,7 +75,8 @@ def forward(a: Forward):
 
 
 def backward(a: Backward, sync=None):
-    """`batch_norm_backward` on this path: (dx, dgamma, dbeta).
+    """`batch_norm_backward` on this path: (dx, dgamma, dbeta[, dresidual]). With relu, dy is
+    masked by y > 0 first (`grad_output`), and the masked dy is dresidual.
 
     With x_hat = (x - mean) * invstd, dbeta = sum(dy), dgamma = sum(dy * x_hat) and
     k = gamma * invstd: dx = k * dy + a * (x - mean) + b, a = -k * invstd * dgamma / M and
@@ -83,14 +85,15 @@ def backward(a: Backward, sync=None):
     (`direct`), since the sums of every block must be in before any dx."""
     with np.errstate(all="ignore"):
         if sync is not None:
-            return _backward_direct(None, a, sync)
-        return _run(_BACKWARD, a.xp, a.x, a.lay, (a.dy,), a, None)
+            return _unfused(_backward_direct)(None, a, sync)
+        return _run(_BACKWARD, a.xp, a.x, a.lay, (a.dy, a.y) if a.relu else (a.dy,), a, None)
 
 
 def inference(a: Inference):
-    """`batch_norm_inference` on this path: y = (x - running_mean) * gamma / sqrt(running_var + eps)
-    + beta."""
-    return _run(_INFERENCE, a.xp, a.x, a.lay, (), a)
+    """`batch_norm_inference` on this path: y = act((x - running_mean) * gamma / sqrt(running_var + eps)
+    + beta + residual)."""
+    with np.errstate(all="ignore"):
+        return _run(_INFERENCE, a.xp, a.x, a.lay, (), a)
 
 
 def strategy(op: str, x, axis, *others) -> str:
@@ -194,12 +197,18 @@ def _stats_small_jit(x3, xp, x, lay):
     return jit.small_stats(x3)
 
 
+def _residual3(a, x3):
+    """The epilogue's residual as x3's C-contiguous (outer, C, inner) view, or None."""
+    return None if a.residual is None else np.ascontiguousarray(a.residual).reshape(x3.shape)
+
+
 def _forward_small_jit(x3, a: Forward, momentum):
     """Running statistics of x's dtype are updated inside the compiled call, others after it."""
     rm, rv, x = a.running_mean, a.running_var, a.x
     fused = rm is not None and all(r.dtype == x.dtype and r.flags.c_contiguous for r in (rm, rv))
     out = jit.small_forward(x3, a.gamma, a.beta, a.eps,
-                            (rm.reshape(-1), rv.reshape(-1), momentum, a.lay.m) if fused else None)
+                            (rm.reshape(-1), rv.reshape(-1), momentum, a.lay.m) if fused else None,
+                            _residual3(a, x3), a.relu)
     if out is None:
         return None
     y3, mean, var, inv = out
@@ -207,12 +216,14 @@ def _forward_small_jit(x3, a: Forward, momentum):
 
 
 def _inference_small_jit(x3, a: Inference):
-    return jit.small_inference(x3, a.gamma, a.beta, a.running_mean, a.running_var, a.eps).reshape(a.x.shape)
+    return jit.small_inference(x3, a.gamma, a.beta, a.running_mean, a.running_var, a.eps, _residual3(a, x3),
+                               a.relu).reshape(a.x.shape)
 
 
 def _forward_jit(views, a: Forward, momentum):
     x = a.x
-    out = jit.forward(views[0], _flat(a.gamma, x.dtype), _flat(a.beta, x.dtype), a.eps)
+    out = jit.forward(views[0], _flat(a.gamma, x.dtype), _flat(a.beta, x.dtype), a.eps, _residual3(a, views[0]),
+                      a.relu)
     if out is None:
         return None
     y3, mean, var, inv = out
@@ -220,12 +231,26 @@ def _forward_jit(views, a: Forward, momentum):
 
 
 def _backward_jit(views, a: Backward, sync):
+    """The compiled backward, relu's mask and dresidual inside its two passes (views: x, dy[, y])."""
     x, lay, acc = a.x, a.lay, a.x.dtype
-    dx3, dgamma, dbeta = jit.backward(views[1], views[0], _flat(a.mean, acc), _flat(a.invstd, acc),
-                                      _flat(a.gamma, acc), 1.0 / lay.m)
+    dx3, dgamma, dbeta, dres3 = jit.backward(views[1], views[0], _flat(a.mean, acc), _flat(a.invstd, acc),
+                                             _flat(a.gamma, acc), 1.0 / lay.m, views[2] if a.relu else None,
+                                             a.residual_grad)
     dt = out_dtype(a)
-    return (dx3.reshape(x.shape), dgamma.reshape(lay.kept_shape).astype(dt, copy=False),
-            dbeta.reshape(lay.kept_shape).astype(dt, copy=False))
+    out = (dx3.reshape(x.shape), dgamma.reshape(lay.kept_shape).astype(dt, copy=False),
+           dbeta.reshape(lay.kept_shape).astype(dt, copy=False))
+    return out + (dres3.reshape(x.shape),) if a.residual_grad else out
+
+
+def _unfused(run):
+    """A backward strategy that takes dy as it is: with the epilogue it is given the masked dy
+    (`grad_output`, one more pass) and dresidual is appended."""
+    def masked(view, a: Backward, sync):
+        if not a.relu and not a.residual_grad:
+            return run(view, a, sync)
+        dz = grad_output(a.xp, a)
+        return with_residual_grad(a, run(view, a if dz is a.dy else a._replace(dy=dz), sync), dz)
+    return masked
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,6 +335,7 @@ def _forward_small(v, a: Forward, momentum):
     scale, shift = _small_coefficients(inv, a.gamma, a.beta, c_mean, x.dtype)
     c *= _pc(v, scale)                          # y = (c - c_mean) * scale + beta, in c
     c += _pc(v, shift)
+    epilogue(np, c, _small_residual(v, a.residual), a.relu)
     return c.reshape(x.shape), mean, var, inv, False
 
 
@@ -325,7 +351,13 @@ def _inference_small(v, a: Inference):
         scale, shift = _small_coefficients(scale, gamma, a.beta, a.running_mean.reshape(-1), acc)
         y = np.multiply(v, _pc(v, scale))           # two passes, the first one allocating y
         y += _pc(v, shift)
+        epilogue(np, y, _small_residual(v, a.residual), a.relu)
     return y.reshape(a.x.shape)
+
+
+def _small_residual(v, residual):
+    """The residual as the small view's (outer, C * inner) matrix (a copy if it has other strides)."""
+    return None if residual is None else residual.reshape(v.shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,6 +400,7 @@ def _forward_direct(_, a: Forward, momentum):
     # y = (c - c_mean) * scale + shift = c * scale + (shift - c_mean * scale): two passes over c
     c *= scale
     c += -c_mean * scale if shift is None else shift - c_mean * scale
+    epilogue(xp, c, a.residual, a.relu)
     y = c if x.dtype == acc else c.astype(x.dtype)
     return y, mean, var, inv, False
 
@@ -410,6 +443,7 @@ def _inference_direct(_, a: Inference):
         # y = (x - rm) * scale + shift = x * scale + (shift - rm * scale): two passes over x
         y = xp.multiply(x, scale, dtype=acc)
         y += -rm * scale if shift is None else shift - rm * scale
+        epilogue(xp, y, a.residual, a.relu)
     return y if x.dtype == acc else y.astype(x.dtype)
 
 
@@ -422,8 +456,8 @@ _STATS = (("small-jit", _takes_small_jit, _stats_small_jit), ("small", _takes_sm
 _FORWARD = (("small-jit", _takes_small_jit, _forward_small_jit), ("small", _takes_small, _forward_small),
             ("jit", _takes_jit, _forward_jit), ("direct", _takes_direct, _forward_direct),
             ("blocks", _takes_blocks, blocks.forward))
-_BACKWARD = (("jit", _takes_jit, _backward_jit), ("direct", _takes_direct, _backward_direct),
-             ("blocks", _takes_blocks, blocks.backward))
+_BACKWARD = (("jit", _takes_jit, _backward_jit), ("direct", _takes_direct, _unfused(_backward_direct)),
+             ("blocks", _takes_blocks, _unfused(blocks.backward)))
 _INFERENCE = (("small-jit", _takes_small_jit, _inference_small_jit), ("small", _takes_small, _inference_small),
               ("direct", _takes_direct, _inference_direct), ("blocks", _takes_blocks, blocks.inference))
 _TABLES = {"stats": _STATS, "forward": _FORWARD, "backward": _BACKWARD, "inference": _INFERENCE}

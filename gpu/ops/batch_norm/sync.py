@@ -62,10 +62,12 @@ def forward(comm, a: Forward):
     if lay.m == 0:
         y = xp.empty(x.shape, x.dtype)
     elif kernels:
-        y = kernel_path.inference(Inference(xp, kernels, x, lay, a.gamma, a.beta, mean, var, a.eps))
+        # the epilogue (residual, relu) rides on inference's: y is one pass with the global statistics
+        y = kernel_path.inference(Inference(xp, kernels, x, lay, a.gamma, a.beta, mean, var, a.eps,
+                                            a.residual, a.relu))
     else:
         y = numpy_path.inference(Inference(xp, kernels, x, lay, a.gamma, a.beta, mean.reshape(kept),
-                                           var.reshape(kept), a.eps))
+                                           var.reshape(kept), a.eps, a.residual, a.relu))
     if a.batches is not None:
         batches = a.batches
         batches += 1                        # before the update, as torch's module
@@ -84,7 +86,8 @@ def forward(comm, a: Forward):
 
 def backward(comm, a: Backward):
     """`batch_norm_backward` with ``comm``: dx from the sums over every rank (ONE all-reduce
-    between the sums and dx); dgamma, dbeta this rank's share."""
+    between the sums and dx); dgamma, dbeta this rank's share; the relu mask and dresidual are
+    local (the paths')."""
     xp, x, lay = a.xp, a.x, a.lay
     what = "batch_norm_backward"
     _handshake(xp, comm, lay.C, x.dtype, what)
