@@ -46,7 +46,6 @@
 
 #include <dlfcn.h>
 #include <link.h>
-#include <pthread.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -402,10 +401,11 @@ void fiber_main(Fiber* f) {
 // Shared memory: poison at block start, check the guard zone at block end
 // ----------------------------------------------------------------------------------------------
 
+// `dynamic`: the address of gpuemu_dynamic_smem in that block, what the cached lookup is valid for.
 struct TlsBlock {
     unsigned char* start = nullptr;
     size_t size = 0;
-    pthread_t owner{};
+    unsigned char* dynamic = nullptr;
 };
 TlsBlock g_tls;
 
@@ -436,16 +436,24 @@ void fill_poison(unsigned char* p, size_t n) {
 
 // The calling thread's copy of this module's TLS: all of its static shared memory plus the
 // dynamic buffer. Touching gpuemu_dynamic_smem first makes sure the copy exists.
+//
+// The cache is keyed by the address of the calling thread's gpuemu_dynamic_smem, not by the
+// thread: glibc hands an exited thread's pthread_t (its cached stack and descriptor) to the next
+// thread it creates, while the exited thread's copy of a dlopen'ed module's TLS is freed and the
+// new thread gets a fresh one elsewhere. A cache keyed by pthread_self() then poisoned freed
+// memory (a crash when many short-lived threads launch one after another). An address is safe to
+// reuse: the variable's offset inside the module's TLS block is fixed by the linker, so one
+// address of gpuemu_dynamic_smem always means the same block start.
 bool locate_shared_memory() {
     unsigned char* dynamic = gpuemu_dynamic_smem;
     __asm__ volatile("" : : "r"(dynamic) : "memory");  // the TLS access must happen before the lookup
-    if (g_tls.start && pthread_equal(g_tls.owner, pthread_self())) return true;
+    if (g_tls.start && g_tls.dynamic == dynamic) return true;
     TlsBlock found;
     dl_iterate_phdr(find_tls, &found);
     if (!found.start || dynamic < found.start ||
         dynamic + sizeof(gpuemu_dynamic_smem) > found.start + found.size)
         return false;
-    found.owner = pthread_self();
+    found.dynamic = dynamic;
     g_tls = found;
     return true;
 }
