@@ -3,9 +3,10 @@
 Every path of every op (gpu.bench.traffic.PATHS, forced with the engines' ``tuned`` knobs) is run
 on the trace build (gpu._emulator.trace) and held to its design:
 
-- bytes: what the kernels request from the op's tensors (x, y, dy, dx, z, dz: the buffers of at
-  least half of E*s bytes) is the path's model in E*s, up to a sector per row; the per-channel
-  and per-row vectors come on top and are bounded by the tensors' bytes;
+- bytes: what the kernels request from the op's tensors (x, y, dy, dx, z, dz, residual,
+  dresidual: the buffers of at least half of E*s bytes) is the path's model in E*s, up to a
+  sector per row; the per-channel and per-row vectors come on top and are bounded by the
+  tensors' bytes;
 - coalescing: the streaming loads and stores (the sites carrying a tenth of a launch's global
   bytes) touch the ideal number of 32-byte sectors per warp request (rows start on sectors);
 - bank conflicts: where the design keeps a row cache or a column reduce in shared memory, the

@@ -69,7 +69,9 @@ _ROWS2 = {"grid_rows": 2}    # channels last: 2 blocks down the rows, 16 rows a 
 #: Every kernel path of every op. BN layouts: "nc" is (rows, C) reduced over rows (channels
 #: last: the engine's column tiles), "nchw" reduces N, H, W (channels first: inner = H*W).
 #: Models in E*s: a forward reads x and writes y (2); the two-pass forward reads x twice (3); the
-#: backward reads dy and x and writes dx (3), twice over for the two-kernel path (5).
+#: backward reads dy and x and writes dx (3), twice over for the two-kernel path (5);
+#: the epilogue's ops (residual add + ReLU) add a residual read to the forward and the
+#: inference, a read of y (the ReLU mask) and a dresidual write to the backward: below.
 PATHS: tuple[Path, ...] = (
     Path("batch_stats", "stream", (512, 64), "nc", _ROWS2, ("batch_norm_stats",), 1.0),
     Path("batch_stats", "stream", (8, 16, 8, 8), "nchw", {}, ("batch_norm_stats",), 1.0),
@@ -102,6 +104,26 @@ PATHS: tuple[Path, ...] = (
          5.0, cached_row=True),
     Path("batch_norm_train", "twopass", (512, 64), "nc", {"path": "twopass", **_ROWS2},
          ("stats", "apply", "backward_reduce", "backward_apply"), 8.0),
+    # the epilogue (residual add + ReLU, the BN_EPILOGUE modules): the forward also reads the
+    # residual (on chip 3, two-pass 4); the backward also reads y (the mask) and writes dresidual
+    # (on chip 5; two kernels 8: dy, y, x read by the reduce and again by the apply)
+    Path("batch_norm_add_relu_inference", "apply", (512, 64), "nc", _ROWS2, ("params", "batch_norm_apply"), 3.0),
+    Path("batch_norm_add_relu_inference", "apply", (8, 16, 8, 8), "nchw", {}, ("params", "batch_norm_apply"),
+         3.0),
+    Path("batch_norm_add_relu_train", "onchip", (256, 32), "nc", {"path": "onchip"},
+         ("forward_onchip", "backward_onchip"), 8.0, cached_row=True),
+    Path("batch_norm_add_relu_train", "onchip", (8, 16, 8, 8), "nchw", {"path": "onchip"},
+         ("forward_onchip", "backward_onchip"), 8.0, cached_row=True),
+    Path("batch_norm_add_relu_train", "persistent", (600, 64), "nc", {"path": "persistent", "threads": 32,
+                                                                       "grid_rows": 3},
+         ("forward_onchip", "backward_onchip"), 8.0, cached_row=True),
+    # the scalar module's backward keeps 128 rows a tile on chip (256 do not fit one block)
+    Path("batch_norm_add_relu_train", "onchip-scalar", (128, 32), "nc", {"path": "onchip", "vector": False},
+         ("forward_onchip", "backward_onchip"), 8.0, cached_row=True),
+    Path("batch_norm_add_relu_train", "twopass", (512, 64), "nc", {"path": "twopass", **_ROWS2},
+         ("stats", "apply", "backward_reduce", "backward_apply"), 12.0),
+    Path("batch_norm_add_relu_train", "twopass", (8, 16, 8, 8), "nchw", {"path": "twopass"},
+         ("stats", "apply", "backward_reduce", "backward_apply"), 12.0),
     Path("softmax", "warp", (64, 256), "", {}, ("softmax_warp",), 2.0),
     # rows of 99 floats (396 bytes, not a multiple of 16): 4-byte accesses, rows off the sectors
     Path("softmax", "warp-scalar", (64, 99), "", {}, ("softmax_warp",), 2.0, aligned_rows=False),
