@@ -204,17 +204,21 @@ __device__ __forceinline__ Vec output_vec(const Vec& v, const acc_t* mu, const a
 #endif
 }
 
+// g (dy's vector at `off`) where y > 0, else 0: relu's gradient, from the forward's output.
+__device__ __forceinline__ Vec relu_mask(Vec g, const scalar_t* __restrict__ y, index_t off) {
+    const Vec m = load_vec(y + off);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j)
+        if (!(to_acc(m.v[j]) > acc_t(0))) g.v[j] = from_acc<scalar_t>(acc_t(0));
+    return g;
+}
+
 // dy at `off`, masked by y > 0 under BN_RELU: what reaches the batch norm through the relu.
 __device__ __forceinline__ Vec load_grad(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ y,
                                          index_t off, int flags) {
     Vec g = load_vec(dy + off);
 #if BN_EPILOGUE
-    if (flags & BN_RELU) {
-        const Vec m = load_vec(y + off);
-#pragma unroll
-        for (int j = 0; j < VEC; ++j)
-            if (!(to_acc(m.v[j]) > acc_t(0))) g.v[j] = from_acc<scalar_t>(acc_t(0));
-    }
+    if (flags & BN_RELU) g = relu_mask(g, y, off);
 #else
     (void)y; (void)flags;
 #endif
@@ -564,10 +568,17 @@ batch_norm_backward_reduce(acc_t* dgamma, acc_t* dbeta, acc_t* k, acc_t* a, acc_
             for (int u = 0; u < BN_UNROLL; ++u) {
                 if (r + u * t.step < t.rows) {
                     const index_t off = (r + u * t.step) * t.stride + t.base;
-                    vg[u] = load_grad(dy, y, off, flags);
+                    vg[u] = load_vec(dy + off);
                     vx[u] = load_vec(x + off);
                 }
             }
+#if BN_EPILOGUE
+            if (flags & BN_RELU) {   // after the loads (masking in the load loop spilled at sm_80/sm_90)
+#pragma unroll
+                for (int u = 0; u < BN_UNROLL; ++u)
+                    if (r + u * t.step < t.rows) vg[u] = relu_mask(vg[u], y, (r + u * t.step) * t.stride + t.base);
+            }
+#endif
 #pragma unroll
             for (int u = 0; u < BN_UNROLL; ++u)
                 if (r + u * t.step < t.rows) s.push(vg[u], vx[u], mu);
