@@ -265,7 +265,7 @@ __device__ __forceinline__ void finish_onchip(A a, const Tile& t, int C, const O
     if (t.nparts > 1) {
         store_tile_partial(a, t, C, ws);
         cooperative_groups::this_grid().sync();  // orders the partials' stores before the loads
-        a = merge_tile_partials<A>(t, C, ws, smem);
+        a = merge_tile_partials<A, true>(t, C, ws, smem);
     }
     finalize_tile(a, t, o, t.part == 0, coef_smem);
 }
