@@ -32,7 +32,7 @@ def softmax(xp, z, ax: int, log: bool):
     if lay.z.size:
         plan = rows.plan(xp, FAMILY, lay, z.dtype.itemsize, *rows.alignment(lay.z, out))
         k = plan.kernel(xp, "softmax", z.dtype)
-        _kernels.launch(k, plan.grid, plan.block, k.args(out=out, z=lay.z, log=np.int32(log), **plan.sizes(lay)),
+        _kernels.launch(k, plan.grid_for(k), plan.block, k.args(out=out, z=lay.z, log=np.int32(log), **plan.sizes(lay)),
                         shared_mem=plan.smem)
     return lay.orient(out)
 
@@ -44,7 +44,7 @@ def hardmax(xp, z, ax: int):
     if lay.z.size:
         plan = rows.plan(xp, FAMILY, lay, z.dtype.itemsize, *rows.alignment(lay.z, out), cache=False)
         k = plan.kernel(xp, "hardmax", z.dtype)
-        _kernels.launch(k, plan.grid, plan.block, k.args(out=out, z=lay.z, **plan.sizes(lay, cached=False)),
+        _kernels.launch(k, plan.grid_for(k), plan.block, k.args(out=out, z=lay.z, **plan.sizes(lay, cached=False)),
                         shared_mem=plan.smem)
     return lay.orient(out)
 
@@ -168,7 +168,7 @@ def cross_entropy(args: CEArgs, want_loss: bool, dloss, inplace: bool = False):
         scale = acc.type(1 / R) if red == "mean" and args.probs else None
         named["dloss"] = _launch.constant(xp, acc, float(dloss) * (1.0 if scale is None else float(scale)))
 
-    G = r.plan.grid
+    G = r.plan.grid_for(r.k)
     # scratch from the stream's persistent workspace (no allocation, no memset): acc partials of
     # both kernels (4 and 2 per block) and the inverse denominators, the per-block first bad rows,
     # both kernels' tickets (the last block leaves them at zero), the sticky bad-target record
@@ -224,7 +224,7 @@ def cross_entropy(args: CEArgs, want_loss: bool, dloss, inplace: bool = False):
 def _scratch_views(r: _Recipe, fbuf, tickets) -> tuple[dict, dict | None]:
     """The workspace views a recipe's launches take (the fused kernel's, and the weight sum's with
     its scalars, or None): kept while the workspace keeps the same buffers."""
-    G = r.plan.grid
+    G = r.plan.grid_for(r.k)
     fused = {"part_loss": fbuf[:G], "part_w": fbuf[G:4 * G], "ticket": tickets[:1]}
     if r.kw is None:
         return fused, None
