@@ -124,6 +124,35 @@ def _observed_launches(monkeypatch):
     return seen
 
 
+# Which module a cross-entropy launch takes: integer targets without smoothing or soft-cap on the
+# block path run softmax.cu's CE_PLAIN module (those options fixed at compile time); any other
+# option, and the other paths, the module with every option
+PLAIN_CASES = [
+    ("block_cached", {}, True),
+    ("block_online", {"weight": True, "ignore_index": 2}, True),   # a weight is read per row only
+    ("block_cached", {"label_smoothing": 0.1}, False),
+    ("block_cached", {"softcap": 3.0}, False),
+    ("block_cached", {"probs": True}, False),
+    ("warp", {}, False),
+]
+
+
+@pytest.mark.parametrize("path,opts,plain", PLAIN_CASES, ids=[f"{p}-{'-'.join(o) or 'index'}" for p, o, _ in PLAIN_CASES])
+def test_ce_plain_module(rng, monkeypatch, path, opts, plain):
+    z, z64 = random(rng, (5, 37), F32, scale=2.0)
+    opts = dict(opts)
+    t = _targets(rng, (5,), 37, "probs" if opts.pop("probs", False) else "index")
+    if opts.get("weight"):
+        opts["weight"] = (rng.random(37) + 0.5).astype(F32)
+    seen = _observed_launches(monkeypatch)
+    loss, dz = emu(gpu.softmax_cross_entropy, z, t, return_grad=True, path=path, **opts)
+    fused = [d for name, d, _ in seen if name.startswith("softmax_cross_entropy_") and "weight_sum" not in name]
+    assert fused == [{"CE_PLAIN": "1"} if plain else {}]
+    want_loss, want_dz = gpu.softmax_cross_entropy(z64, t, return_grad=True, **opts)   # the NumPy path
+    assert_close(loss, want_loss, F32, "loss")
+    assert_close(dz, want_dz, F32, "dz")
+
+
 def test_grid_counts_registers(rng, monkeypatch):
     """One wave by the launched kernel's occupancy, registers included: 1024-thread blocks of the
     cross-entropy kernel (about 61 registers, 64 at most under its __launch_bounds__(1024, 1)) fit

@@ -121,13 +121,15 @@ class Plan:
     cached: int = 0  # strided: the tile kept in shared memory (0/1); block: its leading columns kept
     kernels: dict = field(default_factory=dict, compare=False, repr=False)   # fetched once
 
-    def kernel(self, xp, op: str, dtype, exact: bool = False):
+    def kernel(self, xp, op: str, dtype, exact: bool = False, defines: dict | None = None):
         """The kernel of this path for ``op`` (``<op>_warp_n{N}``, ``<op>_block``, ``<op>_strided``),
-        or with ``exact`` the kernel named ``op``; fetched once per plan."""
-        k = self.kernels.get((op, dtype))
+        or with ``exact`` the kernel named ``op``, from the module of the family's variant
+        ``defines`` (None: the default); fetched once per plan."""
+        key = (op, dtype) if not defines else (op, dtype, tuple(sorted(defines.items())))
+        k = self.kernels.get(key)
         if k is None:
             suffix = "" if exact else f"_warp_n{self.n}" if self.path == "warp" else f"_{self.path}"
-            k = self.kernels[(op, dtype)] = _kernels.get_kernel(self.family, op + suffix, xp, dtype)
+            k = self.kernels[key] = _kernels.get_kernel(self.family, op + suffix, xp, dtype, defines)
         return k
 
     def grid_for(self, k) -> int:

@@ -99,7 +99,10 @@ def _make_recipe(xp, lay, dtype, acc, args, want_loss, grad, dl_stride, alignmen
     # loss only: no second pass, so nothing to keep in shared memory (it would only cut occupancy)
     plan = rows.plan(xp, FAMILY, lay, dtype.itemsize, *alignment, regions=2 if args.probs else 1, cache=grad,
                      max_n=8 if dtype == np.float64 else 32)
-    k = plan.kernel(xp, "softmax_cross_entropy", dtype)
+    # integer targets without smoothing or soft-cap on the block path: the module that fixes those
+    # at compile time (softmax.cu's CE_PLAIN), whose per-element code tests no flag
+    plain = not args.probs and not args.label_smoothing and args.softcap is None and plan.path == "block"
+    k = plan.kernel(xp, "softmax_cross_entropy", dtype, defines={"CE_PLAIN": 1} if plain else None)
     fixed = plan.sizes(lay, rows=None) | {
         "dloss_stride": np.int64(dl_stride), "ignore_index": np.int64(args.ignore_index),
         "label_smoothing": acc.type(args.label_smoothing), "z_loss": acc.type(args.z_loss),
