@@ -80,9 +80,9 @@
 #define BN_UNROLL 4          // rows of loads in flight per thread in the streaming loops
 #define BN_ONCHIP_ROWS 8     // rows per thread batch_norm_forward_onchip keeps in registers
 #define BN_ONCHIP_THREADS 256  // its largest block; one block per SM may use up to 255 registers
-                               // (NVRTC 12, sm_90, float32/float16/bfloat16/float64: 164/181/244/182, as
+                               // (NVRTC 12, sm_90, float32/float16/bfloat16/float64: 162/180/242/176, as
                                // the register rows, two batches of the row cache's fill and their float
-                               // copies stay live; batch_norm_backward_onchip 196/173/237/187)
+                               // copies stay live; batch_norm_backward_onchip 198/174/241/191)
 #define BN_BACKWARD_ROWS 8   // rows of dy and x per thread batch_norm_backward_onchip keeps in registers
 #define BN_BACKWARD_ROWS_16BIT 4  // the same for half and bfloat16 (their float copies: bfloat16 at 8 rows
                                   // takes 254 registers at sm_90)
