@@ -200,10 +200,16 @@ struct CrossEntropyOp {
 
     static constexpr bool kReadsX = true, kHasY = !(CE_STATIC_OFF & CE_PROBS), kStream = true;
     struct Stats { acc_t m, s, zt, q, w; };  // zt: z at the target (one lane adds it)
-    // t: the target class, -1 for none (an int: in [0, C) when valid, so the per-element test
-    // col == t is one 32-bit compare)
-    struct Ctx { int t; acc_t pivot; bool active, valid, bad; };   // active: a real row
-    struct Fin { acc_t m, scale, sub_t, sub_w; int t; bool valid; };   // valid: Ctx's
+    // t: the target class, -1 for none; in the plain module an int (in [0, C) when valid), so the
+    // per-element test col == t is one 32-bit compare (the full module keeps 64 bits: with an int
+    // its bfloat16 block kernel spills 20 bytes at sm_90, NVRTC 12)
+#if defined(CE_PLAIN)
+    typedef int target_t;
+#else
+    typedef long long target_t;
+#endif
+    struct Ctx { target_t t; acc_t pivot; bool active, valid, bad; };   // active: a real row
+    struct Fin { acc_t m, scale, sub_t, sub_w; target_t t; bool valid; };   // valid: Ctx's
 
     __device__ __forceinline__ scalar_t* dest() const { return (flags & CE_GRAD) ? dz : nullptr; }
     // a flag, false at compile time where the module fixes it off
@@ -238,7 +244,7 @@ struct CrossEntropyOp {
             const bool in_range = t >= 0 && t < (long long)C;
             c.bad = !in_range && t != ignore_index;
             c.valid = in_range && t != ignore_index;   // never used as an index unless in range
-            c.t = c.valid ? (int)t : -1;
+            c.t = c.valid ? (target_t)t : -1;
         }
         return c;
     }
