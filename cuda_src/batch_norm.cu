@@ -85,15 +85,23 @@
 
 #include <cooperative_groups.h>
 
-#define BN_MAX_THREADS 512   // largest block any launch uses (bounds the register budget)
+#define BN_MAX_THREADS 512   // largest block any launch uses (bounds the register budget: 128 a thread;
+                             // bfloat16 batch_norm_backward_reduce takes all 128 at sm_90, NVRTC 12, with no
+                             // spill: at the planned 256 threads that is 2 blocks an SM, as float16's 85 give)
 #define BN_UNROLL 4          // rows of loads in flight per thread in the streaming loops
 #define BN_ONCHIP_ROWS 8     // rows per thread batch_norm_forward_onchip keeps in registers
 #define BN_ONCHIP_THREADS 256  // its largest block; one block per SM may use up to 255 registers
-                               // (bfloat16 at sm_90: 157, as the row cache and its float copies stay live)
+                               // (NVRTC 12, sm_90, float32/float16/bfloat16/float64: 162/180/242/176, as
+                               // the register rows, two batches of the row cache's fill and their float
+                               // copies stay live; batch_norm_backward_onchip 198/174/241/191)
 #define BN_BACKWARD_ROWS 8   // rows of dy and x per thread batch_norm_backward_onchip keeps in registers
 #define BN_BACKWARD_ROWS_16BIT 4  // the same for half and bfloat16 (their float copies: bfloat16 at 8 rows
                                   // takes 254 registers at sm_90)
-#define BN_CACHE_UNROLL 8    // rows of loads in flight per thread while the on-chip kernels fill the row cache
+#define BN_CACHE_UNROLL 8    // rows in one batch of the on-chip kernels' row-cache fill (software-pipelined:
+                             // one batch's loads in flight while the batch before is pushed)
+// the fill loops' iterations unrolled: 2 lets the pipeline's next batch take the registers of the one
+// before instead of a copy; 16-bit types (their float copies) spill at 2 on sm_90
+#define BN_FILL_UNROLL (sizeof(scalar_t) >= 4 ? 2 : 1)
 #define BN_MAX_COLS 64       // largest bx of a channels-last tile (bounds batch_norm_forward_onchip's smem)
 
 // flags (host: gpu/ops/batch_norm/kernel_path.py, _flags)
@@ -335,7 +343,7 @@ __device__ __forceinline__ void finish_onchip(A a, const Tile& t, int C, const O
     if (t.nparts > 1) {
         store_tile_partial(a, t, C, ws);
         cooperative_groups::this_grid().sync();  // orders the partials' stores before the loads
-        a = merge_tile_partials<A>(t, C, ws, smem);
+        a = merge_tile_partials<A, true>(t, C, ws, smem);
     }
     finalize_tile(a, t, o, t.part == 0, coef_smem);
 }
@@ -395,14 +403,24 @@ batch_norm_forward_onchip(scalar_t* y, acc_t* mean, acc_t* var, acc_t* invstd, a
 #pragma unroll
         for (int u = 0; u < BN_ONCHIP_ROWS; ++u)
             if (t.row + u * t.step < t.rows) v[u] = load_vec(x + (t.row + u * t.step) * t.stride + t.base);
+        // Software pipeline: the loads of the row cache's batch k + BN_CACHE_UNROLL are issued
+        // before the pushes of batch k (and batch 0's before the register rows' pushes), so a
+        // batch of loads is in flight while the previous one is reduced. Same push order: same bits.
+        Vec c[BN_CACHE_UNROLL];
+#pragma unroll
+        for (int u = 0; u < BN_CACHE_UNROLL; ++u)
+            if (cached_row(t, r0, u, cache_rows)) c[u] = load_vec(x + (r0 + u * t.step) * t.stride + t.base);
 #pragma unroll
         for (int u = 0; u < BN_ONCHIP_ROWS; ++u)
             if (t.row + u * t.step < t.rows) w.push(v[u]);
+#pragma unroll (BN_FILL_UNROLL)
         for (int k = 0; k < cache_rows && r0 + k * t.step < t.rows; k += BN_CACHE_UNROLL) {
-            Vec c[BN_CACHE_UNROLL];
+            Vec n[BN_CACHE_UNROLL];
 #pragma unroll
-            for (int u = 0; u < BN_CACHE_UNROLL; ++u)
-                if (cached_row(t, r0, k + u, cache_rows)) c[u] = load_vec(x + (r0 + (k + u) * t.step) * t.stride + t.base);
+            for (int u = 0; u < BN_CACHE_UNROLL; ++u) {
+                const int kn = k + BN_CACHE_UNROLL + u;
+                if (cached_row(t, r0, kn, cache_rows)) n[u] = load_vec(x + (r0 + kn * t.step) * t.stride + t.base);
+            }
 #pragma unroll
             for (int u = 0; u < BN_CACHE_UNROLL; ++u) {
                 if (cached_row(t, r0, k + u, cache_rows)) {
@@ -410,6 +428,8 @@ batch_norm_forward_onchip(scalar_t* y, acc_t* mean, acc_t* var, acc_t* invstd, a
                     cache[(k + u) * blockDim.x + threadIdx.x] = c[u];
                 }
             }
+#pragma unroll
+            for (int u = 0; u < BN_CACHE_UNROLL; ++u) c[u] = n[u];
         }
     }
     if (inner == 1)
@@ -623,26 +643,45 @@ batch_norm_backward_onchip(scalar_t* dx, scalar_t* dresidual, acc_t* dgamma, acc
                 vx[u] = load_vec(x + off);
             }
         }
+        // Software pipeline, as batch_norm_forward_onchip's: batch k + kBatch's loads are issued
+        // before batch k's pushes, batch 0's before the register rows' pushes.
+        constexpr int kBatch = BN_CACHE_UNROLL / 2;
+        Vec cg[kBatch], cx[kBatch];
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+            if (cached_row(t, r0, u, cache_rows)) {
+                const index_t off = (r0 + u * t.step) * t.stride + t.base;
+                cg[u] = load_grad(dy, y, off, flags);
+                cx[u] = load_vec(x + off);
+            }
+        }
 #pragma unroll
         for (int u = 0; u < kRows; ++u)
             if (t.row + u * t.step < t.rows) s.push(vg[u], vx[u], mu);
-        for (int k = 0; k < cache_rows && r0 + k * t.step < t.rows; k += BN_CACHE_UNROLL / 2) {
-            Vec cg[BN_CACHE_UNROLL / 2], cx[BN_CACHE_UNROLL / 2];
+#pragma unroll (BN_FILL_UNROLL)
+        for (int k = 0; k < cache_rows && r0 + k * t.step < t.rows; k += kBatch) {
+            Vec ng[kBatch], nx[kBatch];
 #pragma unroll
-            for (int u = 0; u < BN_CACHE_UNROLL / 2; ++u) {
-                if (cached_row(t, r0, k + u, cache_rows)) {
-                    const index_t off = (r0 + (k + u) * t.step) * t.stride + t.base;
-                    cg[u] = load_grad(dy, y, off, flags);
-                    cx[u] = load_vec(x + off);
+            for (int u = 0; u < kBatch; ++u) {
+                const int kn = k + kBatch + u;
+                if (cached_row(t, r0, kn, cache_rows)) {
+                    const index_t off = (r0 + kn * t.step) * t.stride + t.base;
+                    ng[u] = load_grad(dy, y, off, flags);
+                    nx[u] = load_vec(x + off);
                 }
             }
 #pragma unroll
-            for (int u = 0; u < BN_CACHE_UNROLL / 2; ++u) {
+            for (int u = 0; u < kBatch; ++u) {
                 if (cached_row(t, r0, k + u, cache_rows)) {
                     s.push(cg[u], cx[u], mu);
                     cache_dy[(k + u) * blockDim.x + threadIdx.x] = cg[u];
                     cache_x[(k + u) * blockDim.x + threadIdx.x] = cx[u];
                 }
+            }
+#pragma unroll
+            for (int u = 0; u < kBatch; ++u) {
+                cg[u] = ng[u];
+                cx[u] = nx[u];
             }
         }
     }

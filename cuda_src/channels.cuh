@@ -440,18 +440,28 @@ __device__ __forceinline__ void store_tile_partial(const A& a, const Tile& t, in
 }
 
 // All nparts partials of the tile merged in partition order (the same order in any block that
-// calls it); the result is in threads threadIdx.x < S. Every thread must call.
-template <class A>
+// calls it); the result is in threads threadIdx.x < S. Every thread must call. kBatched: a thread
+// issues the loads of up to kBatch of its partials (about 32 registers) before it merges
+// the first of them, instead of one L2 round trip per merge (the persistent kernels, whose every
+// block merges after the grid barrier; the streaming kernels' last block keeps one at a time, as
+// their registers bound their occupancy). The merges keep partition order: the same bits.
+template <class A, bool kBatched = false>
 __device__ __forceinline__ A merge_tile_partials(const Tile& t, int C, const acc_t* ws, acc_t* smem) {
+    constexpr int kWords32 = A::kWords * (int)(sizeof(acc_t) / 4);
+    constexpr int kBatch = !kBatched ? 1 : kWords32 <= 4 ? 8 : kWords32 <= 8 ? 4 : 2;
     const index_t pc = (index_t)t.nparts * C;
     A a;
     a.init();
     if (t.col_active) {
         const int step = blockDim.x / t.ncols;
-        for (int p = threadIdx.x / t.ncols; p < t.nparts; p += step) {
-            A o;
-            o.load_partial(ws, (index_t)p * C + t.c0, pc);
-            a.merge(o);
+        for (int p = threadIdx.x / t.ncols; p < t.nparts; p += kBatch * step) {
+            A o[kBatch];
+#pragma unroll
+            for (int b = 0; b < kBatch; ++b)
+                if (p + b * step < t.nparts) o[b].load_partial(ws, (index_t)(p + b * step) * C + t.c0, pc);
+#pragma unroll
+            for (int b = 0; b < kBatch; ++b)
+                if (p + b * step < t.nparts) a.merge(o[b]);
         }
     }
     return reduce_columns(a, t.ncols, smem);

@@ -50,6 +50,17 @@ __device__ __forceinline__ int block_thread_rank() {
 }
 __device__ __forceinline__ int block_num_threads() { return blockDim.x * blockDim.y * blockDim.z; }
 
+// 2^x as one MUFU.EX2: ex2.approx.ftz.f32 (about 2 ulp, as exp2f; subnormal inputs and results
+// flushed to 0, where exp2f spends 3 more instructions keeping subnormal results). The emulator
+// defines it in its cuda_emulator.h (no inline PTX there).
+#if !defined(GPU_EMULATOR)
+__device__ __forceinline__ float ex2_approx_ftz(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+#endif
+
 // ---------------------------------------------------------------------------------------------
 // Storage and accumulation types, and conversions between them
 // ---------------------------------------------------------------------------------------------

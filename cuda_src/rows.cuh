@@ -112,8 +112,11 @@ __device__ __forceinline__ acc_t acc_rcp(acc_t x) {
 }
 #else
 // exp(d) = 2^(d log2 e): one MUFU.EX2 after one multiply. d = z - M is formed first, so logits
-// far from 0 (1e4) lose nothing to the prescale.
-__device__ __forceinline__ acc_t acc_exp(acc_t d) { return exp2f(d * 1.4426950408889634f); }
+// far from 0 (1e4) lose nothing to the prescale. ex2_approx_ftz (common.cuh), not exp2f: exp2f
+// wraps the same MUFU.EX2 in a guard for subnormal results (3 more instructions per element);
+// flushed, such a term (< 2^-126 of the row's largest) changes no sum and no output past float's
+// smallest normal.
+__device__ __forceinline__ acc_t acc_exp(acc_t d) { return ex2_approx_ftz(d * 1.4426950408889634f); }
 // x in [1, C]: MUFU.LG2 (absolute error ~1e-7 here); logf calls a slow path that spills.
 __device__ __forceinline__ acc_t acc_log(acc_t x) { return __logf(x); }
 // 1/x for x in [1, C] (the sums of exps): MUFU.RCP, inline; IEEE division and __frcp_rn call an

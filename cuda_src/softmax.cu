@@ -1,6 +1,7 @@
 // softmax.cu: softmax, log-softmax, hardmax and fused softmax + cross-entropy (loss and dZ).
 //
 // @headers rows.cuh
+// @variants [{}, {"CE_PLAIN": 1}]
 //
 // Formulas (rows along the class axis, C classes, M = row max, s = sum_c exp(z_c - M)):
 //   softmax      p_j    = exp(z_j - M) / s
@@ -151,6 +152,18 @@ struct HardmaxOp {
 #define CE_SOFTCAP 32  // logits are soft-capped: z' = cap tanh(z / cap)
 #define CE_ZRET 64     // also write the z-loss term: loss_out[1], and loss_rows[rows + row] with CE_ROWS
 
+// The module built with CE_PLAIN=1 (the @variants line) holds softmax_cross_entropy_block alone,
+// for integer targets without label smoothing or soft-cap (host: gpu/ops/softmax/kernel_path.py):
+// those are fixed at compile time, so the per-element code tests no flag, reads no y and no
+// weight[col], and 16-bit rows keep 2 vectors in flight (rows_block's U, as no y is read).
+#if defined(CE_PLAIN)
+#define CE_STATIC_OFF (CE_PROBS | CE_SOFTCAP)   // flags the module ignores (the host leaves them 0)
+#define CE_SMOOTHING 0                          // label smoothing ignored (the host passes 0)
+#else
+#define CE_STATIC_OFF 0
+#define CE_SMOOTHING 1
+#endif
+
 // reduction codes for the scalar loss
 #define CE_RED_NONE 0
 #define CE_RED_SUM 1
@@ -185,19 +198,30 @@ struct CrossEntropyOp {
     acc_t sum_loss, sum_w, sum_z, sum_n;
     long long first_bad;
 
-    static constexpr bool kReadsX = true, kHasY = true, kStream = true;
+    static constexpr bool kReadsX = true, kHasY = !(CE_STATIC_OFF & CE_PROBS), kStream = true;
     struct Stats { acc_t m, s, zt, q, w; };  // zt: z at the target (one lane adds it)
-    struct Ctx { long long t; acc_t pivot; bool active, valid, bad; };   // active: a real row
-    struct Fin { acc_t m, scale, sub_t, sub_w; long long t; bool valid; };   // valid: Ctx's
+    // t: the target class, -1 for none; in the plain module an int (in [0, C) when valid), so the
+    // per-element test col == t is one 32-bit compare (the full module keeps 64 bits: with an int
+    // its bfloat16 block kernel spills 20 bytes at sm_90, NVRTC 12)
+#if defined(CE_PLAIN)
+    typedef int target_t;
+#else
+    typedef long long target_t;
+#endif
+    struct Ctx { target_t t; acc_t pivot; bool active, valid, bad; };   // active: a real row
+    struct Fin { acc_t m, scale, sub_t, sub_w; target_t t; bool valid; };   // valid: Ctx's
 
     __device__ __forceinline__ scalar_t* dest() const { return (flags & CE_GRAD) ? dz : nullptr; }
-    __device__ __forceinline__ const scalar_t* ysrc() const { return (flags & CE_PROBS) ? y : nullptr; }
+    // a flag, false at compile time where the module fixes it off
+    __device__ __forceinline__ bool has(int f) const { return !(CE_STATIC_OFF & f) && (flags & f); }
+    __device__ __forceinline__ bool smoothing() const { return CE_SMOOTHING && ls > acc_t(0); }
+    __device__ __forceinline__ const scalar_t* ysrc() const { return has(CE_PROBS) ? y : nullptr; }
     __device__ __forceinline__ acc_t w_of(long long c) const {
         return (flags & CE_WEIGHT) ? weight[c] : acc_t(1);
     }
     // The logit the loss sees: z, or cap tanh(z / cap) (then t = tanh(z / cap), for the gradient).
     __device__ __forceinline__ acc_t capped(acc_t x, acc_t& t) const {
-        if (!(flags & CE_SOFTCAP)) return x;
+        if (!has(CE_SOFTCAP)) return x;
         t = acc_tanh(x * inv_cap);
         return cap * t;
     }
@@ -213,14 +237,14 @@ struct CrossEntropyOp {
         c.active = active;
         c.valid = c.bad = false;
         if (!active) return c;
-        if (flags & CE_PROBS) {
+        if (has(CE_PROBS)) {
             c.valid = true;
         } else {
             const long long t = target[row];
             const bool in_range = t >= 0 && t < (long long)C;
             c.bad = !in_range && t != ignore_index;
             c.valid = in_range && t != ignore_index;   // never used as an index unless in range
-            c.t = c.valid ? t : -1;
+            c.t = c.valid ? (target_t)t : -1;
         }
         return c;
     }
@@ -229,11 +253,11 @@ struct CrossEntropyOp {
         x = capped(x, t);
         online_add(st.m, st.s, x);
         if (col == c.t) st.zt += x;
-        if (flags & CE_PROBS) {
+        if (has(CE_PROBS)) {
             const acc_t wy = w_of(col) * (yv * (acc_t(1) - ls) + ls_c);
             st.q += wy * (x - c.pivot);
             st.w += wy;
-        } else if (ls > acc_t(0)) {
+        } else if (smoothing()) {
             const acc_t wc = w_of(col);
             st.q += wc * (x - c.pivot);
             st.w += wc;
@@ -274,7 +298,7 @@ struct CrossEntropyOp {
         f.t = c.t;
         f.valid = c.valid;
         acc_t loss, wt;
-        if (flags & CE_PROBS) {
+        if (has(CE_PROBS)) {
             const acc_t wy_sh = st.q + (c.pivot - st.m) * st.w;   // sum_c wy_c (z_c - M)
             loss = L * st.w - wy_sh;
             wt = acc_t(1);
@@ -288,7 +312,7 @@ struct CrossEntropyOp {
             loss = c.valid ? wt * keep * (L - (st.zt - st.m)) : acc_t(0);
             const acc_t gs = c.valid ? g * ls_c : acc_t(0);
             acc_t coef = g * wt * keep;
-            if (ls > acc_t(0) && c.valid) {
+            if (smoothing() && c.valid) {
                 const acc_t w_sh = st.q + (c.pivot - st.m) * st.w;   // sum_c w_c (z_c - M)
                 loss += ls_c * (st.w * L - w_sh);
                 coef += gs * st.w;
@@ -315,13 +339,13 @@ struct CrossEntropyOp {
         acc_t t = acc_t(0);
         x = capped(x, t);
         acc_t d = acc_exp(x - f.m) * f.scale;
-        if (flags & CE_PROBS) {
+        if (has(CE_PROBS)) {
             d -= f.sub_w * w_of(col) * (yv * (acc_t(1) - ls) + ls_c);
         } else {
             if (col == f.t) d -= f.sub_t;
-            if (ls > acc_t(0)) d -= f.sub_w * w_of(col);
+            if (smoothing()) d -= f.sub_w * w_of(col);
         }
-        if (flags & CE_SOFTCAP) d *= acc_t(1) - t * t;   // d tanh = 1 - tanh^2
+        if (has(CE_SOFTCAP)) d *= acc_t(1) - t * t;   // d tanh = 1 - tanh^2
         return d;
     }
     // Deterministic grid reduction: block partial (fixed tree), then the last block to take a
@@ -445,6 +469,7 @@ __device__ __forceinline__ CrossEntropyOp make_ce(
         rows_warp<N>(make_ce(CE_ARGS, C), z, n_rows, C, lanes, vec);                                     \
     }
 
+#if !defined(CE_PLAIN)   // the plain module: softmax_cross_entropy_block alone
 SM_WARP_KERNELS(1) SM_WARP_KERNELS(2) SM_WARP_KERNELS(4) SM_WARP_KERNELS(8) SM_WARP_KERNELS(16)
 SM_WARP_KERNELS(32)
 CE_WARP_KERNEL(1, 4) CE_WARP_KERNEL(2, 4) CE_WARP_KERNEL(4, 4) CE_WARP_KERNEL(8, 4)
@@ -464,6 +489,7 @@ extern "C" __global__ void __launch_bounds__(SM_BLOCK_MAX_THREADS)
 hardmax_block(scalar_t* __restrict__ out, const scalar_t* __restrict__ z, index_t rows, int C, int vec) {
     rows_block(HardmaxOp{out}, z, rows, C, 0, vec);
 }
+#endif
 // z is not __restrict__ in the cross-entropy kernels: dz may be written over it (in place).
 // float64 blocks have at most SM_BLOCK_MAX_THREADS_F64 threads (the host's plan): bounding the
 // kernel there, one block per SM at least (without it ptxas still caps at 64 registers), leaves
@@ -477,6 +503,8 @@ extern "C" __global__ void __launch_bounds__(SM_CE_BLOCK_THREADS, 1)
 softmax_cross_entropy_block(CE_PARAMS, int C, int cached, int vec) {
     rows_block(make_ce(CE_ARGS, C), z, n_rows, C, cached, vec);
 }
+
+#if !defined(CE_PLAIN)
 
 extern "C" __global__ void __launch_bounds__(GPU_WARP * SM_STRIDED_MAX_TY)
 softmax_strided(scalar_t* __restrict__ out, const scalar_t* __restrict__ z, index_t outer, int C,
@@ -707,3 +735,4 @@ softmax_cross_entropy_vp_grad(scalar_t* dz, const scalar_t* z, const double* __r
         dz[i] = from_acc<scalar_t>(d);
     }
 }
+#endif

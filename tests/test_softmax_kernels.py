@@ -110,6 +110,65 @@ def test_natural_switches():
     assert dev_rows(10, inner=3).path == "strided"
 
 
+def _observed_launches(monkeypatch):
+    """(kernel name, its tuning defines, grid) of every emulated launch from here on."""
+    from gpu import _kernels
+    seen, previous = [], _kernels.launch_observer
+
+    def observe(kernel, grid, block, shared_mem, args):
+        seen.append((kernel.name, {k: v for k, v in kernel.defines if k.startswith("CE_")}, grid))
+        if previous is not None:
+            previous(kernel, grid, block, shared_mem, args)
+
+    monkeypatch.setattr(_kernels, "launch_observer", observe)
+    return seen
+
+
+# Which module a cross-entropy launch takes: integer targets without smoothing or soft-cap on the
+# block path run softmax.cu's CE_PLAIN module (those options fixed at compile time); any other
+# option, and the other paths, the module with every option
+PLAIN_CASES = [
+    ("block_cached", {}, True),
+    ("block_online", {"weight": True, "ignore_index": 2}, True),   # a weight is read per row only
+    ("block_cached", {"label_smoothing": 0.1}, False),
+    ("block_cached", {"softcap": 3.0}, False),
+    ("block_cached", {"probs": True}, False),
+    ("warp", {}, False),
+]
+
+
+@pytest.mark.parametrize("path,opts,plain", PLAIN_CASES, ids=[f"{p}-{'-'.join(o) or 'index'}" for p, o, _ in PLAIN_CASES])
+def test_ce_plain_module(rng, monkeypatch, path, opts, plain):
+    z, z64 = random(rng, (5, 37), F32, scale=2.0)
+    opts = dict(opts)
+    t = _targets(rng, (5,), 37, "probs" if opts.pop("probs", False) else "index")
+    if opts.get("weight"):
+        opts["weight"] = (rng.random(37) + 0.5).astype(F32)
+    seen = _observed_launches(monkeypatch)
+    loss, dz = emu(gpu.softmax_cross_entropy, z, t, return_grad=True, path=path, **opts)
+    fused = [d for name, d, _ in seen if name.startswith("softmax_cross_entropy_") and "weight_sum" not in name]
+    assert fused == [{"CE_PLAIN": "1"} if plain else {}]
+    want_loss, want_dz = gpu.softmax_cross_entropy(z64, t, return_grad=True, **opts)   # the NumPy path
+    assert_close(loss, want_loss, F32, "loss")
+    assert_close(dz, want_dz, F32, "dz")
+
+
+def test_grid_counts_registers(rng, monkeypatch):
+    """One wave by the launched kernel's occupancy, registers included: 1024-thread blocks of the
+    cross-entropy kernel (about 61 registers, 64 at most under its __launch_bounds__(1024, 1)) fit
+    one per SM, though threads alone would allow two; the grid-stride loop takes the other rows."""
+    z, z64 = random(rng, (12, 40), F32)
+    t = rng.integers(0, 40, 12)
+    seen = _observed_launches(monkeypatch)
+    with gpu.use_backend("emulate"), rows.tuned(warp_max_cols=0, block_threads=1024):
+        plan = rows.plan(np, "softmax", rows.layout(np, z, 1), 4, True, True)
+        loss = gpu.softmax_cross_entropy(z, t)
+    sms = plan.kernel(np, "softmax", F32).device["sm_count"]
+    assert plan.grid == min(12, 2 * sms)            # threads and shared memory alone: two per SM
+    assert [g for name, _, g in seen if name == "softmax_cross_entropy_block"] == [(sms, 1, 1)]
+    assert_close(loss, ref.softmax_cross_entropy(z64, t)[0], F32, "loss")
+
+
 # Classes not on the last axis: the strided (outer, C, inner) mapping, no transpose copy.
 STRIDED_CASES = [
     ((10, 6), 0, {}),                     # the seed's (classes, m) layout: outer 1, inner 6

@@ -16,7 +16,8 @@ pairs), asks ``plan`` for the path and launch shape, and launches ``plan.kernel(
                                          memory, the rest read twice (the second read from L2)
     inner > 1                            strided: (32, TY) blocks over tiles of 32 inner positions
 
-Grids are min(work, one wave of resident blocks); kernels grid-stride over the rest. Tests force
+Grids are min(work, one wave of resident blocks), the wave by the launched kernel's occupancy
+(``Plan.grid_for``: registers included); kernels grid-stride over the rest. Tests force
 each path at small sizes with ``tuned(...)``, the engine's one knob (no rebuild: every path's
 kernel is in the one module per dtype).
 """
@@ -120,14 +121,28 @@ class Plan:
     cached: int = 0  # strided: the tile kept in shared memory (0/1); block: its leading columns kept
     kernels: dict = field(default_factory=dict, compare=False, repr=False)   # fetched once
 
-    def kernel(self, xp, op: str, dtype, exact: bool = False):
+    def kernel(self, xp, op: str, dtype, exact: bool = False, defines: dict | None = None):
         """The kernel of this path for ``op`` (``<op>_warp_n{N}``, ``<op>_block``, ``<op>_strided``),
-        or with ``exact`` the kernel named ``op``; fetched once per plan."""
-        k = self.kernels.get((op, dtype))
+        or with ``exact`` the kernel named ``op``, from the module of the family's variant
+        ``defines`` (None: the default); fetched once per plan."""
+        key = (op, dtype) if not defines else (op, dtype, tuple(sorted(defines.items())))
+        k = self.kernels.get(key)
         if k is None:
             suffix = "" if exact else f"_warp_n{self.n}" if self.path == "warp" else f"_{self.path}"
-            k = self.kernels[(op, dtype)] = _kernels.get_kernel(self.family, op + suffix, xp, dtype)
+            k = self.kernels[key] = _kernels.get_kernel(self.family, op + suffix, xp, dtype, defines)
         return k
+
+    def grid_for(self, k) -> int:
+        """The grid to launch kernel ``k`` (from ``kernel``) with: ``grid`` (the work, at most one wave
+        by threads and shared memory) capped at one wave by ``k``'s occupancy, registers included (a
+        1024-thread block of 61 registers fits one block per SM, not the two that threads allow; more
+        blocks would only queue behind the first wave). Kept per plan and kernel."""
+        key = ("grid", id(k))
+        g = self.kernels.get(key)
+        if g is None:
+            wave = max(k.device["sm_count"], _kernels.max_cooperative_grid(k, self.block, self.smem))
+            g = self.kernels[key] = min(self.grid, wave)
+        return g
 
     def sizes(self, lay: Layout, rows: str | None = "rows", cached: bool = True) -> dict:
         """The size arguments of this path's kernels, by name (``rows=None``: the kernel takes the

@@ -32,7 +32,7 @@ def softmax(xp, z, ax: int, log: bool):
     if lay.z.size:
         plan = rows.plan(xp, FAMILY, lay, z.dtype.itemsize, *rows.alignment(lay.z, out))
         k = plan.kernel(xp, "softmax", z.dtype)
-        _kernels.launch(k, plan.grid, plan.block, k.args(out=out, z=lay.z, log=np.int32(log), **plan.sizes(lay)),
+        _kernels.launch(k, plan.grid_for(k), plan.block, k.args(out=out, z=lay.z, log=np.int32(log), **plan.sizes(lay)),
                         shared_mem=plan.smem)
     return lay.orient(out)
 
@@ -44,7 +44,7 @@ def hardmax(xp, z, ax: int):
     if lay.z.size:
         plan = rows.plan(xp, FAMILY, lay, z.dtype.itemsize, *rows.alignment(lay.z, out), cache=False)
         k = plan.kernel(xp, "hardmax", z.dtype)
-        _kernels.launch(k, plan.grid, plan.block, k.args(out=out, z=lay.z, **plan.sizes(lay, cached=False)),
+        _kernels.launch(k, plan.grid_for(k), plan.block, k.args(out=out, z=lay.z, **plan.sizes(lay, cached=False)),
                         shared_mem=plan.smem)
     return lay.orient(out)
 
@@ -99,7 +99,10 @@ def _make_recipe(xp, lay, dtype, acc, args, want_loss, grad, dl_stride, alignmen
     # loss only: no second pass, so nothing to keep in shared memory (it would only cut occupancy)
     plan = rows.plan(xp, FAMILY, lay, dtype.itemsize, *alignment, regions=2 if args.probs else 1, cache=grad,
                      max_n=8 if dtype == np.float64 else 32)
-    k = plan.kernel(xp, "softmax_cross_entropy", dtype)
+    # integer targets without smoothing or soft-cap on the block path: the module that fixes those
+    # at compile time (softmax.cu's CE_PLAIN), whose per-element code tests no flag
+    plain = not args.probs and not args.label_smoothing and args.softcap is None and plan.path == "block"
+    k = plan.kernel(xp, "softmax_cross_entropy", dtype, defines={"CE_PLAIN": 1} if plain else None)
     fixed = plan.sizes(lay, rows=None) | {
         "dloss_stride": np.int64(dl_stride), "ignore_index": np.int64(args.ignore_index),
         "label_smoothing": acc.type(args.label_smoothing), "z_loss": acc.type(args.z_loss),
@@ -168,7 +171,7 @@ def cross_entropy(args: CEArgs, want_loss: bool, dloss, inplace: bool = False):
         scale = acc.type(1 / R) if red == "mean" and args.probs else None
         named["dloss"] = _launch.constant(xp, acc, float(dloss) * (1.0 if scale is None else float(scale)))
 
-    G = r.plan.grid
+    G = r.plan.grid_for(r.k)
     # scratch from the stream's persistent workspace (no allocation, no memset): acc partials of
     # both kernels (4 and 2 per block) and the inverse denominators, the per-block first bad rows,
     # both kernels' tickets (the last block leaves them at zero), the sticky bad-target record
@@ -224,7 +227,7 @@ def cross_entropy(args: CEArgs, want_loss: bool, dloss, inplace: bool = False):
 def _scratch_views(r: _Recipe, fbuf, tickets) -> tuple[dict, dict | None]:
     """The workspace views a recipe's launches take (the fused kernel's, and the weight sum's with
     its scalars, or None): kept while the workspace keeps the same buffers."""
-    G = r.plan.grid
+    G = r.plan.grid_for(r.k)
     fused = {"part_loss": fbuf[:G], "part_w": fbuf[G:4 * G], "ticket": tickets[:1]}
     if r.kw is None:
         return fused, None
