@@ -65,6 +65,29 @@ class Communicator:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.engine} rank {self.rank} of {self.size}>"
 
+    def defer_check(self, xp, ok, message: str) -> None:
+        """Queue a device-side agreement flag `ok` (a 1-element boolean device array): copied to
+        pinned host memory without waiting, and raised as `message` by a later `raise_pending`
+        once it has arrived (the GPU path checks agreement with no host sync)."""
+        import cupyx
+        host = cupyx.empty_pinned((1,), np.bool_)
+        ok.reshape(1).get(out=host, blocking=False)
+        event = xp.cuda.Event()
+        event.record()
+        self.pending.append((host, event, message))
+
+    def raise_pending(self, error: type = ValueError) -> None:
+        """Raise `error` with the message of an earlier deferred check whose flag has reached the
+        host false; checks still in flight stay queued."""
+        keep = []
+        for flag, event, message in self.pending:
+            if not event.done:
+                keep.append((flag, event, message))
+            elif not bool(flag[0]):
+                self.pending = []
+                raise error(message)
+        self.pending = keep
+
     def allgather(self, buf, what: str = "allgather"):
         out = _empty_like(buf, (self.size, buf.shape[0]))
         self._call(what, "allgather", buf, lambda: self._allgather(buf, out))

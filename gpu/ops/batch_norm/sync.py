@@ -150,32 +150,10 @@ def _header_problem(head: np.ndarray, C: int, dtype, comm, what: str) -> str | N
     return None
 
 
-def _raise_pending(comm) -> None:
-    """Raise the ValueError of an earlier device-side check whose flag has reached the host."""
-    keep = []
-    for flag, event, message in comm.pending:
-        if not event.done:
-            keep.append((flag, event, message))
-        elif not bool(flag[0]):
-            comm.pending = []
-            raise ValueError(message)
-    comm.pending = keep
-
-
-def _defer_check(xp, comm, ok, message: str) -> None:
-    """Copy the device flag `ok` to pinned host memory without waiting; checked by a later call."""
-    import cupyx
-    host = cupyx.empty_pinned((1,), np.bool_)
-    ok.reshape(1).get(out=host, blocking=False)
-    event = xp.cuda.Event()
-    event.record()
-    comm.pending.append((host, event, message))
-
-
 def _handshake(xp, comm, C: int, dtype, what: str) -> None:
     """The first call with channel count C on `comm`: exchange the header alone, a buffer of the
     same length on every rank whatever its C, so that a mismatch is a ValueError everywhere."""
-    _raise_pending(comm)
+    comm.raise_pending()
     if C in comm.verified:
         return
     hdr = _sync_header("handshake", C, dtype, comm)
@@ -248,7 +226,7 @@ def _sync_stats(xp, kernels: bool, x, lay: Layout, comm, what: str):
         expect = _device_const(xp, ("head", C, x.dtype.name, comm.size), lambda: _sync_heads(C, x.dtype, comm))
         ok = (got[:, :H] == expect).all()
         gmean, gvar = xp.where(ok, gmean, np.nan), xp.where(ok, gvar, np.nan)
-        _defer_check(xp, comm, ok, f"{what}: ranks disagree on the dtype or the communicator (the "
+        comm.defer_check(xp, ok, f"{what}: ranks disagree on the dtype or the communicator (the "
                      "statistics of that call were NaN)")
     return N, gmean, gvar
 
@@ -303,6 +281,6 @@ def _sync_sums(xp, comm, dbeta, dgamma, x, lay: Layout, what: str):
         lambda c: np.array([comm.size, comm.size * C, comm.size * C * C, comm.size * c, comm.size * c * c]))(
             _dtype_code(x.dtype)))
     ok = (got[:S - 1] == expect).all()
-    _defer_check(xp, comm, ok, f"{what}: ranks disagree on the channel count, dtype or communicator")
+    comm.defer_check(xp, ok, f"{what}: ranks disagree on the channel count, dtype or communicator")
     nan = xp.where(ok, 0.0, np.nan)
     return got[S - 1], got[S:S + C] + nan, got[S + C:] + nan

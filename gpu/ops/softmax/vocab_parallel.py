@@ -91,18 +91,6 @@ def _dtype_name(code) -> str:
 # The handshake
 # ---------------------------------------------------------------------------------------------
 
-def raise_pending(comm) -> None:
-    """Raise the ValueError of an earlier device-side check whose flag has reached the host."""
-    keep = []
-    for flag, event, message in comm.pending:
-        if not event.done:
-            keep.append((flag, event, message))
-        elif not bool(flag[0]):
-            comm.pending = []
-            raise AgreedError(message)
-    comm.pending = keep
-
-
 def handshake(xp, comm, op: str, rows: int, n_local: int, dtype, options: tuple, flags: int,
               hidden: int = 0, chunk: int = 0, chunk_key: int = 0) -> Config:
     """The configuration's Config; its first call on `comm` exchanges the header alone (a buffer of
@@ -110,7 +98,7 @@ def handshake(xp, comm, op: str, rows: int, n_local: int, dtype, options: tuple,
     options: (reduction, ignore_index, label_smoothing, z_loss, softcap), normalized; chunk: the
     chunk rows this rank proposes (the smallest proposal is taken), chunk_key: the caller's
     chunk_size (0 for None), which the configuration is known by."""
-    raise_pending(comm)
+    comm.raise_pending(AgreedError)
     reduction, ignore_index, label_smoothing, z_loss, softcap = options
     key = (op, rows, n_local, np.dtype(dtype).name, options, flags, hidden, chunk_key, comm.size, comm.rank)
     known = _VERIFIED.setdefault(comm, {})
@@ -260,19 +248,9 @@ def exchange(xp, comm, head, stats, op: str, rows: int, dtype, cfg: Config, targ
                                   for r in range(comm.size)]))
     ok = (heads[:, :7] == expect).all()
     st = st + xp.where(ok, 0.0, np.nan)
-    _defer_check(xp, comm, ok, f"{op}: ranks disagree on the rows, dtype, slice sizes or communicator (the "
+    comm.defer_check(xp, ok, f"{op}: ranks disagree on the rows, dtype, slice sizes or communicator (the "
                  "results of that call were NaN)")
     return heads, st
-
-
-def _defer_check(xp, comm, ok, message: str) -> None:
-    """Copy the device flag `ok` to pinned host memory without waiting; raised by a later call."""
-    import cupyx
-    host = cupyx.empty_pinned((1,), np.bool_)
-    ok.reshape(1).get(out=host, blocking=False)
-    event = xp.cuda.Event()
-    event.record()
-    comm.pending.append((host, event, message))
 
 
 # ---------------------------------------------------------------------------------------------
