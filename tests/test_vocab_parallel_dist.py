@@ -69,7 +69,6 @@ def test_equals_concatenated_and_same_bits_on_every_rank(engine, size, tmp_path_
     ranks = launched(engine, size, tmp_path_factory)
     for name, split, dt, key, _ in W.cases(size):
         ref = reference(name, split, dt, key)
-        cut = np.concatenate([[0], np.cumsum(split)])
         arrs = [a for a, _ in ranks]
         for k in ("loss", "zt", "fl_loss", "fl_zt"):
             for a in arrs[1:]:

@@ -91,7 +91,6 @@ def backward(comm, a: Backward):
     xp, x, lay = a.xp, a.x, a.lay
     what = "batch_norm_backward"
     _handshake(xp, comm, lay.C, x.dtype, what)
-    acc = B.compute_dtype(x.dtype)
 
     def coefficients(dbeta, dgamma, k, istd):
         # a, b of dx = k dy + a (x - mean) + b, from the global sums and count
