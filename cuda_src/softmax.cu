@@ -170,7 +170,27 @@ struct HardmaxOp {
 #define CE_RED_MEAN 2        // sum / sum of w_t (NaN when every target is ignored)
 #define CE_RED_MEAN_ROWS 3   // sum / rows (probability targets)
 
-struct CrossEntropyOp {
+// The row statistics of cross-entropy, shared by CrossEntropyOp and the vocabulary-parallel
+// VPStatsOp: the online max and sum of exponentials, z at the target (one lane adds it), and the
+// weighted sums against the row's pivot that smoothing and probability targets need.
+struct CEStatsOps {
+    struct Stats { acc_t m, s, zt, q, w; };
+    __device__ __forceinline__ static void merge(Stats& a, const Stats& b) {
+        online_merge(a.m, a.s, b.m, b.s);
+        a.zt += b.zt;
+        a.q += b.q;
+        a.w += b.w;
+    }
+    __device__ __forceinline__ static Stats shfl_xor(const Stats& a, int mask, int width) {
+        return Stats{__shfl_xor_sync(GPU_FULL_MASK, a.m, mask, width),
+                     __shfl_xor_sync(GPU_FULL_MASK, a.s, mask, width),
+                     __shfl_xor_sync(GPU_FULL_MASK, a.zt, mask, width),
+                     __shfl_xor_sync(GPU_FULL_MASK, a.q, mask, width),
+                     __shfl_xor_sync(GPU_FULL_MASK, a.w, mask, width)};
+    }
+};
+
+struct CrossEntropyOp : CEStatsOps {
     // outputs
     scalar_t* dz;            // [rows * C] (may alias z: in place)
     scalar_t* loss_rows;     // [rows] for CE_ROWS ([2 rows] with CE_ZRET: then the z-loss terms)
@@ -199,7 +219,6 @@ struct CrossEntropyOp {
     long long first_bad;
 
     static constexpr bool kReadsX = true, kHasY = !(CE_STATIC_OFF & CE_PROBS), kStream = true;
-    struct Stats { acc_t m, s, zt, q, w; };  // zt: z at the target (one lane adds it)
     // t: the target class, -1 for none; in the plain module an int (in [0, C) when valid), so the
     // per-element test col == t is one 32-bit compare (the full module keeps 64 bits: with an int
     // its bfloat16 block kernel spills 20 bytes at sm_90, NVRTC 12)
@@ -262,19 +281,6 @@ struct CrossEntropyOp {
             st.q += wc * (x - c.pivot);
             st.w += wc;
         }
-    }
-    __device__ __forceinline__ static void merge(Stats& a, const Stats& b) {
-        online_merge(a.m, a.s, b.m, b.s);
-        a.zt += b.zt;
-        a.q += b.q;
-        a.w += b.w;
-    }
-    __device__ __forceinline__ static Stats shfl_xor(const Stats& a, int mask, int width) {
-        return Stats{__shfl_xor_sync(GPU_FULL_MASK, a.m, mask, width),
-                     __shfl_xor_sync(GPU_FULL_MASK, a.s, mask, width),
-                     __shfl_xor_sync(GPU_FULL_MASK, a.zt, mask, width),
-                     __shfl_xor_sync(GPU_FULL_MASK, a.q, mask, width),
-                     __shfl_xor_sync(GPU_FULL_MASK, a.w, mask, width)};
     }
     __device__ __forceinline__ Fin finish(const Stats& st, const Ctx& c, index_t row, bool leader) {
         const acc_t L = acc_log(st.s);
@@ -579,7 +585,7 @@ softmax_cross_entropy_weight_sum(acc_t* inv_denom, acc_t* part, unsigned int* ti
 // shift = m, or 0 for a row of -inf (or an empty one): the merge's (vocab_parallel.merge). The
 // weighted sums are taken against a pivot (the row's first logit) as in CrossEntropyOp. A target
 // outside [0, classes) that is not ignore_index is counted nowhere (the host recorded it).
-struct VPStatsOp {
+struct VPStatsOp : CEStatsOps {
     double* stats;
     const long long* target;
     const scalar_t* y;
@@ -590,7 +596,6 @@ struct VPStatsOp {
     index_t rows;
 
     static constexpr bool kReadsX = true, kHasY = true, kStream = false;
-    struct Stats { acc_t m, s, zt, q, w; };
     struct Ctx { long long t; acc_t pivot; };   // t: the target's column in the slice, or -1
     struct Fin {};
 
@@ -627,19 +632,6 @@ struct VPStatsOp {
             st.q += wc * (x - c.pivot);
             st.w += wc;
         }
-    }
-    __device__ __forceinline__ static void merge(Stats& a, const Stats& b) {
-        online_merge(a.m, a.s, b.m, b.s);
-        a.zt += b.zt;
-        a.q += b.q;
-        a.w += b.w;
-    }
-    __device__ __forceinline__ static Stats shfl_xor(const Stats& a, int mask, int width) {
-        return Stats{__shfl_xor_sync(GPU_FULL_MASK, a.m, mask, width),
-                     __shfl_xor_sync(GPU_FULL_MASK, a.s, mask, width),
-                     __shfl_xor_sync(GPU_FULL_MASK, a.zt, mask, width),
-                     __shfl_xor_sync(GPU_FULL_MASK, a.q, mask, width),
-                     __shfl_xor_sync(GPU_FULL_MASK, a.w, mask, width)};
     }
     __device__ __forceinline__ Fin finish(const Stats& st, const Ctx& c, index_t row, bool leader) const {
         if (leader) {

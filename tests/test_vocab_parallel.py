@@ -54,8 +54,8 @@ class ThreadComm(D.Communicator):
         out[...] = self._exchange(buf).sum(axis=0)
 
 
-#: rank threads kept for the session, by group size: the emulator's per-thread state does not
-#: survive many short-lived threads, so every call on `size` ranks runs on the same `size` threads
+#: rank threads kept for this module, by group size: every call on `size` ranks runs on the same
+#: `size` threads, so a rank keeps its workspace between calls, as a process would
 _RANK_THREADS: dict[int, list] = {}
 
 
@@ -67,13 +67,31 @@ def _rank_threads(size: int) -> list:
 
             def serve(q=q):
                 while True:
-                    job, done = q.get()
+                    item = q.get()
+                    if item is None:
+                        return
+                    job, done = item
                     job()
                     done.set()
-            threading.Thread(target=serve, daemon=True).start()
-            queues.append(q)
+            thread = threading.Thread(target=serve, daemon=True)
+            thread.start()
+            queues.append((q, thread))
         _RANK_THREADS[size] = queues
-    return _RANK_THREADS[size]
+    return [q for q, _ in _RANK_THREADS[size]]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _stop_rank_threads():
+    """The rank threads end with this module: their emulator workspaces (each thread's scratch and
+    error records, which gpu.check_errors reads) go with them, so later tests in this process see
+    only their own."""
+    yield
+    for queues in _RANK_THREADS.values():
+        for q, thread in queues:
+            q.put(None)
+        for q, thread in queues:
+            thread.join(60)
+    _RANK_THREADS.clear()
 
 
 def run_ranks(size: int, fn, backend: str = "numpy"):
