@@ -16,6 +16,7 @@ import gpu
 from gpu import _cpu
 from gpu.ops.batch_norm import numpy_path
 from conftest import BFLOAT16, DTYPES, TOL, dtype_id, rel_err, to_numpy
+from bn_helpers import axes as _axes, keep as _keep, kept as _kept
 
 # (shape, axis): every layout batch norm has, with the awkward sizes, each with its reason
 CASES = [
@@ -32,20 +33,6 @@ CASES = [
 ]
 IDS = [f"{s}-ax{a}" for s, a in CASES]
 EPS = 1e-5
-
-
-def _axes(axis, ndim):
-    return tuple(sorted(a % ndim for a in (axis if isinstance(axis, tuple) else (axis,))))
-
-
-def _kept(shape, axis):
-    ax = _axes(axis, len(shape))
-    return tuple(n for i, n in enumerate(shape) if i not in ax)
-
-
-def _keep(shape, axis):
-    ax = _axes(axis, len(shape))
-    return tuple(1 if i in ax else n for i, n in enumerate(shape))
 
 
 def _rand(rng, shape, dtype, scale=1.0, offset=0.0):

@@ -16,23 +16,13 @@ import gpu
 from gpu import _kernels
 from gpu._engines import channels
 from conftest import BFLOAT16, DTYPES, dtype_id
+from bn_helpers import registers_from_ptxas
 from test_batch_norm_epilogue import check_fused, _check, _rand, ref_forward
-
-try:
-    from cuda.bindings import nvrtc as _nvrtc  # noqa: F401
-    _PTXAS_COUNTS = True
-except Exception:
-    _PTXAS_COUNTS = False
-
 
 @pytest.fixture(autouse=True)
 def _registers_from_ptxas():
-    """As tests/test_batch_norm_kernels.py: without NVRTC the register check is relaxed."""
-    if _PTXAS_COUNTS:
-        yield
-        return
-    from gpu import _emulator
-    with _emulator.modes(relax=["registers"]):
+    """See bn_helpers.registers_from_ptxas."""
+    with registers_from_ptxas():
         yield
 
 

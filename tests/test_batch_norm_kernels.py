@@ -20,25 +20,12 @@ import gpu
 from gpu import _kernels
 from gpu._engines import channels
 from conftest import BFLOAT16, DTYPES, TOL, dtype_id, rel_err, to_numpy
-
-try:
-    from cuda.bindings import nvrtc as _nvrtc  # noqa: F401
-    _PTXAS_COUNTS = True
-except Exception:
-    _PTXAS_COUNTS = False
-
+from bn_helpers import axes as _axes, keep as _keep, kept as _kept, registers_from_ptxas
 
 @pytest.fixture(autouse=True)
 def _registers_from_ptxas():
-    """Without NVRTC the emulator bounds a kernel's registers by its __launch_bounds__ alone (the
-    most the compiler may use), which can leave a forced persistent grid no room: there, these
-    tests relax the emulator's register check (the fit with ptxas's real counts is tested wherever
-    NVRTC is installed, as in CI)."""
-    if _PTXAS_COUNTS:
-        yield
-        return
-    from gpu import _emulator
-    with _emulator.modes(relax=["registers"]):
+    """See bn_helpers.registers_from_ptxas."""
+    with registers_from_ptxas():
         yield
 
 
@@ -56,20 +43,6 @@ def launches(monkeypatch):
 
     monkeypatch.setattr(_kernels, "launch", spy)
     return names
-
-
-def _axes(axis, ndim):
-    return tuple(sorted(a % ndim for a in (axis if isinstance(axis, tuple) else (axis,))))
-
-
-def _kept(shape, axis):
-    ax = _axes(axis, len(shape))
-    return tuple(n for i, n in enumerate(shape) if i not in ax)
-
-
-def _keep(shape, axis):
-    ax = _axes(axis, len(shape))
-    return tuple(1 if i in ax else n for i, n in enumerate(shape))
 
 
 def _ref_forward(x64, g64, b64, axis, eps):

@@ -92,6 +92,16 @@ def fused_linear_cross_entropy(h, W, target, bias=None, *, chunk_size: int | Non
         raise
 
 
+def chunk_logits(xp, h2, Wc, bc, buf, r0: int, r1: int, acc):
+    """Rows r0:r1 of h in the accumulation dtype and their logits h W^T (+ bias) in `buf`."""
+    hc = h2[r0:r1].astype(acc, copy=False)
+    z = buf[:r1 - r0]
+    xp.matmul(hc, Wc.T, out=z)
+    if bc is not None:
+        z += bc
+    return hc, z
+
+
 def _fused_linear_cross_entropy(h, W, target, bias, chunk_size, reduction, ignore_index, label_smoothing, weight,
                                 z_loss, softcap, return_grad, return_z_loss, dloss, comm):
     xp, kernels = B.dispatch(h=h, W=W, target=target, bias=bias, weight=weight)
@@ -187,11 +197,7 @@ def _fused_linear_cross_entropy(h, W, target, bias, chunk_size, reduction, ignor
     buf = xp.empty((rows, V), acc) if N else None
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
-        hc = h2[r0:r1].astype(acc, copy=False)
-        z = buf[:r1 - r0]
-        xp.matmul(hc, Wc.T, out=z)
-        if bc is not None:
-            z += bc
+        hc, z = chunk_logits(xp, h2, Wc, bc, buf, r0, r1, acc)
         args = rows_args(xp, z, t[r0:r1], weight, red_c, ignore_index, label_smoothing, z_loss * r, softcap, want_z)
         try:   # the kernels write dz over the chunk's logits; NumPy into a second array
             loss_c, z_c, dz = compute(args, kernels, want_loss=True, inplace=kernels,
@@ -301,11 +307,7 @@ def _vocab_parallel(comm, xp, kernels, h, h2, W, bias, t, weight, chunk_size, dl
     g_all = dl.astype(f64)
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
-        hc = h2[r0:r1].astype(acc, copy=False)
-        z = buf[:r1 - r0]
-        xp.matmul(hc, Wc.T, out=z)
-        if bc is not None:
-            z += bc
+        hc, z = chunk_logits(xp, h2, Wc, bc, buf, r0, r1, acc)
         tc = VP.Targets(*(a[r0:r1] for a in tg))
         if kernels and n:   # the statistics from the kernel; z (the raw logits) stays for dz
             za = th = None
