@@ -22,28 +22,34 @@
 // shape.
 //
 // The Op interface (x: an element of z; y: the element of the dense second input at the same
-// position, or 0; col: its class index; the struct is passed by value and may keep per-thread
-// sums across rows):
-//   static constexpr bool kReadsX, kHasY, kStream   out_value needs x (else pass 2 does not load
+// position, or 0; w: the value of a per-column vector at its class, or 1; col: its class index;
+// the struct is passed by value and may keep per-thread sums across rows):
+//   static constexpr bool kReadsX, kHasY, kHasW, kStream
+//                                                  out_value needs x (else pass 2 does not load
 //                                                  z); a second input y (laid out as z) may be
-//                                                  read; streaming stores (output not re-read)
+//                                                  read; a per-column vector w (acc_t[C], the
+//                                                  same for every row: cross-entropy's class
+//                                                  weights) may be read; streaming stores
+//                                                  (output not re-read)
 //   struct Stats, Ctx, Fin                          per-thread partial (trivially constructible:
 //                                                  it goes through shared memory), per-row
 //                                                  context, per-row result of finish
 //   scalar_t* dest() const                          the output, laid out as z; nullptr: no pass 2
 //   const scalar_t* ysrc() const                    y, or nullptr
+//   const acc_t* wsrc() const                       w, or nullptr (every w is then 1)
 //   Stats init() const
 //   Ctx begin(index_t row, bool active, acc_t pivot) const
 //                                                  pivot: the row's first element; active: false
 //                                                  for lanes or threads past the last row
-//   void add(Stats&, const Ctx&, acc_t x, acc_t y, int col) const
+//   template <class Wt> void add(Stats&, const Ctx&, acc_t x, acc_t y, Wt w, int col) const
+//                                                  w: a value or a ColIdx (below)
 //   static void merge(Stats&, const Stats&)         symmetric, so a butterfly leaves every lane
 //                                                  with the same bits
 //   static Stats shfl_xor(const Stats&, int mask, int width)
 //   Fin finish(const Stats&, const Ctx&, index_t row, bool leader)
 //                                                  leader: one thread per active row (per-row
 //                                                  side effects, e.g. a loss, happen there)
-//   acc_t out_value(const Fin&, acc_t x, acc_t y, int col) const
+//   template <class Wt> acc_t out_value(const Fin&, acc_t x, acc_t y, Wt w, int col) const
 //   void end_block()                                after the block's last row; every thread of
 //                                                  the block calls it (it may hold barriers)
 //
@@ -185,6 +191,44 @@ __device__ __forceinline__ void store_pack_shared(uint4* p, int k, const Pack<sc
     p[k] = raw;
 }
 
+// An Op takes a column's w as `Wt w`, where it uses it: on the block path's vectors the value
+// (acc_t), which the engine loads with the elements (w is read-only for the whole launch: the
+// non-coherent path); elsewhere the column (ColIdx), for the Op to read w at itself, only on the
+// paths its flags take.
+struct ColIdx { int col; };
+// w at the SM_PACK columns of one vector, c0 the first: SM_PACK sizeof(acc_t) / 16 16-byte loads
+// (1 for float32 and float64 rows, 2 for 16-bit ones) where wp + c0 is 16-byte aligned (`wvec`),
+// else SM_PACK scalar loads; all 1 without a vector. The 16-byte loads are inline PTX: as plain
+// loads, NVRTC moves them into the Op's flag branches that use w and splits them into scalar
+// loads there, one per element again.
+struct ColPack { acc_t v[SM_PACK]; };
+template <class Op>
+__device__ __forceinline__ ColPack load_cols(bool has_w, const acc_t* wp, int c0, bool wvec) {
+    constexpr int P = 16 / sizeof(acc_t);   // acc_t values in 16 bytes
+    ColPack w;
+    if (!Op::kHasW || !has_w) {
+#pragma unroll
+        for (int i = 0; i < SM_PACK; ++i) w.v[i] = acc_t(1);
+    } else if (wvec) {
+#pragma unroll
+        for (int j = 0; j < SM_PACK / P; ++j) {
+#if defined(GPU_EMULATOR)
+            const uint4 raw = __ldg(reinterpret_cast<const uint4*>(wp + c0) + j);
+#else
+            uint4 raw;
+            asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
+                         : "=r"(raw.x), "=r"(raw.y), "=r"(raw.z), "=r"(raw.w)
+                         : "l"(reinterpret_cast<const uint4*>(wp + c0) + j));
+#endif
+            memcpy(&w.v[j * P], &raw, sizeof(raw));
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < SM_PACK; ++i) w.v[i] = __ldg(wp + c0 + i);
+    }
+    return w;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Online (max, sum of exp) statistics
 // ---------------------------------------------------------------------------------------------
@@ -304,7 +348,8 @@ __device__ __forceinline__ void rows_warp(Op op, const scalar_t* z, index_t rows
 #pragma unroll
         for (int j = 0; j < N; ++j) {
             const int col = ((j / V) * lanes + lane) * V + j % V;
-            if (active && col < C) op.add(st, ctx, x[j], Op::kHasY && yp ? yv[j] : acc_t(0), col);
+            if (active && col < C)
+                op.add(st, ctx, x[j], Op::kHasY && yp ? yv[j] : acc_t(0), ColIdx{col}, col);
         }
         st = group_allreduce<Op>(st, lanes);
         const typename Op::Fin fin = op.finish(st, ctx, row, active && lane == 0);
@@ -317,7 +362,8 @@ __device__ __forceinline__ void rows_warp(Op op, const scalar_t* z, index_t rows
                     Pack<scalar_t> p;
 #pragma unroll
                     for (int i = 0; i < V; ++i)
-                        p.v[i] = from_acc<scalar_t>(op.out_value(fin, x[k * V + i], Op::kHasY && yp ? yv[k * V + i] : acc_t(0), col0 + i));
+                        p.v[i] = from_acc<scalar_t>(op.out_value(fin, x[k * V + i], Op::kHasY && yp ? yv[k * V + i] : acc_t(0),
+                                                                 ColIdx{col0 + i}, col0 + i));
                     if (Op::kStream) store_pack_stream(out + base + col0, p);
                     else store_pack(out + base + col0, p);
                 }
@@ -326,7 +372,8 @@ __device__ __forceinline__ void rows_warp(Op op, const scalar_t* z, index_t rows
                 for (int i = 0; i < V; ++i) {
                     const int col = col0 + i;
                     if (col < C)
-                        store_out<Op>(out + base + col, op.out_value(fin, x[k * V + i], Op::kHasY && yp ? yv[k * V + i] : acc_t(0), col));
+                        store_out<Op>(out + base + col, op.out_value(fin, x[k * V + i], Op::kHasY && yp ? yv[k * V + i] : acc_t(0),
+                                                                     ColIdx{col}, col));
                 }
             }
         }
@@ -370,6 +417,8 @@ __device__ __forceinline__ void rows_block(Op op, const scalar_t* z, index_t row
     scalar_t* const out = op.dest();
     const scalar_t* const yp = op.ysrc();
     const bool has_y = Op::kHasY && yp != nullptr;
+    const acc_t* const wp = op.wsrc();
+    const bool has_w = Op::kHasW && wp != nullptr;
     const int ccols = out == nullptr ? 0 : (cache_cols < C ? cache_cols : C);   // no pass 2: nothing kept
     scalar_t* const zc = reinterpret_cast<scalar_t*>(sm_dynamic);
     scalar_t* const yc = zc + SM_BLOCK_REGION(ccols);
@@ -389,6 +438,8 @@ __device__ __forceinline__ void rows_block(Op op, const scalar_t* z, index_t row
         const int hv = (head + shift) / V;   // vector k is shared-memory vector hv + k
         // vectors [0, kc) start in the cached columns
         const int kc = ccols <= head ? 0 : min(nvec, ceil_div(ccols - head, V));
+        // w of a vector in 16-byte loads: w + head aligned (every vector then is)
+        const bool wvec = has_w && ((reinterpret_cast<unsigned long long>(wp + head) & 15ull) == 0);
 
         const typename Op::Ctx ctx = op.begin(row, true, to_acc(z[base]));
         typename Op::Stats st = op.init();
@@ -398,7 +449,7 @@ __device__ __forceinline__ void rows_block(Op op, const scalar_t* z, index_t row
             const scalar_t xs = keep || out == nullptr ? __ldcs(z + base + c) : z[base + c];
             const scalar_t ys = has_y ? (keep ? __ldcs(yp + base + c) : yp[base + c]) : scalar_zero();
             if (keep) { zc[c + shift] = xs; if (has_y) yc[c + shift] = ys; }
-            op.add(st, ctx, to_acc(xs), to_acc(ys), c);
+            op.add(st, ctx, to_acc(xs), to_acc(ys), ColIdx{c}, c);
         }
         // vectors [k0, k1): `keep` stores them in shared memory; `once` (not read again) streams them
         auto vectors = [&](int k0, int k1, bool keep, bool once) {
@@ -418,9 +469,10 @@ __device__ __forceinline__ void rows_block(Op op, const scalar_t* z, index_t row
                         store_pack_shared(zvec, hv + k + u * nt, p[u]);
                         if (has_y) store_pack_shared(yvec, hv + k + u * nt, q[u]);
                     }
+                    const ColPack w = load_cols<Op>(has_w, wp, c0, wvec);
 #pragma unroll
                     for (int i = 0; i < V; ++i)
-                        op.add(st, ctx, to_acc(p[u].v[i]), has_y ? to_acc(q[u].v[i]) : acc_t(0), c0 + i);
+                        op.add(st, ctx, to_acc(p[u].v[i]), has_y ? to_acc(q[u].v[i]) : acc_t(0), w.v[i], c0 + i);
                 }
             }
             for (; k < k1; k += nt) {
@@ -428,12 +480,14 @@ __device__ __forceinline__ void rows_block(Op op, const scalar_t* z, index_t row
                 const Pack<scalar_t> p = once ? load_pack_stream(z + base + c0) : load_pack_coherent(z + base + c0);
                 Pack<scalar_t> q;
                 if (has_y) q = once ? load_pack_stream(yp + base + c0) : load_pack_coherent(yp + base + c0);
+                const ColPack w = load_cols<Op>(has_w, wp, c0, wvec);
                 if (keep) {
                     store_pack_shared(zvec, hv + k, p);
                     if (has_y) store_pack_shared(yvec, hv + k, q);
                 }
 #pragma unroll
-                for (int i = 0; i < V; ++i) op.add(st, ctx, to_acc(p.v[i]), has_y ? to_acc(q.v[i]) : acc_t(0), c0 + i);
+                for (int i = 0; i < V; ++i)
+                    op.add(st, ctx, to_acc(p.v[i]), has_y ? to_acc(q.v[i]) : acc_t(0), w.v[i], c0 + i);
             }
         };
         if (kc > 0) vectors(0, kc, true, true);
@@ -443,7 +497,7 @@ __device__ __forceinline__ void rows_block(Op op, const scalar_t* z, index_t row
             const scalar_t xs = keep || out == nullptr ? __ldcs(z + base + c) : z[base + c];
             const scalar_t ys = has_y ? (keep ? __ldcs(yp + base + c) : yp[base + c]) : scalar_zero();
             if (keep) { zc[c + shift] = xs; if (has_y) yc[c + shift] = ys; }
-            op.add(st, ctx, to_acc(xs), to_acc(ys), c);
+            op.add(st, ctx, to_acc(xs), to_acc(ys), ColIdx{c}, c);
         }
         st = block_allreduce<Op>(op, st, scratch);   // its barriers also publish the cached columns
         const typename Op::Fin fin = op.finish(st, ctx, row, tid == 0);
@@ -456,7 +510,7 @@ __device__ __forceinline__ void rows_block(Op op, const scalar_t* z, index_t row
                 acc_t xv = 0, yv = 0;
                 if (Op::kReadsX) xv = to_acc(keep ? zc[c + shift] : __ldcs(z + base + c));
                 if (has_y) yv = to_acc(keep ? yc[c + shift] : __ldcs(yp + base + c));
-                store_out<Op>(out + base + c, op.out_value(fin, xv, yv, c));
+                store_out<Op>(out + base + c, op.out_value(fin, xv, yv, ColIdx{c}, c));
             }
             for (int j = tid; j < nvec; j += nt) {
                 const int k = nvec - 1 - j;
@@ -465,10 +519,11 @@ __device__ __forceinline__ void rows_block(Op op, const scalar_t* z, index_t row
                 Pack<scalar_t> p, q, o;
                 if (Op::kReadsX) p = keep ? load_pack_shared(zvec, hv + k) : load_pack_stream(z + base + c0);
                 if (has_y) q = keep ? load_pack_shared(yvec, hv + k) : load_pack_stream(yp + base + c0);
+                const ColPack w = load_cols<Op>(has_w, wp, c0, wvec);
 #pragma unroll
                 for (int i = 0; i < V; ++i)
                     o.v[i] = from_acc<scalar_t>(op.out_value(fin, Op::kReadsX ? to_acc(p.v[i]) : acc_t(0),
-                                                             has_y ? to_acc(q.v[i]) : acc_t(0), c0 + i));
+                                                             has_y ? to_acc(q.v[i]) : acc_t(0), w.v[i], c0 + i));
                 if (Op::kStream) store_pack_stream(out + base + c0, o);
                 else store_pack(out + base + c0, o);
             }
@@ -477,7 +532,7 @@ __device__ __forceinline__ void rows_block(Op op, const scalar_t* z, index_t row
                 acc_t xv = 0, yv = 0;
                 if (Op::kReadsX) xv = to_acc(keep ? zc[c + shift] : __ldcs(z + base + c));
                 if (has_y) yv = to_acc(keep ? yc[c + shift] : __ldcs(yp + base + c));
-                store_out<Op>(out + base + c, op.out_value(fin, xv, yv, c));
+                store_out<Op>(out + base + c, op.out_value(fin, xv, yv, ColIdx{c}, c));
             }
         }
         if (ccols > 0) __syncthreads();   // the next row overwrites the cache
@@ -520,7 +575,7 @@ __device__ __forceinline__ void rows_strided(Op op, const scalar_t* z, index_t o
                 const scalar_t xs = z[base + c * inner];
                 const scalar_t ys = has_y ? yp[base + c * inner] : scalar_zero();
                 if (cached) { zc[c * GPU_WARP + tx] = xs; if (has_y) yc[c * GPU_WARP + tx] = ys; }
-                op.add(st, ctx, to_acc(xs), to_acc(ys), c);
+                op.add(st, ctx, to_acc(xs), to_acc(ys), ColIdx{c}, c);
             }
         }
         part[ty][tx] = st;
@@ -534,7 +589,7 @@ __device__ __forceinline__ void rows_strided(Op op, const scalar_t* z, index_t o
                 acc_t xv = 0, yv = 0;
                 if (Op::kReadsX) xv = to_acc(cached ? zc[c * GPU_WARP + tx] : __ldcs(z + base + c * inner));
                 if (has_y) yv = to_acc(cached ? yc[c * GPU_WARP + tx] : __ldcs(yp + base + c * inner));
-                store_out<Op>(out + base + c * inner, op.out_value(fin, xv, yv, c));
+                store_out<Op>(out + base + c * inner, op.out_value(fin, xv, yv, ColIdx{c}, c));
             }
         }
         __syncthreads();   // `part` and the cache are rewritten by the next tile

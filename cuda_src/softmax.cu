@@ -82,16 +82,17 @@ struct SoftmaxOp {
     scalar_t* out;
     int log;
 
-    static constexpr bool kReadsX = true, kHasY = false, kStream = false;
+    static constexpr bool kReadsX = true, kHasY = false, kHasW = false, kStream = false;
     struct Stats { acc_t m, s; };
     struct Ctx {};
     struct Fin { acc_t m, a; };   // a: 1/s (softmax) or log s (log-softmax)
 
     __device__ __forceinline__ scalar_t* dest() const { return out; }
     __device__ __forceinline__ const scalar_t* ysrc() const { return nullptr; }
+    __device__ __forceinline__ const acc_t* wsrc() const { return nullptr; }
     __device__ __forceinline__ Stats init() const { return Stats{-acc_inf(), acc_t(0)}; }
     __device__ __forceinline__ Ctx begin(index_t, bool, acc_t) const { return Ctx{}; }
-    __device__ __forceinline__ void add(Stats& st, const Ctx&, acc_t x, acc_t, int) const {
+    template <class Wt> __device__ __forceinline__ void add(Stats& st, const Ctx&, acc_t x, acc_t, Wt, int) const {
         online_add(st.m, st.s, x);
     }
     __device__ __forceinline__ static void merge(Stats& a, const Stats& b) { online_merge(a.m, a.s, b.m, b.s); }
@@ -102,7 +103,7 @@ struct SoftmaxOp {
     __device__ __forceinline__ Fin finish(const Stats& st, const Ctx&, index_t, bool) const {
         return Fin{st.m, log ? acc_log(st.s) : acc_rcp(st.s)};
     }
-    __device__ __forceinline__ acc_t out_value(const Fin& f, acc_t x, acc_t, int) const {
+    template <class Wt> __device__ __forceinline__ acc_t out_value(const Fin& f, acc_t x, acc_t, Wt, int) const {
         return log ? (x - f.m) - f.a : acc_exp(x - f.m) * f.a;
     }
     __device__ __forceinline__ void end_block() {}
@@ -111,13 +112,14 @@ struct SoftmaxOp {
 struct HardmaxOp {
     scalar_t* out;
 
-    static constexpr bool kReadsX = false, kHasY = false, kStream = false;
+    static constexpr bool kReadsX = false, kHasY = false, kHasW = false, kStream = false;
     struct Stats { acc_t v; int i; };
     struct Ctx {};
     struct Fin { int i; };
 
     __device__ __forceinline__ scalar_t* dest() const { return out; }
     __device__ __forceinline__ const scalar_t* ysrc() const { return nullptr; }
+    __device__ __forceinline__ const acc_t* wsrc() const { return nullptr; }
     __device__ __forceinline__ Stats init() const { return Stats{-acc_inf(), 0x7fffffff}; }
     __device__ __forceinline__ Ctx begin(index_t, bool, acc_t) const { return Ctx{}; }
     // The better of two candidates: NaN beats numbers, larger beats smaller, ties (and two NaNs)
@@ -129,7 +131,7 @@ struct HardmaxOp {
         else take_b = b.v > a.v || (b.v == a.v && b.i < a.i);
         if (take_b) a = b;
     }
-    __device__ __forceinline__ void add(Stats& st, const Ctx&, acc_t x, acc_t, int col) const {
+    template <class Wt> __device__ __forceinline__ void add(Stats& st, const Ctx&, acc_t x, acc_t, Wt, int col) const {
         merge(st, Stats{x, col});
     }
     __device__ __forceinline__ static Stats shfl_xor(const Stats& a, int mask, int width) {
@@ -137,7 +139,7 @@ struct HardmaxOp {
                      __shfl_xor_sync(GPU_FULL_MASK, a.i, mask, width)};
     }
     __device__ __forceinline__ Fin finish(const Stats& st, const Ctx&, index_t, bool) const { return Fin{st.i}; }
-    __device__ __forceinline__ acc_t out_value(const Fin& f, acc_t, acc_t, int col) const {
+    template <class Wt> __device__ __forceinline__ acc_t out_value(const Fin& f, acc_t, acc_t, Wt, int col) const {
         return col == f.i ? acc_t(1) : acc_t(0);
     }
     __device__ __forceinline__ void end_block() {}
@@ -155,7 +157,7 @@ struct HardmaxOp {
 // The module built with CE_PLAIN=1 (the @variants line) holds softmax_cross_entropy_block alone,
 // for integer targets without label smoothing or soft-cap (host: gpu/ops/softmax/kernel_path.py):
 // those are fixed at compile time, so the per-element code tests no flag, reads no y and no
-// weight[col], and 16-bit rows keep 2 vectors in flight (rows_block's U, as no y is read).
+// per-class weight, and 16-bit rows keep 2 vectors in flight (rows_block's U, as no y is read).
 #if defined(CE_PLAIN)
 #define CE_STATIC_OFF (CE_PROBS | CE_SOFTCAP)   // flags the module ignores (the host leaves them 0)
 #define CE_SMOOTHING 0                          // label smoothing ignored (the host passes 0)
@@ -190,6 +192,10 @@ struct CEStatsOps {
     }
 };
 
+// W: the per-element sums may weigh by class (kHasW: the row engine reads the weights with the
+// elements, in 16-byte vectors on the block path); CrossEntropyOp<false> weighs only the target,
+// for the block kernel without per-element weights (host: gpu/ops/softmax/kernel_path.py).
+template <bool W>
 struct CrossEntropyOp : CEStatsOps {
     // outputs
     scalar_t* dz;            // [rows * C] (may alias z: in place)
@@ -218,15 +224,10 @@ struct CrossEntropyOp : CEStatsOps {
     acc_t sum_loss, sum_w, sum_z, sum_n;
     long long first_bad;
 
-    static constexpr bool kReadsX = true, kHasY = !(CE_STATIC_OFF & CE_PROBS), kStream = true;
-    // t: the target class, -1 for none; in the plain module an int (in [0, C) when valid), so the
-    // per-element test col == t is one 32-bit compare (the full module keeps 64 bits: with an int
-    // its bfloat16 block kernel spills 20 bytes at sm_90, NVRTC 12)
-#if defined(CE_PLAIN)
+    static constexpr bool kReadsX = true, kHasY = !(CE_STATIC_OFF & CE_PROBS), kHasW = W && CE_SMOOTHING, kStream = true;
+    // t: the target class, -1 for none; an int (in [0, C) when valid), so the per-element test
+    // col == t is one 32-bit compare
     typedef int target_t;
-#else
-    typedef long long target_t;
-#endif
     struct Ctx { target_t t; acc_t pivot; bool active, valid, bad; };   // active: a real row
     struct Fin { acc_t m, scale, sub_t, sub_w; target_t t; bool valid; };   // valid: Ctx's
 
@@ -235,9 +236,16 @@ struct CrossEntropyOp : CEStatsOps {
     __device__ __forceinline__ bool has(int f) const { return !(CE_STATIC_OFF & f) && (flags & f); }
     __device__ __forceinline__ bool smoothing() const { return CE_SMOOTHING && ls > acc_t(0); }
     __device__ __forceinline__ const scalar_t* ysrc() const { return has(CE_PROBS) ? y : nullptr; }
+    // the class weights, for the row engine to read with each element where the sums need them
+    // (probability targets, smoothing); without them (and at the target: w_of) the engine passes 1
+    __device__ __forceinline__ const acc_t* wsrc() const {
+        return kHasW && (flags & CE_WEIGHT) && (has(CE_PROBS) || smoothing()) ? weight : nullptr;
+    }
     __device__ __forceinline__ acc_t w_of(long long c) const {
         return (flags & CE_WEIGHT) ? weight[c] : acc_t(1);
     }
+    __device__ __forceinline__ acc_t col_w(acc_t w) const { return w; }                  // the engine's
+    __device__ __forceinline__ acc_t col_w(ColIdx c) const { return kHasW ? w_of(c.col) : acc_t(1); }
     // The logit the loss sees: z, or cap tanh(z / cap) (then t = tanh(z / cap), for the gradient).
     __device__ __forceinline__ acc_t capped(acc_t x, acc_t& t) const {
         if (!has(CE_SOFTCAP)) return x;
@@ -267,17 +275,18 @@ struct CrossEntropyOp : CEStatsOps {
         }
         return c;
     }
-    __device__ __forceinline__ void add(Stats& st, const Ctx& c, acc_t x, acc_t yv, int col) const {
+    template <class Wt>
+    __device__ __forceinline__ void add(Stats& st, const Ctx& c, acc_t x, acc_t yv, Wt w, int col) const {
         acc_t t;
         x = capped(x, t);
         online_add(st.m, st.s, x);
         if (col == c.t) st.zt += x;
         if (has(CE_PROBS)) {
-            const acc_t wy = w_of(col) * (yv * (acc_t(1) - ls) + ls_c);
+            const acc_t wy = col_w(w) * (yv * (acc_t(1) - ls) + ls_c);
             st.q += wy * (x - c.pivot);
             st.w += wy;
         } else if (smoothing()) {
-            const acc_t wc = w_of(col);
+            const acc_t wc = col_w(w);
             st.q += wc * (x - c.pivot);
             st.w += wc;
         }
@@ -340,16 +349,17 @@ struct CrossEntropyOp : CEStatsOps {
         }
         return f;
     }
-    __device__ __forceinline__ acc_t out_value(const Fin& f, acc_t x, acc_t yv, int col) const {
+    template <class Wt>
+    __device__ __forceinline__ acc_t out_value(const Fin& f, acc_t x, acc_t yv, Wt w, int col) const {
         if (!f.valid) return acc_t(0);      // an ignored row: 0 even where its logits are +inf or NaN
         acc_t t = acc_t(0);
         x = capped(x, t);
         acc_t d = acc_exp(x - f.m) * f.scale;
         if (has(CE_PROBS)) {
-            d -= f.sub_w * w_of(col) * (yv * (acc_t(1) - ls) + ls_c);
+            d -= f.sub_w * col_w(w) * (yv * (acc_t(1) - ls) + ls_c);
         } else {
             if (col == f.t) d -= f.sub_t;
-            if (smoothing()) d -= f.sub_w * w_of(col);
+            if (smoothing()) d -= f.sub_w * col_w(w);
         }
         if (has(CE_SOFTCAP)) d *= acc_t(1) - t * t;   // d tanh = 1 - tanh^2
         return d;
@@ -364,7 +374,8 @@ struct MinLL {
     template <typename T> __device__ __forceinline__ static T identity() { return SM_NO_ROW; }
 };
 
-__device__ __forceinline__ void CrossEntropyOp::end_block() {
+template <bool W>
+__device__ __forceinline__ void CrossEntropyOp<W>::end_block() {
     __shared__ acc_t scratch[32];
     __shared__ long long scratch_ll[32];
     const int tid = block_thread_rank();
@@ -437,12 +448,13 @@ __device__ __forceinline__ void CrossEntropyOp::end_block() {
     dz, loss_rows, loss_out, bad_out, part_loss, part_w, part_bad, ticket, target, y, weight, dloss,    \
         dloss_stride, inv_denom, ignore_index, label_smoothing, z_loss, softcap, flags, reduction, n_rows
 
-__device__ __forceinline__ CrossEntropyOp make_ce(
+template <bool W>
+__device__ __forceinline__ CrossEntropyOp<W> make_ce(
     scalar_t* dz, scalar_t* loss_rows, scalar_t* loss_out, long long* bad_out, acc_t* part_loss, acc_t* part_w,
     long long* part_bad, unsigned int* ticket, const long long* target, const scalar_t* y, const acc_t* weight,
     const acc_t* dloss, index_t dloss_stride, const acc_t* inv_denom, long long ignore_index, acc_t label_smoothing,
     acc_t z_loss, acc_t softcap, int flags, int reduction, index_t n_rows, int C) {
-    CrossEntropyOp op;
+    CrossEntropyOp<W> op;
     op.dz = dz; op.loss_rows = loss_rows; op.loss_out = loss_out; op.bad_out = bad_out;
     op.part_loss = part_loss; op.part_w = part_w; op.part_bad = part_bad; op.ticket = ticket;
     op.target = target; op.y = y; op.weight = weight; op.dloss = dloss; op.dloss_stride = dloss_stride;
@@ -472,7 +484,7 @@ __device__ __forceinline__ CrossEntropyOp make_ce(
 #define CE_WARP_KERNEL(N, MIN_BLOCKS)                                                                   \
     extern "C" __global__ void __launch_bounds__(SM_WARP_THREADS, MIN_BLOCKS)                           \
     softmax_cross_entropy_warp_n##N(CE_PARAMS, int C, int lanes, int vec) {                                                 \
-        rows_warp<N>(make_ce(CE_ARGS, C), z, n_rows, C, lanes, vec);                                     \
+        rows_warp<N>(make_ce<true>(CE_ARGS, C), z, n_rows, C, lanes, vec);                                     \
     }
 
 #if !defined(CE_PLAIN)   // the plain module: softmax_cross_entropy_block alone
@@ -505,10 +517,24 @@ hardmax_block(scalar_t* __restrict__ out, const scalar_t* __restrict__ z, index_
 #else
 #define SM_CE_BLOCK_THREADS SM_BLOCK_MAX_THREADS
 #endif
+// softmax_cross_entropy_block: no per-element class weight (none given, or integer targets without
+// smoothing); softmax_cross_entropy_block_w: class weights in the per-element sums (probability
+// targets or smoothing), read a vector at a time with the logits. Its blocks have at most
+// SM_CE_BLOCK_W_THREADS threads (the host's plan): bounded at 1024 threads (64 registers) ptxas
+// spills 16 bytes and the cached pass-1 loop issues 31.8 SASS instructions per element, against
+// 27.0 at 512 with no spill (bfloat16, sm_90, NVRTC 12; 83-116 registers over the dtypes, so one
+// block of 16 warps per SM).
+#define SM_CE_BLOCK_W_THREADS 512
 extern "C" __global__ void __launch_bounds__(SM_CE_BLOCK_THREADS, 1)
 softmax_cross_entropy_block(CE_PARAMS, int C, int cached, int vec) {
-    rows_block(make_ce(CE_ARGS, C), z, n_rows, C, cached, vec);
+    rows_block(make_ce<false>(CE_ARGS, C), z, n_rows, C, cached, vec);
 }
+#if !defined(CE_PLAIN)
+extern "C" __global__ void __launch_bounds__(SM_CE_BLOCK_W_THREADS, 1)
+softmax_cross_entropy_block_w(CE_PARAMS, int C, int cached, int vec) {
+    rows_block(make_ce<true>(CE_ARGS, C), z, n_rows, C, cached, vec);
+}
+#endif
 
 #if !defined(CE_PLAIN)
 
@@ -524,7 +550,7 @@ hardmax_strided(scalar_t* __restrict__ out, const scalar_t* __restrict__ z, inde
 // (256, 4): ptxas's register target; without it NVRTC 12 saves a register to the stack on sm_80.
 extern "C" __global__ void __launch_bounds__(GPU_WARP * SM_STRIDED_MAX_TY, 4)
 softmax_cross_entropy_strided(CE_PARAMS, index_t outer, int C, index_t inner, int cached) {
-    rows_strided(make_ce(CE_ARGS, C), z, outer, C, inner, cached);
+    rows_strided(make_ce<true>(CE_ARGS, C), z, outer, C, inner, cached);
 }
 
 // inv_denom[0] = 1 / (sum of w_t over rows whose target is in range and not ignore_index), inf when
@@ -595,13 +621,19 @@ struct VPStatsOp : CEStatsOps {
     int C, flags;
     index_t rows;
 
-    static constexpr bool kReadsX = true, kHasY = true, kStream = false;
+    static constexpr bool kReadsX = true, kHasY = true, kHasW = true, kStream = false;
     struct Ctx { long long t; acc_t pivot; };   // t: the target's column in the slice, or -1
     struct Fin {};
 
     __device__ __forceinline__ scalar_t* dest() const { return nullptr; }   // statistics only
     __device__ __forceinline__ const scalar_t* ysrc() const { return (flags & VP_PROBS) ? y : nullptr; }
+    // the weights for the engine to read with the elements (CrossEntropyOp::wsrc)
+    __device__ __forceinline__ const acc_t* wsrc() const {
+        return (flags & VP_WEIGHT) && (flags & (VP_PROBS | VP_SMOOTH)) ? weight : nullptr;
+    }
     __device__ __forceinline__ acc_t w_of(long long c) const { return (flags & VP_WEIGHT) ? weight[c] : acc_t(1); }
+    __device__ __forceinline__ acc_t col_w(acc_t w) const { return w; }                  // the engine's
+    __device__ __forceinline__ acc_t col_w(ColIdx c) const { return w_of(c.col); }
     __device__ __forceinline__ acc_t capped(acc_t x) const {
         return (flags & VP_SOFTCAP) ? cap * acc_tanh(x * inv_cap) : x;
     }
@@ -619,16 +651,17 @@ struct VPStatsOp : CEStatsOps {
         }
         return c;
     }
-    __device__ __forceinline__ void add(Stats& st, const Ctx& c, acc_t x, acc_t yv, int col) const {
+    template <class Wt>
+    __device__ __forceinline__ void add(Stats& st, const Ctx& c, acc_t x, acc_t yv, Wt w, int col) const {
         x = capped(x);
         online_add(st.m, st.s, x);
         if (col == c.t) st.zt += x;
         if (flags & VP_PROBS) {
-            const acc_t wy = w_of(col) * (yv * keep + ls_c);
+            const acc_t wy = col_w(w) * (yv * keep + ls_c);
             st.q += wy * (x - c.pivot);
             st.w += wy;
         } else if (flags & VP_SMOOTH) {
-            const acc_t wc = w_of(col);
+            const acc_t wc = col_w(w);
             st.q += wc * (x - c.pivot);
             st.w += wc;
         }
@@ -650,7 +683,7 @@ struct VPStatsOp : CEStatsOps {
         }
         return Fin{};
     }
-    __device__ __forceinline__ acc_t out_value(const Fin&, acc_t, acc_t, int) const { return acc_t(0); }
+    template <class Wt> __device__ __forceinline__ acc_t out_value(const Fin&, acc_t, acc_t, Wt, int) const { return acc_t(0); }
     __device__ __forceinline__ void end_block() {}
 };
 

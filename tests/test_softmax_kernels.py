@@ -153,6 +153,54 @@ def test_ce_plain_module(rng, monkeypatch, path, opts, plain):
     assert_close(dz, want_dz, F32, "dz")
 
 
+
+# Class weights in the per-element sums (smoothing or probability targets) on the block path run
+# softmax_cross_entropy_block_w, which reads the weights a vector at a time with the logits (two
+# 16-byte loads per vector of 16-bit logits, one for float32 and float64), or one at a time where
+# the row's vectors leave the weights misaligned; at most SM_CE_BLOCK_W_THREADS (512) threads, a
+# larger tuned block size included. Every other option keeps softmax_cross_entropy_block.
+BLOCK_W_CASES = [
+    (5, 256, "block_cached"),      # aligned rows, a multiple of every pack: every weight vector 16-byte loads
+    (4, 203, "block_cached"),      # prime: rows start misaligned, their weights read one at a time
+    (3, 203, "block_online"),      # misaligned, row read twice: pass 2 reads the weights again
+    (3, 300, "block_partial"),     # 32 threads: several vectors a thread (pass 1 unrolled), a cached prefix
+    (2, 1100, "block_1024"),       # a tuned 1024-thread block: capped at 512 for this kernel
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("rows_,C,path", BLOCK_W_CASES, ids=[f"{r}x{c}-{p}" for r, c, p in BLOCK_W_CASES])
+@pytest.mark.parametrize("kind,ls", [("ignore", 0.2), ("probs", 0.0), ("probs", 0.3)])
+def test_ce_block_w(rng, monkeypatch, dtype, rows_, C, path, kind, ls):
+    z, _ = random(rng, (rows_, C), dtype, scale=2.0)
+    weight = (rng.random(C) + 0.5).astype(dtype)
+    t = _targets(rng, (rows_,), C, kind)
+    from gpu import _kernels
+    seen = []
+    monkeypatch.setattr(_kernels, "launch_observer", lambda k, grid, block, smem, args: seen.append((k.name, block)))
+    tuned = {"warp_max_cols": 0, "block_threads": 1024} if path == "block_1024" else PATHS[path]
+    with rows.tuned(**tuned):
+        _check_ce(z, t, dtype, path="warp", weight=weight, label_smoothing=ls)
+    fused = {(name, int(np.prod(block))) for name, block in seen if name.startswith("softmax_cross_entropy_b")}
+    assert {name for name, _ in fused} == {"softmax_cross_entropy_block_w"}
+    assert max(n for _, n in fused) <= 512
+    if path == "block_1024":
+        assert {n for _, n in fused} == {512}
+
+
+@pytest.mark.parametrize("opts", [{"label_smoothing": 0.2}, {"probs": True}, {"weight": True}],
+                         ids=["smoothing", "probs", "weight-index"])
+def test_ce_block_without_class_weights(rng, monkeypatch, opts):
+    # no weight, or weights at the target only (integer targets, no smoothing): the other kernels
+    z, _ = random(rng, (3, 203), F32, scale=2.0)
+    opts = dict(opts)
+    t = _targets(rng, (3,), 203, "probs" if opts.pop("probs", False) else "index")
+    if opts.get("weight"):
+        opts["weight"] = (rng.random(203) + 0.5).astype(F32)
+    seen = _observed_launches(monkeypatch)
+    _check_ce(z, t, F32, path="block_cached", **opts)
+    assert {name for name, _, _ in seen if name.startswith("softmax_cross_entropy_b")} == {"softmax_cross_entropy_block"}
+
 def test_grid_counts_registers(rng, monkeypatch):
     """One wave by the launched kernel's occupancy, registers included: 1024-thread blocks of the
     cross-entropy kernel (about 61 registers, 64 at most under its __launch_bounds__(1024, 1)) fit

@@ -172,22 +172,23 @@ _PLANS = _launch.PlanCache()
 
 
 def plan(xp, family: str, lay: Layout, itemsize: int, aligned: bool, vec_first: bool, *, regions: int = 1,
-         cache: bool = True, max_n: int = 32) -> Plan:
+         cache: bool = True, max_n: int = 32, max_threads: int | None = None) -> Plan:
     """The path and launch shape for ``lay``'s rows in ``family``'s kernels, kept per shape, dtype
     size, alignment, options, device and knobs. ``aligned``: every operand has the same address
     modulo 16 (``alignment``); ``vec_first``: z itself is 16-byte aligned; ``regions``: the
     row-shaped operands kept in shared memory (2: z and a dense second input); ``cache``: keep rows
     in shared memory at all (False for an op that never reads a row twice); ``max_n``: the largest
-    warp kernel's values per lane."""
+    warp kernel's values per lane; ``max_threads``: the block kernel's own bound on its threads
+    (the smaller of it and rows.cuh's holds, a tuning knob's block size included)."""
     dev = _launch.device(xp)
-    key = (family, lay.outer, lay.C, lay.inner, itemsize, aligned, vec_first, regions, cache, max_n, id(dev),
-           None if _knobs is _DEFAULT else _knobs)   # hashing the dataclass costs more than the key
+    key = (family, lay.outer, lay.C, lay.inner, itemsize, aligned, vec_first, regions, cache, max_n, max_threads,
+           id(dev), None if _knobs is _DEFAULT else _knobs)   # hashing the dataclass costs more than the key
     return _PLANS.get(key, lambda: _make_plan(dev, family, lay, itemsize, aligned, vec_first, regions, cache,
-                                              max_n))
+                                              max_n, max_threads))
 
 
 def _make_plan(dev, family: str, lay: Layout, itemsize: int, aligned: bool, vec_first: bool, regions: int,
-               cache: bool, max_n: int) -> Plan:
+               cache: bool, max_n: int, max_threads: int | None = None) -> Plan:
     const = _kernels.family(family).constants
     tune, C = _knobs, lay.C
     pack = 16 // itemsize
@@ -217,7 +218,11 @@ def _make_plan(dev, family: str, lay: Layout, itemsize: int, aligned: bool, vec_
 
     # About four 16-byte vectors per thread per pass; 512 at most for float64 (its registers).
     most = const["SM_BLOCK_MAX_THREADS" if itemsize < 8 else "SM_BLOCK_MAX_THREADS_F64"]
+    if max_threads is not None:
+        most = min(most, max_threads)
     threads = tune.block_threads or max(128, min(most, _launch.pow2_ceil(_launch.ceil_div(C, 4 * pack))))
+    if max_threads is not None:
+        threads = min(threads, most)   # a tuned block size too: the kernel's own bound
     # The leading `cached` columns stay in shared memory: the whole row where it fits, else as many
     # as the budget holds (the rest is read again, from L2: see rows_block). Its region per operand:
     # SM_BLOCK_REGION(cached) elements, (ceil(cached / pack) + 2) 16-byte vectors.

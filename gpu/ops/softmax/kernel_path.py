@@ -96,13 +96,20 @@ def _make_recipe(xp, lay, dtype, acc, args, want_loss, grad, dl_stride, alignmen
     if denom:
         flags |= K["CE_DENOM"]
     code = K["CE_RED_MEAN_ROWS"] if red == "mean" and args.probs else K[_CE_RED[red]]
+    # class weights in the per-element sums (probability targets or smoothing): on the block path,
+    # softmax_cross_entropy_block_w, which reads them with the logits and has its own block bound
+    weighted = args.weight is not None and (args.probs or args.label_smoothing > 0)
     # loss only: no second pass, so nothing to keep in shared memory (it would only cut occupancy)
     plan = rows.plan(xp, FAMILY, lay, dtype.itemsize, *alignment, regions=2 if args.probs else 1, cache=grad,
-                     max_n=8 if dtype == np.float64 else 32)
+                     max_n=8 if dtype == np.float64 else 32,
+                     max_threads=K["SM_CE_BLOCK_W_THREADS"] if weighted else None)
     # integer targets without smoothing or soft-cap on the block path: the module that fixes those
     # at compile time (softmax.cu's CE_PLAIN), whose per-element code tests no flag
     plain = not args.probs and not args.label_smoothing and args.softcap is None and plan.path == "block"
-    k = plan.kernel(xp, "softmax_cross_entropy", dtype, defines={"CE_PLAIN": 1} if plain else None)
+    if weighted and plan.path == "block":
+        k = plan.kernel(xp, "softmax_cross_entropy_block_w", dtype, exact=True)
+    else:
+        k = plan.kernel(xp, "softmax_cross_entropy", dtype, defines={"CE_PLAIN": 1} if plain else None)
     fixed = plan.sizes(lay, rows=None) | {
         "dloss_stride": np.int64(dl_stride), "ignore_index": np.int64(args.ignore_index),
         "label_smoothing": acc.type(args.label_smoothing), "z_loss": acc.type(args.z_loss),
