@@ -112,6 +112,38 @@ def test_path_holds_its_model(p):
     assert row["passes"] == pytest.approx(t.bytes / case.op.min_bytes(case), abs=1e-3)
 
 
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_class_weights_are_read_with_the_logits(dtype):
+    """Class weights with smoothing (softmax_cross_entropy_block_w, the row in shared memory): the
+    weights are read once a pass (pass 1 and pass 2: 2 C x 4 bytes a row, plus the target's weight
+    per warp), in 16-byte loads. float32 logits: a lane's 4 weights are one 16-byte load at a
+    16-byte lane stride, the ideal sectors. 16-bit logits: a lane's 8 weights are two 16-byte
+    loads at a 32-byte lane stride, each request touching twice its sectors (the pair reads the
+    same sectors: L1 requests, not L2 or DRAM bytes): the weight sites and only they."""
+    from gpu._backend import BFLOAT16
+    from gpu._engines import rows
+    dt = BFLOAT16 if dtype == "bfloat16" else np.dtype(dtype)
+    rng = np.random.default_rng(7)
+    R, C = 8, 2048                       # rows on 32-byte sectors, a multiple of every vector
+    z = rng.standard_normal((R, C)).astype(dt)
+    t = rng.integers(0, C, R)
+    w = (rng.random(C) + 0.5).astype(np.float32)
+    with gpu.use_backend("emulate"), rows.tuned(warp_max_cols=0, block_threads=128):
+        for _ in range(2):               # build and warm up, then the traced call
+            with trace.tracing() as tr:
+                gpu.softmax_cross_entropy(z, t, weight=w, label_smoothing=0.1, return_grad=True)
+                gpu.check_errors()
+    launch = next(x for x in tr.launches if x.kernel == "softmax_cross_entropy_block_w")
+    loaded, _ = launch.bytes_of(w)
+    assert 2 * R * C * 4 <= loaded <= 2 * R * C * 4 + 64 * R, (loaded, 2 * R * C * 4)
+    wide = [s for s in launch.main(store=False, share=0.0) if s.sectors != s.ideal]
+    if dtype == "float32":
+        assert wide == [], [(s.width, s.sectors, s.ideal, launch.where(s)) for s in wide]
+    else:
+        assert wide and all(s.width == 16 and s.sectors == 2 * s.ideal for s in wide)
+        assert sum(s.bytes for s in wide) == 2 * R * C * 4
+
 def test_every_op_has_its_paths():
     # every op of the records is measured, each softmax-engine op on its warp and block paths and
     # each batch-norm op with channels last and first
