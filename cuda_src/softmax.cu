@@ -154,10 +154,11 @@ struct HardmaxOp {
 #define CE_SOFTCAP 32  // logits are soft-capped: z' = cap tanh(z / cap)
 #define CE_ZRET 64     // also write the z-loss term: loss_out[1], and loss_rows[rows + row] with CE_ROWS
 
-// The module built with CE_PLAIN=1 (the @variants line) holds softmax_cross_entropy_block alone,
-// for integer targets without label smoothing or soft-cap (host: gpu/ops/softmax/kernel_path.py):
-// those are fixed at compile time, so the per-element code tests no flag, reads no y and no
-// per-class weight, and 16-bit rows keep 2 vectors in flight (rows_block's U, as no y is read).
+// The module built with CE_PLAIN=1 (the @variants line) holds the cross-entropy warp and block
+// kernels alone, for integer targets without label smoothing or soft-cap (host:
+// gpu/ops/softmax/kernel_path.py): those are fixed at compile time, so the per-element code tests
+// no flag, reads no y and no per-class weight, and 16-bit rows keep 2 vectors in flight
+// (rows_block's U, as no y is read).
 #if defined(CE_PLAIN)
 #define CE_STATIC_OFF (CE_PROBS | CE_SOFTCAP)   // flags the module ignores (the host leaves them 0)
 #define CE_SMOOTHING 0                          // label smoothing ignored (the host passes 0)
@@ -487,15 +488,15 @@ __device__ __forceinline__ CrossEntropyOp<W> make_ce(
         rows_warp<N>(make_ce<true>(CE_ARGS, C), z, n_rows, C, lanes, vec);                                     \
     }
 
-#if !defined(CE_PLAIN)   // the plain module: softmax_cross_entropy_block alone
-SM_WARP_KERNELS(1) SM_WARP_KERNELS(2) SM_WARP_KERNELS(4) SM_WARP_KERNELS(8) SM_WARP_KERNELS(16)
-SM_WARP_KERNELS(32)
 CE_WARP_KERNEL(1, 4) CE_WARP_KERNEL(2, 4) CE_WARP_KERNEL(4, 4) CE_WARP_KERNEL(8, 4)
 #if !defined(SCALAR_IS_DOUBLE)
 // 16 or 32 doubles of z and as many of y per lane do not fit in registers: double CE rows past
 // 256 classes take the block path.
 CE_WARP_KERNEL(16, 4) CE_WARP_KERNEL(32, 1)
 #endif
+#if !defined(CE_PLAIN)   // the plain module: the cross-entropy warp and block kernels alone
+SM_WARP_KERNELS(1) SM_WARP_KERNELS(2) SM_WARP_KERNELS(4) SM_WARP_KERNELS(8) SM_WARP_KERNELS(16)
+SM_WARP_KERNELS(32)
 
 // cached: the leading columns of a row kept in shared memory (rows_block's cache_cols)
 extern "C" __global__ void __launch_bounds__(SM_BLOCK_MAX_THREADS)

@@ -125,15 +125,18 @@ def _observed_launches(monkeypatch):
 
 
 # Which module a cross-entropy launch takes: integer targets without smoothing or soft-cap on the
-# block path run softmax.cu's CE_PLAIN module (those options fixed at compile time); any other
-# option, and the other paths, the module with every option
+# warp and block paths run softmax.cu's CE_PLAIN module (those options fixed at compile time); any
+# other option, and the strided path, the module with every option
 PLAIN_CASES = [
     ("block_cached", {}, True),
     ("block_online", {"weight": True, "ignore_index": 2}, True),   # a weight is read per row only
     ("block_cached", {"label_smoothing": 0.1}, False),
     ("block_cached", {"softcap": 3.0}, False),
     ("block_cached", {"probs": True}, False),
-    ("warp", {}, False),
+    ("warp", {}, True),
+    ("warp", {"weight": True, "ignore_index": 2}, True),
+    ("warp", {"label_smoothing": 0.1}, False),
+    ("warp", {"probs": True}, False),
 ]
 
 
@@ -148,8 +151,8 @@ def test_ce_plain_module(rng, monkeypatch, path, opts, plain):
     loss, dz = emu(gpu.softmax_cross_entropy, z, t, return_grad=True, path=path, **opts)
     fused = [(name, d) for name, d, _ in seen if name.startswith("softmax_cross_entropy_") and "weight_sum" not in name]
     assert [d for _, d in fused] == [{"CE_PLAIN": "1"} if plain else {}]
-    if path != "warp":   # no class weight in the per-element sums: not softmax_cross_entropy_block_w
-        assert [name for name, _ in fused] == ["softmax_cross_entropy_block"]
+    # no class weight in the per-element sums: not softmax_cross_entropy_block_w
+    assert [name for name, _ in fused] == ["softmax_cross_entropy_" + ("warp_n2" if path == "warp" else "block")]
     want_loss, want_dz = gpu.softmax_cross_entropy(z64, t, return_grad=True, **opts)   # the NumPy path
     assert_close(loss, want_loss, F32, "loss")
     assert_close(dz, want_dz, F32, "dz")

@@ -103,9 +103,9 @@ def _make_recipe(xp, lay, dtype, acc, args, want_loss, grad, dl_stride, alignmen
     plan = rows.plan(xp, FAMILY, lay, dtype.itemsize, *alignment, regions=2 if args.probs else 1, cache=grad,
                      max_n=8 if dtype == np.float64 else 32,
                      max_threads=K["SM_CE_BLOCK_W_THREADS"] if weighted else None)
-    # integer targets without smoothing or soft-cap on the block path: the module that fixes those
-    # at compile time (softmax.cu's CE_PLAIN), whose per-element code tests no flag
-    plain = not args.probs and not args.label_smoothing and args.softcap is None and plan.path == "block"
+    # integer targets without smoothing or soft-cap on the warp and block paths: the module that
+    # fixes those at compile time (softmax.cu's CE_PLAIN), whose per-element code tests no flag
+    plain = not args.probs and not args.label_smoothing and args.softcap is None and plan.path != "strided"
     if weighted and plan.path == "block":
         k = plan.kernel(xp, "softmax_cross_entropy_block_w", dtype, exact=True)
     else:
