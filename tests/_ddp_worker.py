@@ -71,6 +71,7 @@ def main() -> None:
             "isinstance_ours": [isinstance(m, gt.SyncBatchNorm) for m in bns]}
     np.savez(out / f"rank{r}.npz", **arrays)
     (out / f"rank{r}.json").write_text(json.dumps(info))
+    dist.barrier()                 # none closes its connections while another still uses them
     dist.destroy_process_group()
 
 

@@ -185,10 +185,17 @@ def test_a_bad_target_costs_no_sync(rng):
     gpu.check_errors()
     n, _, _ = _warm(gpu.softmax_cross_entropy, z, t, return_grad=True)
     assert (n.d2h, n.h2d) == (0, 0), n
+    # the explicit sync: one read of each workspace's record. Other threads of this process hold
+    # workspaces with records too where their tests interleave with these (test_vocab_parallel's
+    # rank threads live as long as its module, and xdist may run this test in between): count
+    # them rather than assume none.
+    from gpu import _workspace
+    with _workspace._lock:
+        records = sum(1 for ws in _workspace._every for _ in ws._errors)
     with counting_device() as n:
         with pytest.raises(ValueError, match="class index 40 at row 7 "):
-            gpu.check_errors()                   # the explicit sync: one read of the record
-    assert n.d2h == 1
+            gpu.check_errors()
+    assert n.d2h == records >= 1
 
 
 @pytest.mark.parametrize("n", [256, 512], ids=["8-steps", "16-steps"])
