@@ -1,7 +1,7 @@
 // softmax.cu: softmax, log-softmax, hardmax and fused softmax + cross-entropy (loss and dZ).
 //
 // @headers rows.cuh
-// @variants [{}, {"CE_PLAIN": 1}]
+// @variants [{}, {"CE_PLAIN": 1}, {"CE_SMOOTH": 1}]
 //
 // Formulas (rows along the class axis, C classes, M = row max, s = sum_c exp(z_c - M)):
 //   softmax      p_j    = exp(z_j - M) / s
@@ -154,16 +154,26 @@ struct HardmaxOp {
 #define CE_SOFTCAP 32  // logits are soft-capped: z' = cap tanh(z / cap)
 #define CE_ZRET 64     // also write the z-loss term: loss_out[1], and loss_rows[rows + row] with CE_ROWS
 
-// The module built with CE_PLAIN=1 (the @variants line) holds the cross-entropy warp and block
-// kernels alone, for integer targets without label smoothing or soft-cap (host:
-// gpu/ops/softmax/kernel_path.py): those are fixed at compile time, so the per-element code tests
-// no flag, reads no y and no per-class weight, and 16-bit rows keep 2 vectors in flight
-// (rows_block's U, as no y is read).
-#if defined(CE_PLAIN)
+// The modules built with CE_PLAIN=1 and CE_SMOOTH=1 (the @variants line) hold the cross-entropy
+// warp and block kernels alone, for integer targets without soft-cap, without label smoothing
+// (CE_PLAIN) or with it (CE_SMOOTH; and softmax_cross_entropy_block_w there, for class weights)
+// (host: gpu/ops/softmax/kernel_path.py): those are fixed at compile time, so the per-element code
+// tests none of those flags and reads no y (16-bit rows then keep 2 vectors in flight: rows_block's
+// U), and the plain module reads no per-class weight.
+#if defined(CE_PLAIN) || defined(CE_SMOOTH)
 #define CE_STATIC_OFF (CE_PROBS | CE_SOFTCAP)   // flags the module ignores (the host leaves them 0)
-#define CE_SMOOTHING 0                          // label smoothing ignored (the host passes 0)
+#define CE_FULL 0
 #else
 #define CE_STATIC_OFF 0
+#define CE_FULL 1                               // the module with every option and every kernel
+#endif
+// label smoothing: 0 none (the host passes 0), 1 as label_smoothing says, 2 always (the host
+// passes label_smoothing > 0)
+#if defined(CE_PLAIN)
+#define CE_SMOOTHING 0
+#elif defined(CE_SMOOTH)
+#define CE_SMOOTHING 2
+#else
 #define CE_SMOOTHING 1
 #endif
 
@@ -235,7 +245,7 @@ struct CrossEntropyOp : CEStatsOps {
     __device__ __forceinline__ scalar_t* dest() const { return (flags & CE_GRAD) ? dz : nullptr; }
     // a flag, false at compile time where the module fixes it off
     __device__ __forceinline__ bool has(int f) const { return !(CE_STATIC_OFF & f) && (flags & f); }
-    __device__ __forceinline__ bool smoothing() const { return CE_SMOOTHING && ls > acc_t(0); }
+    __device__ __forceinline__ bool smoothing() const { return CE_SMOOTHING == 2 || (CE_SMOOTHING == 1 && ls > acc_t(0)); }
     __device__ __forceinline__ const scalar_t* ysrc() const { return has(CE_PROBS) ? y : nullptr; }
     // the class weights, for the row engine to read with each element where the sums need them
     // (probability targets, smoothing); without them (and at the target: w_of) the engine passes 1
@@ -494,7 +504,7 @@ CE_WARP_KERNEL(1, 4) CE_WARP_KERNEL(2, 4) CE_WARP_KERNEL(4, 4) CE_WARP_KERNEL(8,
 // 256 classes take the block path.
 CE_WARP_KERNEL(16, 4) CE_WARP_KERNEL(32, 1)
 #endif
-#if !defined(CE_PLAIN)   // the plain module: the cross-entropy warp and block kernels alone
+#if CE_FULL   // the specialized modules: the cross-entropy warp and block kernels alone
 SM_WARP_KERNELS(1) SM_WARP_KERNELS(2) SM_WARP_KERNELS(4) SM_WARP_KERNELS(8) SM_WARP_KERNELS(16)
 SM_WARP_KERNELS(32)
 
@@ -537,7 +547,7 @@ softmax_cross_entropy_block_w(CE_PARAMS, int C, int cached, int vec) {
 }
 #endif
 
-#if !defined(CE_PLAIN)
+#if CE_FULL
 
 extern "C" __global__ void __launch_bounds__(GPU_WARP * SM_STRIDED_MAX_TY)
 softmax_strided(scalar_t* __restrict__ out, const scalar_t* __restrict__ z, index_t outer, int C,

@@ -21,11 +21,11 @@
 # is min(its own, what is left minus what the steps after it reserve):
 #   device + deps     ~10-20 s  nvidia-smi, `python -m gpu`, one interpreter importing the deps
 #   compile           <= 25 s   reserve 195: every module (`python -m gpu.bench.precompile list`:
-#                               16 now, 12 of them the library's), one process each, GPU_CHECK_JOBS
+#                               32 now, 28 of them the library's), one process each, GPU_CHECK_JOBS
 #                               at a time (default: the cores, 16 on the lent machine). NVRTC 12
-#                               for sm_90 on a 2-core VM takes 2.1 s (batch_norm scalar) to 10.7 s
-#                               (softmax) a module, 63 s for the 12 one after another; in parallel
-#                               the step is the slowest module plus an import of CuPy: ~12 s
+#                               for sm_90 on a 2-core VM takes 2.0 s (softmax CE_PLAIN) to 10.7 s
+#                               (softmax) a module; in parallel the step is the slowest module
+#                               plus an import of CuPy: ~12 s
 #   tests             <= 90 s   reserve 120: ~1,034 GPU-marked tests on 4 xdist workers, torch
 #                               imported, every module loaded from CuPy's cache (none compiled)
 #   memcheck          <= 45 s   reserve 75: serial, under compute-sanitizer

@@ -124,24 +124,32 @@ def _observed_launches(monkeypatch):
     return seen
 
 
-# Which module a cross-entropy launch takes: integer targets without smoothing or soft-cap on the
-# warp and block paths run softmax.cu's CE_PLAIN module (those options fixed at compile time); any
-# other option, and the strided path, the module with every option
-PLAIN_CASES = [
-    ("block_cached", {}, True),
-    ("block_online", {"weight": True, "ignore_index": 2}, True),   # a weight is read per row only
-    ("block_cached", {"label_smoothing": 0.1}, False),
-    ("block_cached", {"softcap": 3.0}, False),
-    ("block_cached", {"probs": True}, False),
-    ("warp", {}, True),
-    ("warp", {"weight": True, "ignore_index": 2}, True),
-    ("warp", {"label_smoothing": 0.1}, False),
-    ("warp", {"probs": True}, False),
+# Which module and kernel a cross-entropy launch takes: integer targets without soft-cap on the
+# warp and block paths run softmax.cu's CE_PLAIN module, or CE_SMOOTH with label smoothing (those
+# options fixed at compile time); probability targets, soft-cap and the strided path the module
+# with every option. Class weights in the per-element sums (smoothing or probabilities) on the
+# block path: softmax_cross_entropy_block_w, from the module of the other options.
+PLAIN, SMOOTH = {"CE_PLAIN": "1"}, {"CE_SMOOTH": "1"}
+MODULE_CASES = [
+    ("block_cached", {}, PLAIN, "block"),
+    ("block_online", {"weight": True, "ignore_index": 2}, PLAIN, "block"),   # a weight is read per row only
+    ("block_cached", {"label_smoothing": 0.1}, SMOOTH, "block"),
+    ("block_online", {"label_smoothing": 0.1, "weight": True}, SMOOTH, "block_w"),
+    ("block_cached", {"softcap": 3.0}, {}, "block"),
+    ("block_cached", {"softcap": 3.0, "label_smoothing": 0.1}, {}, "block"),
+    ("block_cached", {"probs": True}, {}, "block"),
+    ("block_cached", {"probs": True, "weight": True}, {}, "block_w"),
+    ("warp", {}, PLAIN, "warp_n2"),
+    ("warp", {"weight": True, "ignore_index": 2}, PLAIN, "warp_n2"),
+    ("warp", {"label_smoothing": 0.1}, SMOOTH, "warp_n2"),
+    ("warp", {"label_smoothing": 0.1, "weight": True}, SMOOTH, "warp_n2"),
+    ("warp", {"probs": True}, {}, "warp_n2"),
 ]
 
 
-@pytest.mark.parametrize("path,opts,plain", PLAIN_CASES, ids=[f"{p}-{'-'.join(o) or 'index'}" for p, o, _ in PLAIN_CASES])
-def test_ce_plain_module(rng, monkeypatch, path, opts, plain):
+@pytest.mark.parametrize("path,opts,module,kernel", MODULE_CASES,
+                         ids=[f"{p}-{'-'.join(o) or 'index'}" for p, o, _, _ in MODULE_CASES])
+def test_ce_module_and_kernel(rng, monkeypatch, path, opts, module, kernel):
     z, z64 = random(rng, (5, 37), F32, scale=2.0)
     opts = dict(opts)
     t = _targets(rng, (5,), 37, "probs" if opts.pop("probs", False) else "index")
@@ -150,9 +158,7 @@ def test_ce_plain_module(rng, monkeypatch, path, opts, plain):
     seen = _observed_launches(monkeypatch)
     loss, dz = emu(gpu.softmax_cross_entropy, z, t, return_grad=True, path=path, **opts)
     fused = [(name, d) for name, d, _ in seen if name.startswith("softmax_cross_entropy_") and "weight_sum" not in name]
-    assert [d for _, d in fused] == [{"CE_PLAIN": "1"} if plain else {}]
-    # no class weight in the per-element sums: not softmax_cross_entropy_block_w
-    assert [name for name, _ in fused] == ["softmax_cross_entropy_" + ("warp_n2" if path == "warp" else "block")]
+    assert fused == [("softmax_cross_entropy_" + kernel, module)]
     want_loss, want_dz = gpu.softmax_cross_entropy(z64, t, return_grad=True, **opts)   # the NumPy path
     assert_close(loss, want_loss, F32, "loss")
     assert_close(dz, want_dz, F32, "dz")
@@ -341,13 +347,16 @@ CE_SHAPES = [
 CE_IDS = [f"{s}-ax{a}-{p}" for s, a, p in CE_SHAPES]
 
 
+# ls: integer targets without smoothing (the CE_PLAIN module on the warp and block paths) and with
+# it (CE_SMOOTH); the strided path runs the module with every option either way
+@pytest.mark.parametrize("ls", [0.0, 0.1], ids=["plain", "smooth"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("shape,axis,path", CE_SHAPES, ids=CE_IDS)
-def test_ce_paths(rng, shape, axis, path, dtype):
+def test_ce_paths(rng, shape, axis, path, dtype, ls):
     z, _ = random(rng, shape, dtype, scale=2.0)
     row_shape = tuple(s for i, s in enumerate(shape) if i != axis % len(shape))
     C = shape[axis]
-    _check_ce(z, _targets(rng, row_shape, C, "index"), dtype, axis=axis, path=path)
+    _check_ce(z, _targets(rng, row_shape, C, "ignore"), dtype, axis=axis, path=path, label_smoothing=ls)
 
 
 OPTIONS = [

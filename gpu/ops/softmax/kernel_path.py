@@ -103,13 +103,16 @@ def _make_recipe(xp, lay, dtype, acc, args, want_loss, grad, dl_stride, alignmen
     plan = rows.plan(xp, FAMILY, lay, dtype.itemsize, *alignment, regions=2 if args.probs else 1, cache=grad,
                      max_n=8 if dtype == np.float64 else 32,
                      max_threads=K["SM_CE_BLOCK_W_THREADS"] if weighted else None)
-    # integer targets without smoothing or soft-cap on the warp and block paths: the module that
-    # fixes those at compile time (softmax.cu's CE_PLAIN), whose per-element code tests no flag
-    plain = not args.probs and not args.label_smoothing and args.softcap is None and plan.path != "strided"
+    # integer targets without soft-cap on the warp and block paths: the modules that fix those at
+    # compile time, without label smoothing or with it (softmax.cu's CE_PLAIN, CE_SMOOTH), whose
+    # per-element code tests no flag
+    defines = None
+    if not args.probs and args.softcap is None and plan.path != "strided":
+        defines = {"CE_SMOOTH": 1} if args.label_smoothing > 0 else {"CE_PLAIN": 1}
     if weighted and plan.path == "block":
-        k = plan.kernel(xp, "softmax_cross_entropy_block_w", dtype, exact=True)
+        k = plan.kernel(xp, "softmax_cross_entropy_block_w", dtype, exact=True, defines=defines)
     else:
-        k = plan.kernel(xp, "softmax_cross_entropy", dtype, defines={"CE_PLAIN": 1} if plain else None)
+        k = plan.kernel(xp, "softmax_cross_entropy", dtype, defines=defines)
     fixed = plan.sizes(lay, rows=None) | {
         "dloss_stride": np.int64(dl_stride), "ignore_index": np.int64(args.ignore_index),
         "label_smoothing": acc.type(args.label_smoothing), "z_loss": acc.type(args.z_loss),
