@@ -246,13 +246,22 @@ def main() -> None:
     if engine != "mpi":             # gpu-bench --distributed on these ranks: checked, then timed
         from gpu.bench import distributed as bench
         bench.run([(4, 3, 2, 2)], None, "cpu", "torch", 2, 0, 0, os.path.join(outdir, "bench.json"), [])
+    assert r == world.rank
     if engine == "mpi":
         world.comm.Barrier()
     else:
+        import gc
         import torch.distributed as dist
+        # no reference of ours to a group, an adapter or a finished collective outlives
+        # destroy_process_group into the interpreter's teardown, where gloo's threads can abort
+        # the process at exit ("terminate called without an active exception")
+        for comm in (world, pair):
+            if comm is not None:
+                comm.drain()
+        del world, pair, group, comm
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
-    assert r == world.rank
 
 
 if __name__ == "__main__":
