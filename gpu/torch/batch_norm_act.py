@@ -235,15 +235,7 @@ def _backward(ctx, grad_y, *_grad_stats):
     else:
         # y = act(a x + b + r) per channel: elementwise, with torch's ops
         dz = grad_y if y is None else torch.where(y > 0, grad_y, torch.zeros_like(grad_y))
-        shape = (1, -1) + (1,) * (input.dim() - 2)
-        acc = TB.compute_dtype(input.dtype)
-        istd = torch.rsqrt(s2.to(acc) + ctx.eps)
-        scale = istd if weight is None else istd * weight.to(acc)
-        dx = (dz.to(acc) * scale.view(shape)).to(input.dtype)
-        red = [0] + list(range(2, input.dim()))
-        pdt = weight.dtype if weight is not None else input.dtype
-        db = dz.to(acc).sum(red).to(pdt)
-        dw = (dz.to(acc) * (input.to(acc) - s1.to(acc).view(shape))).sum(red).mul(istd).to(pdt)
+        dx, dw, db = F.eval_affine_backward(dz, input, weight, s1, s2, ctx.eps)
         dr = dz
     return (dx, dw if ctx.has_weight else None, db if ctx.has_bias else None, dr if want_r else None) + nones
 

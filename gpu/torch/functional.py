@@ -276,6 +276,21 @@ def _bn_setup_context(ctx, inputs, output):
         ctx.save_for_backward(input, weight, running_mean, running_var)
 
 
+def eval_affine_backward(dz, input, weight, running_mean, running_var, eps):
+    """(dx, dweight, dbias) of eval-mode batch norm, y = (x - rm) * invstd * w + b per channel,
+    from dz, the gradient at that affine output: elementwise, with torch's ops."""
+    shape = (1, -1) + (1,) * (input.dim() - 2)
+    acc = TB.compute_dtype(input.dtype)
+    istd = torch.rsqrt(running_var.to(acc) + eps)
+    scale = istd if weight is None else istd * weight.to(acc)
+    dx = (dz.to(acc) * scale.view(shape)).to(input.dtype)
+    red = [0] + list(range(2, input.dim()))
+    pdt = weight.dtype if weight is not None else input.dtype
+    db = dz.to(acc).sum(red).to(pdt)
+    dw = (dz.to(acc) * (input.to(acc) - running_mean.to(acc).view(shape))).sum(red).mul(istd).to(pdt)
+    return dx, dw, db
+
+
 def _bn_backward(ctx, grad_y, *_grad_stats):
     if grad_y is None:
         return None, None, None, None, None, None, None, None, None
@@ -283,16 +298,7 @@ def _bn_backward(ctx, grad_y, *_grad_stats):
     if ctx.training:
         dx, dw, db = torch.ops.gpu.batch_norm_bwd(grad_y, input, weight, s1, s2)
     else:
-        # y = (x - rm) * invstd * w + b per channel: elementwise, computed with torch's ops
-        shape = (1, -1) + (1,) * (input.dim() - 2)
-        acc = TB.compute_dtype(input.dtype)
-        istd = torch.rsqrt(s2.to(acc) + ctx.eps)
-        scale = istd if weight is None else istd * weight.to(acc)
-        dx = (grad_y.to(acc) * scale.view(shape)).to(input.dtype)
-        red = [0] + list(range(2, input.dim()))
-        pdt = weight.dtype if weight is not None else input.dtype
-        db = grad_y.to(acc).sum(red).to(pdt)
-        dw = (grad_y.to(acc) * (input.to(acc) - s1.to(acc).view(shape))).sum(red).mul(istd).to(pdt)
+        dx, dw, db = eval_affine_backward(grad_y, input, weight, s1, s2, ctx.eps)
     return (dx, dw if ctx.has_weight else None, db if ctx.has_bias else None,
             None, None, None, None, None, None)
 
