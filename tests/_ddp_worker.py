@@ -9,6 +9,7 @@ OUTDIR/rank{r}.json (the converted module types, isinstance answers).
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import sys
 from pathlib import Path
@@ -71,6 +72,8 @@ def main() -> None:
             "isinstance_ours": [isinstance(m, gt.SyncBatchNorm) for m in bns]}
     np.savez(out / f"rank{r}.npz", **arrays)
     (out / f"rank{r}.json").write_text(json.dumps(info))
+    del ddp, opt                   # DDP holds the group: none of it outlives destroy_process_group
+    gc.collect()
     dist.barrier()                 # none closes its connections while another still uses them
     dist.destroy_process_group()
 
